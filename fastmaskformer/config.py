@@ -1,0 +1,281 @@
+"""Configuration as data: one dataclass per concern, presets mirroring the official configs.
+
+``get_config("ade20k-150-r50")`` returns a fresh ``Config``; ``Config.override("a.b=1")``
+applies ``--set`` style overrides; ``Config.to_dict`` / ``Config.from_dict`` round-trip YAML.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # timm name or alias: resnet50, resnet101, resnet101c, swin_{tiny,small,base,large}
+    pretrained: bool = False  # never downloads unless a user sets it
+    freeze_bn: bool = True  # frozen BatchNorm for ResNets (official)
+    img_size: int = 512  # Swin only: the window/pos-embed reference size (inputs may differ)
+
+
+@dataclass
+class ModelConfig:
+    meta_arch: str = "maskformer"  # maskformer | per_pixel_baseline | per_pixel_baseline_plus
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    num_classes: int = 150
+    num_queries: int = 100
+    hidden_dim: int = 256  # transformer width
+    mask_dim: int = 256  # C of mask_embed / pixel_embed
+    conv_dim: int = 256  # FPN width
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    dec_layers: int = 6
+    enc_layers: int = 0  # transformer encoder layers in the pixel decoder ("+6 Enc": 6)
+    pre_norm: bool = False
+    pixel_mean: tuple = (123.675, 116.28, 103.53)
+    pixel_std: tuple = (58.395, 57.12, 57.375)
+    size_divisibility: int = 32
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 1.0
+    mask_weight: float = 20.0  # focal
+    dice_weight: float = 1.0
+    no_object_weight: float = 0.1
+    deep_supervision: bool = True
+    matching: str = "hungarian"  # hungarian | fixed (MaskFormer-fixed: query i <-> class i)
+    impl: str = "auto"  # auto | triton | torch: the mask-loss and matching-cost ops
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ade20k-150"  # see fastmaskformer.data.DATASETS
+    root: str | None = None  # --data-root or $FASTMASKFORMER_DATASETS
+    train_split: str = "training"
+    val_split: str = "validation"
+    ignore_label: int = 255
+    crop_size: tuple = (512, 512)
+    min_scale_factors: tuple = tuple(x * 0.1 for x in range(5, 21))  # shortest edge = f * crop
+    max_size_train: int = 2048
+    min_size_test: int = 512
+    max_size_test: int = 2048
+    single_category_max_area: float = 1.0
+    color_jitter: bool = True
+    num_workers: int = 4
+    task: str = "semantic"  # semantic | panoptic
+
+
+@dataclass
+class SolverConfig:
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_multiplier: float = 0.1
+    weight_decay_norm: float = 0.0
+    weight_decay_embed: float = 0.0
+    max_iter: int = 160000
+    warmup_iters: int = 0
+    warmup_factor: float = 1.0
+    poly_power: float = 0.9
+    clip_grad_norm: float = 0.01  # full-model clipping (official)
+    amp: bool = False  # bf16 autocast (our option)
+    grad_accum: int = 1
+    checkpoint_period: int = 5000
+    eval_period: int = 5000
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+@dataclass
+class TestConfig:
+    semantic_on: bool = True
+    panoptic_on: bool = False
+    instance_on: bool = False
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    aug_scales: tuple = ()  # multi-scale TTA shortest edges, e.g. (256, 384, ..., 896)
+    aug_flip: bool = False
+    aug_max_size: int = 3584
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    name: str = "custom"
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        _update(cfg, d, "")
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Config":
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError("a config YAML must be a mapping at the top level")
+        base = get_config(data.pop("preset")) if "preset" in data else cls()
+        _update(base, data, "")
+        return base
+
+    def override(self, assignment: str) -> "Config":
+        """Apply one ``key.path=value`` override in place (value parsed as YAML)."""
+        if "=" not in assignment:
+            raise ValueError(f"override {assignment!r} must look like key.path=value")
+        key, raw = assignment.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node: Any = self
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not dataclasses.is_dataclass(node) or not hasattr(node, p):
+                raise ValueError(f"unknown config key {key!r} (no section {p!r})")
+            node = getattr(node, p)
+        last = parts[-1]
+        if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
+            raise ValueError(f"unknown config key {key!r}")
+        _update(node, {last: value}, ".".join(parts[:-1]))
+        return self
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _update(node, values: dict, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ValueError(f"unknown config key {path!r}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {path!r} is a section; give a mapping")
+            _update(current, value, path)
+            continue
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(current, bool) and not isinstance(value, bool):
+            raise ValueError(f"config key {path!r} expects true/false, got {value!r}")
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif current is not None and value is not None and not isinstance(value, type(current)):
+            raise ValueError(
+                f"config key {path!r} expects {type(current).__name__}, got {value!r}"
+            )
+        setattr(node, key, value)
+
+
+# ---------------------------------------------------------------------------- presets
+def _semantic(name, num_classes, backbone="resnet50", crop=512, ignore=255, dataset=None, **solver):
+    cfg = Config(name=name)
+    cfg.model.num_classes = num_classes
+    cfg.model.backbone.name = backbone
+    cfg.data.dataset = dataset or name.rsplit("-", 1)[0]
+    cfg.data.crop_size = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    cfg.data.ignore_label = ignore
+    cfg.data.min_size_test = min(cfg.data.crop_size)
+    if backbone.startswith("swin"):
+        cfg.model.backbone.freeze_bn = False
+        cfg.model.backbone.img_size = min(cfg.data.crop_size)
+        cfg.solver.lr = 6e-5
+        cfg.solver.weight_decay = 0.01
+        cfg.solver.backbone_multiplier = 1.0
+        cfg.solver.warmup_iters = 1500
+        cfg.solver.warmup_factor = 1e-6
+    for k, v in solver.items():
+        setattr(cfg.solver, k, v)
+    return cfg
+
+
+def _panoptic(name, num_classes, dataset, backbone="resnet50", enc_layers=6, crop=640, threshold=0.8, **solver):
+    cfg = _semantic(name, num_classes, backbone=backbone, crop=crop, dataset=dataset, **solver)
+    cfg.model.enc_layers = enc_layers
+    cfg.data.task = "panoptic"
+    cfg.test.semantic_on = False
+    cfg.test.panoptic_on = True
+    cfg.test.object_mask_threshold = threshold
+    return cfg
+
+
+_PRESETS = {
+    "ade20k-150-r50": lambda: _semantic("ade20k-150-r50", 150),
+    "ade20k-150-r101": lambda: _semantic("ade20k-150-r101", 150, "resnet101"),
+    "ade20k-150-r101c": lambda: _semantic("ade20k-150-r101c", 150, "resnet101c"),
+    "ade20k-150-swin-t": lambda: _semantic("ade20k-150-swin-t", 150, "swin_tiny"),
+    "ade20k-150-swin-s": lambda: _semantic("ade20k-150-swin-s", 150, "swin_small"),
+    "ade20k-150-swin-b": lambda: _semantic("ade20k-150-swin-b", 150, "swin_base", crop=640),
+    "ade20k-150-swin-l": lambda: _semantic("ade20k-150-swin-l", 150, "swin_large", crop=640),
+    "ade20k-150-perpixel-r50": lambda: _meta(_semantic("ade20k-150-perpixel-r50", 150), "per_pixel_baseline"),
+    "ade20k-150-perpixelplus-r50": lambda: _meta(
+        _semantic("ade20k-150-perpixelplus-r50", 150), "per_pixel_baseline_plus"
+    ),
+    "ade20k-full-847-r50": lambda: _semantic(
+        "ade20k-full-847-r50", 847, ignore=65535, dataset="ade20k-full-847", max_iter=200000
+    ),
+    "coco-stuff-10k-r50": lambda: _semantic(
+        "coco-stuff-10k-r50", 171, crop=640, dataset="coco-stuff-10k", max_iter=60000, batch_size=32
+    ),
+    "cityscapes-r101": lambda: _semantic(
+        "cityscapes-r101", 19, "resnet101", crop=(512, 1024), dataset="cityscapes", max_iter=90000
+    ),
+    "mapillary-r50": lambda: _semantic(
+        "mapillary-r50", 65, crop=1280, dataset="mapillary", max_iter=300000
+    ),
+    "coco-panoptic-r50": lambda: _panoptic("coco-panoptic-r50", 133, "coco-panoptic", max_iter=554400),
+    "coco-panoptic-swin-l": lambda: _panoptic(
+        "coco-panoptic-swin-l", 133, "coco-panoptic", backbone="swin_large", enc_layers=0, max_iter=554400
+    ),
+    "ade20k-panoptic-r50": lambda: _panoptic(
+        "ade20k-panoptic-r50", 150, "ade20k-panoptic", threshold=0.7, max_iter=720000
+    ),
+}
+
+
+def _meta(cfg: Config, meta_arch: str) -> Config:
+    cfg.model.meta_arch = meta_arch
+    if meta_arch == "per_pixel_baseline_plus":
+        cfg.model.num_queries = cfg.model.num_classes
+    return cfg
+
+
+def _apply_dataset_defaults(cfg: Config) -> Config:
+    # Cityscapes/Mapillary test on the whole image; COCO-style panoptic test resize 800/1333.
+    if cfg.data.dataset == "cityscapes":
+        cfg.data.min_size_test, cfg.data.max_size_test = 1024, 2048
+    if cfg.data.dataset == "mapillary":
+        cfg.data.min_size_test, cfg.data.max_size_test = 2048, 2048
+    if cfg.data.dataset == "coco-panoptic":
+        cfg.data.min_size_test, cfg.data.max_size_test = 800, 1333
+    return cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def get_config(name: str = "ade20k-150-r50") -> Config:
+    """A fresh copy of a named preset (see ``list_presets()``)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    return copy.deepcopy(_apply_dataset_defaults(_PRESETS[name]()))
