@@ -1,0 +1,12 @@
+"""Public ops (DESIGN 1.4). Each takes ``impl="auto"|"triton"|"torch"``: the Triton kernel
+(``fastmaskformer.kernels``) or the plain-PyTorch reference written from the formulas."""
+from .inference import (
+    assemble_panoptic,
+    instance_inference,
+    panoptic_inference,
+    semantic_inference,
+    semantic_inference_tta,
+)
+from .mask_logits import mask_logits
+from .mask_loss import mask_loss
+from .matching_cost import matching_cost, matching_cost_padded

@@ -43,3 +43,15 @@ def resolve_impl(impl: str, *tensors: torch.Tensor, op: str) -> str:
             "imported (the Triton interpreter); use impl='torch' or move the tensors to CUDA"
         )
     return "triton"
+
+
+def load_kernel(module: str, op: str):
+    """Import ``fastmaskformer.kernels.<module>``; NotImplementedError if that kernel is absent."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"fastmaskformer.kernels.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"fastmaskformer.kernels.{module}":
+            raise
+        raise NotImplementedError(f"{op}: no Triton kernel yet (kernels/{module}.py); use impl='torch'") from None

@@ -1,0 +1,103 @@
+"""MaskFormer's set criterion (DESIGN 3): matching, then per decoder layer a weighted
+cross-entropy over all queries and focal + dice on the matched masks (deep supervision).
+
+The criterion reads the lazy outputs (``class_logits [L,B,Q,K+1]``, ``mask_embed [L,B,Q,C]``,
+``pixel_embed [B,C,h,w]``): the mask logits are formed inside ``ops.mask_loss`` (fused kernel on
+CUDA), never as ``[L,B,Q,h,w]``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..target import Target, validate_targets
+from .matcher import HungarianMatcher, build_matcher
+
+
+def count_masks(targets: Sequence[Target], device) -> float:
+    """num_masks: GT segments in the batch, summed over ranks, divided by world size, >= 1."""
+    total = float(sum(t.num_segments for t in targets))
+    if dist.is_available() and dist.is_initialized():
+        backend_device = device if dist.get_backend() == "nccl" else "cpu"
+        buf = torch.tensor([total], dtype=torch.float64, device=backend_device)
+        dist.all_reduce(buf)
+        total = float(buf.item()) / dist.get_world_size()
+    return max(total, 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Loss of one batch: returns the UNWEIGHTED terms ``loss_ce``, ``loss_mask`` (focal),
+    ``loss_dice`` of the final layer and ``loss_ce_{i}`` ... for auxiliary layers i = 0..L-2;
+    ``weight_dict`` holds their weights and ``total(losses)`` the weighted sum.
+    """
+
+    def __init__(self, num_classes: int, matcher=None, class_weight: float = 1.0, mask_weight: float = 20.0,
+                 dice_weight: float = 1.0, no_object_weight: float = 0.1, deep_supervision: bool = True,
+                 impl: str = "auto"):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher if matcher is not None else HungarianMatcher(impl=impl)
+        self.deep_supervision = deep_supervision
+        self.impl = impl
+        self.base_weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
+
+    def weight_dict(self, num_layers: int) -> dict[str, float]:
+        weights = dict(self.base_weights)
+        if self.deep_supervision:
+            for i in range(num_layers - 1):
+                weights.update({f"{k}_{i}": v for k, v in self.base_weights.items()})
+        return weights
+
+    def total(self, losses: dict[str, Tensor]) -> Tensor:
+        """Weighted sum over layers of CE + 20 focal + 1 dice."""
+        layers = 1 + sum(1 for k in losses if k.startswith("loss_ce_"))
+        weights = self.weight_dict(layers)
+        return sum(losses[k] * weights[k] for k in losses if k in weights)
+
+    def class_loss(self, class_logits: Tensor, indices, targets: Sequence[Target]) -> Tensor:
+        """class_logits [B,Q,K+1]; weighted mean CE over all B*Q queries (no-object weight)."""
+        target_classes = torch.full(class_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=class_logits.device)
+        for b, (qi, si) in enumerate(indices):
+            target_classes[b, qi.to(class_logits.device)] = targets[b].labels.to(class_logits.device)[si.to(class_logits.device)]
+        return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes,
+                               self.empty_weight.to(class_logits.device))
+
+    def forward(self, outputs, targets: Sequence[Target], input_size=None) -> dict[str, Tensor]:
+        """outputs: anything with ``class_logits [L,B,Q,K+1]``, ``mask_embed [L,B,Q,C]``,
+        ``pixel_embed [B,C,h,w]``; targets: B Targets (segment maps at input resolution)."""
+        class_logits, mask_embed, pixel_embed = outputs.class_logits, outputs.mask_embed, outputs.pixel_embed
+        if class_logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"class_logits has {class_logits.shape[-1]} classes, expected "
+                             f"num_classes + 1 = {self.num_classes + 1}")
+        validate_targets(targets, self.num_classes)
+        targets = [t.to(pixel_embed.device) for t in targets]
+        num_layers = class_logits.shape[0]
+        layers = list(range(num_layers)) if self.deep_supervision else [num_layers - 1]
+        matching = self.matcher(class_logits[layers].detach(), mask_embed[layers].detach(),
+                                pixel_embed.detach(), targets, input_size)
+        num_masks = count_masks(targets, pixel_embed.device)
+        losses = {}
+        for layer, indices in zip(layers, matching):
+            suffix = "" if layer == num_layers - 1 else f"_{layer}"
+            focal, dice = ops.mask_loss(mask_embed[layer], pixel_embed, indices, targets, num_masks,
+                                        input_size, impl=self.impl)
+            losses["loss_ce" + suffix] = self.class_loss(class_logits[layer], indices, targets)
+            losses["loss_mask" + suffix] = focal
+            losses["loss_dice" + suffix] = dice
+        return losses
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """From a full ``Config`` (model.num_classes + loss section)."""
+    loss = cfg.loss
+    return SetCriterion(cfg.model.num_classes, build_matcher(loss), loss.class_weight, loss.mask_weight,
+                        loss.dice_weight, loss.no_object_weight, loss.deep_supervision, loss.impl)

@@ -1,0 +1,230 @@
+"""Semantic, panoptic and instance inference from the lazy outputs (DESIGN 4).
+
+Resampling follows the official post-processing exactly: mask logits are bilinearly upsampled
+(align_corners=False) to the padded input size (4h, 4w), the padding is cropped to the image
+size, and the result is bilinearly resized to the original (output) size.
+- semantic: the class scores ``sum_q softmax(cls)[q, :K] sigmoid(mask_q)`` are formed at the
+  padded size, then cropped and resized (official order), then argmax over K.
+- panoptic / instance: the mask logits themselves are cropped and resized before inference
+  (official ``sem_seg_postprocess_before_inference`` for panoptic).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_embeddings, check_float
+from ._dispatch import load_kernel, resolve_impl
+from .mask_logits import mask_logits_reference
+
+Size = tuple[int, int]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_inference_args(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                          image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None):
+    check_float("class_logits", class_logits, 3)
+    check_embeddings(mask_embed, pixel_embed)
+    if mask_embed.dim() != 3 or class_logits.shape[:2] != mask_embed.shape[:2]:
+        raise ValueError(
+            f"class_logits {tuple(class_logits.shape)} must be [B,Q,K+1] and mask_embed "
+            f"{tuple(mask_embed.shape)} [B,Q,C] with the same B and Q"
+        )
+    batch = class_logits.shape[0]
+    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
+    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+    output_sizes = image_sizes if output_sizes is None else [(int(h), int(w)) for h, w in output_sizes]
+    if len(image_sizes) != batch or len(output_sizes) != batch:
+        raise ValueError(f"need {batch} image_sizes and output_sizes, got {len(image_sizes)} and {len(output_sizes)}")
+    for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
+        if not (0 < h <= padded[0] and 0 < w <= padded[1]):
+            raise ValueError(f"image_sizes[{i}] = {(h, w)} must be positive and within the padded input {padded}")
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"output_sizes[{i}] = {(oh, ow)} must be positive")
+    return image_sizes, output_sizes
+
+
+def crop_and_resize(x: Tensor, image_size: Size, output_size: Size) -> Tensor:
+    """x [N, Hp, Wp] at padded input size -> [N, H, W]: crop padding, bilinear resize."""
+    x = x[:, : image_size[0], : image_size[1]]
+    if tuple(x.shape[-2:]) == tuple(output_size):
+        return x
+    return F.interpolate(x[None], size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+
+
+def resized_mask_logits_reference(mask_embed: Tensor, pixel_embed: Tensor, image_size: Size,
+                                  output_size: Size) -> Tensor:
+    """One image: mask_embed [q,C], pixel_embed [C,h,w] -> logits [q, H, W] at output size."""
+    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
+    logits = mask_logits_reference(mask_embed[None], pixel_embed[None], padded)[0]
+    return crop_and_resize(logits, image_size, output_size)
+
+
+# ---------------------------------------------------------------------------- semantic
+def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                              image_size: Size, output_size: Size) -> Tensor:
+    """One image: class_logits [Q,K+1], mask_embed [Q,C], pixel_embed [C,h,w] -> scores [K,H,W]."""
+    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
+    masks = mask_logits_reference(mask_embed[None], pixel_embed[None], padded)[0].sigmoid()  # [Q,Hp,Wp]
+    probs = class_logits.float().softmax(-1)[:, :-1]  # [Q, K]: drop "no object"
+    scores = torch.einsum("qk,qhw->khw", probs, masks)
+    return crop_and_resize(scores, image_size, output_size)
+
+
+def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                       image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
+                       return_score: bool = False, impl: str = "auto"):
+    """Per-pixel ``argmax_c sum_q p_q(c) sigmoid(m_q)`` at each image's output size.
+
+    class_logits [B,Q,K+1], mask_embed [B,Q,C], pixel_embed [B,C,h,w]; image_sizes: unpadded
+    input (h_i, w_i); output_sizes: original (H_i, W_i) (default: image_sizes).
+    Returns a list of int64 [H_i, W_i] labels (with ``return_score``: (labels, float32 score)).
+    """
+    image_sizes, output_sizes = _check_inference_args(class_logits, mask_embed, pixel_embed,
+                                                      image_sizes, output_sizes)
+    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="semantic_inference") == "triton":
+        kernel = load_kernel("semantic", "semantic_inference")
+        return kernel.semantic_inference(class_logits, mask_embed, pixel_embed, image_sizes,
+                                         output_sizes, return_score)
+    results = []
+    for b in range(class_logits.shape[0]):
+        scores = semantic_scores_reference(class_logits[b], mask_embed[b], pixel_embed[b],
+                                           image_sizes[b], output_sizes[b])
+        score, labels = scores.max(0)
+        results.append((labels, score) if return_score else labels)
+    return results
+
+
+def semantic_inference_tta(views: Iterable[dict], output_size: Size, impl: str = "auto") -> Tensor:
+    """Multi-scale / flip test-time augmentation: average of the views' class scores at the
+    original resolution, then argmax (detectron2's SemanticSegmentorWithTTA).
+
+    Each view is a dict with ``class_logits [Q,K+1]``, ``mask_embed [Q,C]``, ``pixel_embed
+    [C,h,w]``, ``image_size`` (unpadded input size of that view) and ``flipped`` (bool: the
+    view's input was flipped horizontally). Returns int64 labels [H, W].
+    """
+    views = list(views)
+    if not views:
+        raise ValueError("semantic_inference_tta needs at least one view")
+    tensors = [t for v in views for t in (v["class_logits"], v["mask_embed"], v["pixel_embed"])]
+    if resolve_impl(impl, *tensors, op="semantic_inference_tta") == "triton":
+        kernel = load_kernel("semantic", "semantic_inference_tta")
+        return kernel.semantic_inference_tta(views, tuple(output_size))
+    total = None
+    for v in views:
+        scores = semantic_scores_reference(v["class_logits"], v["mask_embed"], v["pixel_embed"],
+                                           v["image_size"], output_size)
+        if v.get("flipped", False):
+            scores = scores.flip(-1)
+        total = scores if total is None else total + scores
+    return (total / len(views)).argmax(0)
+
+
+# ---------------------------------------------------------------------------- panoptic
+def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                              image_size: Size, output_size: Size) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-pixel part of panoptic inference for one image's k kept queries.
+
+    scores [k] (class confidence), mask_embed [k,C], pixel_embed [C,h,w] ->
+    ``ids`` int64 [H,W] = argmax_k scores_k sigmoid(mask_k) (first index on ties),
+    ``assigned_area`` int64 [k] (pixels won), ``mask_area`` int64 [k] (pixels with sigmoid >= 0.5).
+    """
+    masks = resized_mask_logits_reference(mask_embed, pixel_embed, image_size, output_size).sigmoid()
+    ids = (scores.float()[:, None, None] * masks).argmax(0)
+    assigned_area = torch.bincount(ids.flatten(), minlength=scores.shape[0])
+    mask_area = (masks >= 0.5).flatten(1).sum(1)
+    return ids, assigned_area, mask_area
+
+
+def assemble_panoptic(classes: Sequence[int], scores: Sequence[float], assigned_area: Sequence[int],
+                      mask_area: Sequence[int], overlap_threshold: float, thing_classes: set[int]):
+    """Turn per-query areas into segments (official general inference), O(k) python.
+
+    Returns ``lut`` (int32 list: kept query -> segment id, 0 = void) and ``segments_info``.
+    A query with no assigned pixels, no confident pixels, or whose assigned area is below
+    ``overlap_threshold`` of its confident area is dropped; stuff queries of one class merge.
+    """
+    lut = [0] * len(classes)
+    segments_info: list[dict] = []
+    stuff_ids: dict[int, int] = {}
+    for k, (cls, score, area, full) in enumerate(zip(classes, scores, assigned_area, mask_area)):
+        if area <= 0 or full <= 0 or area / full < overlap_threshold:
+            continue
+        isthing = cls in thing_classes
+        if not isthing and cls in stuff_ids:
+            lut[k] = stuff_ids[cls]
+            continue
+        segment_id = len(segments_info) + 1
+        if not isthing:
+            stuff_ids[cls] = segment_id
+        lut[k] = segment_id
+        segments_info.append({"id": segment_id, "category_id": int(cls), "isthing": bool(isthing),
+                              "score": float(score)})
+    return lut, segments_info
+
+
+def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                       image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
+                       object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
+                       thing_classes: Iterable[int] = (), impl: str = "auto"):
+    """General inference (DESIGN 4): list of (int32 id map [H_i,W_i], segments_info).
+
+    Queries are kept when their argmax class is not "no object" and its probability exceeds
+    ``object_mask_threshold``; ``thing_classes`` holds the contiguous ids of thing classes.
+    """
+    image_sizes, output_sizes = _check_inference_args(class_logits, mask_embed, pixel_embed,
+                                                      image_sizes, output_sizes)
+    use_triton = resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="panoptic_inference") == "triton"
+    assign = load_kernel("panoptic", "panoptic_inference").panoptic_assign if use_triton else panoptic_assign_reference
+    thing_classes = {int(c) for c in thing_classes}
+    num_classes = class_logits.shape[-1] - 1
+    results = []
+    for b in range(class_logits.shape[0]):
+        scores, labels = class_logits[b].float().softmax(-1).max(-1)
+        keep = (labels != num_classes) & (scores > object_mask_threshold)
+        id_map = torch.zeros(output_sizes[b], dtype=torch.int32, device=class_logits.device)
+        if not bool(keep.any()):
+            results.append((id_map, []))
+            continue
+        ids, assigned, full = assign(scores[keep], mask_embed[b][keep], pixel_embed[b],
+                                     image_sizes[b], output_sizes[b])
+        lut, segments_info = assemble_panoptic(labels[keep].tolist(), scores[keep].tolist(),
+                                               assigned.tolist(), full.tolist(), overlap_threshold,
+                                               thing_classes)
+        lut = torch.tensor(lut, dtype=torch.int32, device=ids.device)
+        results.append((lut[ids], segments_info))
+    return results
+
+
+# ---------------------------------------------------------------------------- instance
+def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                       image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
+                       topk: int | None = None, impl: str = "auto") -> list[dict]:
+    """Mask2Former-style instance inference (not in the official MaskFormer release).
+
+    The top ``topk`` (default Q) of the Q*K (query, class) probabilities; mask = logit > 0;
+    score = class prob x mean mask probability inside the mask. Returns per image a dict with
+    ``masks`` bool [N,H,W], ``scores`` float32 [N], ``labels`` int64 [N], sorted by the
+    class probability (descending).
+    """
+    image_sizes, output_sizes = _check_inference_args(class_logits, mask_embed, pixel_embed,
+                                                      image_sizes, output_sizes)
+    use_triton = resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="instance_inference") == "triton"
+    resize = (load_kernel("mask_probs", "instance_inference").resized_mask_logits if use_triton
+              else resized_mask_logits_reference)
+    num_queries, num_classes = class_logits.shape[1], class_logits.shape[-1] - 1
+    topk = num_queries if topk is None else min(int(topk), num_queries * num_classes)
+    results = []
+    for b in range(class_logits.shape[0]):
+        probs = class_logits[b].float().softmax(-1)[:, :-1]  # [Q, K]
+        top_scores, flat = probs.flatten().topk(topk, sorted=True)
+        query, label = flat // num_classes, flat % num_classes
+        logits = resize(mask_embed[b][query], pixel_embed[b], image_sizes[b], output_sizes[b])  # [N,H,W]
+        masks = logits > 0
+        inside = masks.flatten(1).float()
+        mask_score = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
+        results.append({"masks": masks, "scores": top_scores * mask_score, "labels": label})
+    return results

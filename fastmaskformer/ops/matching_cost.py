@@ -1,0 +1,123 @@
+"""Pairwise matching cost between all queries and all ground-truth segments (DESIGN 3).
+
+For one image with logits ``x [Q, hw]`` at prediction resolution (h, w) = input / 4, targets
+``t [M, hw]`` (the segment map nearest-downsampled to (h, w)), ``s = sigmoid(x)``:
+
+    class  = -softmax(class_logits)[:, labels]                                       [Q, M]
+    focal  = (a (1-s)^2 BCE(x,1)) @ t^T + ((1-a) s^2 BCE(x,0)) @ (1-t)^T, all / hw   [Q, M]
+    dice   = 1 - (2 s @ t^T + 1) / (sum(s)[:, None] + sum(t)[None, :] + 1)           [Q, M]
+    C      = w_class * class + w_focal * focal + w_dice * dice
+
+Predictions are not upsampled for matching (official). The cost uses -p rather than -log p:
+the constant 1 of the matcher's "1 - p" is dropped because it does not change the assignment.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..target import Target, pad_segment_maps
+from ._checks import check_embeddings, check_float, check_targets, default_input_size
+from ._dispatch import load_kernel, resolve_impl
+
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+
+def downsample_segment_maps(targets: Sequence[Target], input_size, out_size) -> Tensor:
+    """Segment maps padded (-1) to ``input_size`` then nearest-downsampled: int64 [B, h, w].
+
+    Nearest on the map equals nearest on each binary mask, which is what the official matcher
+    does (``F.interpolate(masks, size, mode="nearest")``).
+    """
+    padded = pad_segment_maps(targets, tuple(input_size))  # [B, H, W] int32
+    small = F.interpolate(padded[:, None].float(), size=tuple(out_size), mode="nearest")
+    return small[:, 0].long()
+
+
+def _pair_cost(class_logits: Tensor, logits: Tensor, onehot: Tensor, labels: Tensor, weights) -> Tensor:
+    """One image: class_logits [Q,K+1], logits [Q,hw], onehot [M,hw] float -> cost [Q,M]."""
+    w_class, w_focal, w_dice = weights
+    hw = logits.shape[1]
+    prob = class_logits.float().softmax(-1)
+    cost_class = -prob[:, labels]
+    s = logits.sigmoid()
+    focal_pos = FOCAL_ALPHA * (1 - s) ** FOCAL_GAMMA * F.binary_cross_entropy_with_logits(
+        logits, torch.ones_like(logits), reduction="none"
+    )
+    focal_neg = (1 - FOCAL_ALPHA) * s**FOCAL_GAMMA * F.binary_cross_entropy_with_logits(
+        logits, torch.zeros_like(logits), reduction="none"
+    )
+    cost_focal = (focal_pos @ onehot.T + focal_neg @ (1 - onehot).T) / hw
+    numerator = 2 * s @ onehot.T
+    denominator = s.sum(-1)[:, None] + onehot.sum(-1)[None, :]
+    cost_dice = 1 - (numerator + 1) / (denominator + 1)
+    return w_class * cost_class + w_focal * cost_focal + w_dice * cost_dice
+
+
+def matching_cost_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                            targets: Sequence[Target], weights, input_size) -> Tensor:
+    """Per-image loop as the official matcher. Inputs [N,Q,K+1], [N,Q,C], [B,C,h,w] with
+    problem n using pixel_embed[n % B] and targets[n % B]. Returns [N, Q, Mmax] float32 (0-padded).
+    """
+    n_problems, num_queries = class_logits.shape[:2]
+    batch, _, h, w = pixel_embed.shape
+    seg_small = downsample_segment_maps(targets, input_size, (h, w)).flatten(1)  # [B, hw]
+    m_max = max((t.num_segments for t in targets), default=0)
+    out = torch.zeros(n_problems, num_queries, m_max, dtype=torch.float32, device=class_logits.device)
+    for n in range(n_problems):
+        b = n % batch
+        t = targets[b]
+        if t.num_segments == 0:
+            continue
+        logits = mask_embed[n].float() @ pixel_embed[b].float().flatten(1)  # [Q, hw]
+        ids = torch.arange(t.num_segments, device=seg_small.device)
+        onehot = (seg_small[b][None, :] == ids[:, None]).float()  # [M, hw]
+        labels = t.labels.to(class_logits.device)
+        out[n, :, : t.num_segments] = _pair_cost(class_logits[n], logits, onehot, labels, weights)
+    return out
+
+
+def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                         targets: Sequence[Target], weights=(1.0, 20.0, 1.0), input_size=None,
+                         impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """All problems of a batch (and of all decoder layers) at once, ready for the batched solver.
+
+    class_logits: [B,Q,K+1] or [L,B,Q,K+1]; mask_embed: [B,Q,C] or [L,B,Q,C];
+    pixel_embed: [B,C,h,w]; targets: B Targets, segment maps at (padded) input resolution.
+    Returns ``costs [N,Q,Mmax]`` float32 (N = L*B layer-major, entries past M_b are 0) and
+    ``num_segments`` int64 [N] (M of each problem).
+    """
+    check_float("class_logits", class_logits, class_logits.dim() if class_logits.dim() in (3, 4) else 3)
+    check_embeddings(mask_embed, pixel_embed)
+    if class_logits.shape[:-1] != mask_embed.shape[:-1]:
+        raise ValueError(
+            f"class_logits {tuple(class_logits.shape)} and mask_embed {tuple(mask_embed.shape)} "
+            "disagree on the leading [L,]B,Q dimensions"
+        )
+    batch = pixel_embed.shape[0]
+    size = default_input_size(pixel_embed, input_size)
+    check_targets(targets, batch, class_logits.shape[-1] - 1, size)
+    flat_logits = class_logits.reshape(-1, *class_logits.shape[-2:])
+    flat_embed = mask_embed.reshape(-1, *mask_embed.shape[-2:])
+    sizes = torch.tensor([t.num_segments for t in targets] * (flat_logits.shape[0] // batch), dtype=torch.int64)
+    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="matching_cost") == "triton":
+        kernel = load_kernel("matching_cost", "matching_cost")
+        costs = kernel.matching_cost(flat_logits, flat_embed, pixel_embed, targets, weights, size)
+    else:
+        with torch.no_grad():
+            costs = matching_cost_reference(flat_logits, flat_embed, pixel_embed, targets, weights, size)
+    return costs, sizes
+
+
+def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                  targets: Sequence[Target], weights=(1.0, 20.0, 1.0), input_size=None,
+                  impl: str = "auto") -> list[Tensor]:
+    """Matching cost per image: list of ``[Q, M_b]`` float32 (``L*B`` of them, layer-major,
+    when given ``[L,B,...]`` inputs). See ``matching_cost_padded`` for the arguments."""
+    costs, sizes = matching_cost_padded(class_logits, mask_embed, pixel_embed, targets, weights,
+                                        input_size, impl)
+    return [costs[n, :, : int(m)] for n, m in enumerate(sizes.tolist())]
