@@ -19,6 +19,7 @@ class BackboneConfig:
     pretrained: bool = False  # never downloads unless a user sets it
     freeze_bn: bool = True  # frozen BatchNorm for ResNets (official)
     img_size: int = 512  # Swin only: the window/pos-embed reference size (inputs may differ)
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (converted custom backbones)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class DataConfig:
     crop_size: tuple = (512, 512)
     min_scale_factors: tuple = tuple(x * 0.1 for x in range(5, 21))  # shortest edge = f * crop
     max_size_train: int = 2048
+    base_size_train: int | None = None  # shortest edges = int(f * base); None -> max(crop_size)
     min_size_test: int = 512
     max_size_test: int = 2048
     single_category_max_area: float = 1.0

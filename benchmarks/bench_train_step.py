@@ -1,0 +1,211 @@
+"""End-to-end MaskFormer training step: eager vs torch.compile vs fused, side by side.
+
+Providers (same weights, same batch, one process):
+- eager:   reference torch ops + the official per-image scipy matcher loop;
+- compile: the same with ``torch.compile`` on the model and the criterion;
+- batched: reference torch ops + the one-sync batched C++ solver (isolates the solver's share);
+- fused:   Triton kernels (matching cost, mask loss) + the batched solver (CUDA only).
+Each in fp32 and bf16 autocast. A step = forward + criterion (6 layers) + backward + AdamW step.
+Also checks that eager and fused losses agree at step 0 and stay close after ``--steps`` steps,
+and (``--headroom``) finds the largest batch that fits for eager vs fused.
+
+GPU (one ~8-minute device call):
+    python benchmarks/bench_train_step.py --device cuda --preset ade20k-150-r50 --size 512 --batch 16
+CPU (small, committed under benchmarks/results/):
+    python benchmarks/bench_train_step.py --device cpu --size 128 --batch 2 --queries 100
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import measure, result_path, write_results  # noqa: E402
+
+import fastmaskformer as fmf  # noqa: E402
+from fastmaskformer.losses import HungarianMatcher, SetCriterion  # noqa: E402
+
+PROVIDERS = {
+    # name: (loss impl, solver, compiled)
+    "eager": ("torch", "scipy", False),
+    "compile": ("torch", "scipy", True),
+    "batched": ("torch", "batched", False),
+    "fused": ("triton", "batched", False),
+}
+
+
+def random_batch(batch: int, size: int, num_classes: int, segments: int, device, seed: int = 0):
+    """Images [B,3,S,S] (normalised) and B semantic targets with ``segments`` classes each,
+    laid out as random blocks so masks have realistic extents."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    targets = []
+    cells = 8
+    for _ in range(batch):
+        classes = torch.randperm(num_classes, generator=g)[:segments]
+        grid = classes[torch.randint(0, segments, (cells, cells), generator=g)]
+        label_map = grid.repeat_interleave(size // cells, 0).repeat_interleave(size // cells, 1)
+        targets.append(fmf.Target.from_semantic(label_map, ignore_label=-1).to(device))
+    return images.to(device), targets
+
+
+def make_step(model, criterion, optimizer, images, targets, amp: bool, device):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(images)
+        losses = criterion(outputs, targets)
+        total = criterion.total(losses)
+        total.backward()
+        optimizer.step()
+        return total.detach()
+
+    return step
+
+
+def build(cfg, provider: str, device, base_model):
+    impl, solver, compiled = PROVIDERS[provider]
+    model = copy.deepcopy(base_model).to(device).train()
+    criterion = SetCriterion(cfg.model.num_classes, HungarianMatcher(solver=solver, impl=impl), impl=impl).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
+    if compiled:
+        model = torch.compile(model)
+        criterion = torch.compile(criterion)
+    return model, criterion, optimizer
+
+
+def available(provider: str, device) -> str | None:
+    if provider == "fused" and device.type != "cuda":
+        return "needs CUDA (the Triton interpreter is not a performance path)"
+    return None
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = fmf.get_config(args.preset)
+    cfg.model.num_queries = args.queries
+    cfg.model.num_classes = args.classes or cfg.model.num_classes
+    cfg.model.backbone.img_size = args.size
+    base_model = fmf.build_model(cfg.model)
+    images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, args.segments, device)
+    rows, first_losses = [], {}
+    for amp in ([False, True] if args.amp == "both" else [args.amp == "bf16"]):
+        for provider in args.providers:
+            row = {"provider": provider, "precision": "bf16" if amp else "fp32", "batch": args.batch,
+                   "size": args.size, "K": cfg.model.num_classes, "backbone": cfg.model.backbone.name}
+            reason = available(provider, device)
+            if reason:
+                rows.append({**row, "skipped": reason})
+                continue
+            model, criterion, optimizer = build(cfg, provider, device, base_model)
+            step = make_step(model, criterion, optimizer, images, targets, amp, device)
+            try:
+                # step 0 loss on fresh weights (before any optimizer update)
+                first_losses[(provider, amp)] = float(step())
+                timing = measure(step, device, warmup=args.warmup, repeats=args.repeats)
+            except torch.cuda.OutOfMemoryError:
+                rows.append({**row, "skipped": "out of memory"})
+                continue
+            row.update(timing, images_per_s=args.batch / (timing["median_ms"] / 1e3), loss_step0=first_losses[(provider, amp)])
+            rows.append(row)
+            del model, criterion, optimizer, step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    baseline = {r["precision"]: r for r in rows if r["provider"] == "eager" and "median_ms" in r}
+    for r in rows:
+        base = baseline.get(r["precision"])
+        if base and "median_ms" in r:
+            r["speedup_vs_eager"] = base["median_ms"] / r["median_ms"]
+            if "peak_mem_mib" in r and base.get("peak_mem_mib"):
+                r["mem_ratio_vs_eager"] = base["peak_mem_mib"] / r["peak_mem_mib"]
+    return rows
+
+
+def loss_agreement(args) -> dict:
+    """Eager vs ``other`` provider: losses at step 0 and after ``--steps`` identical-data steps."""
+    device = torch.device(args.device)
+    other = "fused" if device.type == "cuda" else "batched"
+    cfg = fmf.get_config(args.preset)
+    cfg.model.num_queries = args.queries
+    cfg.model.num_classes = args.classes or cfg.model.num_classes
+    torch.manual_seed(0)
+    base_model = fmf.build_model(cfg.model)
+    curves = {}
+    for provider in ("eager", other):
+        model, criterion, optimizer = build(cfg, provider, device, base_model)
+        losses = []
+        for s in range(args.steps + 1):
+            images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, args.segments, device, seed=s)
+            losses.append(float(make_step(model, criterion, optimizer, images, targets, False, device)()))
+        curves[provider] = losses
+    return {"compared": ["eager", other], "steps": args.steps, "loss_step0": [curves["eager"][0], curves[other][0]],
+            "loss_final": [curves["eager"][-1], curves[other][-1]],
+            "max_rel_diff": max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(curves["eager"], curves[other]))}
+
+
+def headroom(args) -> dict:
+    """Largest batch (up to 64) that fits for eager vs fused at the configured K (CUDA only)."""
+    device = torch.device(args.device)
+    cfg = fmf.get_config(args.preset)
+    cfg.model.num_classes = args.classes or cfg.model.num_classes
+    base_model = fmf.build_model(cfg.model)
+    found = {}
+    for provider in ("eager", "fused"):
+        best = 0
+        for batch in (2, 4, 8, 16, 24, 32, 48, 64):
+            try:
+                model, criterion, optimizer = build(cfg, provider, device, base_model)
+                images, targets = random_batch(batch, args.size, cfg.model.num_classes, args.segments, device)
+                make_step(model, criterion, optimizer, images, targets, False, device)()
+                torch.cuda.synchronize()
+                best = batch
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                model = criterion = optimizer = None
+                torch.cuda.empty_cache()
+        found[provider] = best
+    return {"largest_batch": found, "K": cfg.model.num_classes, "size": args.size}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="ade20k-150-r50", help="model preset (backbone, K)")
+    p.add_argument("--classes", type=int, default=None, help="override K (e.g. 847)")
+    p.add_argument("--size", type=int, default=512, help="square crop size")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--segments", type=int, default=16, help="GT segments per image")
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    p.add_argument("--amp", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=50, help="steps for the loss-agreement check (0: skip)")
+    p.add_argument("--headroom", action="store_true", help="also search the largest batch that fits (CUDA)")
+    p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/...)")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = run(args)
+    extra = {"args": vars(args)}
+    if args.steps:
+        extra["loss_agreement"] = loss_agreement(args)
+    if args.headroom and args.device.startswith("cuda"):
+        extra["headroom"] = headroom(args)
+    columns = ["provider", "precision", "backbone", "K", "batch", "size", "median_ms", "images_per_s",
+               "peak_mem_mib", "speedup_vs_eager", "mem_ratio_vs_eager", "loss_step0", "skipped"]
+    path = args.json or result_path("train-step", args.device)
+    print(write_results(path, rows, args.device, columns, extra))
+    for key in ("loss_agreement", "headroom"):
+        if key in extra:
+            print(key, extra[key])
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Run the whole benchmark suite (or parts) and write one report.
+
+    python benchmarks/run_all.py --device cuda            # the GPU run: fits one 10-minute call
+    python benchmarks/run_all.py --device cpu --quick     # small sizes on a CPU
+    python benchmarks/run_all.py --only solver train_step
+
+Each part is its own script (``bench_<part>.py``), run in a subprocess so one part's failure
+or memory cannot spoil another; each writes JSON. This script merges them into
+``benchmarks/results/<device>-<date>.json``, a Markdown report beside it, and PNG plots of
+time and peak memory against K / resolution / batch for each provider.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS_DIR, device_facts, measure_roofline  # noqa: E402
+
+# part -> (script, arguments for the full GPU run, arguments for --quick / CPU runs)
+PARTS = {
+    "solver": ("bench_assignment.py", [], ["--repeats", "3"]),
+    "matching_cost": ("bench_matching_cost.py", [], ["--quick"]),
+    "mask_loss": ("bench_mask_loss.py", [], ["--quick"]),
+    "semantic_inference": ("bench_semantic_inference.py", [], ["--quick"]),
+    "panoptic_inference": ("bench_panoptic_inference.py", [], ["--quick"]),
+    "train_step": ("bench_train_step.py", ["--batch", "16", "--size", "512", "--steps", "50", "--headroom",
+                                           "--classes", "847"],
+                   ["--batch", "2", "--size", "128", "--steps", "3", "--repeats", "3", "--amp", "fp32"]),
+    "inference_e2e": ("bench_inference_e2e.py", ["--batch", "16", "--size", "512"],
+                      ["--batch", "1", "--size", "128", "--classes", "150", "--repeats", "3"]),
+}
+X_KEYS = ("K", "size", "batch", "M", "H", "out")
+SERIES_KEYS = ("provider", "impl")
+
+
+def run_part(name: str, device: str, quick: bool, workdir: pathlib.Path, timeout: int) -> dict:
+    script, full_args, quick_args = PARTS[name]
+    path = HERE / script
+    if not path.exists():
+        return {"error": f"{script} not found"}
+    out = workdir / f"{name}.json"
+    args = quick_args if quick or device == "cpu" else full_args
+    cmd = [sys.executable, str(path), "--json", str(out), *args]
+    if name != "solver":
+        cmd += ["--device", device]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    result = {"command": " ".join(cmd[1:]), "seconds": time.perf_counter() - start, "returncode": proc.returncode}
+    if proc.returncode != 0 or not out.exists():
+        result["error"] = proc.stderr[-2000:]
+        return result
+    result.update(json.loads(out.read_text()))
+    return result
+
+
+def plot_part(name: str, rows: list[dict], out_prefix: pathlib.Path) -> list[str]:
+    """One PNG per (x key, metric) that the rows vary over: lines per provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    series_key = next((k for k in SERIES_KEYS if any(k in r for r in rows)), None)
+    for x_key in X_KEYS:
+        xs = {r[x_key] for r in rows if x_key in r and isinstance(r[x_key], (int, float))}
+        if len(xs) < 2 or series_key is None:
+            continue
+        for metric in ("median_ms", "peak_mem_mib"):
+            points = [r for r in rows if metric in r and x_key in r]
+            if not points:
+                continue
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for series in sorted({str(r.get(series_key)) for r in points}):
+                pts = sorted((r[x_key], r[metric]) for r in points if str(r.get(series_key)) == series)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(metric)
+            ax.set_title(f"{name}: {metric} vs {x_key}")
+            ax.legend()
+            fig.tight_layout()
+            path = out_prefix.parent / f"{out_prefix.name}-{name}-{metric}-vs-{x_key}.png"
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            written.append(path.name)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--only", nargs="+", choices=list(PARTS), help="run only these parts")
+    p.add_argument("--quick", action="store_true", help="small sizes")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--timeout", type=int, default=900, help="seconds per part")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    facts = device_facts(device)
+    report = {"device": facts, "roofline": measure_roofline(device), "date": dt.date.today().isoformat(), "parts": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or list(PARTS):
+            print(f"== {name}", flush=True)
+            report["parts"][name] = run_part(name, device, args.quick, pathlib.Path(tmp), args.timeout)
+            part = report["parts"][name]
+            print(part.get("table") or part.get("error", ""), flush=True)
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if device == "cpu" else facts["name"].lower().replace(" ", "-")
+    prefix = out_dir / f"{tag}-{report['date']}"
+    lines = [f"# Benchmarks on {facts['name']} ({report['date']})", "",
+             "Roofline: " + ", ".join(f"{k} {v:.3g}" for k, v in report["roofline"].items()), ""]
+    for name, part in report["parts"].items():
+        lines += [f"## {name}", "", f"`{part.get('command', '')}`", "",
+                  part.get("table") or f"error: {part.get('error', '')[-500:]}", ""]
+        if not args.no_plots and part.get("rows"):
+            part["plots"] = plot_part(name, part["rows"], prefix)
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))
+    prefix.with_suffix(".md").write_text("\n".join(lines))
+    print("wrote", prefix.with_suffix(".json"), "and", prefix.with_suffix(".md"))
+    failed = [n for n, part in report["parts"].items() if "error" in part]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Models: MaskFormer and the per-pixel baselines, built from a ``ModelConfig``.
+
+``build_model(cfg.model)`` picks the architecture from ``meta_arch``:
+``maskformer`` | ``per_pixel_baseline`` | ``per_pixel_baseline_plus``.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .backbone import Backbone, build_backbone
+from .baselines import (
+    PerPixelBaseline,
+    PerPixelBaselinePlus,
+    PerPixelOutput,
+    build_per_pixel_baseline,
+    build_per_pixel_baseline_plus,
+)
+from .maskformer import MaskFormer, MaskFormerOutput, TransformerPredictor, build_maskformer
+from .pixel_decoder import PixelDecoder
+from .position_encoding import PositionEmbeddingSine
+from .transformer import TransformerDecoder, TransformerEncoder
+
+_BUILDERS = {
+    "maskformer": build_maskformer,
+    "per_pixel_baseline": build_per_pixel_baseline,
+    "per_pixel_baseline_plus": build_per_pixel_baseline_plus,
+}
+
+
+def build_model(model_cfg) -> nn.Module:
+    """A freshly initialised model for ``model_cfg`` (a ``fastmaskformer.config.ModelConfig``)."""
+    if model_cfg.meta_arch not in _BUILDERS:
+        raise ValueError(f"unknown meta_arch {model_cfg.meta_arch!r}; choose one of {sorted(_BUILDERS)}")
+    return _BUILDERS[model_cfg.meta_arch](model_cfg)
+
+
+__all__ = [
+    "Backbone", "MaskFormer", "MaskFormerOutput", "PerPixelBaseline", "PerPixelBaselinePlus", "PerPixelOutput",
+    "PixelDecoder", "PositionEmbeddingSine", "TransformerDecoder", "TransformerEncoder", "TransformerPredictor",
+    "build_backbone", "build_model",
+]
