@@ -1,0 +1,154 @@
+#include "batch.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <system_error>
+#include <thread>
+
+#include "lsap.h"
+
+namespace fmf {
+namespace {
+
+// Starting and joining a thread costs tens of microseconds, as much as solving a few 100x20
+// problems, so small batches run on fewer threads than allowed. Units: estimate_work() below.
+constexpr double kWorkPerThread = 2.0e5;
+
+// Rough cost of one problem: reading every entry plus the augmenting paths, which for random
+// costs grow like short_side^2 * long_side / 8. About 3e3 units per microsecond on 100x20
+// problems (within a factor of 3 for 100x8 .. 200x100); a thread start is worth ~1e5 units.
+double estimate_work(const MatrixView& m) {
+  const double lo = static_cast<double>(std::min(m.rows, m.cols));
+  const double hi = static_cast<double>(std::max(m.rows, m.cols));
+  return lo * hi + lo * lo * hi / 8.0;
+}
+
+int choose_threads(const std::vector<MatrixView>& problems, int max_threads) {
+  double work = 0.0;
+  for (const MatrixView& m : problems) work += estimate_work(m);
+  const double useful = 1.0 + work / kWorkPerThread;
+  const double cap = static_cast<double>(std::min<size_t>(problems.size(), max_threads));
+  return static_cast<int>(std::max(1.0, std::min(cap, useful)));
+}
+
+template <typename T>
+T load_entry(const char* p) {
+  T x;
+  std::memcpy(&x, p, sizeof(T));  // numpy arrays may be unaligned
+  return x;
+}
+
+// True when no entry of x[0:n] is NaN or +-inf. x * 0 is 0 for a finite x and NaN otherwise;
+// eight independent sums of those let the compiler use vector instructions (no -ffast-math).
+bool all_finite(const double* x, int64_t n) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int l = 0; l < 8; ++l) lane[l] += x[k + l] * 0.0;
+  }
+  for (; k < n; ++k) lane[0] += x[k] * 0.0;
+  double total = 0.0;
+  for (const double s : lane) total += s;
+  return total == 0.0;
+}
+
+// Copies the strided matrix into `out` as float64 row-major, transposed when asked so that the
+// solver always sees rows <= cols, and negated when maximising. Returns false on a non-finite
+// entry (the caller reports which one, from the original array).
+template <typename T>
+bool load_matrix(const MatrixView& m, bool transpose, bool negate, double* out) {
+  const double sign = negate ? -1.0 : 1.0;
+  // Walk `out` in order, reading the input through swapped strides when transposing: strided
+  // reads of a small matrix are cheaper than strided writes.
+  const int64_t out_rows = transpose ? m.cols : m.rows;
+  const int64_t out_cols = transpose ? m.rows : m.cols;
+  const int64_t step_r = transpose ? m.col_stride : m.row_stride;
+  const int64_t step_c = transpose ? m.row_stride : m.col_stride;
+  for (int64_t r = 0; r < out_rows; ++r) {
+    const char* src = m.data + r * step_r;
+    double* dst = out + r * out_cols;
+    for (int64_t c = 0; c < out_cols; ++c) {
+      dst[c] = sign * static_cast<double>(load_entry<T>(src + c * step_c));
+    }
+  }
+  return all_finite(out, m.rows * m.cols);
+}
+
+// Scratch of one worker thread: the solver's workspace and the dense float64 copy of a problem.
+struct Worker {
+  LsapWorkspace ws;
+  std::vector<double> cost;
+  std::vector<int64_t> col4row;
+};
+
+SolveStatus solve_one(const MatrixView& m, const AssignmentOut& out, bool maximize,
+                      Worker& w) {
+  if (m.rows == 0 || m.cols == 0) return SolveStatus::kOk;
+  const bool transpose = m.rows > m.cols;
+  const int64_t rows = transpose ? m.cols : m.rows;  // the solver's short side
+  const int64_t cols = transpose ? m.rows : m.cols;
+  w.cost.resize(static_cast<size_t>(rows * cols));
+  w.col4row.resize(static_cast<size_t>(rows));
+  const bool finite = m.dtype == DType::kFloat32
+                          ? load_matrix<float>(m, transpose, maximize, w.cost.data())
+                          : load_matrix<double>(m, transpose, maximize, w.cost.data());
+  if (!finite) return SolveStatus::kNonFinite;
+
+  solve_rectangular(w.cost.data(), rows, cols, w.col4row.data(), w.ws);
+  if (!transpose) {
+    for (int64_t i = 0; i < rows; ++i) {
+      out.row_ind[i] = i;
+      out.col_ind[i] = w.col4row[i];
+    }
+    return SolveStatus::kOk;
+  }
+  // The solver's columns are the input's rows: walk them in order to emit rows ascending.
+  int64_t k = 0;
+  for (int64_t r = 0; r < cols; ++r) {
+    const int64_t c = w.ws.row4col[r];
+    if (c >= 0) {
+      out.row_ind[k] = r;
+      out.col_ind[k] = c;
+      ++k;
+    }
+  }
+  return SolveStatus::kOk;
+}
+
+}  // namespace
+
+std::vector<SolveStatus> solve_batch(const std::vector<MatrixView>& problems,
+                                     const std::vector<AssignmentOut>& outs, bool maximize,
+                                     int max_threads) {
+  std::vector<SolveStatus> status(problems.size(), SolveStatus::kOk);
+  std::atomic<size_t> next{0};
+  // Problems are handed out one at a time, so a large one does not stall a whole thread's share.
+  auto work = [&]() {
+    Worker w;
+    for (size_t k = next.fetch_add(1); k < problems.size(); k = next.fetch_add(1)) {
+      try {
+        status[k] = solve_one(problems[k], outs[k], maximize, w);
+      } catch (const std::bad_alloc&) {
+        status[k] = SolveStatus::kOutOfMemory;
+      }
+    }
+  };
+
+  std::vector<std::thread> helpers;
+  const int num_threads = choose_threads(problems, std::max(1, max_threads));
+  for (int t = 1; t < num_threads; ++t) {
+    try {
+      helpers.emplace_back(work);
+    } catch (const std::system_error&) {
+      break;  // the system refused another thread: the ones we have finish the batch
+    }
+  }
+  work();
+  for (std::thread& t : helpers) t.join();
+  return status;
+}
+
+}  // namespace fmf
