@@ -262,11 +262,18 @@ def _meta(cfg: Config, meta_arch: str) -> Config:
 
 
 def _apply_dataset_defaults(cfg: Config) -> Config:
-    # Cityscapes/Mapillary test on the whole image; COCO-style panoptic test resize 800/1333.
+    # Official per-dataset input sizes: Cityscapes trains up to 4096 and tests on the whole
+    # image; COCO-Stuff trains up to 2560; Mapillary scales from a 2048 base up to 8192, tests
+    # with the longer side 2048 and ignores label 65; COCO panoptic tests at 800/1333.
     if cfg.data.dataset == "cityscapes":
+        cfg.data.max_size_train = 4096
         cfg.data.min_size_test, cfg.data.max_size_test = 1024, 2048
+    if cfg.data.dataset == "coco-stuff-10k":
+        cfg.data.max_size_train = 2560
     if cfg.data.dataset == "mapillary":
+        cfg.data.base_size_train, cfg.data.max_size_train = 2048, 8192
         cfg.data.min_size_test, cfg.data.max_size_test = 2048, 2048
+        cfg.data.ignore_label = 65
     if cfg.data.dataset == "coco-panoptic":
         cfg.data.min_size_test, cfg.data.max_size_test = 800, 1333
     return cfg
