@@ -34,6 +34,7 @@ PARTS = {
     "train_step": ("bench_train_step.py", ["--batch", "16", "--size", "512", "--steps", "50", "--headroom",
                                            "--classes", "847"],
                    ["--batch", "2", "--size", "128", "--steps", "3", "--repeats", "3", "--amp", "fp32"]),
+    "evaluation": ("bench_evaluation.py", [], ["--semantic-images", "200", "--panoptic-images", "20"]),
     "inference_e2e": ("bench_inference_e2e.py", ["--batch", "16", "--size", "512"],
                       ["--batch", "1", "--size", "128", "--classes", "150", "--repeats", "3"]),
 }
