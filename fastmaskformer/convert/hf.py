@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +39,7 @@ from torch import Tensor
 
 from ..config import BackboneConfig, Config, ModelConfig
 from ..modeling import MaskFormer, build_model
+from ._common import write_checkpoint
 
 _HF_MEAN = (0.485, 0.456, 0.406)  # ImageNet mean/std in 0-1 units, the HF image processor default
 _HF_STD = (0.229, 0.224, 0.225)
@@ -337,15 +337,5 @@ def convert_hf_directory(src_dir: str | os.PathLike, out_path: str | os.PathLike
     hf_config, state, preprocessor = _read_hf_directory(src_dir)
     model_cfg, model = _convert(hf_config, state, preprocessor)
     cfg = Config(model=model_cfg, name=f"hf-{Path(src_dir).resolve().name}")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_checkpoint(out_path, model, cfg)
     return cfg
