@@ -11,3 +11,4 @@ from .mask_logits import mask_logits
 from .mask_loss import mask_loss
 from .matching_cost import matching_cost, matching_cost_padded
 from .assignment import linear_sum_assignment_batch
+from .mask_probs import mask_probs
