@@ -23,6 +23,7 @@ _LAZY = {
     "evaluation": ("fastmaskformer.evaluation", None),
     "data": ("fastmaskformer.data", None),
     "engine": ("fastmaskformer.engine", None),
+    "losses": ("fastmaskformer.losses", None),
     "modeling": ("fastmaskformer.modeling", None),
     "build_model": ("fastmaskformer.modeling", "build_model"),
     "MaskFormer": ("fastmaskformer.modeling", "MaskFormer"),
