@@ -104,7 +104,9 @@ def run(args) -> list[dict]:
             model, criterion, optimizer = build(cfg, provider, device, base_model)
             step = make_step(model, criterion, optimizer, images, targets, amp, device)
             try:
-                # step 0 loss on fresh weights (before any optimizer update)
+                # step 0 loss on fresh weights; the same seed gives every provider the same
+                # dropout masks, so the losses are comparable
+                torch.manual_seed(1)
                 first_losses[(provider, amp)] = float(step())
                 timing = measure(step, device, warmup=args.warmup, repeats=args.repeats)
             except torch.cuda.OutOfMemoryError:
@@ -140,6 +142,7 @@ def loss_agreement(args) -> dict:
         losses = []
         for s in range(args.steps + 1):
             images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, args.segments, device, seed=s)
+            torch.manual_seed(s)  # identical dropout masks for both providers
             losses.append(float(make_step(model, criterion, optimizer, images, targets, False, device)()))
         curves[provider] = losses
     return {"compared": ["eager", other], "steps": args.steps, "loss_step0": [curves["eager"][0], curves[other][0]],

@@ -50,6 +50,7 @@ PARTS = {
 CPU_ONLY = {"solver"}  # scripts that take no --device
 X_KEYS = ("K", "size", "batch", "M", "H", "out")
 SERIES_KEYS = ("provider", "impl")
+CONFIG_KEYS = ("output", "phase", "precision", "task", "backbone")
 
 
 def run_part(name: str, device: str, quick: bool, workdir: pathlib.Path, timeout: float) -> dict:
@@ -85,23 +86,25 @@ def plot_part(name: str, rows: list[dict], out_prefix: pathlib.Path) -> list[str
     except ImportError:
         return []
     written = []
-    series_key = next((k for k in SERIES_KEYS if any(k in r for r in rows)), None)
+    # a line per combination of the configuration keys that vary (provider, output size, ...)
+    varying = [k for k in SERIES_KEYS + X_KEYS + CONFIG_KEYS if len({str(r.get(k)) for r in rows}) > 1]
     for x_key in X_KEYS:
         xs = {r[x_key] for r in rows if x_key in r and isinstance(r[x_key], (int, float))}
-        if len(xs) < 2 or series_key is None:
+        if len(xs) < 2:
             continue
+        series_of = lambda r: " ".join(str(r.get(k)) for k in varying if k != x_key)  # noqa: E731
         for metric in ("median_ms", "peak_mem_mib"):
             points = [r for r in rows if metric in r and x_key in r]
             if not points:
                 continue
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            for series in sorted({str(r.get(series_key)) for r in points}):
-                pts = sorted((r[x_key], r[metric]) for r in points if str(r.get(series_key)) == series)
+            for series in sorted({series_of(r) for r in points}):
+                pts = sorted((r[x_key], r[metric]) for r in points if series_of(r) == series)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
             ax.set_xlabel(x_key)
             ax.set_ylabel(metric)
             ax.set_title(f"{name}: {metric} vs {x_key}")
-            ax.legend()
+            ax.legend(fontsize=6)
             fig.tight_layout()
             path = out_prefix.parent / f"{out_prefix.name}-{name}-{metric}-vs-{x_key}.png"
             fig.savefig(path, dpi=90)
