@@ -1,0 +1,406 @@
+"""The ``fastmaskformer`` command: train, eval, predict, demo, bench, convert, plot.
+
+Configs are the presets of ``fastmaskformer.config`` (``--preset``) or YAML files (``--config``,
+optionally ``preset: NAME`` plus overrides), then ``--set section.key=value`` (YAML values).
+User mistakes (unknown preset, bad override, missing dataset or checkpoint, unreadable input)
+print one line to stderr and exit with status 2; a non-finite loss stops training with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import Config, get_config, list_presets
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ----------------------------------------------------------------------------- config
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("configuration")
+    src = g.add_mutually_exclusive_group(required=required)
+    src.add_argument("--config", metavar="FILE.yaml",
+                     help="YAML config (all sections or a subset; 'preset: NAME' starts from a preset)")
+    src.add_argument("--preset", metavar="NAME",
+                     help=f"named preset (default: the checkpoint's config, else ade20k-150-r50): "
+                          f"{', '.join(list_presets())}")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set solver.max_iter=1000 (repeatable; YAML values)")
+    g.add_argument("--data-root", metavar="DIR",
+                   help="datasets root (default: cfg.data.root or $FASTMASKFORMER_DATASETS)")
+
+
+def build_config(args, base: Config | None = None) -> Config:
+    """Config from --config / --preset (else ``base``, else the default preset), then --set, --data-root."""
+    try:
+        if getattr(args, "config", None):
+            path = Path(args.config)
+            if not path.is_file():
+                raise UserError(f"config file {path} not found")
+            cfg = Config.from_yaml(path.read_text())
+        elif getattr(args, "preset", None):
+            cfg = get_config(args.preset)
+        else:
+            cfg = base if base is not None else get_config()
+        for assignment in getattr(args, "overrides", []):
+            cfg.override(assignment)
+    except yaml.YAMLError as exc:
+        raise UserError(f"config is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    if getattr(args, "data_root", None):
+        cfg.data.root = args.data_root
+    return cfg
+
+
+def _load_model(checkpoint: str, args, device: str):
+    """(model in eval mode, Config) from a checkpoint; the config stored in it is the base."""
+    from .engine.checkpoint import CheckpointError, load_checkpoint
+    from .modeling import build_model
+
+    if not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {checkpoint} not found")
+    state = load_checkpoint(checkpoint)
+    base = None
+    if isinstance(state.get("config"), dict):
+        try:
+            base = Config.from_dict(state["config"])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {checkpoint} has an invalid config: {exc}") from exc
+    cfg = build_config(args, base)
+    _check_model(cfg)
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
+        raise UserError(f"checkpoint {checkpoint} does not fit the model config ({detail})") from exc
+    return model.to(device).eval(), cfg
+
+
+def _check_model(cfg: Config) -> None:
+    """Reject an unknown architecture or backbone name before building anything."""
+    from .modeling.backbone import resolve_backbone_name
+
+    archs = ("maskformer", "per_pixel_baseline", "per_pixel_baseline_plus")
+    if cfg.model.meta_arch not in archs:
+        raise UserError(f"unknown model.meta_arch {cfg.model.meta_arch!r}; choose one of {', '.join(archs)}")
+    try:
+        resolve_backbone_name(cfg.model.backbone.name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _metadata(cfg: Config):
+    """The dataset's metadata, or a generic one (class_0.., fixed palette) when it has none."""
+    import numpy as np
+
+    from .data import DatasetError, get_metadata
+    from .data.metadata import Metadata
+
+    try:
+        return get_metadata(cfg.data.dataset, cfg.data.root)
+    except (ValueError, DatasetError):
+        k = cfg.model.num_classes
+        rng = np.random.default_rng(0)
+        colors = tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(k))
+        return Metadata(cfg.data.dataset, tuple(f"class_{i}" for i in range(k)), tuple(range(k)),
+                        (False,) * k, colors, cfg.data.ignore_label)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from .engine import Trainer
+
+    cfg = build_config(args)
+    _check_dataset(cfg)
+    _check_model(cfg)
+    _check_solver(cfg)
+    if args.amp:
+        cfg.solver.amp = True
+    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args),
+                      skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
+                      progress=not args.no_progress, log_period=args.log_period, num_workers=args.num_workers)
+    trainer.train()
+    if trainer.dist.is_main:
+        print(f"done: {trainer.iteration} iterations; checkpoints and metrics.jsonl in {args.output}")
+    return 0
+
+
+def _check_dataset(cfg: Config) -> None:
+    from .data import DATASETS
+
+    if cfg.data.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {cfg.data.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+
+
+def _check_solver(cfg: Config) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.solver.grad_accum < 1 or cfg.solver.batch_size % (world * cfg.solver.grad_accum):
+        raise UserError(f"solver.batch_size {cfg.solver.batch_size} must be divisible by the number of processes "
+                        f"({world}) x solver.grad_accum ({cfg.solver.grad_accum})")
+
+
+def _resume_arg(args):
+    if args.resume not in (None, "auto") and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume}: no such checkpoint")
+    return args.resume
+
+
+def cmd_eval(args) -> int:
+    from .data import build_dataset
+    from .engine.distributed import init_distributed, is_main_process
+    from .engine.evaluator import evaluate_dataset
+
+    device = init_distributed(_device(args.device)).device  # under torchrun every rank takes a shard
+    model, cfg = _load_model(args.checkpoint, args, device)
+    _check_dataset(cfg)
+    if args.tta and not cfg.test.aug_scales:
+        # the official scales for 512 crops (256..896 step 128), relative to min_size_test
+        cfg.test.aug_scales = tuple(int(x * cfg.data.min_size_test / 512) for x in range(256, 897, 128))
+    cfg.test.aug_flip = cfg.test.aug_flip or args.tta
+    dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
+    results = evaluate_dataset(model, dataset, cfg, device=device, num_workers=args.num_workers,
+                               batch_size=args.batch_size, amp=args.amp, progress=not args.no_progress)
+    if not is_main_process():
+        return 0
+    for task, metrics in results.items():
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        print(f"{task}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .engine.predictor import Predictor
+
+    device = _device(args.device)
+    model, cfg = _load_model(args.checkpoint, args, device)
+    predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size, amp=args.amp)
+    try:
+        written = predictor.predict_files(args.inputs, args.output, tasks=args.task)
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"wrote {len(written)} files to {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .engine.demo import run_demo
+
+    try:
+        for assignment in args.overrides:
+            Config().override(assignment)  # validate before generating data
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    run_demo(args.output, quick=args.quick, device=_device(args.device), progress=not args.no_progress,
+             overrides=tuple(args.overrides))
+    return 0
+
+
+def _benchmarks_dir() -> Path | None:
+    for candidate in (Path(__file__).resolve().parents[1] / "benchmarks", Path.cwd() / "benchmarks"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def cmd_bench(args) -> int:
+    bench_dir = _benchmarks_dir()
+    if bench_dir is None:
+        raise UserError("no benchmarks/ folder found (run from a source checkout)")
+    scripts = sorted(p.stem.removeprefix("bench_") for p in bench_dir.glob("bench_*.py"))
+    run_all = bench_dir / "run_all.py"
+    if args.list:
+        print("benchmark scripts: " + ", ".join(scripts))
+        return 0
+    if run_all.is_file():
+        cmd = [sys.executable, str(run_all)] + (["--only", *args.only] if args.only else [])
+    else:
+        if not args.only:
+            print(f"benchmark scripts in {bench_dir}: {', '.join(scripts)}; run one with --only NAME")
+            return 0
+        unknown = [n for n in args.only if n not in scripts]
+        if unknown:
+            raise UserError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(scripts)}")
+        cmd = [sys.executable, str(bench_dir / f"bench_{args.only[0]}.py")]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.quick:
+        cmd += ["--quick"]
+    return subprocess.call(cmd)
+
+
+def cmd_convert(args) -> int:
+    from . import convert
+
+    src = Path(args.source)
+    if not src.exists():
+        raise UserError(f"{src} not found")
+    try:
+        if args.from_format == "hf":
+            cfg = convert.convert_hf_directory(src, args.out)
+        else:
+            if not args.preset:
+                raise UserError("convert --from detectron2 needs --preset NAME (the architecture of the checkpoint)")
+            cfg = convert.convert_detectron2_file(src, args.out, args.preset)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    print(f"wrote {args.out} ({cfg.model.backbone.name}, {cfg.model.num_classes} classes, "
+          f"{cfg.model.num_queries} queries)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .engine.plot import plot_metrics
+
+    src = Path(args.metrics)
+    if src.is_dir():
+        src = src / "metrics.jsonl"
+    out = Path(args.out) if args.out else src.with_name("curves.png")
+    try:
+        plot_metrics(src, out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastmaskformer", description="Train, evaluate and run MaskFormer (fastmaskformer).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def common_runtime(p, output_default, output_help):
+        p.add_argument("--output", metavar="DIR", default=output_default, help=output_help)
+        p.add_argument("--device", metavar="DEV", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+        p.add_argument("--amp", action="store_true", help="bf16 autocast for the model's forward pass")
+        p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                       help="data-loading worker processes (default: cfg.data.num_workers)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", help="train a model (torchrun for several GPUs or nodes)",
+                       description="Iteration-based training; checkpoints, config.yaml and metrics.jsonl go to "
+                                   "--output. Multi-GPU: torchrun --nproc_per_node N -m fastmaskformer.cli train ...")
+    _add_config_args(p)
+    common_runtime(p, "output", "run folder for checkpoints and metrics (default: ./output)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue exactly from a checkpoint: a file, a run folder, or no value for the newest "
+                        "checkpoint in --output")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip the update of an iteration with a NaN/inf loss or gradient instead of stopping")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (slower; exact reproducibility and resume)")
+    p.add_argument("--log-period", type=int, default=20, metavar="N", help="log metrics every N iterations")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (mIoU, PQ)",
+                       description="Evaluate on cfg.data.val_split; the checkpoint's stored config is the base "
+                                   "unless --config/--preset is given.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (.pt)")
+    common_runtime(p, None, "folder for eval.json (default: print only)")
+    p.add_argument("--split", default=None, help="dataset split (default: cfg.data.val_split)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per forward pass")
+    p.add_argument("--tta", action="store_true", help="multi-scale + flip test-time augmentation (semantic)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict images or folders and write PNG/JSON results",
+                       description="Any PIL-readable image (RGBA, grayscale, 16-bit, palette, JPEG ...). Writes "
+                                   "<stem>_sem.png (class ids) and <stem>_overlay.png; <stem>_panoptic.png "
+                                   "(RGB-encoded ids) + panoptic.json; <stem>_instances.npz.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (.pt)")
+    common_runtime(p, "output", "folder for the predictions (default: ./output)")
+    p.add_argument("--task", nargs="+", choices=("semantic", "panoptic", "instance"), default=["semantic"],
+                   help="what to predict (default: semantic)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="synthetic data -> train a small MaskFormer on the CPU -> mIoU/PQ summary",
+                       description="Writes a synthetic dataset, trains a small MaskFormer for a few minutes, "
+                                   "evaluates mIoU and PQ against a trivial baseline, writes overlays and curves.")
+    p.add_argument("--output", metavar="DIR", default="demo_output", help="output folder (default: ./demo_output)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
+    p.add_argument("--device", metavar="DEV", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the demo config, e.g. --set solver.max_iter=600")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run the benchmarks (benchmarks/run_all.py)",
+                       description="Delegates to benchmarks/run_all.py (or one benchmarks/bench_NAME.py).")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these parts")
+    p.add_argument("--device", default=None, help="cuda or cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes")
+    p.add_argument("--list", action="store_true", help="list the benchmark scripts and exit")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="convert Hugging Face or Detectron2 weights to a checkpoint",
+                       description="--from hf DIR: a saved transformers MaskFormer folder (config.json + weights); "
+                                   "--from detectron2 FILE --preset NAME: an official MaskFormer .pkl/.pth.")
+    p.add_argument("--from", dest="from_format", choices=("hf", "detectron2"), required=True, help="source format")
+    p.add_argument("source", metavar="SRC", help="HF folder or Detectron2 checkpoint file")
+    p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.pt)")
+    p.add_argument("--preset", metavar="NAME", help="architecture preset (detectron2 only)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plot", help="plot loss / LR / mIoU curves from metrics.jsonl",
+                       description="Reads a run's metrics.jsonl (or the run folder) and writes a PNG.")
+    p.add_argument("metrics", metavar="METRICS", help="metrics.jsonl or the run folder holding it")
+    p.add_argument("--out", metavar="PNG", help="output image (default: curves.png beside the metrics)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``fastmaskformer`` console script; returns the exit status."""
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError
+    from .engine.trainer import NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, DatasetError, CheckpointError) as exc:
+        print(f"fastmaskformer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"fastmaskformer {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastmaskformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

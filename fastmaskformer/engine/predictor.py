@@ -1,0 +1,296 @@
+"""Inference on images: batched model calls, DESIGN 4 post-processing, files on disk.
+
+- :func:`load_image`: any PIL-readable file (RGB, RGBA, grayscale, 16-bit, palette, CMYK,
+  EXIF-rotated) -> uint8 ``[3, H, W]`` RGB.
+- :func:`infer`: a batch of (already resized) images -> per-image semantic labels, panoptic
+  id map + segments_info and/or instance masks at each image's output (original) size.
+- :func:`semantic_tta`: multi-scale + flip test-time augmentation (``cfg.test.aug_*``).
+- :class:`Predictor`: paths or a folder -> files: ``<stem>_sem.png`` (label ids; 16-bit when
+  K > 255), ``<stem>_overlay.png`` (class colours over the image), ``<stem>_panoptic.png``
+  (COCO RGB-encoded ids) + ``panoptic.json`` (COCO panoptic annotations), ``<stem>_instances.npz``
+  (masks, scores, labels).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor, nn
+
+from .. import ops
+from ..data.transforms import shortest_edge_size
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+TASKS = ("semantic", "panoptic", "instance")
+
+
+def load_image(path: str | Path) -> Tensor:
+    """Read any PIL-readable image as uint8 ``[3, H, W]`` RGB.
+
+    16-bit images are scaled to 8 bits (65535 -> 255), float images by their maximum, alpha is
+    dropped, palette / grayscale / CMYK are converted to RGB.
+    Raises ValueError naming the path when the file is not an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        array = np.asarray(img).astype(np.float64)
+        if img.mode == "F":
+            top = max(float(array.max()), 1.0)
+        else:  # 16-bit data (PIL may also open 16-bit PNGs as 32-bit "I")
+            top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        gray = np.clip(np.round(array / top * 255.0), 0, 255).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+    else:
+        rgb = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 or float ``[3, H, W]`` -> float ``[3, h, w]`` (0-255), bilinear."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image.float()
+    return F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def _float_outputs(outputs):
+    return type(outputs)(*(t.float() for t in outputs.as_tuple()))
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, images: Sequence[Tensor], amp: bool = False):
+    """(float32 outputs, image_sizes) of ``model`` on images ``[3, h_i, w_i]`` (0-255)."""
+    batch, sizes = model.preprocess(list(images))
+    device = batch.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(batch)
+    return _float_outputs(outputs), sizes
+
+
+def _per_pixel_semantic(logits: Tensor, image_sizes, output_sizes) -> list[Tensor]:
+    """Per-pixel baseline logits [B, K, h, w] (stride 4) -> int64 labels at output sizes."""
+    padded = (4 * logits.shape[-2], 4 * logits.shape[-1])
+    up = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    return [ops.inference.crop_and_resize(up[b], image_sizes[b], output_sizes[b]).argmax(0)
+            for b in range(logits.shape[0])]
+
+
+@torch.no_grad()
+def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int]], test_cfg,
+          tasks: Iterable[str] = ("semantic",), thing_classes: Iterable[int] = (), amp: bool = False) -> list[dict]:
+    """images: list of ``[3, h_i, w_i]`` (test-resized, 0-255); output_sizes: original (H_i, W_i).
+
+    Returns one dict per image with the requested ``tasks``: ``"semantic"`` int64 [H, W];
+    ``"panoptic"`` (int32 id map [H, W], segments_info with contiguous category ids);
+    ``"instance"`` {"masks" bool [N, H, W], "scores" [N], "labels" [N]}.
+    """
+    tasks = set(tasks)
+    unknown = tasks - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    outputs, sizes = run_model(model, images, amp)
+    results: list[dict] = [{} for _ in images]
+    if not hasattr(outputs, "class_logits"):  # per-pixel baselines: semantic only
+        if tasks - {"semantic"}:
+            raise ValueError(f"{type(model).__name__} predicts semantic segmentation only, not {sorted(tasks - {'semantic'})}")
+        for r, labels in zip(results, _per_pixel_semantic(outputs.logits[-1], sizes, output_sizes)):
+            r["semantic"] = labels
+        return results
+    args = (outputs.class_logits[-1], outputs.mask_embed[-1], outputs.pixel_embed, sizes, output_sizes)
+    if "semantic" in tasks:
+        for r, labels in zip(results, ops.semantic_inference(*args)):
+            r["semantic"] = labels
+    if "panoptic" in tasks:
+        pan = ops.panoptic_inference(*args, object_mask_threshold=test_cfg.object_mask_threshold,
+                                     overlap_threshold=test_cfg.overlap_threshold, thing_classes=thing_classes)
+        for r, p in zip(results, pan):
+            r["panoptic"] = p
+    if "instance" in tasks:
+        for r, inst in zip(results, ops.instance_inference(*args)):
+            r["instance"] = inst
+    return results
+
+
+@torch.no_grad()
+def semantic_tta(model: nn.Module, image: Tensor, output_size: tuple[int, int], test_cfg, amp: bool = False) -> Tensor:
+    """Multi-scale (+ flip) semantic prediction of one image (``[3, h, w]``, any size): each view
+    resizes the shortest edge of the ORIGINAL size (``output_size``) to a scale of
+    ``test_cfg.aug_scales`` (longest <= ``aug_max_size``); scores are averaged at the original size.
+    Returns int64 labels [H, W]."""
+    scales = tuple(test_cfg.aug_scales) or (min(output_size),)
+    flips = (False, True) if test_cfg.aug_flip else (False,)
+    views = []
+    for scale in scales:
+        size = shortest_edge_size(output_size[0], output_size[1], int(scale), int(test_cfg.aug_max_size))
+        resized = resize_image(image, size)
+        for flip in flips:
+            view = resized.flip(-1) if flip else resized
+            outputs, sizes = run_model(model, [view], amp)
+            if not hasattr(outputs, "class_logits"):
+                raise ValueError("test-time augmentation needs a MaskFormer model")
+            views.append({"class_logits": outputs.class_logits[-1, 0], "mask_embed": outputs.mask_embed[-1, 0],
+                          "pixel_embed": outputs.pixel_embed[0], "image_size": sizes[0], "flipped": flip})
+    return ops.semantic_inference_tta(views, tuple(output_size))
+
+
+# ----------------------------------------------------------------------------- files
+def colorize(labels: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """int labels [H, W] -> uint8 [H, W, 3] class colours (labels outside the palette: black)."""
+    palette = np.zeros((max(len(colors), 1) + 1, 3), np.uint8)
+    palette[: len(colors)] = np.asarray(colors, np.uint8).reshape(-1, 3)
+    index = np.where((labels >= 0) & (labels < len(colors)), labels, len(colors))
+    return palette[index]
+
+
+def overlay(image: np.ndarray, colour: np.ndarray, alpha: float = 0.5, mask: np.ndarray | None = None) -> np.ndarray:
+    """Blend ``colour`` [H, W, 3] over ``image`` [H, W, 3] (uint8), where ``mask`` (default all)."""
+    out = image.astype(np.float32)
+    blended = (1 - alpha) * out + alpha * colour.astype(np.float32)
+    if mask is not None:
+        blended = np.where(mask[..., None], blended, out)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Panoptic ids [H, W] -> uint8 [H, W, 3] (COCO: id = R + 256 G + 256^2 B)."""
+    ids = ids.astype(np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
+
+
+def _segment_colours(segments_info: list, colors, seed: int = 0) -> dict:
+    """Segment id -> colour: the class colour, jittered for things so instances differ."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for seg in segments_info:
+        base = np.asarray(colors[seg["category_id"]], np.int64) if seg["category_id"] < len(colors) else np.full(3, 128)
+        if seg.get("isthing"):
+            base = np.clip(base + rng.integers(-60, 61, 3), 0, 255)
+        out[seg["id"]] = base.astype(np.uint8)
+    return out
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files and folders (non-recursive, image suffixes only) -> sorted unique image paths."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"input {item} not found")
+    if not paths:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    return list(dict.fromkeys(paths))
+
+
+class Predictor:
+    """model + config + metadata -> predictions for image files, written under ``out_dir``.
+
+    Images are resized (shortest edge ``cfg.data.min_size_test``, longest <= ``max_size_test``)
+    and run ``batch_size`` at a time; every output is at the original image size.
+    """
+
+    def __init__(self, model: nn.Module, cfg, metadata, device: str | torch.device = "cpu",
+                 batch_size: int = 4, amp: bool = False):
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.metadata = metadata
+        self.device = torch.device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.amp = amp
+
+    def _test_size(self, h: int, w: int) -> tuple[int, int]:
+        return shortest_edge_size(h, w, self.cfg.data.min_size_test, self.cfg.data.max_size_test)
+
+    def predict(self, images: Sequence[Tensor], tasks: Iterable[str] = ("semantic",)) -> list[dict]:
+        """uint8 ``[3, H_i, W_i]`` images -> :func:`infer` results at the original sizes."""
+        tasks = tuple(tasks)
+        results = []
+        use_tta = "semantic" in tasks and (self.cfg.test.aug_scales or self.cfg.test.aug_flip)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start: start + self.batch_size]
+            sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in chunk]
+            resized = [resize_image(im.to(self.device), self._test_size(*s)) for im, s in zip(chunk, sizes)]
+            other = tuple(t for t in tasks if t != "semantic") if use_tta else tasks
+            batch = infer(self.model, resized, sizes, self.cfg.test, other, self.metadata.thing_classes, self.amp) \
+                if other else [{} for _ in chunk]
+            if use_tta:
+                for r, im, s in zip(batch, chunk, sizes):
+                    r["semantic"] = semantic_tta(self.model, im.to(self.device), s, self.cfg.test, self.amp)
+            results.extend(batch)
+        return results
+
+    def predict_files(self, inputs: Iterable[str | Path], out_dir: str | Path,
+                      tasks: Iterable[str] = ("semantic",)) -> list[Path]:
+        """Predict every image of ``inputs`` (files / folders) and write the files listed in the
+        module docstring into ``out_dir``. Returns the paths written."""
+        tasks = tuple(tasks)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = find_images(inputs)
+        written: list[Path] = []
+        annotations = []
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start: start + self.batch_size]
+            images = [load_image(p) for p in chunk]
+            for path, image, result in zip(chunk, images, self.predict(images, tasks)):
+                rgb = image.permute(1, 2, 0).numpy()
+                written += self._write(path, rgb, result, out_dir, annotations)
+        if "panoptic" in tasks:
+            categories = [{"id": int(i), "name": n, "isthing": int(t), "color": list(c)} for i, n, t, c in zip(
+                self.metadata.dataset_ids, self.metadata.class_names, self.metadata.isthing, self.metadata.colors)]
+            json_path = out_dir / "panoptic.json"
+            json_path.write_text(json.dumps({"annotations": annotations, "categories": categories}, indent=1))
+            written.append(json_path)
+        return written
+
+    def _write(self, path: Path, rgb: np.ndarray, result: dict, out_dir: Path, annotations: list) -> list[Path]:
+        stem = path.stem
+        written = []
+        colors = self.metadata.colors
+        if "semantic" in result:
+            labels = result["semantic"].cpu().numpy()
+            dtype = np.uint8 if self.metadata.num_classes <= 255 else np.uint16
+            written.append(out_dir / f"{stem}_sem.png")
+            Image.fromarray(labels.astype(dtype)).save(written[-1])
+            written.append(out_dir / f"{stem}_overlay.png")
+            Image.fromarray(overlay(rgb, colorize(labels, colors))).save(written[-1])
+        if "panoptic" in result:
+            ids, segments = result["panoptic"]
+            ids = ids.cpu().numpy()
+            written.append(out_dir / f"{stem}_panoptic.png")
+            Image.fromarray(ids_to_rgb(ids)).save(written[-1])
+            seg_colours = _segment_colours(segments, colors)
+            vis = np.zeros_like(rgb)
+            for seg_id, colour in seg_colours.items():
+                vis[ids == seg_id] = colour
+            written.append(out_dir / f"{stem}_panoptic_overlay.png")
+            Image.fromarray(overlay(rgb, vis, mask=ids > 0)).save(written[-1])
+            annotations.append({"image_id": stem, "file_name": f"{stem}_panoptic.png", "segments_info": [
+                _coco_segment(s, ids, self.metadata.dataset_ids) for s in segments]})
+        if "instance" in result:
+            inst = result["instance"]
+            written.append(out_dir / f"{stem}_instances.npz")
+            np.savez_compressed(written[-1], masks=inst["masks"].cpu().numpy(), scores=inst["scores"].cpu().numpy(),
+                                labels=inst["labels"].cpu().numpy())
+        return written
+
+
+def _coco_segment(seg: dict, ids: np.ndarray, dataset_ids: Sequence[int]) -> dict:
+    """segments_info entry with the dataset's category id, area and bbox [x, y, w, h]."""
+    ys, xs = np.nonzero(ids == seg["id"])
+    bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if ys.size else [0, 0, 0, 0]
+    return {"id": int(seg["id"]), "category_id": int(dataset_ids[seg["category_id"]]), "isthing": int(seg["isthing"]),
+            "score": float(seg["score"]), "area": int(ys.size), "bbox": bbox}

@@ -1,0 +1,56 @@
+"""Image loading for prediction (any PIL mode -> uint8 RGB) and the file helpers."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmaskformer.engine.predictor import colorize, find_images, ids_to_rgb, load_image, overlay
+
+
+def test_load_image_modes(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full((2, 3), 7, np.uint8)]), "RGBA").save(tmp_path / "rgba.png")
+    gray = np.array([[0, 128, 255]], np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "gray.png")
+    deep = np.array([[0, 257 * 100, 65535]], np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+
+    assert torch.equal(load_image(tmp_path / "rgb.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(load_image(tmp_path / "rgba.png"), torch.from_numpy(rgb).permute(2, 0, 1))
+    g = load_image(tmp_path / "gray.png")
+    assert g.shape == (3, 1, 3) and g[:, 0].tolist() == [[0, 128, 255]] * 3
+    d = load_image(tmp_path / "deep.png")
+    assert d.dtype == torch.uint8 and d[0, 0].tolist() == [0, 100, 255]
+    p = load_image(tmp_path / "palette.png")
+    assert p.shape == (3, 2, 3) and p.dtype == torch.uint8
+    assert load_image(tmp_path / "cmyk.jpg").shape == (3, 2, 3)
+    (tmp_path / "bad.png").write_text("nope")
+    with pytest.raises(ValueError, match="bad.png"):
+        load_image(tmp_path / "bad.png")
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.fromarray(np.zeros((10, 20, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").shape == (3, 20, 10)
+
+
+def test_find_images_and_helpers(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.JPG").write_bytes(b"")
+    (tmp_path / "c.txt").write_text("x")
+    assert [p.name for p in find_images([tmp_path, tmp_path / "a.png"])] == ["a.png", "b.JPG"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        find_images([tmp_path / "missing"])
+    ids = np.array([[0, 1, 256 + 2, 65536 * 3]])
+    rgb = ids_to_rgb(ids).astype(np.int64)
+    assert (rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]).tolist() == ids.tolist()
+    colours = colorize(np.array([[0, 1, 5]]), [(255, 0, 0), (0, 255, 0)])
+    assert colours.tolist() == [[[255, 0, 0], [0, 255, 0], [0, 0, 0]]]
+    blended = overlay(np.zeros((1, 3, 3), np.uint8), colours, alpha=0.5, mask=np.array([[True, True, False]]))
+    assert blended.tolist() == [[[128, 0, 0], [0, 128, 0], [0, 0, 0]]]
