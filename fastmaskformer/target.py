@@ -7,7 +7,7 @@ kernels read, and it is 32-128x smaller than ``M`` float masks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,6 +35,9 @@ class Target:
 
     labels: Tensor
     segment_map: Tensor
+    # K the labels were last checked against: checks are skipped when repeated (per step, on
+    # the host), and moving to a device never re-reads the data (that would sync the device).
+    _checked_num_classes: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.labels = _as_tensor(self.labels)
@@ -74,12 +77,24 @@ class Target:
     def device(self) -> torch.device:
         return self.segment_map.device
 
-    def to(self, device) -> "Target":
-        return Target(self.labels.to(device), self.segment_map.to(device))
+    def _with(self, labels: Tensor, segment_map: Tensor) -> "Target":
+        """Same target, other storage: no re-validation (it would read device memory)."""
+        out = object.__new__(Target)
+        out.labels, out.segment_map = labels, segment_map
+        out._checked_num_classes = self._checked_num_classes
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> "Target":
+        return self._with(self.labels.to(device, non_blocking=non_blocking),
+                          self.segment_map.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Target":
+        """Page-locked copy (DataLoader(pin_memory=True) calls this) for asynchronous copies."""
+        return self._with(self.labels.pin_memory(), self.segment_map.pin_memory())
 
     def validate_labels(self, num_classes: int, image_index: int | None = None) -> None:
         """Raise a ValueError naming the image and the value if a label is outside [0, K)."""
-        if self.labels.numel() == 0:
+        if self.labels.numel() == 0 or self._checked_num_classes == num_classes:
             return
         bad = (self.labels < 0) | (self.labels >= num_classes)
         if bool(bad.any()):
@@ -89,6 +104,7 @@ class Target:
                 f"target label {value}{where} is out of range [0, {num_classes}) "
                 f"(num_classes={num_classes}; ignore pixels belong in segment_map as -1)"
             )
+        self._checked_num_classes = num_classes
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -330,8 +330,17 @@ def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices: Sequence[tuple[T
         rows.append(b * m_max + torch.arange(counts[b], dtype=torch.int32))
         images.append(torch.full((counts[b],), b, dtype=torch.int32))
         seg_ids.append(si.to(torch.int32))
-    rows, images, seg_ids = (torch.cat(x).to(device) for x in (rows, images, seg_ids))
-    query_pad, valid = query_pad.to(device), valid.to(device)
+    # One packed host->device copy, from page-locked memory and asynchronous: several small
+    # pageable copies would each synchronise the stream.
+    total = sum(counts)
+    packed = torch.cat([torch.cat(rows), torch.cat(images), torch.cat(seg_ids)]).to(torch.int64)
+    packed = torch.cat([packed, query_pad.flatten(), valid.flatten().to(torch.int64)])
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    rows, images, seg_ids = (packed[i * total:(i + 1) * total].to(torch.int32) for i in range(3))
+    query_pad = packed[3 * total: 3 * total + batch * m_max].view(batch, m_max)
+    valid = packed[3 * total + batch * m_max:].view(batch, m_max).bool()
 
     batch_idx = torch.arange(batch, device=device)[:, None]
     embed = mask_embed.float()[batch_idx, query_pad] * valid[..., None]  # [B, m_max, C], padding 0

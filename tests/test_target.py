@@ -93,3 +93,13 @@ def test_pad_segment_maps():
     assert padded[0, :2].eq(0).all() and padded[0, 2].eq(-1).all() and padded[1].eq(-1).all()
     with pytest.raises(ValueError, match="larger than the padded size"):
         pad_segment_maps([a], (1, 3))
+
+
+def test_to_keeps_data_and_validation_without_rechecking():
+    t = fmf.Target(torch.tensor([1, 3]), torch.tensor([[0, 1], [-1, 1]], dtype=torch.int32))
+    t.validate_labels(4)
+    moved = t.to("cpu", non_blocking=True)
+    assert torch.equal(moved.labels, t.labels) and torch.equal(moved.segment_map, t.segment_map)
+    assert moved._checked_num_classes == 4
+    with pytest.raises(ValueError, match="label 3"):
+        moved.validate_labels(3)  # a different K is checked again

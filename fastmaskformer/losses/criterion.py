@@ -62,12 +62,20 @@ class SetCriterion(nn.Module):
         weights = self.weight_dict(layers)
         return sum(losses[k] * weights[k] for k in losses if k in weights)
 
-    def class_loss(self, class_logits: Tensor, indices, targets: Sequence[Target]) -> Tensor:
-        """class_logits [B,Q,K+1]; weighted mean CE over all B*Q queries (no-object weight)."""
-        target_classes = torch.full(class_logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=class_logits.device)
-        for b, (qi, si) in enumerate(indices):
-            target_classes[b, qi.to(class_logits.device)] = targets[b].labels.to(class_logits.device)[si.to(class_logits.device)]
+    def target_classes(self, matching, targets: Sequence[Target], num_queries: int, device) -> Tensor:
+        """Class target of every query of every matched layer: int64 [L', B, Q] (K = no object),
+        built on the host from the matching and copied to ``device`` in one transfer."""
+        out = torch.full((len(matching), len(targets), num_queries), self.num_classes, dtype=torch.int64)
+        labels = [t.labels.cpu() for t in targets]  # targets as given: host tensors in training
+        for layer, indices in enumerate(matching):
+            for b, (qi, si) in enumerate(indices):
+                out[layer, b, qi] = labels[b][si]
+        if device.type == "cuda":
+            out = out.pin_memory()
+        return out.to(device, non_blocking=True)
+
+    def class_loss(self, class_logits: Tensor, target_classes: Tensor) -> Tensor:
+        """class_logits [B,Q,K+1], target_classes [B,Q]: weighted mean CE over all B*Q queries."""
         return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes,
                                self.empty_weight.to(class_logits.device))
 
@@ -78,19 +86,21 @@ class SetCriterion(nn.Module):
         if class_logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"class_logits has {class_logits.shape[-1]} classes, expected "
                              f"num_classes + 1 = {self.num_classes + 1}")
-        validate_targets(targets, self.num_classes)
-        targets = [t.to(pixel_embed.device) for t in targets]
+        validate_targets(targets, self.num_classes)  # on the host, before moving them
+        host_targets = targets
+        targets = [t.to(pixel_embed.device, non_blocking=True) for t in targets]
         num_layers = class_logits.shape[0]
         layers = list(range(num_layers)) if self.deep_supervision else [num_layers - 1]
         matching = self.matcher(class_logits[layers].detach(), mask_embed[layers].detach(),
                                 pixel_embed.detach(), targets, input_size)
+        target_classes = self.target_classes(matching, host_targets, class_logits.shape[2], class_logits.device)
         num_masks = count_masks(targets, pixel_embed.device)
         losses = {}
-        for layer, indices in zip(layers, matching):
+        for i, (layer, indices) in enumerate(zip(layers, matching)):
             suffix = "" if layer == num_layers - 1 else f"_{layer}"
             focal, dice = ops.mask_loss(mask_embed[layer], pixel_embed, indices, targets, num_masks,
                                         input_size, impl=self.impl)
-            losses["loss_ce" + suffix] = self.class_loss(class_logits[layer], indices, targets)
+            losses["loss_ce" + suffix] = self.class_loss(class_logits[layer], target_classes[i])
             losses["loss_mask" + suffix] = focal
             losses["loss_dice" + suffix] = dice
         return losses
