@@ -123,7 +123,12 @@ def main(argv=None):
                    help="total seconds for all parts (default fits one 10-minute device call); parts "
                         "that no longer fit are recorded as skipped")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the parts and their scripts, then exit")
     args = p.parse_args(argv)
+    if args.list:
+        for name, (script, _, _) in PARTS.items():
+            print(f"{name:20s} {script}")
+        return 0
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -235,23 +235,13 @@ def _benchmarks_dir() -> Path | None:
 
 def cmd_bench(args) -> int:
     bench_dir = _benchmarks_dir()
-    if bench_dir is None:
-        raise UserError("no benchmarks/ folder found (run from a source checkout)")
-    scripts = sorted(p.stem.removeprefix("bench_") for p in bench_dir.glob("bench_*.py"))
-    run_all = bench_dir / "run_all.py"
+    if bench_dir is None or not (bench_dir / "run_all.py").is_file():
+        raise UserError("no benchmarks/run_all.py found (run from a source checkout)")
+    cmd = [sys.executable, str(bench_dir / "run_all.py")]
     if args.list:
-        print("benchmark scripts: " + ", ".join(scripts))
-        return 0
-    if run_all.is_file():
-        cmd = [sys.executable, str(run_all)] + (["--only", *args.only] if args.only else [])
-    else:
-        if not args.only:
-            print(f"benchmark scripts in {bench_dir}: {', '.join(scripts)}; run one with --only NAME")
-            return 0
-        unknown = [n for n in args.only if n not in scripts]
-        if unknown:
-            raise UserError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(scripts)}")
-        cmd = [sys.executable, str(bench_dir / f"bench_{args.only[0]}.py")]
+        return subprocess.call(cmd + ["--list"])
+    if args.only:
+        cmd += ["--only", *args.only]
     if args.device:
         cmd += ["--device", args.device]
     if args.quick:
@@ -358,11 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run the benchmarks (benchmarks/run_all.py)",
-                       description="Delegates to benchmarks/run_all.py (or one benchmarks/bench_NAME.py).")
+                       description="Delegates to benchmarks/run_all.py: every part, or those named with --only.")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these parts")
     p.add_argument("--device", default=None, help="cuda or cpu")
     p.add_argument("--quick", action="store_true", help="small sizes")
-    p.add_argument("--list", action="store_true", help="list the benchmark scripts and exit")
+    p.add_argument("--list", action="store_true", help="list the benchmark parts and exit")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert Hugging Face or Detectron2 weights to a checkpoint",
