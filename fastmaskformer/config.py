@@ -68,6 +68,7 @@ class DataConfig:
     max_size_test: int = 2048
     single_category_max_area: float = 1.0
     color_jitter: bool = True
+    augmentation: str | None = None  # training pipeline: semantic | detr; None: detr for COCO panoptic only
     num_workers: int = 4
     task: str = "semantic"  # semantic | panoptic
 
@@ -276,6 +277,9 @@ def _apply_dataset_defaults(cfg: Config) -> Config:
         cfg.data.ignore_label = 65
     if cfg.data.dataset == "coco-panoptic":
         cfg.data.min_size_test, cfg.data.max_size_test = 800, 1333
+    if cfg.data.dataset == "ade20k-panoptic":  # the semantic pipeline at 640 crops
+        cfg.data.max_size_train = 2560
+        cfg.data.min_size_test, cfg.data.max_size_test = 640, 2560
     return cfg
 
 

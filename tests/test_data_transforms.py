@@ -155,6 +155,13 @@ def test_build_augmentation_from_config():
     assert test.transforms[0].short_edges == (512,)
     pan = T.build_augmentation(fmf.get_config("coco-panoptic-r50").data, True, 255)
     assert type(pan.transforms[0]).__name__ == "RandomFlip"
+    # official ADE20K panoptic: the semantic pipeline at 640 crops, shortest edges 320..1280, max 2560
+    ade_pan = T.build_augmentation(fmf.get_config("ade20k-panoptic-r50").data, True, 255)
+    assert type(ade_pan.transforms[1]).__name__ == "RandomCrop"
+    assert ade_pan.transforms[0].short_edges[0] == 320 and ade_pan.transforms[0].max_size == 2560
+    cfg.data.augmentation = "mosaic"
+    with pytest.raises(ValueError, match="must be 'semantic' or 'detr'"):
+        T.build_augmentation(cfg.data, True, 255)
 
 
 # ------------------------------------------------------------------ targets after augmentation

@@ -133,5 +133,5 @@ def build_dataset(data_cfg, split: str, train: bool, augment: Callable | None = 
     root = resolve_root(data_cfg.root)
     metadata = get_metadata(name, root)
     if augment is None:
-        augment = build_augmentation(data_cfg, train, metadata.ignore_label, task=spec.task)
+        augment = build_augmentation(data_cfg, train, metadata.ignore_label)
     return spec.make(Path(root), spec.splits[_SPLITS[split]], spec, metadata, augment, train, seed)

@@ -327,13 +327,17 @@ def test_augmentation(min_size: int, max_size: int) -> Compose:
     return Compose([ResizeShortestEdge(min_size, max_size)])
 
 
-def build_augmentation(data_cfg, train: bool, ignore_label: int, task: str | None = None) -> Compose:
-    """The pipeline for ``data_cfg`` (a ``DataConfig``): semantic or panoptic (``task``, default
-    ``data_cfg.task``), train or test."""
+def build_augmentation(data_cfg, train: bool, ignore_label: int) -> Compose:
+    """The pipeline for ``data_cfg`` (a ``DataConfig``), train or test. The training pipeline is
+    ``data_cfg.augmentation``: "semantic" (DESIGN 5; also the official ADE20K panoptic one) or
+    "detr" (the official COCO panoptic one); None picks "detr" for COCO panoptic only."""
     if not train:
         return test_augmentation(data_cfg.min_size_test, data_cfg.max_size_test)
-    if (task or data_cfg.task) == "panoptic":
+    pipeline = data_cfg.augmentation or ("detr" if data_cfg.dataset == "coco-panoptic" else "semantic")
+    if pipeline == "detr":
         return panoptic_train_augmentation()
+    if pipeline != "semantic":
+        raise ValueError(f"data.augmentation must be 'semantic' or 'detr', got {pipeline!r}")
     base = data_cfg.base_size_train or max(data_cfg.crop_size)
     return semantic_train_augmentation(
         data_cfg.crop_size,
