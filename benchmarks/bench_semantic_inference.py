@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from common import measure, result_path, write_results
+from common import compare_to_baseline, measure, report, result_path
 from fastmaskformer import ops
 from fastmaskformer.ops.inference import crop_and_resize, semantic_scores_reference
 from fastmaskformer.ops.mask_logits import mask_logits_reference
@@ -149,18 +149,11 @@ def main(argv=None):
             row = {"provider": name, "batch": batch, "K": k, "output": f"{height}x{width}", "Q": queries,
                    "C": channels, **result, "images_per_s": batch / (result["median_ms"] * 1e-3)}
             rows.append(row)
-            base = next(r for r in rows if r["provider"] == "eager" and r["batch"] == batch and r["K"] == k
-                        and r["output"] == row["output"])
-            row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
-            if "peak_mem_mib" in row:
-                row["mem_ratio_vs_eager"] = base["peak_mem_mib"] / max(row["peak_mem_mib"], 1e-3)
+            compare_to_baseline(row, rows, ("batch", "K", "output"))
             print(row, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    path = args.json or result_path("semantic-inference", device)
-    table = write_results(path, rows, device, COLUMNS, {"command": " ".join(sys.argv)})
-    print(table)
-    print("wrote", path)
+    report(args.json or result_path("semantic-inference", device), rows, device, COLUMNS, {"command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

@@ -142,3 +142,18 @@ def write_results(path, rows: list[dict], device, columns: list[str], extra: dic
     path.write_text(json.dumps(payload, indent=2, default=float))
     path.with_suffix(".md").write_text(table + "\n")
     return table
+
+
+def compare_to_baseline(row: dict, rows: list[dict], keys: tuple[str, ...], baseline: str = "eager") -> None:
+    """Add ``speedup_vs_<baseline>`` (and ``mem_ratio_vs_<baseline>`` where peak memory was
+    measured) to ``row``, from the row of the ``baseline`` provider with the same ``keys``."""
+    base = next(r for r in rows if r["provider"] == baseline and all(r[k] == row[k] for k in keys))
+    row[f"speedup_vs_{baseline}"] = base["median_ms"] / row["median_ms"]
+    if "peak_mem_mib" in row and "peak_mem_mib" in base:
+        row[f"mem_ratio_vs_{baseline}"] = base["peak_mem_mib"] / max(row["peak_mem_mib"], 1e-3)
+
+
+def report(path, rows: list[dict], device, columns: list[str], extra: dict | None = None) -> None:
+    """``write_results`` and print the table and where it went."""
+    print(write_results(path, rows, device, columns, extra))
+    print("wrote", path)
