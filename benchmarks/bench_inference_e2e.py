@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import measure, result_path, write_results  # noqa: E402
+from common import measure, report, result_path  # noqa: E402
 
 import fastmaskformer as fmf  # noqa: E402
 from fastmaskformer import ops  # noqa: E402
@@ -58,8 +58,7 @@ def main(argv=None):
         del model
     columns = ["task", "K", "impl", "batch", "size", "median_ms", "images_per_s", "peak_mem_mib"]
     path = args.json or result_path("inference-e2e", device)
-    print(write_results(path, rows, device, columns, {"args": vars(args)}))
-    print("wrote", path)
+    report(path, rows, device, columns, {"args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from torch._functorch import config as functorch_config
 from torch.utils.checkpoint import checkpoint
 
 from bench_matching_cost import random_targets, time_providers
-from common import measure_roofline, result_path, write_results
+from common import measure_roofline, report, result_path
 from fastmaskformer import ops
 from fastmaskformer.ops.mask_loss import mask_loss_reference
 from fastmaskformer.ops.matching_cost import FOCAL_ALPHA
@@ -200,10 +200,8 @@ def main(argv=None):
                 if phase == "fwd+bwd":
                     row["roofline_pct"] = 100 * floor_s / (row["median_ms"] * 1e-3)
                 print(row, flush=True)
-    path = args.json or result_path("mask-loss", device)
-    table = write_results(path, rows, device, COLUMNS, {"roofline": roof, "command": " ".join(sys.argv)})
-    print(table)
-    print("wrote", path)
+    report(args.json or result_path("mask-loss", device), rows, device, COLUMNS,
+           {"roofline": roof, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":

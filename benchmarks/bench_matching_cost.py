@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import measure, measure_roofline, result_path, write_results
+from common import measure, measure_roofline, report, result_path
 from fastmaskformer import Target, ops
 from fastmaskformer.ops.matching_cost import FOCAL_ALPHA, _pair_cost, downsample_segment_maps
 
@@ -219,10 +219,8 @@ def main(argv=None):
             rows.append(row)
             print(row, flush=True)
         del outputs
-    path = args.json or result_path("matching-cost", device)
-    table = write_results(path, rows, device, COLUMNS, {"roofline": roof, "command": " ".join(sys.argv)})
-    print(table)
-    print("wrote", path)
+    report(args.json or result_path("matching-cost", device), rows, device, COLUMNS,
+           {"roofline": roof, "command": " ".join(sys.argv)})
 
 
 if __name__ == "__main__":
