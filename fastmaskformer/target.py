@@ -2,8 +2,11 @@
 
 A target image is ``labels: int64 [M]`` (class ids in ``[0, K)``) plus ``segment_map: int32
 [H, W]`` with values in ``[-1, M)``. Binary mask ``m`` is ``segment_map == m``; ``-1`` marks
-pixels that belong to no segment (ignore label, void, crowd, padding). This is what the fused
-kernels read, and it is 32-128x smaller than ``M`` float masks.
+pixels that belong to no segment (ignore label, void, crowd, padding). A segment may have no
+pixels at all: panoptic targets keep every non-crowd segment of the annotation, also one that
+a random crop removed (an empty mask, as both official panoptic dataset mappers do); it is
+still matched, still counts in ``num_masks`` and still gives its query a class target. This is
+what the fused kernels read, and it is 32-128x smaller than ``M`` float masks.
 """
 from __future__ import annotations
 
@@ -164,9 +167,12 @@ class Target:
         """From a COCO panoptic id map ``[H, W]`` (id = R + 256 G + 256^2 B) and its
         ``segments_info`` (dicts with ``id``, ``category_id``, optional ``iscrowd``).
 
-        ``category_map`` maps dataset category ids to contiguous ids ``[0, K)`` (identity if
-        None). Crowd segments become -1 like the official mapper when ``drop_crowd``. Ids in
-        the map that are not in ``segments_info`` (0 = void) become -1.
+        One segment per entry of ``segments_info``, in that order, whether or not its id occurs
+        in ``id_map`` (a segment that a crop removed keeps its label and has no pixels, as in
+        the official mappers). ``category_map`` maps dataset category ids to contiguous ids
+        ``[0, K)`` (identity if None). Crowd segments are dropped and their pixels become -1
+        like the official mapper when ``drop_crowd``. Ids in the map that are not in
+        ``segments_info`` (0 = void) become -1.
         """
         id_map = _as_tensor(id_map).to(torch.int64)
         if id_map.dim() == 3:  # RGB-encoded PNG [H, W, 3]
@@ -183,10 +189,7 @@ class Target:
                 if cat not in category_map:
                     raise ValueError(f"segment {info['id']} has unknown category_id {cat}")
                 cat = int(category_map[cat])
-            area = id_map == int(info["id"])
-            if not bool(area.any()):
-                continue  # the official mapper keeps only segments that appear in the PNG
-            segment_map[area] = len(labels)
+            segment_map[id_map == int(info["id"])] = len(labels)
             labels.append(cat)
         return cls(torch.tensor(labels, dtype=torch.int64), segment_map)
 

@@ -221,6 +221,29 @@ def test_coco_panoptic_layout(tmp_path):
     assert item["target"].segment_map.shape == item["image"].shape[1:]
 
 
+def test_crop_that_removes_a_segment_keeps_it_with_no_pixels(tmp_path):
+    # official mappers: every non-crowd segment stays in the target, with an empty mask
+    _coco_fixture(tmp_path)  # bands: void | 70000 | 300 | crowd 12, 8 columns each
+    crop = lambda image, seg, rng: (image[:, :12], seg[:, :12])  # noqa: E731 (void + half of 70000)
+    t = build_dataset(_cfg("coco-panoptic", tmp_path), "val", train=True, augment=crop)[0]["target"]
+    assert t.labels.tolist() == [0, 132]
+    assert int((t.segment_map == 0).sum()) == H * 4 and int((t.segment_map == 1).sum()) == 0
+
+
+def test_panoptic_padding_is_void_not_a_segment(tmp_path):
+    # the semantic pipeline pads to the crop size: id maps with void (0), never the ignore
+    # label 255, which can be a segment id
+    ids = _stripes([255, 9], np.int64)
+    _write_panoptic(tmp_path, "ADEChallengeData2016/ade20k_panoptic_train.json",
+                    "ADEChallengeData2016/ade20k_panoptic_train", "ADEChallengeData2016/images/training",
+                    [], [{"id": 255, "category_id": 7, "iscrowd": 0}, {"id": 9, "category_id": 0, "iscrowd": 0}], ids)
+    cfg = _cfg("ade20k-panoptic", tmp_path)
+    cfg.min_scale_factors = (0.5,)  # shortest edge 256 < crop 512: always padded
+    valid = build_dataset(cfg, "training", train=True)[0]["target"].segment_map >= 0
+    h, w = int(valid.any(1).sum()), int(valid.any(0).sum())  # no void in the image: -1 = padding
+    assert h == 256 and valid[:h, :w].all() and not valid[h:].any() and not valid[:, w:].any()
+
+
 def test_ade20k_panoptic_layout(tmp_path):
     ids = _stripes([0, 7, 9], np.int64)
     _write_panoptic(tmp_path, "ADEChallengeData2016/ade20k_panoptic_train.json",

@@ -60,9 +60,10 @@ def test_from_panoptic_rgb_crowd_and_void():
     info = [{"id": 300, "category_id": 21}, {"id": 5, "category_id": 3},
             {"id": 77, "category_id": 3, "iscrowd": 1}, {"id": 9, "category_id": 4}]
     t = fmf.Target.from_panoptic(rgb, info, category_map={21: 1, 3: 0, 4: 2})
-    assert t.labels.tolist() == [1, 0]  # crowd dropped, absent segment 9 dropped
+    assert t.labels.tolist() == [1, 0, 2]  # crowd dropped; absent segment 9 kept, with no pixels
     assert t.segment_map[:2].eq(0).all() and t.segment_map[2:, :2].eq(1).all()
-    assert t.segment_map[2:, 2:].eq(-1).all()
+    assert t.segment_map[2:, 2:].eq(-1).all() and not t.segment_map.eq(2).any()
+    assert not t.to_masks()[2].any()
     with pytest.raises(ValueError, match="unknown category_id 21"):
         fmf.Target.from_panoptic(ids, info, category_map={3: 0})
 

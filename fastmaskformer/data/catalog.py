@@ -132,6 +132,6 @@ def build_dataset(data_cfg, split: str, train: bool, augment: Callable | None = 
     spec = DATASETS[name]
     root = resolve_root(data_cfg.root)
     metadata = get_metadata(name, root)
-    if augment is None:
-        augment = build_augmentation(data_cfg, train, metadata.ignore_label)
+    if augment is None:  # padding: the ignore label in label maps, void (0) in panoptic id maps
+        augment = build_augmentation(data_cfg, train, 0 if spec.task == "panoptic" else metadata.ignore_label)
     return spec.make(Path(root), spec.splits[_SPLITS[split]], spec, metadata, augment, train, seed)

@@ -31,19 +31,17 @@ def semantic_target(label: np.ndarray, ignore_label: int) -> Target:
 def panoptic_target(ids: np.ndarray, segments_info: Sequence[Mapping], category_map: Mapping[int, int]) -> Target:
     """ids: int64 ``[H, W]`` segment ids (0 = void); ``segments_info`` as in the COCO JSON.
 
-    Segments in ``segments_info`` order, skipping crowd segments and segments absent from
-    ``ids``; labels are ``category_map[category_id]``; everything else -> -1.
+    One segment per non-crowd entry of ``segments_info``, in that order, including segments
+    absent from ``ids`` (removed by a crop: no pixels, as the official mappers keep them);
+    labels are ``category_map[category_id]``; every other pixel -> -1.
     """
     kept = [s for s in segments_info if not s.get("iscrowd", 0)]
+    labels = torch.tensor([int(category_map[s["category_id"]]) for s in kept], dtype=torch.int64)
     if not kept:
-        return Target(torch.zeros(0, dtype=torch.int64), torch.full(ids.shape, IGNORE_SEGMENT, dtype=torch.int32))
+        return Target(labels, torch.full(ids.shape, IGNORE_SEGMENT, dtype=torch.int32))
     seg_ids = np.array([int(s["id"]) for s in kept], np.int64)
-    labels = np.array([int(category_map[s["category_id"]]) for s in kept], np.int64)
     order = np.argsort(seg_ids)
     sorted_ids = seg_ids[order]
     pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
-    index = np.where(sorted_ids[pos] == ids, order[pos], -1)  # index into `kept`, -1 elsewhere
-    present = np.bincount(index[index >= 0], minlength=len(kept)) > 0
-    compact = np.full(len(kept) + 1, IGNORE_SEGMENT, np.int32)  # last slot: index -1
-    compact[:-1][present] = np.arange(int(present.sum()), dtype=np.int32)
-    return Target(torch.from_numpy(labels[present]), torch.from_numpy(compact[index]))
+    index = np.where(sorted_ids[pos] == ids, order[pos], IGNORE_SEGMENT).astype(np.int32)
+    return Target(labels, torch.from_numpy(index))
