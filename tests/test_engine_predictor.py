@@ -1,10 +1,11 @@
-"""Image loading for prediction (any PIL mode -> uint8 RGB) and the file helpers."""
+"""Image loading for prediction (any PIL mode -> uint8 RGB), the file helpers, and the inputs
+prediction feeds the model (the evaluation's resize)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastmaskformer.engine.predictor import colorize, find_images, ids_to_rgb, load_image, overlay
+from fastmaskformer.engine.predictor import Predictor, colorize, find_images, ids_to_rgb, load_image, overlay, resize_image
 
 
 def test_load_image_modes(tmp_path):
@@ -54,3 +55,44 @@ def test_find_images_and_helpers(tmp_path):
     assert colours.tolist() == [[[255, 0, 0], [0, 255, 0], [0, 0, 0]]]
     blended = overlay(np.zeros((1, 3, 3), np.uint8), colours, alpha=0.5, mask=np.array([[True, True, False]]))
     assert blended.tolist() == [[[128, 0, 0], [0, 128, 0], [0, 0, 0]]]
+
+
+def test_predict_and_eval_feed_the_model_identical_inputs(tmp_path):
+    # one resize path (PIL bilinear, antialiased when shrinking, as detectron2): single scale
+    # and every multi-scale + flip view
+    from engine_tiny import make_data, tiny_config
+
+    from fastmaskformer import build_model
+    from fastmaskformer.data import build_dataset
+    from fastmaskformer.engine.evaluator import evaluate_dataset
+
+    make_data(tmp_path, num_train=1, num_val=1)
+    cfg = tiny_config(tmp_path)
+    cfg.data.min_size_test = 40  # 64 px images shrink: where antialiasing matters
+    model = build_model(cfg.model).eval()
+    seen = []
+    preprocess = model.preprocess
+
+    def recording_preprocess(images):
+        seen.extend(im.clone() for im in images)
+        return preprocess(images)
+
+    model.preprocess = recording_preprocess
+    dataset = build_dataset(cfg.data, "val", train=False)
+    images = [load_image(path) for path, _ in dataset.pairs]
+    for scales, flip in (((), False), ((36, 56), True)):
+        cfg.test.aug_scales, cfg.test.aug_flip = scales, flip
+        seen.clear()
+        evaluate_dataset(model, dataset, cfg, progress=False)
+        from_eval = list(seen)
+        seen.clear()
+        Predictor(model, cfg, dataset.metadata, batch_size=1).predict(images)
+        assert len(seen) == len(from_eval) == len(images) * (4 if flip else 1)
+        for a, b in zip(seen, from_eval):
+            assert a.dtype == torch.uint8 and torch.equal(a, b)
+    assert [tuple(im.shape[1:]) for im in seen[:4]] == [(36, 36), (36, 36), (56, 56), (56, 56)]
+
+
+def test_resize_image_needs_uint8():
+    with pytest.raises(TypeError, match=r"uint8 \[3, H, W\]"):
+        resize_image(torch.zeros(3, 4, 4), (2, 2))

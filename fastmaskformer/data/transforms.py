@@ -47,12 +47,20 @@ class OneOf:
 
 # ----------------------------------------------------------------------------- geometry
 def resize(image: np.ndarray, seg: np.ndarray, size: tuple) -> tuple:
-    """Resize to ``size = (h, w)``: image bilinear (uint8 PIL), seg nearest."""
+    """Resize to ``size = (h, w)``: image with :func:`resize_image`, seg nearest."""
+    if image.shape[:2] == tuple(size):
+        return image, seg
+    return resize_image(image, size), resize_nearest(seg, size)
+
+
+def resize_image(image: np.ndarray, size: tuple) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> ``[h, w, 3]``, PIL bilinear (antialiased when shrinking), as
+    detectron2's ``ResizeTransform``. The one image resize of training, evaluation, prediction
+    and test-time augmentation."""
     h, w = size
     if image.shape[:2] == (h, w):
-        return image, seg
-    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-    return image, resize_nearest(seg, size)
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
 def resize_nearest(seg: np.ndarray, size: tuple) -> np.ndarray:

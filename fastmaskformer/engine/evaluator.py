@@ -68,7 +68,7 @@ def evaluate_dataset(model: nn.Module, dataset, cfg, device: str | torch.device 
             else [{} for _ in images]
         for i, result in enumerate(results):
             if sem_eval is not None:
-                pred = semantic_tta(model, images[i], sizes[i], cfg.test, amp) if use_tta else result["semantic"]
+                pred = semantic_tta(model, batch["images"][i], sizes[i], cfg.test, amp) if use_tta else result["semantic"]
                 if "sem_segs" in batch:
                     gt = batch["sem_segs"][i]
                 else:

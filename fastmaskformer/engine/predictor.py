@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from .. import ops
+from ..data import transforms
 from ..data.transforms import shortest_edge_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -57,10 +58,15 @@ def load_image(path: str | Path) -> Tensor:
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """uint8 or float ``[3, H, W]`` -> float ``[3, h, w]`` (0-255), bilinear."""
+    """uint8 ``[3, H, W]`` -> uint8 ``[3, h, w]`` on the CPU, with the resize of the training and
+    evaluation transforms (:func:`fastmaskformer.data.transforms.resize_image`: PIL bilinear,
+    antialiased when shrinking, as detectron2), so predict and eval see identical inputs."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise TypeError(f"images must be uint8 [3, H, W] (0-255), got {image.dtype} of shape {tuple(image.shape)}")
     if tuple(image.shape[-2:]) == tuple(size):
-        return image.float()
-    return F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+        return image
+    resized = transforms.resize_image(image.permute(1, 2, 0).cpu().numpy(), tuple(size))
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
 def _float_outputs(outputs):
@@ -123,15 +129,17 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
 
 @torch.no_grad()
 def semantic_tta(model: nn.Module, image: Tensor, output_size: tuple[int, int], test_cfg, amp: bool = False) -> Tensor:
-    """Multi-scale (+ flip) semantic prediction of one image (``[3, h, w]``, any size): each view
-    resizes the shortest edge of the ORIGINAL size (``output_size``) to a scale of
-    ``test_cfg.aug_scales`` (longest <= ``aug_max_size``); scores are averaged at the original size.
+    """Multi-scale (+ flip) semantic prediction of one test-resized image (uint8 ``[3, h, w]``)
+    as detectron2's ``DatasetMapperTTA``: each view resizes the shortest edge of ``image`` to a
+    scale of ``test_cfg.aug_scales`` (longest <= ``aug_max_size``; no scales: ``image`` as is)
+    with :func:`resize_image`; scores are averaged at the original size ``output_size``.
     Returns int64 labels [H, W]."""
-    scales = tuple(test_cfg.aug_scales) or (min(output_size),)
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    scales = tuple(test_cfg.aug_scales) or (min(height, width),)
     flips = (False, True) if test_cfg.aug_flip else (False,)
     views = []
     for scale in scales:
-        size = shortest_edge_size(output_size[0], output_size[1], int(scale), int(test_cfg.aug_max_size))
+        size = shortest_edge_size(height, width, int(scale), int(test_cfg.aug_max_size))
         resized = resize_image(image, size)
         for flip in flips:
             view = resized.flip(-1) if flip else resized
@@ -198,8 +206,10 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """model + config + metadata -> predictions for image files, written under ``out_dir``.
 
-    Images are resized (shortest edge ``cfg.data.min_size_test``, longest <= ``max_size_test``)
-    and run ``batch_size`` at a time; every output is at the original image size.
+    Images are resized as the evaluation dataset resizes them (shortest edge
+    ``cfg.data.min_size_test``, longest <= ``max_size_test``, :func:`resize_image`), test-time
+    augmentation starts from that image as in evaluation, and batches of ``batch_size`` run
+    on ``device``; every output is at the original image size.
     """
 
     def __init__(self, model: nn.Module, cfg, metadata, device: str | torch.device = "cpu",
@@ -207,7 +217,6 @@ class Predictor:
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.metadata = metadata
-        self.device = torch.device(device)
         self.batch_size = max(1, int(batch_size))
         self.amp = amp
 
@@ -222,13 +231,13 @@ class Predictor:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start: start + self.batch_size]
             sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in chunk]
-            resized = [resize_image(im.to(self.device), self._test_size(*s)) for im, s in zip(chunk, sizes)]
+            resized = [resize_image(im, self._test_size(*s)) for im, s in zip(chunk, sizes)]
             other = tuple(t for t in tasks if t != "semantic") if use_tta else tasks
             batch = infer(self.model, resized, sizes, self.cfg.test, other, self.metadata.thing_classes, self.amp) \
                 if other else [{} for _ in chunk]
             if use_tta:
-                for r, im, s in zip(batch, chunk, sizes):
-                    r["semantic"] = semantic_tta(self.model, im.to(self.device), s, self.cfg.test, self.amp)
+                for r, im, s in zip(batch, resized, sizes):
+                    r["semantic"] = semantic_tta(self.model, im, s, self.cfg.test, self.amp)
             results.extend(batch)
         return results
 
