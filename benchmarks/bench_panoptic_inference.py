@@ -48,7 +48,7 @@ def row_chunk_assign(scores, mask_embed, pixel_embed, image_size, output_size, i
     """CPU stand-in for the fused assignment, with ``panoptic_assign_reference``'s signature: its
     per-pixel part over blocks of ``rows`` output rows. The upsampled [k,Hp,Wp] logits stay; the
     [k,H,W] ones never exist."""
-    padded = inference.check_input_size(pixel_embed, input_size)
+    padded = input_size or (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
     logits = mask_logits_reference(mask_embed[None], pixel_embed[None], padded)[0]
     logits = logits[:, : image_size[0], : image_size[1]]
     height, width = output_size
