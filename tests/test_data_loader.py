@@ -96,3 +96,8 @@ def test_collate_and_pad_images():
     assert sizes == [(5, 7), (33, 2)]
     assert (padded[0, :, :5, :7] == 9).all() and (padded[0, :, 5:] == 0).all() and (padded[0, :, :, 7:] == 0).all()
     assert pad_images([torch.zeros(3, 5, 7)], 1)[0].shape == (1, 3, 5, 7)
+    # size_divisibility 0 (official COCO panoptic): the largest image, not rounded up
+    unpadded, _ = pad_images(batch["images"], 0)
+    assert unpadded.shape == (2, 3, 33, 7) and torch.equal(unpadded, padded[:, :, :33, :7])
+    with pytest.raises(ValueError, match="size_divisibility must be >= 0"):
+        pad_images(batch["images"], -32)

@@ -1,4 +1,5 @@
-"""Optimiser parameter groups, the warmup + poly schedule and full-model clipping (DESIGN 5)."""
+"""Optimiser parameter groups, the warmup + poly and warmup + multi-step schedules and
+full-model clipping (DESIGN 5)."""
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from torch import nn
 
 from fastmaskformer.config import SolverConfig
 from fastmaskformer.engine.optim import (
+    WarmupMultiStep,
     WarmupPoly,
     build_lr_scheduler,
     build_optimizer,
@@ -111,6 +113,29 @@ def test_scheduler_steps_per_iteration():
     # scheduler state holds primitives only: it survives torch.load(weights_only=True)
     state = sched.state_dict()
     assert state["lr_lambdas"][0] == {"max_iter": 100, "power": 0.9, "warmup_iters": 10, "warmup_factor": 0.1}
+
+
+def test_warmup_multistep_schedule():
+    # detectron2's WarmupMultiStepLR (official COCO panoptic: x0.1 at 369600 of 554400)
+    f = WarmupMultiStep((30, 60), 0.1, warmup_iters=10, warmup_factor=0.001)
+    assert f(0) == pytest.approx(0.001) and f(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [f(it) for it in (10, 29)] == [1.0, 1.0]
+    assert [f(it) for it in (30, 59, 60, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    solver = SolverConfig(lr=1e-4, max_iter=8, lr_scheduler="step", steps=(3, 6), gamma=0.5)
+    opt = build_optimizer(_Toy(), solver)
+    sched = build_lr_scheduler(opt, solver)
+    head = []
+    for _ in range(8):
+        head.append(opt.param_groups[-1]["lr"])
+        opt.step()
+        sched.step()
+    assert head == pytest.approx([1e-4] * 3 + [5e-5] * 3 + [2.5e-5] * 2)
+    assert sched.state_dict()["lr_lambdas"][0] == {"steps": [3, 6], "gamma": 0.5, "warmup_iters": 0,
+                                                   "warmup_factor": 1.0}
+    with pytest.raises(ValueError, match="must be 'poly' or 'step'"):
+        build_lr_scheduler(opt, SolverConfig(lr_scheduler="cosine"))
+    with pytest.raises(ValueError, match="increasing positive"):
+        build_lr_scheduler(opt, SolverConfig(lr_scheduler="step", steps=(6, 3)))
 
 
 def test_full_model_clipping():

@@ -1,5 +1,6 @@
 """Model tests (CPU, tiny configs): shapes and dtypes of every module, gradient flow, frozen
-BatchNorm, arbitrary /32 sizes, dropout in train/eval, preprocessing, baselines and their losses."""
+BatchNorm, arbitrary input sizes (also not divisible by 32, as the official COCO panoptic
+configs feed them), dropout in train/eval, preprocessing, baselines and their losses."""
 import math
 
 import pytest
@@ -118,10 +119,22 @@ def test_backbone_real_architectures_non_square(name, channels):
         assert [blk.conv2.dilation for blk in bb.body.layer4] == [(1, 1), (2, 2), (4, 4)]
 
 
-def test_backbone_rejects_sizes_not_divisible_by_32():
-    bb = Backbone("resnet50", **TINY_RESNET)
-    with pytest.raises(ValueError, match="divisible by 32"):
-        bb(torch.randn(1, 3, 64, 80))
+@pytest.mark.parametrize("name,kwargs", [("resnet50", TINY_RESNET), ("swin_tiny", TINY_SWIN)])
+def test_backbone_and_model_on_sizes_not_divisible_by_32(name, kwargs):
+    # size_divisibility 0 (official COCO panoptic): res_k = ceil(H / 2^k) as detectron2's
+    # ResNet and the official Swin (which zero-pads to the patch size and pads odd maps when
+    # merging); the FPN upsamples to each lateral's size
+    model = build_model(tiny_cfg(enc_layers=1, backbone=fmf.config.BackboneConfig(
+        name=name, img_size=64, freeze_bn=name.startswith("resnet"), kwargs=kwargs))).eval()
+    x = torch.randn(1, 3, 69, 93)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        assert [tuple(f.shape[-2:]) for f in feats.values()] == [(18, 24), (9, 12), (5, 6), (3, 3)]
+        if name.startswith("swin"):  # the patch embedding's padding is zeros, as the official's
+            for a, b in zip(feats.values(), model.backbone(F.pad(x, (0, 3, 0, 3))).values()):
+                torch.testing.assert_close(a, b)
+        out = model(x)
+    assert out.pixel_embed.shape == (1, 32, 18, 24) and torch.isfinite(out.pixel_embed).all()
 
 
 def test_swin_equals_timm_when_windows_divide():
@@ -246,6 +259,12 @@ def test_preprocess_normalises_and_pads():
     assert batch[0, :, 50:].abs().sum() == 0 and batch[1, :, :, 33:].abs().sum() == 0
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         model.preprocess([torch.zeros(64, 64, 3, dtype=torch.uint8)])
+    # size_divisibility 0 (official COCO panoptic): the largest image only, not rounded up
+    unpadded, _ = build_model(tiny_cfg(size_divisibility=0)).preprocess([a, b])
+    assert unpadded.shape == (2, 3, 64, 70)
+    torch.testing.assert_close(unpadded, batch[..., :70])
+    with pytest.raises(ValueError, match="size_divisibility must be >= 0"):
+        build_model(tiny_cfg(size_divisibility=-1))
 
 
 def test_build_model_rejects_unknown_meta_arch():
@@ -287,6 +306,13 @@ def test_per_pixel_baseline_shapes_and_loss():
     torch.testing.assert_close(losses["loss_sem_seg"], F.cross_entropy(up, labels, ignore_index=-1))
     losses["loss_sem_seg"].backward()
     assert all(p.grad is not None for p in model.parameters())
+    # an unpadded 61 x 90 input (size_divisibility 0): logits upsampled to the input size itself
+    small = [fmf.Target(t.labels, t.segment_map[:61, :90]) for t in targets]
+    out = model(images(2, 61, 90))
+    up = F.interpolate(out.logits[0], size=(61, 90), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model.losses(out, small, (61, 90))["loss_sem_seg"],
+                               F.cross_entropy(up, labels[:, :61, :90], ignore_index=-1))
+    torch.testing.assert_close(out.sem_seg_logits((61, 90)), up)
 
 
 def test_per_pixel_baseline_plus_shapes_and_deep_supervision():

@@ -113,23 +113,32 @@ def collate(batch: Sequence[dict]) -> dict:
     return out
 
 
+def padded_size(image_sizes: Sequence[tuple[int, int]], size_divisibility: int) -> tuple[int, int]:
+    """(H, W) of a batch of ``image_sizes``: the largest size, rounded up to a multiple of
+    ``size_divisibility`` when it is > 1 (0 or 1: not rounded; detectron2's ``ImageList``)."""
+    if size_divisibility < 0:
+        raise ValueError(f"size_divisibility must be >= 0 (0: pad to the largest image only), got {size_divisibility}")
+    h = max(int(s[0]) for s in image_sizes)
+    w = max(int(s[1]) for s in image_sizes)
+    if size_divisibility > 1:
+        h = -(-h // size_divisibility) * size_divisibility
+        w = -(-w // size_divisibility) * size_divisibility
+    return h, w
+
+
 def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 32, pad_value: float = 0):
     """Stack ``[3, H_i, W_i]`` images into ``[B, 3, H, W]`` padded bottom/right with
-    ``pad_value`` to the largest size rounded up to ``size_divisibility``.
+    ``pad_value`` to :func:`padded_size` (size_divisibility 0: the largest image, unrounded).
 
     Returns ``(batch, image_sizes)`` with ``image_sizes = [(H_i, W_i), ...]``; keeps the dtype.
     """
     if not images:
         raise ValueError("pad_images needs at least one image")
-    h = max(int(im.shape[-2]) for im in images)
-    w = max(int(im.shape[-1]) for im in images)
-    if size_divisibility > 1:
-        h = -(-h // size_divisibility) * size_divisibility
-        w = -(-w // size_divisibility) * size_divisibility
-    batch = images[0].new_full((len(images), images[0].shape[0], h, w), pad_value)
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    batch = images[0].new_full((len(images), images[0].shape[0], *padded_size(sizes, size_divisibility)), pad_value)
     for i, im in enumerate(images):
         batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-    return batch, [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    return batch, sizes
 
 
 def _seed(cfg, seed):

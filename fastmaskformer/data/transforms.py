@@ -338,14 +338,15 @@ def test_augmentation(min_size: int, max_size: int) -> Compose:
 def build_augmentation(data_cfg, train: bool, ignore_label: int) -> Compose:
     """The pipeline for ``data_cfg`` (a ``DataConfig``), train or test. The training pipeline is
     ``data_cfg.augmentation``: "semantic" (DESIGN 5; also the official ADE20K panoptic one) or
-    "detr" (the official COCO panoptic one); None picks "detr" for COCO panoptic only.
+    "detr" (the official COCO panoptic one, longest edge <= ``max_size_train``); None picks
+    "detr" for COCO panoptic only.
     ``ignore_label``: the seg value of unlabelled pixels (padding, crop statistics): the
     dataset's ignore label for label maps, 0 (void) for panoptic id maps."""
     if not train:
         return test_augmentation(data_cfg.min_size_test, data_cfg.max_size_test)
     pipeline = data_cfg.augmentation or ("detr" if data_cfg.dataset == "coco-panoptic" else "semantic")
     if pipeline == "detr":
-        return panoptic_train_augmentation()
+        return panoptic_train_augmentation(max_size=data_cfg.max_size_train)
     if pipeline != "semantic":
         raise ValueError(f"data.augmentation must be 'semantic' or 'detr', got {pipeline!r}")
     base = data_cfg.base_size_train or max(data_cfg.crop_size)

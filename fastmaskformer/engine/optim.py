@@ -5,13 +5,16 @@
   ``weight_decay_norm`` and embeddings (``nn.Embedding``, e.g. the query embedding, and Swin's
   relative-position tables / absolute position embedding) get ``weight_decay_embed`` (0 in
   the official configs).
-- Per-iteration schedule: linear warmup (``warmup_factor`` -> 1 over ``warmup_iters``)
-  times poly decay ``(1 - it / max_iter) ** poly_power``, as detectron2's ``WarmupPolyLR``.
+- Per-iteration schedule (``lr_scheduler``): linear warmup (``warmup_factor`` -> 1 over
+  ``warmup_iters``) times poly decay ``(1 - it / max_iter) ** poly_power``, as detectron2's
+  ``WarmupPolyLR`` ("poly", the semantic configs), or times ``gamma ** (steps passed)``, as
+  detectron2's default ``WarmupMultiStepLR`` ("step", the COCO panoptic configs).
 - Full-model gradient-norm clipping (``clip_grad_norm``, official 0.01): one norm over all
   parameters together, not per group.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Iterable
 
 import torch
@@ -79,16 +82,42 @@ class WarmupPoly:
         self.warmup_factor = float(warmup_factor)
 
     def __call__(self, it: int) -> float:
-        warmup = 1.0
-        if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
-            warmup = self.warmup_factor * (1 - alpha) + alpha
-        return warmup * max(0.0, 1.0 - it / self.max_iter) ** self.power
+        return _warmup(it, self.warmup_iters, self.warmup_factor) * max(0.0, 1.0 - it / self.max_iter) ** self.power
+
+
+class WarmupMultiStep:
+    """LR multiplier ``warmup * gamma ** (number of steps <= it)`` (detectron2's
+    ``WarmupMultiStepLR``); plain fields, as :class:`WarmupPoly`."""
+
+    def __init__(self, steps, gamma: float = 0.1, warmup_iters: int = 0, warmup_factor: float = 1.0):
+        self.steps = [int(s) for s in steps]
+        if self.steps != sorted(self.steps) or any(s <= 0 for s in self.steps):
+            raise ValueError(f"solver.steps must be increasing positive iterations, got {list(steps)}")
+        self.gamma = float(gamma)
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_factor = float(warmup_factor)
+
+    def __call__(self, it: int) -> float:
+        return _warmup(it, self.warmup_iters, self.warmup_factor) * self.gamma ** bisect_right(self.steps, it)
+
+
+def _warmup(it: int, warmup_iters: int, warmup_factor: float) -> float:
+    """Linear warmup factor: ``warmup_factor`` at 0 rising to 1 at ``warmup_iters``."""
+    if it >= warmup_iters:
+        return 1.0
+    alpha = it / warmup_iters
+    return warmup_factor * (1 - alpha) + alpha
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, solver) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration warmup + poly schedule: call ``scheduler.step()`` once per optimiser step."""
-    schedule = WarmupPoly(solver.max_iter, solver.poly_power, solver.warmup_iters, solver.warmup_factor)
+    """Per-iteration warmup + ``solver.lr_scheduler`` ("poly" or "step") schedule: call
+    ``scheduler.step()`` once per optimiser step."""
+    if solver.lr_scheduler == "poly":
+        schedule = WarmupPoly(solver.max_iter, solver.poly_power, solver.warmup_iters, solver.warmup_factor)
+    elif solver.lr_scheduler == "step":
+        schedule = WarmupMultiStep(solver.steps, solver.gamma, solver.warmup_iters, solver.warmup_factor)
+    else:
+        raise ValueError(f"solver.lr_scheduler must be 'poly' or 'step', got {solver.lr_scheduler!r}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

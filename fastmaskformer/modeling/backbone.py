@@ -16,7 +16,12 @@ Swin on arbitrary sizes: the official Swin pads each feature map to a multiple o
 and shifts the *padded* map, never shrinking the window; timm shifts first and then pads, and
 shrinks the window to the feature size. We build timm's Swin with ``always_partition=True``
 (no shrinking) and ``strict_img_size=False`` (any size), and run its blocks through
-``_PadThenShiftSwinBlock`` so any input divisible by 32 gives the official result.
+``_PadThenShiftSwinBlock``. Like the official, the patch embedding zero-pads the input to a
+multiple of the patch size (4) and patch merging pads odd maps, so any input size works (the
+official COCO panoptic configs do not pad to 32).
+
+Inputs need not be divisible by 32 (ResNet and Swin): res_k is ``ceil(H / 2^k)`` at every
+stride, as in detectron2, and the pixel decoder upsamples to each lateral's size.
 """
 from __future__ import annotations
 
@@ -113,6 +118,7 @@ class Backbone(nn.Module):
             for module in body.modules():
                 if isinstance(module, SwinTransformerBlock):
                     module.__class__ = _PadThenShiftSwinBlock
+            body.patch_embed.dynamic_img_pad = True  # zero-pad to the patch size, as the official
             self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels)
         else:
             self.norms = None
@@ -124,9 +130,7 @@ class Backbone(nn.Module):
         self.body = body
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """x: [B, 3, H, W] with H, W divisible by 32 -> res2..res5 NCHW."""
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f"backbone input {tuple(x.shape[-2:])} must be divisible by 32 (pad it first)")
+        """x: [B, 3, H, W], any H, W -> res2..res5 NCHW, res_k of size ceil(H / 2^k)."""
         feats = self.body(x)
         if self.is_swin:
             feats = [norm(f).permute(0, 3, 1, 2) for norm, f in zip(self.norms, feats)]  # NHWC -> NCHW

@@ -5,8 +5,9 @@
   class head; query k's "mask" (mask_embed x pixel_embed) is the logit map of class k. Every
   decoder layer is supervised (deep supervision).
 
-Both train with per-pixel cross-entropy on logits bilinearly upsampled x4 (align_corners
-False), ignoring pixels outside every segment (ignore label, void, padding).
+Both train with per-pixel cross-entropy on logits bilinearly upsampled (align_corners False)
+to the padded input size (x4 when the input is padded to /32), ignoring pixels outside every
+segment (ignore label, void, padding).
 """
 from __future__ import annotations
 
@@ -33,13 +34,23 @@ class PerPixelOutput:
     logits: Tensor
 
     def sem_seg_logits(self, out_size: tuple[int, int] | None = None) -> Tensor:
-        """Final-layer logits upsampled (bilinear) x4 or to ``out_size``: [B, K, H, W]."""
+        """Final-layer logits upsampled (bilinear) to ``out_size``, the padded input size
+        (default x4): [B, K, H, W]."""
         x = self.logits[-1]
-        size = tuple(out_size) if out_size is not None else (x.shape[-2] * 4, x.shape[-1] * 4)
-        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        return _upsample(x, _input_size(x, out_size))
 
     def as_tuple(self) -> tuple[Tensor]:
         return (self.logits,)
+
+
+def _input_size(logits: Tensor, size: tuple[int, int] | None) -> tuple[int, int]:
+    """The padded input size: ``size``, or 4x the stride-4 logits [..., h, w]."""
+    return tuple(size) if size is not None else (logits.shape[-2] * 4, logits.shape[-1] * 4)
+
+
+def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """[B, K, h, w] stride-4 logits -> float32 [B, K, H, W], bilinear to ``size``."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def semantic_label_map(targets: Sequence[Target], size: tuple[int, int]) -> Tensor:
@@ -54,17 +65,18 @@ def semantic_label_map(targets: Sequence[Target], size: tuple[int, int]) -> Tens
 
 
 class _PerPixelModel(SegmentationModel):
-    def losses(self, outputs: PerPixelOutput, targets: Sequence[Target]) -> dict[str, Tensor]:
-        """Per-pixel CE (mean over labelled pixels) of each layer: ``loss_sem_seg`` for the final
-        layer, ``loss_sem_seg_{i}`` for the earlier ones (official names)."""
+    def losses(self, outputs: PerPixelOutput, targets: Sequence[Target],
+               input_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """Per-pixel CE (mean over labelled pixels) of each layer at ``input_size``, the padded
+        input size (default: 4x the logits): ``loss_sem_seg`` for the final layer,
+        ``loss_sem_seg_{i}`` for the earlier ones (official names)."""
         validate_targets(targets, self.num_classes)
         logits = outputs.logits
-        size = (logits.shape[-2] * 4, logits.shape[-1] * 4)
+        size = _input_size(logits, input_size)
         labels = semantic_label_map([t.to(logits.device) for t in targets], size)
         losses = {}
         for layer in range(logits.shape[0]):
-            up = F.interpolate(logits[layer].float(), size=size, mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(up, labels, ignore_index=_IGNORE)
+            loss = F.cross_entropy(_upsample(logits[layer], size), labels, ignore_index=_IGNORE)
             name = "loss_sem_seg" if layer == logits.shape[0] - 1 else f"loss_sem_seg_{layer}"
             losses[name] = loss
         return losses
@@ -85,7 +97,7 @@ class PerPixelBaseline(_PerPixelModel):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, images: Tensor) -> PerPixelOutput:
-        """images: float [B, 3, H, W] normalised, padded to /32 -> logits [1, B, K, H/4, W/4]."""
+        """images: float [B, 3, H, W] normalised and padded -> logits [1, B, K, H/4, W/4] (ceil)."""
         pixel_embed, _ = self.pixel_decoder(self.backbone(images))
         return PerPixelOutput(self.classifier(pixel_embed)[None])
 

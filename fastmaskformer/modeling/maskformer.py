@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.loader import padded_size
 from .backbone import Backbone, build_backbone
 from .pixel_decoder import PixelDecoder, c2_xavier_fill
 from .position_encoding import PositionEmbeddingSine
@@ -23,7 +24,9 @@ from .transformer import TransformerDecoder
 @dataclass
 class MaskFormerOutput:
     """class_logits: [L, B, Q, K+1] (last class = "no object"), every decoder layer, last = final.
-    mask_embed: [L, B, Q, C]. pixel_embed: [B, C, H/4, W/4] for the padded input size H, W."""
+    mask_embed: [L, B, Q, C]. pixel_embed: [B, C, ceil(H/4), ceil(W/4)] for the padded input
+    size H, W (exactly H/4, W/4 when the input is padded to /32; not when size_divisibility is
+    0: then give the ops the real input size)."""
 
     class_logits: Tensor
     mask_embed: Tensor
@@ -98,22 +101,23 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
+        if size_divisibility < 0:
+            raise ValueError(f"model.size_divisibility must be >= 0 (0: no padding to a multiple), got {size_divisibility}")
         self.size_divisibility = size_divisibility
 
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """images: list of uint8 (or float 0-255) [3, H_i, W_i] ->
-        (float32 [B, 3, Hp, Wp] normalised, zero-padded bottom/right to ``size_divisibility``,
-        image_sizes [(H_i, W_i)]). Padding comes after normalisation, so it reads as the mean."""
+        (float32 [B, 3, Hp, Wp] normalised, zero-padded bottom/right to the largest image rounded
+        up to ``size_divisibility`` (0: not rounded, as the official COCO panoptic models),
+        image_sizes [(H_i, W_i)]). Padding comes after normalisation, so it reads as the mean.
+        ``batch.shape[-2:]`` is the input size the inference ops and the loss need."""
         if len(images) == 0:
             raise ValueError("preprocess needs at least one image")
         for i, img in enumerate(images):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f"image {i} must be [3, H, W], got shape {tuple(img.shape)}")
         sizes = [(int(img.shape[1]), int(img.shape[2])) for img in images]
-        d = self.size_divisibility
-        hp = -(-max(h for h, _ in sizes) // d) * d
-        wp = -(-max(w for _, w in sizes) // d) * d
-        batch = self.pixel_mean.new_zeros(len(images), 3, hp, wp)
+        batch = self.pixel_mean.new_zeros(len(images), 3, *padded_size(sizes, self.size_divisibility))
         for i, img in enumerate(images):
             h, w = sizes[i]
             img = img.to(self.pixel_mean.device, non_blocking=True).float()
@@ -133,7 +137,7 @@ class MaskFormer(SegmentationModel):
         self.predictor = predictor
 
     def forward(self, images: Tensor) -> MaskFormerOutput:
-        """images: float [B, 3, H, W], normalised and padded (H, W divisible by 32)."""
+        """images: float [B, 3, H, W], normalised and padded (``preprocess``); any H, W."""
         features = self.backbone(images)
         pixel_embed, encoder_memory = self.pixel_decoder(features)
         memory = encoder_memory if encoder_memory is not None else features["res5"]
