@@ -6,8 +6,9 @@ A checkpoint is a dict of tensors and primitive containers only::
     config       Config.to_dict()
     iteration    int: optimiser steps done
     optimizer, scheduler   their state_dicts (the schedule lambda stores plain fields)
-    rng          {"python": [...], "numpy": [...], "torch": uint8 tensor, "cuda": [tensors]}
-    data         {"samples": samples drawn by this rank's sampler, "seed", "world_size"}
+    rng          one {"python": [...], "numpy": [...], "torch": uint8 tensor, "cuda": [tensors]}
+                 per rank, indexed by rank (see ``capture_rng_state``)
+    data         {"samples": samples drawn by each rank's sampler, "seed", "world_size"}
 
 Writes are atomic: the bytes go to a temporary file in the destination folder, are fsync'ed,
 then ``os.replace`` moves it over the final name, and the folder is fsync'ed. A kill at any

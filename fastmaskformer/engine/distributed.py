@@ -77,6 +77,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` (picklable) as a list indexed by rank on rank 0, None on the other
+    ranks. A collective: every rank must call it."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average a dict of Python floats over ranks (same keys on every rank)."""
     if get_world_size() == 1 or not values:

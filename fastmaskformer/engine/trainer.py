@@ -11,10 +11,13 @@ iteration: iter, lr, every loss term, total_loss, grad_norm, images_per_s, time;
 lines carry "eval"), ``model_{iter:07d}.pt`` checkpoints (see ``checkpoint.py``), TensorBoard
 events when ``tensorboard`` is installed.
 
-Exact resume: the sampler's position, every RNG state, the optimiser and the scheduler are in
-the checkpoint, and each sample's augmentation depends only on its position in the seeded
-sample stream, so a run resumed from iteration k computes the same iterations k+1.. as an
+Exact resume: the sampler's position, every rank's RNG states (each rank restores its own, so
+dropout masks stay different across ranks), the optimiser and the scheduler are in the
+checkpoint, and each sample's augmentation depends only on its position in the seeded sample
+stream, so a run resumed from iteration k computes the same iterations k+1.. as an
 uninterrupted run (bit-exact on the CPU in deterministic mode with the same thread count).
+Resuming needs the number of processes the checkpoint was written with; any other number is
+refused with a CheckpointError.
 Note that with ``grad_accum > 1`` num_masks is counted per micro-batch, so accumulation matches
 a large batch for the cross-entropy term but only approximately for focal and dice.
 """
@@ -165,14 +168,15 @@ class Trainer:
             self.load(resume_path)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def state_dict(self, rng: list[dict]) -> dict:
+        """The checkpoint contents; ``rng``: every rank's ``capture_rng_state()``, indexed by rank."""
         return {
             "model": self.model.state_dict(),
             "config": self.cfg.to_dict(),
             "iteration": self.iteration,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": rng,
             "data": {"samples": self.samples, "seed": self.cfg.solver.seed, "world_size": self.dist.world_size},
             "skipped": self.skipped,
         }
@@ -190,27 +194,32 @@ class Trainer:
         if missing:
             raise CheckpointError(f"checkpoint {path} holds model weights only (no {sorted(missing)}); "
                                   "it can initialise eval/predict but not resume training")
+        saved, world = state["data"]["world_size"], self.dist.world_size
+        if saved != world:
+            raise CheckpointError(f"checkpoint {path} was written by {saved} processes, this run has {world}: each rank "
+                                  f"resumes its own RNG state and data position, so resume with {saved} processes")
+        if not isinstance(state["rng"], list) or len(state["rng"]) != world:
+            raise CheckpointError(f"checkpoint {path} has no per-rank RNG states (written by an older fastmaskformer); "
+                                  "it cannot resume exactly")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         self.samples = int(state["data"]["samples"])
         self.skipped = int(state.get("skipped", 0))
-        if state["data"]["world_size"] != self.dist.world_size and self.dist.is_main:
-            print(f"warning: {path} was written with world size {state['data']['world_size']}, resuming with "
-                  f"{self.dist.world_size}: the data order will differ from an uninterrupted run")
-        if self.dist.world_size == state["data"]["world_size"]:
-            restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"][self.dist.rank])
 
     def save(self) -> Path | None:
-        """Checkpoint the current iteration (rank 0 writes; every rank waits)."""
+        """Checkpoint the current iteration (every rank sends its RNG state, rank 0 writes, every
+        rank waits)."""
+        rng = du.gather_to_main(capture_rng_state())
         path = None
         if self.dist.is_main:
             bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
             if bad:
                 raise NonFiniteLossError(f"refusing to write a checkpoint at iteration {self.iteration}: "
                                          f"non-finite values in {bad[:3]}")
-            path = self.checkpoints.save(self.iteration, self.state_dict())
+            path = self.checkpoints.save(self.iteration, self.state_dict(rng))
         du.barrier()
         return path
 
