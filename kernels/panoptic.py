@@ -4,10 +4,11 @@ For one image's k kept queries, the reference resamples the mask logits (upsampl
 input, crop, resize to the output size: ``Q x H x W``), applies the sigmoid, takes
 ``argmax_q score_q sigmoid(mask_q)`` per pixel and counts, per query, the pixels it wins and the
 pixels where ``sigmoid(mask_q) >= 0.5``. Here one program owns BLOCK_P output pixels and walks the
-queries in chunks of BLOCK_Q: each logit is 16 gathered low-res values (the composed resampling,
-``mask_probs.composed_logits``), the running (max, argmax) is kept per pixel, and both counts are
-reduced over the tile and added with one atomic per query and tile. Memory beyond the inputs:
-the low-res logits [h*w, k], ids [H, W] and the two [k] counts.
+queries in chunks of BLOCK_Q: each logit is 16 gathered low-res values (``common.resampled``;
+4 when the output size equals the image size), the running (max, argmax) is kept per pixel, and
+both counts are reduced over the tile and added with one integer atomic per query and tile
+(integer sums: deterministic). Memory beyond the inputs: the low-res logits [h*w, k], ids
+[H, W] and the two [k] counts.
 """
 from __future__ import annotations
 
@@ -15,23 +16,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .mask_probs import autotune_configs, composed_logits, lowres_logits, resize_scale
+from .common import autotune_configs, resampled, resize_scale, upsample_scales
+from .mask_probs import lowres_logits
 
 
 @triton.autotune(
     configs=autotune_configs(
         gpu=[{"BLOCK_P": 128, "BLOCK_Q": 16, "num_warps": 4},
-             {"BLOCK_P": 128, "BLOCK_Q": 32, "num_warps": 4},
-             {"BLOCK_P": 256, "BLOCK_Q": 32, "num_warps": 8}],
+             {"BLOCK_P": 64, "BLOCK_Q": 32, "num_warps": 4},
+             {"BLOCK_P": 256, "BLOCK_Q": 16, "num_warps": 8}],
         interpreter={"BLOCK_P": 4096, "BLOCK_Q": 128}),
-    key=["nq"],
+    key=["nq", "RESIZE"],
     # The counts are accumulated with atomics: zero them before each autotuning trial.
     reset_to_zero=["assigned_ptr", "full_ptr"],
 )
 @triton.jit
 def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, nq, h, w,
-                            crop_h, crop_w, out_h, out_w, scale_y, scale_x,
-                            BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+                            crop_h, crop_w, out_h, out_w, scale_y, scale_x, up_y, up_x,
+                            RESIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """x [h*w, nq] low-res logits, scores [nq] -> ids int64 [out_h*out_w], assigned/full int32
     [nq] (must be zeroed). Grid: (cdiv(out_h*out_w, BLOCK_P),)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -39,12 +41,13 @@ def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, 
     oy, ox = p // out_w, p % out_w
     best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_P,), tl.int32)
-    for q0 in range(0, nq, BLOCK_Q):
+    # No software pipelining: it would buffer every gathered [P, Q] tile in shared memory.
+    for q0 in tl.range(0, nq, BLOCK_Q, num_stages=1):
         q = q0 + tl.arange(0, BLOCK_Q)
         qmask = q < nq
         mask = pmask[:, None] & qmask[None, :]
-        prob = tl.sigmoid(composed_logits(x_ptr, oy, ox, scale_y, scale_x, h, w, crop_h, crop_w,
-                                          nq, q, mask))  # [P, Q]
+        prob = tl.sigmoid(resampled(x_ptr, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w,
+                                    nq, q, mask, RESIZE, False))  # [P, Q]
         confident = tl.sum((mask & (prob >= 0.5)).to(tl.int32), 0)
         tl.atomic_add(full_ptr + q, confident, mask=qmask)
         score = tl.load(scores_ptr + q, mask=qmask, other=0.0)
@@ -63,7 +66,7 @@ def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, 
 
 
 def panoptic_assign(scores: torch.Tensor, mask_embed: torch.Tensor, pixel_embed: torch.Tensor,
-                    image_size, output_size):
+                    image_size, output_size, input_size=None):
     """scores [k], mask_embed [k,C], pixel_embed [C,h,w] of one image's kept queries ->
     (ids int64 [H,W] = argmax_k scores_k sigmoid(resized mask logits_k), assigned_area int64 [k]
     (pixels won), mask_area int64 [k] (pixels with sigmoid >= 0.5))."""
@@ -80,6 +83,7 @@ def panoptic_assign(scores: torch.Tensor, mask_embed: torch.Tensor, pixel_embed:
 
         _panoptic_assign_kernel[grid](x, scores.float().contiguous(), ids, counts[0], counts[1], nq,
                                       h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H),
-                                      resize_scale(crop_w, W))
+                                      resize_scale(crop_w, W), *upsample_scales((h, w), input_size),
+                                      RESIZE=(crop_h, crop_w) != (H, W))
     counts = counts.long()
     return ids, counts[0], counts[1]

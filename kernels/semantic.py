@@ -1,23 +1,32 @@
 """Fused semantic inference: marginalisation over queries + running argmax over classes (DESIGN 4).
 
-The reference forms ``scores[k] = sum_q p[q, k] sigmoid(up(X_q))`` at the padded input size
-(``K x Hp x Wp``), crops it and resizes it to the output size before the argmax. The crop-resize
-is linear, so it moves inside the sum over queries: at an output pixel
+The reference forms ``scores[k] = sum_q p[q, k] sigmoid(up(X_q))`` at the model input size
+(``K x H_in x W_in``), crops it and resizes it to the output size before the argmax. The
+crop-resize is linear, so it moves inside the sum over queries: at an output pixel
 
     scores[k] = sum_q p[q, k] m_q,   m_q = sum_{j<4} w_j sigmoid(up(X_q)(tap_j)),
 
-with tap_j the 4 bilinear taps of the output pixel on the cropped padded grid and up(X_q)(tap)
+with tap_j the 4 bilinear taps of the output pixel on the cropped input grid and up(X_q)(tap)
 itself 4 bilinear taps of the low-res logits X [h*w, Q] (one matmul, ``mask_probs.lowres_logits``).
-A program owns BLOCK_P output pixels: it builds m [BLOCK_P, Q] once from 16 gathered logit rows
-per pixel, then streams the class probabilities in BLOCK_K columns, ``tl.dot(m, p[:, block])``,
-keeping a running (max, argmax). Memory beyond the inputs: X, the probabilities and the
-[H, W] outputs; nothing of size K x H x W or Q x H x W exists.
+When the output size equals the image size (the usual evaluation case) the resize is the
+identity and m_q is 4 taps (RESIZE=False).
+
+A program owns BLOCK_P output pixels of one image and streams the class probabilities in
+BLOCK_K columns, ``scores = m @ p[:, block]`` (tl.dot), keeping a running (max, argmax). With one
+view of at most BLOCK_Q queries (HOIST) m [BLOCK_P, BLOCK_Q] is built once and stays in
+registers; otherwise (TTA: several views, or more queries than fit) m is rebuilt in BLOCK_Q
+chunks per class block. Memory beyond the inputs: X, the probabilities and the [H, W] outputs;
+nothing of size K x H x W or Q x H x W exists.
 
 Multi-scale/flip TTA averages the views' scores at the output resolution: the same sum over the
-union of all views' queries, each view with its own low-res logits, crop and resize (and a
-mirrored x for flipped views). ``_semantic_views_kernel`` loops, per class block, over the views
-and over query chunks of BLOCK_Q (m is recomputed per class block instead of being stored), so
-it serves any number of queries; the single-view kernel is its fast path for Q <= 128.
+union of all views' queries, each view with its own low-res logits, input size, crop and resize
+(and a mirrored x for flipped views). All images of a batch (or all views of a TTA image) go in
+one launch; a table describes the views.
+
+Precision: the class sum is a tl.dot; ``precision`` is its input_precision. Only the argmax is
+returned, so the default is "tf32" (see ``DEFAULT_PRECISION``): labels can differ from exact
+fp32 only where the top two class scores are within ~1e-3 of each other. "tf32x3" (about fp32
+accuracy) and "ieee" (exact fp32 products) are opt-in.
 """
 from __future__ import annotations
 
@@ -25,36 +34,70 @@ import torch
 import triton
 import triton.language as tl
 
-from .mask_probs import autotune_configs, bilinear_logits, lowres_logits, resize_scale, source_taps
+from fastmaskformer.ops._dispatch import interpreter_enabled
 
-# Largest query count whose whole m tile [BLOCK_P, Q] is kept in registers.
-MAX_HOISTED_QUERIES = 128
-META_COLS = 8  # per view: x offset, probs row offset, nq, h, w, crop_h, crop_w, flipped
+from .common import (
+    autotune_configs,
+    check_precision,
+    dot,
+    resampled,
+    resize_scale,
+    upsample_scales,
+)
+from .mask_probs import lowres_logits
+
+DEFAULT_PRECISION = "tf32"
+VIEW_COLS = 8  # per view: x offset, probs row offset, nq, h, w, crop_h, crop_w, flipped
+IMAGE_COLS = 5  # per image: first view, number of views, output offset, out_h, out_w
+# m [BLOCK_P, BLOCK_Q] fp32 tiles are capped at this many elements (32 registers per thread
+# at 8 warps): bigger query tiles get fewer pixels.
+MAX_TILE = 8192
+MAX_BLOCK_Q = 256
+
+
+def _fit_tiles(configs, named_args, **kwargs):
+    """Keep the configs whose m tile fits (BLOCK_P * BLOCK_Q <= MAX_TILE)."""
+    fitting = [c for c in configs if c.kwargs["BLOCK_P"] * kwargs["BLOCK_Q"] <= MAX_TILE]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_P"])]
 
 
 @triton.jit
-def _mask_prob_tile(x_ptr, oy, ox, scale_y, scale_x, h, w, crop_h, crop_w, nq, q, mask):
-    """m [P, Q]: the crop-resize (scale = crop / out) of the mask probabilities at the padded
-    grid, sigmoid(bilinear x4 upsampling of the low-res logits x [h*w, nq]), at pixels (oy, ox)."""
-    ty0, ty1, wy0, wy1 = source_taps(oy, scale_y, crop_h)
-    tx0, tx1, wx0, wx1 = source_taps(ox, scale_x, crop_w)
-    # Upsampling to the padded input: scale = h / (4h) = 0.25 exactly.
-    s00 = tl.sigmoid(bilinear_logits(x_ptr, ty0, tx0, 0.25, 0.25, h, w, nq, q, mask))
-    s01 = tl.sigmoid(bilinear_logits(x_ptr, ty0, tx1, 0.25, 0.25, h, w, nq, q, mask))
-    s10 = tl.sigmoid(bilinear_logits(x_ptr, ty1, tx0, 0.25, 0.25, h, w, nq, q, mask))
-    s11 = tl.sigmoid(bilinear_logits(x_ptr, ty1, tx1, 0.25, 0.25, h, w, nq, q, mask))
-    m = (wy0[:, None] * (wx0[:, None] * s00 + wx1[:, None] * s01)
-         + wy1[:, None] * (wx0[:, None] * s10 + wx1[:, None] * s11))
-    # Masked entries loaded 0 logits, i.e. probability 0.5: zero them so that the class sum does
-    # not rely on the class probabilities' zero padding.
-    return tl.where(mask, m, 0.0)
+def _view_probs(x_ptr, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
+                RESIZE: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """m [P, BLOCK_Q] of view v for queries q0 .. q0 + BLOCK_Q (0 past the view's queries), and
+    the view's row offset into the class probabilities and its query count."""
+    row = view_ptr + v * 8
+    x_off, p_off, nq = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    h, w, crop_h, crop_w = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
+    flipped = tl.load(row + 7)
+    scale_y, scale_x = tl.load(scale_ptr + v * 4), tl.load(scale_ptr + v * 4 + 1)
+    up_y, up_x = tl.load(scale_ptr + v * 4 + 2), tl.load(scale_ptr + v * 4 + 3)
+    # A flipped view's scores are mirrored back: output column ox reads its column W-1-ox.
+    ox = tl.where(flipped != 0, out_w - 1 - ox, ox)
+    q = q0 + tl.arange(0, BLOCK_Q)
+    mask = pmask[:, None] & (q < nq)[None, :]
+    m = resampled(x_ptr + x_off, oy, ox, scale_y, scale_x, up_y, up_x, h.to(tl.int32), w.to(tl.int32),
+                  crop_h.to(tl.int32), crop_w.to(tl.int32), nq.to(tl.int32), q, mask, RESIZE, True)
+    # Masked entries are sigmoid(0) = 0.5: zero them so that the class sum does not rely on the
+    # probabilities' zero padding.
+    return tl.where(mask, m, 0.0), p_off, nq
 
 
 @triton.jit
-def _update_argmax(scores, k0, kmask, best, best_idx):
+def _class_block(probs_ptr, p_off, nq, q0, k0, nk, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Class probabilities [BLOCK_Q, BLOCK_K] of queries q0.. of a view, classes k0.. (0 padded)."""
+    q = q0 + tl.arange(0, BLOCK_Q)
+    k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(probs_ptr + (p_off + q)[:, None] * nk + k[None, :],
+                   mask=(q < nq)[:, None] & (k < nk)[None, :], other=0.0)
+
+
+@triton.jit
+def _update_argmax(scores, k0, nk, best, best_idx, BLOCK_K: tl.constexpr):
     """Fold a [P, BLOCK_K] score block into the running (max, argmax); strict > keeps the first
     index on exact ties, like torch.argmax."""
-    scores = tl.where(kmask[None, :], scores, float("-inf"))
+    k = k0 + tl.arange(0, BLOCK_K)
+    scores = tl.where((k < nk)[None, :], scores, float("-inf"))
     block_max, block_idx = tl.max(scores, 1, return_indices=True, return_indices_tie_break_left=True)
     better = block_max > best
     return tl.where(better, block_max, best), tl.where(better, block_idx + k0, best_idx)
@@ -62,168 +105,140 @@ def _update_argmax(scores, k0, kmask, best, best_idx):
 
 @triton.autotune(
     configs=autotune_configs(
-        gpu=[{"BLOCK_P": 64, "BLOCK_K": 64, "num_warps": 4},
-             {"BLOCK_P": 64, "BLOCK_K": 128, "num_warps": 8},
-             {"BLOCK_P": 128, "BLOCK_K": 64, "num_warps": 8},
-             {"BLOCK_P": 128, "BLOCK_K": 128, "num_warps": 8}],
+        gpu=[{"BLOCK_P": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+             {"BLOCK_P": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
+             {"BLOCK_P": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2},
+             {"BLOCK_P": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}],
         interpreter={"BLOCK_P": 2048, "BLOCK_K": 256}),
-    key=["nq", "nk"],
+    key=["nk", "BLOCK_Q", "HOIST", "RESIZE", "PRECISION"],
+    prune_configs_by={"early_config_prune": _fit_tiles},
 )
 @triton.jit
-def _semantic_kernel(x_ptr, probs_ptr, label_ptr, score_ptr, nq, nk, h, w, crop_h, crop_w,
-                     out_h, out_w, scale_y, scale_x, PRECISION: tl.constexpr,
-                     WRITE_SCORE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """One image, nq <= BLOCK_Q. x [h*w, nq] low-res logits, probs [nq, nk] -> label/score
-    [out_h*out_w]. Grid: (cdiv(out_h*out_w, BLOCK_P),)."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < out_h * out_w
-    oy, ox = p // out_w, p % out_w
-    q = tl.arange(0, BLOCK_Q)
-    qmask = q < nq
-    m = _mask_prob_tile(x_ptr, oy, ox, scale_y, scale_x, h, w, crop_h, crop_w, nq, q,
-                        pmask[:, None] & qmask[None, :])  # [P, Q]
-    best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
-    best_idx = tl.zeros((BLOCK_P,), tl.int32)
-    for k0 in range(0, nk, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < nk
-        probs = tl.load(probs_ptr + q[:, None] * nk + k[None, :],
-                        mask=qmask[:, None] & kmask[None, :], other=0.0)  # [Q, K]
-        scores = tl.dot(m, probs, input_precision=PRECISION)  # [P, K]
-        best, best_idx = _update_argmax(scores, k0, kmask, best, best_idx)
-    tl.store(label_ptr + p, best_idx.to(tl.int64), mask=pmask)
-    if WRITE_SCORE:
-        tl.store(score_ptr + p, best, mask=pmask)
+def _semantic_kernel(x_ptr, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr, score_ptr, nk,
+                     PRECISION: tl.constexpr, EMULATE: tl.constexpr, HOIST: tl.constexpr,
+                     RESIZE: tl.constexpr, WRITE_SCORE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Labels (and scores) of output pixels of one image: argmax_k sum over the image's views v
+    and their queries q of p_v[q, k] m_{v,q}.
 
-
-@triton.autotune(
-    configs=autotune_configs(
-        gpu=[{"BLOCK_P": 64, "BLOCK_Q": 32, "BLOCK_K": 128, "num_warps": 4},
-             {"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 128, "num_warps": 8},
-             {"BLOCK_P": 128, "BLOCK_Q": 32, "BLOCK_K": 128, "num_warps": 8},
-             {"BLOCK_P": 64, "BLOCK_Q": 32, "BLOCK_K": 256, "num_warps": 8}],
-        interpreter={"BLOCK_P": 2048, "BLOCK_Q": 128, "BLOCK_K": 256}),
-    key=["nviews", "nk"],
-)
-@triton.jit
-def _semantic_views_kernel(x_ptr, probs_ptr, meta_ptr, scale_ptr, label_ptr, score_ptr, nviews,
-                           nk, out_h, out_w, META_COLS: tl.constexpr, PRECISION: tl.constexpr,
-                           WRITE_SCORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Sum over views v and their queries of p_v[q, k] m_{v,q}, then argmax over k.
-
-    x: the views' low-res logits [h_v*w_v, nq_v], concatenated flat; probs [sum nq_v, nk];
-    meta [nviews, META_COLS] int64 and scale [nviews, 2] float32 (crop / out per axis) describe
-    the views. Grid: (cdiv(out_h*out_w, BLOCK_P),).
+    x: the views' pixel-major low-res logits [h_v*w_v, nq_v], flat; probs [sum nq_v, nk] fp32;
+    view [V, 8] int64 and scale [V, 4] fp32 (crop/out, h/H_in per axis) describe the views;
+    image [B, 5] int64 the images; label int64 / score fp32 [sum H_i*W_i]. Grid
+    (cdiv(max H_i*W_i, BLOCK_P), B).
     """
+    img = tl.program_id(1)
+    first_view, num_views = tl.load(image_ptr + img * 5), tl.load(image_ptr + img * 5 + 1)
+    out_off = tl.load(image_ptr + img * 5 + 2)
+    out_h, out_w = tl.load(image_ptr + img * 5 + 3), tl.load(image_ptr + img * 5 + 4)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < out_h * out_w
     oy, ox = p // out_w, p % out_w
     best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_P,), tl.int32)
-    for k0 in range(0, nk, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < nk
-        acc = tl.zeros((BLOCK_P, BLOCK_K), tl.float32)
-        for v in range(nviews):
-            row = meta_ptr + v * META_COLS
-            x_off, p_off, nq = tl.load(row), tl.load(row + 1), tl.load(row + 2)
-            h, w, crop_h, crop_w = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
-            flipped = tl.load(row + 7)
-            scale_y, scale_x = tl.load(scale_ptr + v * 2), tl.load(scale_ptr + v * 2 + 1)
-            # A flipped view's scores are mirrored back: output column ox reads its column W-1-ox.
-            ox_v = tl.where(flipped != 0, out_w - 1 - ox, ox)
-            for q0 in range(0, nq, BLOCK_Q):
-                q = q0 + tl.arange(0, BLOCK_Q)
-                qmask = q < nq
-                m = _mask_prob_tile(x_ptr + x_off, oy, ox_v, scale_y, scale_x, h, w, crop_h, crop_w,
-                                    nq, q, pmask[:, None] & qmask[None, :])
-                probs = tl.load(probs_ptr + (p_off + q)[:, None] * nk + k[None, :],
-                                mask=qmask[:, None] & kmask[None, :], other=0.0)
-                acc = tl.dot(m, probs, acc, input_precision=PRECISION)
-        best, best_idx = _update_argmax(acc, k0, kmask, best, best_idx)
-    tl.store(label_ptr + p, best_idx.to(tl.int64), mask=pmask)
+    if HOIST:  # one view, all its queries in one tile: m once, then stream the classes
+        m, p_off, nq = _view_probs(x_ptr, view_ptr, scale_ptr, first_view, oy, ox, out_w, pmask, 0,
+                                   RESIZE, BLOCK_Q)
+        for k0 in range(0, nk, BLOCK_K):
+            probs = _class_block(probs_ptr, p_off, nq, 0, k0, nk, BLOCK_Q, BLOCK_K)
+            scores = dot(m, probs, tl.zeros((BLOCK_P, BLOCK_K), tl.float32), PRECISION, EMULATE)
+            best, best_idx = _update_argmax(scores, k0, nk, best, best_idx, BLOCK_K)
+    else:
+        for k0 in range(0, nk, BLOCK_K):
+            acc = tl.zeros((BLOCK_P, BLOCK_K), tl.float32)
+            # No software pipelining: it would buffer every gathered [P, Q] tile in shared memory.
+            for v in tl.range(first_view, first_view + num_views, num_stages=1):
+                nq = tl.load(view_ptr + v * 8 + 2)
+                for q0 in tl.range(0, nq, BLOCK_Q, num_stages=1):
+                    m, p_off, nq_v = _view_probs(x_ptr, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
+                                                 RESIZE, BLOCK_Q)
+                    probs = _class_block(probs_ptr, p_off, nq_v, q0, k0, nk, BLOCK_Q, BLOCK_K)
+                    acc = dot(m, probs, acc, PRECISION, EMULATE)
+            best, best_idx = _update_argmax(acc, k0, nk, best, best_idx, BLOCK_K)
+    tl.store(label_ptr + out_off + p, best_idx.to(tl.int64), mask=pmask)
     if WRITE_SCORE:
-        tl.store(score_ptr + p, best, mask=pmask)
+        tl.store(score_ptr + out_off + p, best, mask=pmask)
 
 
-def _launch_views(xs, probs, views_meta, output_size, return_score, precision):
-    """Run ``_semantic_views_kernel``. xs: per-view pixel-major logits [h_v*w_v, nq_v]; probs:
-    per-view [nq_v, K]; views_meta: per-view (h, w, crop_h, crop_w, flipped)."""
-    device = probs[0].device
-    H, W = output_size
-    nk = probs[0].shape[1]
-    meta, scales, x_off, p_off = [], [], 0, 0
-    for x, pr, (h, w, crop_h, crop_w, flipped) in zip(xs, probs, views_meta):
-        meta.append([x_off, p_off, pr.shape[0], h, w, crop_h, crop_w, int(flipped)])
-        scales.append([resize_scale(crop_h, H), resize_scale(crop_w, W)])
-        x_off, p_off = x_off + x.numel(), p_off + pr.shape[0]
-    labels = torch.empty(H * W, device=device, dtype=torch.int64)
-    score = torch.empty(H * W, device=device, dtype=torch.float32) if return_score else None
-    meta_t = torch.tensor(meta, dtype=torch.int64).to(device)
-    scale_t = torch.tensor(scales, dtype=torch.float32).to(device)
-    x_all = torch.cat([x.reshape(-1) for x in xs])
-    p_all = torch.cat(probs).contiguous()
+def _launch(x, probs, views, images, return_score: bool, precision: str):
+    """Run ``_semantic_kernel``. x: the views' pixel-major fp32 logits, flat; probs [rows, K]
+    fp32 contiguous; views: per view (x offset, probs row offset, nq, h, w, crop_h, crop_w,
+    flipped, input_size); images: per image (view ids, (H, W)). Returns per image (labels
+    [H, W], score [H, W] or None)."""
+    device = probs.device
+    nk = probs.shape[1]
+    view_rows = [list(v[:7]) + [int(v[7])] for v in views]
+    image_rows, scale_rows, out_off = [], [None] * len(views), 0
+    for view_ids, (H, W) in images:
+        image_rows.append([view_ids[0], len(view_ids), out_off, H, W])
+        for v in view_ids:
+            _, _, _, h, w, crop_h, crop_w, _, input_size = views[v]
+            scale_rows[v] = [resize_scale(crop_h, H), resize_scale(crop_w, W), *upsample_scales((h, w), input_size)]
+        out_off += H * W
+    # One host->device copy for both integer tables.
+    table = torch.tensor([c for r in view_rows + image_rows for c in r], dtype=torch.int64).to(device)
+    view_t, image_t = table[: len(views) * VIEW_COLS], table[len(views) * VIEW_COLS:]
+    scale_t = torch.tensor(scale_rows, dtype=torch.float32).to(device)
+    labels = torch.empty(out_off, device=device, dtype=torch.int64)
+    score = torch.empty(out_off, device=device, dtype=torch.float32) if return_score else labels
+    max_q = max(v[2] for v in views)
+    block_q = min(max(16, triton.next_power_of_2(max_q)), MAX_BLOCK_Q)
+    hoist = all(len(ids) == 1 for ids, _ in images) and max_q <= block_q
+    resize = any(tuple(views[v][5:7]) != tuple(size) for ids, size in images for v in ids)
+    max_pixels = max(H * W for _, (H, W) in images)
 
-    def grid(m):
-        return (triton.cdiv(H * W, m["BLOCK_P"]),)
+    def grid(meta):
+        return (triton.cdiv(max_pixels, meta["BLOCK_P"]), len(images))
 
     # Without return_score the score pointer is never written (WRITE_SCORE is a constexpr).
-    _semantic_views_kernel[grid](x_all, p_all, meta_t, scale_t, labels,
-                                 score if return_score else labels, len(xs), nk, H, W,
-                                 META_COLS=META_COLS, PRECISION=precision, WRITE_SCORE=return_score)
-    return labels.view(H, W), (score.view(H, W) if return_score else None)
+    _semantic_kernel[grid](x, probs, view_t, scale_t, image_t, labels, score, nk,
+                           PRECISION=precision, EMULATE=interpreter_enabled(), HOIST=hoist, RESIZE=resize,
+                           WRITE_SCORE=return_score, BLOCK_Q=block_q)
+    results, start = [], 0
+    for _, (H, W) in images:
+        results.append((labels[start:start + H * W].view(H, W),
+                        score[start:start + H * W].view(H, W) if return_score else None))
+        start += H * W
+    return results
 
 
 def semantic_inference(class_logits: torch.Tensor, mask_embed: torch.Tensor,
                        pixel_embed: torch.Tensor, image_sizes, output_sizes, return_score: bool,
-                       precision: str = "ieee"):
+                       input_size=None, precision: str = DEFAULT_PRECISION):
     """class_logits [B,Q,K+1], mask_embed [B,Q,C], pixel_embed [B,C,h,w]; image_sizes (h_i, w_i)
-    unpadded, output_sizes (H_i, W_i). Returns a list of int64 labels [H_i, W_i] (or tuples
-    (labels, float32 score [H_i, W_i]) with ``return_score``). ``precision``: tl.dot's
-    input_precision for the class sum ("ieee" = exact fp32 products)."""
+    unpadded, output_sizes (H_i, W_i), input_size the model input size (default (4h, 4w)).
+    Returns a list of int64 labels [H_i, W_i] (or tuples (labels, float32 score [H_i, W_i]) with
+    ``return_score``), all images in one launch."""
+    check_precision(precision, "semantic_inference")
     B, Q, _ = class_logits.shape
     h, w = pixel_embed.shape[-2:]
-    probs = class_logits.float().softmax(-1)[..., :-1].contiguous()  # [B, Q, K]: drop "no object"
-    nk = probs.shape[-1]
+    probs = class_logits.float().softmax(-1)[..., :-1].reshape(B * Q, -1).contiguous()  # drop "no object"
     x = lowres_logits(mask_embed, pixel_embed)  # [B, h*w, Q]
-    results = []
-    for b in range(B):
-        (crop_h, crop_w), (H, W) = image_sizes[b], output_sizes[b]
-        if Q > MAX_HOISTED_QUERIES:
-            labels, score = _launch_views([x[b]], [probs[b]], [(h, w, crop_h, crop_w, False)],
-                                          (H, W), return_score, precision)
-        else:
-            labels = torch.empty(H, W, device=x.device, dtype=torch.int64)
-            score = torch.empty(H, W, device=x.device, dtype=torch.float32) if return_score else None
-
-            def grid(m):
-                return (triton.cdiv(H * W, m["BLOCK_P"]),)
-
-            _semantic_kernel[grid](x[b], probs[b], labels, score if return_score else labels, Q, nk,
-                                   h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H),
-                                   resize_scale(crop_w, W), PRECISION=precision,
-                                   WRITE_SCORE=return_score,
-                                   BLOCK_Q=max(16, triton.next_power_of_2(Q)))
-        results.append((labels, score) if return_score else labels)
-    return results
+    views = [(b * h * w * Q, b * Q, Q, h, w, *image_sizes[b], False, input_size) for b in range(B)]
+    images = [([b], tuple(output_sizes[b])) for b in range(B)]
+    results = _launch(x, probs, views, images, return_score, precision)
+    return [r if return_score else r[0] for r in results]
 
 
-def semantic_inference_tta(views, output_size, precision: str = "ieee") -> torch.Tensor:
+def semantic_inference_tta(views, output_size, precision: str = DEFAULT_PRECISION) -> torch.Tensor:
     """views: dicts with class_logits [Q_v,K+1], mask_embed [Q_v,C], pixel_embed [C,h_v,w_v],
-    image_size (unpadded input of that view), flipped (bool). Returns int64 labels [H, W], the
-    argmax of the views' summed class scores at ``output_size`` (the mean's argmax: dividing by
-    the number of views does not move it), in one kernel over the union of the views' queries."""
-    xs, probs, meta = [], [], []
+    image_size (unpadded input of that view), input_size (that view's model input size or None),
+    flipped (bool). Returns int64 labels [H, W], the argmax of the views' summed class scores at
+    ``output_size`` (the mean's argmax: dividing by the number of views does not move it), in
+    one kernel over the union of the views' queries."""
+    check_precision(precision, "semantic_inference_tta")
     num_classes = {v["class_logits"].shape[-1] for v in views}
     if len(num_classes) != 1:
         raise ValueError(f"all TTA views need the same number of classes, got {sorted(num_classes)}")
+    xs, probs, meta, x_off, p_off = [], [], [], 0, 0
     for v in views:
         pixel_embed = v["pixel_embed"]
         h, w = pixel_embed.shape[-2:]
-        xs.append(lowres_logits(v["mask_embed"][None], pixel_embed[None])[0])
+        nq = v["mask_embed"].shape[0]
+        xs.append(lowres_logits(v["mask_embed"][None], pixel_embed[None]).reshape(-1))
         probs.append(v["class_logits"].float().softmax(-1)[:, :-1])
         crop_h, crop_w = (int(s) for s in v["image_size"])
-        meta.append((h, w, crop_h, crop_w, bool(v.get("flipped", False))))
-    labels, _ = _launch_views(xs, probs, meta, tuple(output_size), False, precision)
+        meta.append((x_off, p_off, nq, h, w, crop_h, crop_w, bool(v.get("flipped", False)), v.get("input_size")))
+        x_off, p_off = x_off + xs[-1].numel(), p_off + nq
+    ((labels, _),) = _launch(torch.cat(xs), torch.cat(probs).contiguous(), meta,
+                             [(list(range(len(views))), tuple(output_size))], False, precision)
     return labels

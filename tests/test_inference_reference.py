@@ -121,7 +121,7 @@ def test_instance_inference():
 
 def test_inference_bad_sizes():
     cls, emb, pix = torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.randn(1, 4, 4, 4)
-    with pytest.raises(ValueError, match="within the padded input"):
+    with pytest.raises(ValueError, match="within the model input size"):
         ops.semantic_inference(cls, emb, pix, [(17, 16)])
     with pytest.raises(ValueError, match="need 1 image_sizes"):
         ops.semantic_inference(cls, emb, pix, [(16, 16), (16, 16)])

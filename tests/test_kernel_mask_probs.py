@@ -32,12 +32,13 @@ def test_mask_logits_bf16_non_contiguous_and_many_queries():
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("image_size,output_size", [((27, 33), (41, 50)), ((25, 36), (13, 10)),
-                                                    ((28, 36), (28, 36))])
-def test_resized_mask_logits_matches_reference(image_size, output_size):
+@pytest.mark.parametrize("image_size,output_size,input_size", [
+    ((27, 33), (41, 50), None), ((25, 36), (13, 10), None), ((28, 36), (28, 36), None),
+    ((27, 35), (27, 35), (27, 35)), ((20, 30), (33, 17), (27, 35))])  # unpadded 27 x 35 input
+def test_resized_mask_logits_matches_reference(image_size, output_size, input_size):
     mask_embed, pixel_embed = embeddings(batch=1)
-    got = resized_mask_logits(mask_embed[0], pixel_embed[0], image_size, output_size)
-    ref = resized_mask_logits_reference(mask_embed[0], pixel_embed[0], image_size, output_size)
+    got = resized_mask_logits(mask_embed[0], pixel_embed[0], image_size, output_size, input_size)
+    ref = resized_mask_logits_reference(mask_embed[0], pixel_embed[0], image_size, output_size, input_size)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 

@@ -53,9 +53,12 @@ def panoptic_inputs(batch, channels, h, w):
 def test_assign_matches_reference_exactly():
     scores = torch.rand(37)
     mask_embed, pixel_embed = torch.randn(37, 16), torch.randn(16, 9, 11)
-    for image_size, output_size in [((33, 41), (50, 61)), ((36, 44), (20, 17)), ((30, 30), (30, 30))]:
-        got = panoptic_assign(scores, mask_embed, pixel_embed, image_size, output_size)
-        ref = panoptic_assign_reference(scores, mask_embed, pixel_embed, image_size, output_size)
+    # The last two: an unpadded model input (35 x 43 for a 9 x 11 embedding: size_divisibility 0).
+    for image_size, output_size, input_size in [((33, 41), (50, 61), None), ((36, 44), (20, 17), None),
+                                                ((30, 30), (30, 30), None), ((35, 43), (35, 43), (35, 43)),
+                                                ((30, 40), (45, 31), (35, 43))]:
+        got = panoptic_assign(scores, mask_embed, pixel_embed, image_size, output_size, input_size)
+        ref = panoptic_assign_reference(scores, mask_embed, pixel_embed, image_size, output_size, input_size)
         for a, b in zip(got, ref):
             assert a.dtype == torch.int64 and torch.equal(a, b)
 

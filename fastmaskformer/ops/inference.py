@@ -1,8 +1,9 @@
 """Semantic, panoptic and instance inference from the lazy outputs (DESIGN 4).
 
 Resampling follows the official post-processing exactly: mask logits are bilinearly upsampled
-(align_corners=False) to the padded input size (4h, 4w), the padding is cropped to the image
-size, and the result is bilinearly resized to the original (output) size.
+(align_corners=False) to the model's input size (the padded batch tensor, ``input_size``; by
+default (4h, 4w), which is exact when inputs are padded to a multiple of 32), the padding is
+cropped to the image size, and the result is bilinearly resized to the original (output) size.
 - semantic: the class scores ``sum_q softmax(cls)[q, :K] sigmoid(mask_q)`` are formed at the
   padded size, then cropped and resized (official order), then argmax over K.
 - panoptic / instance: the mask logits themselves are cropped and resized before inference
@@ -24,8 +25,37 @@ Size = tuple[int, int]
 
 
 # ---------------------------------------------------------------------------- helpers
+def check_input_size(pixel_embed: Tensor, input_size: Size | None) -> Size:
+    """The model input size (H_in, W_in) the stride-4 ``pixel_embed [.., h, w]`` came from:
+    ``input_size`` or, by default, (4h, 4w). Mask logits are upsampled to it."""
+    h, w = int(pixel_embed.shape[-2]), int(pixel_embed.shape[-1])
+    if input_size is None:
+        return 4 * h, 4 * w
+    size = (int(input_size[0]), int(input_size[1]))
+    if size[0] < h or size[1] < w:
+        raise ValueError(f"input_size {size} is smaller than the pixel embedding ({h}, {w}); it must be "
+                         "the model input size the stride-4 embedding came from")
+    return size
+
+
+def check_sizes(image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None, batch: int,
+                input_size: Size) -> tuple[list[Size], list[Size]]:
+    """Per-image (unpadded input size, output size), checked against the model input size."""
+    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+    output_sizes = image_sizes if output_sizes is None else [(int(h), int(w)) for h, w in output_sizes]
+    if len(image_sizes) != batch or len(output_sizes) != batch:
+        raise ValueError(f"need {batch} image_sizes and output_sizes, got {len(image_sizes)} and {len(output_sizes)}")
+    for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
+        if not (0 < h <= input_size[0] and 0 < w <= input_size[1]):
+            raise ValueError(f"image_sizes[{i}] = {(h, w)} must be positive and within the model input size {input_size}")
+        if oh <= 0 or ow <= 0:
+            raise ValueError(f"output_sizes[{i}] = {(oh, ow)} must be positive")
+    return image_sizes, output_sizes
+
+
 def _check_inference_args(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
-                          image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None):
+                          image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None,
+                          input_size: Size | None):
     check_float("class_logits", class_logits, 3)
     check_embeddings(mask_embed, pixel_embed)
     if mask_embed.dim() != 3 or class_logits.shape[:2] != mask_embed.shape[:2]:
@@ -33,18 +63,9 @@ def _check_inference_args(class_logits: Tensor, mask_embed: Tensor, pixel_embed:
             f"class_logits {tuple(class_logits.shape)} must be [B,Q,K+1] and mask_embed "
             f"{tuple(mask_embed.shape)} [B,Q,C] with the same B and Q"
         )
-    batch = class_logits.shape[0]
-    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
-    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-    output_sizes = image_sizes if output_sizes is None else [(int(h), int(w)) for h, w in output_sizes]
-    if len(image_sizes) != batch or len(output_sizes) != batch:
-        raise ValueError(f"need {batch} image_sizes and output_sizes, got {len(image_sizes)} and {len(output_sizes)}")
-    for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
-        if not (0 < h <= padded[0] and 0 < w <= padded[1]):
-            raise ValueError(f"image_sizes[{i}] = {(h, w)} must be positive and within the padded input {padded}")
-        if oh <= 0 or ow <= 0:
-            raise ValueError(f"output_sizes[{i}] = {(oh, ow)} must be positive")
-    return image_sizes, output_sizes
+    input_size = check_input_size(pixel_embed, input_size)
+    image_sizes, output_sizes = check_sizes(image_sizes, output_sizes, class_logits.shape[0], input_size)
+    return image_sizes, output_sizes, input_size
 
 
 def crop_and_resize(x: Tensor, image_size: Size, output_size: Size) -> Tensor:
@@ -56,19 +77,20 @@ def crop_and_resize(x: Tensor, image_size: Size, output_size: Size) -> Tensor:
 
 
 def resized_mask_logits_reference(mask_embed: Tensor, pixel_embed: Tensor, image_size: Size,
-                                  output_size: Size) -> Tensor:
-    """One image: mask_embed [q,C], pixel_embed [C,h,w] -> logits [q, H, W] at output size."""
-    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
-    logits = mask_logits_reference(mask_embed[None], pixel_embed[None], padded)[0]
+                                  output_size: Size, input_size: Size | None = None) -> Tensor:
+    """One image: mask_embed [q,C], pixel_embed [C,h,w] -> logits [q, H, W] at output size
+    (upsampled to ``input_size``, default (4h, 4w), cropped to ``image_size``, resized)."""
+    input_size = check_input_size(pixel_embed, input_size)
+    logits = mask_logits_reference(mask_embed[None], pixel_embed[None], input_size)[0]
     return crop_and_resize(logits, image_size, output_size)
 
 
 # ---------------------------------------------------------------------------- semantic
 def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
-                              image_size: Size, output_size: Size) -> Tensor:
+                              image_size: Size, output_size: Size, input_size: Size | None = None) -> Tensor:
     """One image: class_logits [Q,K+1], mask_embed [Q,C], pixel_embed [C,h,w] -> scores [K,H,W]."""
-    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
-    masks = mask_logits_reference(mask_embed[None], pixel_embed[None], padded)[0].sigmoid()  # [Q,Hp,Wp]
+    input_size = check_input_size(pixel_embed, input_size)
+    masks = mask_logits_reference(mask_embed[None], pixel_embed[None], input_size)[0].sigmoid()  # [Q,Hin,Win]
     probs = class_logits.float().softmax(-1)[:, :-1]  # [Q, K]: drop "no object"
     scores = torch.einsum("qk,qhw->khw", probs, masks)
     return crop_and_resize(scores, image_size, output_size)
@@ -76,47 +98,61 @@ def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_em
 
 def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
-                       return_score: bool = False, impl: str = "auto"):
+                       return_score: bool = False, input_size: Size | None = None,
+                       precision: str | None = None, impl: str = "auto"):
     """Per-pixel ``argmax_c sum_q p_q(c) sigmoid(m_q)`` at each image's output size.
 
     class_logits [B,Q,K+1], mask_embed [B,Q,C], pixel_embed [B,C,h,w]; image_sizes: unpadded
-    input (h_i, w_i); output_sizes: original (H_i, W_i) (default: image_sizes).
+    input (h_i, w_i); output_sizes: original (H_i, W_i) (default: image_sizes); input_size: the
+    model input (padded batch) size, default (4h, 4w). precision: the fused kernel's class-sum
+    precision, "tf32" (default: the sum only feeds an argmax; labels can differ from exact fp32
+    where the top two scores are within ~1e-3), "tf32x3" (~fp32) or "ieee" (exact fp32
+    products); the torch reference always computes in fp32.
     Returns a list of int64 [H_i, W_i] labels (with ``return_score``: (labels, float32 score)).
     """
-    image_sizes, output_sizes = _check_inference_args(class_logits, mask_embed, pixel_embed,
-                                                      image_sizes, output_sizes)
+    image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
+                                                                  image_sizes, output_sizes, input_size)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="semantic_inference") == "triton":
         kernel = load_kernel("semantic", "semantic_inference")
-        return kernel.semantic_inference(class_logits, mask_embed, pixel_embed, image_sizes,
-                                         output_sizes, return_score)
+        return kernel.semantic_inference(class_logits, mask_embed, pixel_embed, image_sizes, output_sizes,
+                                         return_score, input_size, precision or kernel.DEFAULT_PRECISION)
     results = []
     for b in range(class_logits.shape[0]):
         scores = semantic_scores_reference(class_logits[b], mask_embed[b], pixel_embed[b],
-                                           image_sizes[b], output_sizes[b])
+                                           image_sizes[b], output_sizes[b], input_size)
         score, labels = scores.max(0)
         results.append((labels, score) if return_score else labels)
     return results
 
 
-def semantic_inference_tta(views: Iterable[dict], output_size: Size, impl: str = "auto") -> Tensor:
+def semantic_inference_tta(views: Iterable[dict], output_size: Size, precision: str | None = None,
+                           impl: str = "auto") -> Tensor:
     """Multi-scale / flip test-time augmentation: average of the views' class scores at the
     original resolution, then argmax (detectron2's SemanticSegmentorWithTTA).
 
     Each view is a dict with ``class_logits [Q,K+1]``, ``mask_embed [Q,C]``, ``pixel_embed
-    [C,h,w]``, ``image_size`` (unpadded input size of that view) and ``flipped`` (bool: the
-    view's input was flipped horizontally). Returns int64 labels [H, W].
+    [C,h,w]``, ``image_size`` (unpadded input size of that view), optionally ``input_size``
+    (that view's model input size, default (4h, 4w)) and ``flipped`` (bool: the view's input
+    was flipped horizontally). ``precision`` as in :func:`semantic_inference`. Returns int64
+    labels [H, W].
     """
-    views = list(views)
+    views = [dict(v) for v in views]
     if not views:
         raise ValueError("semantic_inference_tta needs at least one view")
+    for i, v in enumerate(views):
+        missing = {"class_logits", "mask_embed", "pixel_embed", "image_size"} - set(v)
+        if missing:
+            raise ValueError(f"TTA view {i} lacks {sorted(missing)}")
+        v["input_size"] = check_input_size(v["pixel_embed"], v.get("input_size"))
+        check_sizes([v["image_size"]], [output_size], 1, v["input_size"])
     tensors = [t for v in views for t in (v["class_logits"], v["mask_embed"], v["pixel_embed"])]
     if resolve_impl(impl, *tensors, op="semantic_inference_tta") == "triton":
         kernel = load_kernel("semantic", "semantic_inference_tta")
-        return kernel.semantic_inference_tta(views, tuple(output_size))
+        return kernel.semantic_inference_tta(views, tuple(output_size), precision or kernel.DEFAULT_PRECISION)
     total = None
     for v in views:
         scores = semantic_scores_reference(v["class_logits"], v["mask_embed"], v["pixel_embed"],
-                                           v["image_size"], output_size)
+                                           v["image_size"], output_size, v["input_size"])
         if v.get("flipped", False):
             scores = scores.flip(-1)
         total = scores if total is None else total + scores
@@ -124,15 +160,15 @@ def semantic_inference_tta(views: Iterable[dict], output_size: Size, impl: str =
 
 
 # ---------------------------------------------------------------------------- panoptic
-def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
-                              image_size: Size, output_size: Size) -> tuple[Tensor, Tensor, Tensor]:
+def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: Tensor, image_size: Size,
+                              output_size: Size, input_size: Size | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The per-pixel part of panoptic inference for one image's k kept queries.
 
     scores [k] (class confidence), mask_embed [k,C], pixel_embed [C,h,w] ->
     ``ids`` int64 [H,W] = argmax_k scores_k sigmoid(mask_k) (first index on ties),
     ``assigned_area`` int64 [k] (pixels won), ``mask_area`` int64 [k] (pixels with sigmoid >= 0.5).
     """
-    masks = resized_mask_logits_reference(mask_embed, pixel_embed, image_size, output_size).sigmoid()
+    masks = resized_mask_logits_reference(mask_embed, pixel_embed, image_size, output_size, input_size).sigmoid()
     ids = (scores.float()[:, None, None] * masks).argmax(0)
     assigned_area = torch.bincount(ids.flatten(), minlength=scores.shape[0])
     mask_area = (masks >= 0.5).flatten(1).sum(1)
@@ -169,14 +205,16 @@ def assemble_panoptic(classes: Sequence[int], scores: Sequence[float], assigned_
 def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
                        object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
-                       thing_classes: Iterable[int] = (), impl: str = "auto"):
+                       thing_classes: Iterable[int] = (), input_size: Size | None = None,
+                       impl: str = "auto"):
     """General inference (DESIGN 4): list of (int32 id map [H_i,W_i], segments_info).
 
     Queries are kept when their argmax class is not "no object" and its probability exceeds
-    ``object_mask_threshold``; ``thing_classes`` holds the contiguous ids of thing classes.
+    ``object_mask_threshold``; ``thing_classes`` holds the contiguous ids of thing classes;
+    ``input_size``: the model input (padded batch) size, default (4h, 4w).
     """
-    image_sizes, output_sizes = _check_inference_args(class_logits, mask_embed, pixel_embed,
-                                                      image_sizes, output_sizes)
+    image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
+                                                                  image_sizes, output_sizes, input_size)
     use_triton = resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="panoptic_inference") == "triton"
     assign = load_kernel("panoptic", "panoptic_inference").panoptic_assign if use_triton else panoptic_assign_reference
     thing_classes = {int(c) for c in thing_classes}
@@ -190,7 +228,7 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
             results.append((id_map, []))
             continue
         ids, assigned, full = assign(scores[keep], mask_embed[b][keep], pixel_embed[b],
-                                     image_sizes[b], output_sizes[b])
+                                     image_sizes[b], output_sizes[b], input_size)
         lut, segments_info = assemble_panoptic(labels[keep].tolist(), scores[keep].tolist(),
                                                assigned.tolist(), full.tolist(), overlap_threshold,
                                                thing_classes)
@@ -202,16 +240,17 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
 # ---------------------------------------------------------------------------- instance
 def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
-                       topk: int | None = None, impl: str = "auto") -> list[dict]:
+                       topk: int | None = None, input_size: Size | None = None,
+                       impl: str = "auto") -> list[dict]:
     """Mask2Former-style instance inference (not in the official MaskFormer release).
 
     The top ``topk`` (default Q) of the Q*K (query, class) probabilities; mask = logit > 0;
     score = class prob x mean mask probability inside the mask. Returns per image a dict with
     ``masks`` bool [N,H,W], ``scores`` float32 [N], ``labels`` int64 [N], sorted by the
-    class probability (descending).
+    class probability (descending). ``input_size``: the model input size, default (4h, 4w).
     """
-    image_sizes, output_sizes = _check_inference_args(class_logits, mask_embed, pixel_embed,
-                                                      image_sizes, output_sizes)
+    image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
+                                                                  image_sizes, output_sizes, input_size)
     use_triton = resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="instance_inference") == "triton"
     resize = (load_kernel("mask_probs", "instance_inference").resized_mask_logits if use_triton
               else resized_mask_logits_reference)
@@ -222,7 +261,8 @@ def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
         probs = class_logits[b].float().softmax(-1)[:, :-1]  # [Q, K]
         top_scores, flat = probs.flatten().topk(topk, sorted=True)
         query, label = flat // num_classes, flat % num_classes
-        logits = resize(mask_embed[b][query], pixel_embed[b], image_sizes[b], output_sizes[b])  # [N,H,W]
+        logits = resize(mask_embed[b][query], pixel_embed[b], image_sizes[b], output_sizes[b],
+                        input_size)  # [N,H,W]
         masks = logits > 0
         inside = masks.flatten(1).float()
         mask_score = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)

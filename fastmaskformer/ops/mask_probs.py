@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._checks import check_embeddings
 from ._dispatch import load_kernel, resolve_impl
-from .inference import resized_mask_logits_reference
+from .inference import check_input_size, check_sizes, resized_mask_logits_reference
 from .mask_logits import mask_logits_reference
 
 Size = tuple[int, int]
@@ -22,23 +22,24 @@ OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def mask_probs_reference(mask_embed: Tensor, pixel_embed: Tensor, image_sizes=None,
-                         output_sizes=None, out_dtype: torch.dtype = torch.float32):
+                         output_sizes=None, out_dtype: torch.dtype = torch.float32, input_size=None):
     """The plain-PyTorch spec of :func:`mask_probs` (arguments already normalised)."""
     if image_sizes is None and output_sizes is None:
         return mask_logits_reference(mask_embed, pixel_embed).sigmoid().to(out_dtype)
     return [resized_mask_logits_reference(mask_embed[b], pixel_embed[b], image_sizes[b],
-                                          output_sizes[b]).sigmoid().to(out_dtype)
+                                          output_sizes[b], input_size).sigmoid().to(out_dtype)
             for b in range(mask_embed.shape[0])]
 
 
 def mask_probs(mask_embed: Tensor, pixel_embed: Tensor, image_sizes: Sequence[Size] | None = None,
                output_sizes: Sequence[Size] | None = None, out_dtype: torch.dtype = torch.float32,
-               impl: str = "auto"):
+               input_size: Size | None = None, impl: str = "auto"):
     """Sigmoid mask probabilities in ``out_dtype`` (float32 or bfloat16).
 
     mask_embed [B,Q,C], pixel_embed [B,C,h,w]. Without sizes returns ``[B,Q,h,w]``. Otherwise a
-    list of ``[Q,H_i,W_i]``: ``image_sizes`` are the unpadded inputs (default: the whole padded
-    input (4h, 4w)), ``output_sizes`` the original sizes (default: ``image_sizes``).
+    list of ``[Q,H_i,W_i]``: ``image_sizes`` are the unpadded inputs (default: the whole model
+    input), ``output_sizes`` the original sizes (default: ``image_sizes``); ``input_size`` is the
+    model input (padded batch) size the logits are upsampled to (default (4h, 4w)).
     """
     check_embeddings(mask_embed, pixel_embed)
     if mask_embed.dim() != 3:
@@ -46,19 +47,11 @@ def mask_probs(mask_embed: Tensor, pixel_embed: Tensor, image_sizes: Sequence[Si
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     batch = mask_embed.shape[0]
-    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
+    input_size = check_input_size(pixel_embed, input_size)
     if image_sizes is not None or output_sizes is not None:
-        image_sizes = [padded] * batch if image_sizes is None else [(int(h), int(w)) for h, w in image_sizes]
-        output_sizes = image_sizes if output_sizes is None else [(int(h), int(w)) for h, w in output_sizes]
-        if len(image_sizes) != batch or len(output_sizes) != batch:
-            raise ValueError(f"need {batch} image_sizes and output_sizes, got {len(image_sizes)} "
-                             f"and {len(output_sizes)}")
-        for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
-            if not (0 < h <= padded[0] and 0 < w <= padded[1]):
-                raise ValueError(f"image_sizes[{i}] = {(h, w)} must be positive and within the padded input {padded}")
-            if oh <= 0 or ow <= 0:
-                raise ValueError(f"output_sizes[{i}] = {(oh, ow)} must be positive")
+        image_sizes, output_sizes = check_sizes([input_size] * batch if image_sizes is None else image_sizes,
+                                                output_sizes, batch, input_size)
     if resolve_impl(impl, mask_embed, pixel_embed, op="mask_probs") == "triton":
         return load_kernel("mask_probs", "mask_probs").mask_probs(mask_embed, pixel_embed, image_sizes,
-                                                                  output_sizes, out_dtype)
-    return mask_probs_reference(mask_embed, pixel_embed, image_sizes, output_sizes, out_dtype)
+                                                                  output_sizes, out_dtype, input_size)
+    return mask_probs_reference(mask_embed, pixel_embed, image_sizes, output_sizes, out_dtype, input_size)

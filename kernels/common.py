@@ -1,0 +1,138 @@
+"""Pieces shared by the kernels: autotune config lists, the precision-aware ``tl.dot``, and the
+bilinear resampling rule (taps and weights) every resampling kernel uses.
+
+Resampling follows PyTorch's ``upsample_bilinear2d`` with ``align_corners=False`` and no explicit
+scale factor: ``src = max(scale * (dst + 0.5) - 0.5, 0)`` with ``scale = in / out`` rounded to
+float32, ``i0 = floor(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``, ``l0 = 1 - l1``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import triton
+import triton.language as tl
+
+from fastmaskformer.ops._dispatch import interpreter_enabled
+
+# input_precision of fp32 tl.dot: "ieee" (exact fp32 products, CUDA cores), "tf32" (tensor
+# cores, operands rounded to a 10-bit mantissa), "tf32x3" (three tf32 products, ~fp32 accuracy).
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def check_precision(precision: str, op: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def autotune_configs(gpu: list[dict], interpreter: dict) -> list[triton.Config]:
+    """GPU configs (block sizes plus optional "num_warps" / "num_stages") or, under the
+    interpreter, the one big-block config: multi-config autotune fails there and its cost grows
+    with the number of programs, not with the block size."""
+    configs = []
+    for c in ([interpreter] if interpreter_enabled() else gpu):
+        c = dict(c)
+        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 1)
+        configs.append(triton.Config(c, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def resize_scale(src: int, dst: int) -> float:
+    """PyTorch's bilinear scale ``in / out`` as a float32 value (passed exactly to kernels)."""
+    return float(np.float32(src) / np.float32(dst))
+
+
+def upsample_scales(lowres, input_size=None) -> tuple[float, float]:
+    """Scales of the upsampling from the stride-4 grid (h, w) to the model input size (default
+    (4h, 4w): exactly 0.25)."""
+    h, w = lowres
+    H, W = (4 * h, 4 * w) if input_size is None else input_size
+    return resize_scale(h, H), resize_scale(w, W)
+
+
+# ---------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _tf32(x):
+    """x rounded toward zero to tf32 (10-bit mantissa), as the tensor cores read fp32 operands."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. PRECISION applies to fp32 operands; 16-bit operands
+    use their exact products. EMULATE (the CPU interpreter, whose tl.dot is exact fp32 and wrong
+    on bf16): upcast, and model the tf32 roundings explicitly so CPU tests see GPU numerics."""
+    if EMULATE:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if PRECISION == "tf32":
+            return tl.dot(_tf32(a), _tf32(b), acc)
+        elif PRECISION == "tf32x3":
+            a_hi = _tf32(a)
+            b_hi = _tf32(b)
+            acc = tl.dot(_tf32(a - a_hi), b_hi, acc)
+            acc = tl.dot(a_hi, _tf32(b - b_hi), acc)
+            return tl.dot(a_hi, b_hi, acc)
+        else:
+            return tl.dot(a, b, acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def source_taps(dst, scale, in_size):
+    """Bilinear (align_corners=False) taps of integer destination indices ``dst``:
+    (i0, i1, l0, l1) with value = l0 * v[i0] + l1 * v[i1]. Indices past the output (masked
+    lanes) are clamped inside [0, in_size) so their loads stay in bounds."""
+    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0: truncation is floor
+    i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
+    l1 = tl.minimum(src - i0.to(tl.float32), 1.0)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def bilinear_rows(x_ptr, ty, tx, scale_y, scale_x, h, w, nq, q, mask):
+    """Bilinear sample of pixel-major low-res values ``x_ptr`` [h*w, nq] at destination pixels
+    (ty, tx) [P] of a grid with ``scale = h / dst_h``: [P, Q] for queries q [Q]. Each tap is
+    one contiguous row of nq values."""
+    y0, y1, ly0, ly1 = source_taps(ty, scale_y, h)
+    x0, x1, lx0, lx1 = source_taps(tx, scale_x, w)
+    cols = q[None, :]
+    top = ly0[:, None] * (lx0[:, None] * tl.load(x_ptr + ((y0 * w + x0) * nq)[:, None] + cols, mask=mask, other=0.0)
+                          + lx1[:, None] * tl.load(x_ptr + ((y0 * w + x1) * nq)[:, None] + cols, mask=mask, other=0.0))
+    # Same nesting as PyTorch's kernel: rows outer, columns inner.
+    return top + ly1[:, None] * (
+        lx0[:, None] * tl.load(x_ptr + ((y1 * w + x0) * nq)[:, None] + cols, mask=mask, other=0.0)
+        + lx1[:, None] * tl.load(x_ptr + ((y1 * w + x1) * nq)[:, None] + cols, mask=mask, other=0.0))
+
+
+@triton.jit
+def resampled(x_ptr, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w, nq, q, mask,
+              RESIZE: tl.constexpr, SIGMOID_FIRST: tl.constexpr):
+    """Official post-processing at output pixels (oy, ox) [P] -> [P, Q]: the low-res logits
+    [h*w, nq] upsampled to the model input (``up = h / H_in``), optionally passed through a
+    sigmoid (SIGMOID_FIRST: before the resize, as semantic inference does), cropped to (crop_h,
+    crop_w) and resized (``scale = crop / out``). Without RESIZE the output grid is the cropped
+    grid (crop == out: the resize is the identity and is skipped, 4 gathers instead of 16)."""
+    if RESIZE:
+        ty0, ty1, wy0, wy1 = source_taps(oy, scale_y, crop_h)
+        tx0, tx1, wx0, wx1 = source_taps(ox, scale_x, crop_w)
+        v00 = bilinear_rows(x_ptr, ty0, tx0, up_y, up_x, h, w, nq, q, mask)
+        v01 = bilinear_rows(x_ptr, ty0, tx1, up_y, up_x, h, w, nq, q, mask)
+        if SIGMOID_FIRST:
+            v00 = tl.sigmoid(v00)
+            v01 = tl.sigmoid(v01)
+        top = wy0[:, None] * (wx0[:, None] * v00 + wx1[:, None] * v01)
+        v10 = bilinear_rows(x_ptr, ty1, tx0, up_y, up_x, h, w, nq, q, mask)
+        v11 = bilinear_rows(x_ptr, ty1, tx1, up_y, up_x, h, w, nq, q, mask)
+        if SIGMOID_FIRST:
+            v10 = tl.sigmoid(v10)
+            v11 = tl.sigmoid(v11)
+        return top + wy1[:, None] * (wx0[:, None] * v10 + wx1[:, None] * v11)
+    else:
+        v = bilinear_rows(x_ptr, oy, ox, up_y, up_x, h, w, nq, q, mask)
+        if SIGMOID_FIRST:
+            v = tl.sigmoid(v)
+        return v
