@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastmaskformer as fmf
 from fastmaskformer import ops
@@ -107,6 +108,73 @@ def test_class_loss_hand_computed_weighting():
     losses = SetCriterion(2, deep_supervision=False)(out, [t])
     # uniform logits: CE = ln 3 for both, weighted mean = ln 3
     assert losses["loss_ce"].item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def expected_layer_losses(out, layer, targets, num_classes):
+    """One decoder layer's loss terms computed independently of the criterion: the matcher run
+    on this layer alone, cross-entropy with the no-object weight 0.1 and focal / dice written
+    out from their formulas (DESIGN 3). Returns (matching, losses)."""
+    logits, embed, pixels = out.class_logits[layer], out.mask_embed[layer], out.pixel_embed
+    (indices,) = HungarianMatcher(solver="scipy")(logits[None], embed[None], pixels, targets)
+    batch, queries, _ = logits.shape
+    classes = torch.full((batch, queries), num_classes)
+    for b, (qi, si) in enumerate(indices):
+        classes[b, qi] = targets[b].labels[si]
+    weight = torch.where(classes == num_classes, 0.1, 1.0)
+    nll = -logits.log_softmax(-1).gather(-1, classes[..., None])[..., 0]
+    ce = (weight * nll).sum() / weight.sum()
+
+    size = (4 * pixels.shape[-2], 4 * pixels.shape[-1])  # the padded input size
+    num_masks = max(sum(t.num_segments for t in targets), 1)
+    focal = dice = 0.0
+    for b, (qi, si) in enumerate(indices):
+        seg = torch.full(size, -1, dtype=torch.int32)
+        h, w = targets[b].segment_map.shape
+        seg[:h, :w] = targets[b].segment_map
+        for q, m in zip(qi.tolist(), si.tolist()):
+            small = torch.einsum("c,chw->hw", embed[b, q], pixels[b])
+            x = F.interpolate(small[None, None], size=size, mode="bilinear", align_corners=False).flatten()
+            t = (seg == m).flatten().float()
+            s = x.sigmoid()
+            bce = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
+            p_t = t * s + (1 - t) * (1 - s)
+            alpha_t = 0.25 * t + 0.75 * (1 - t)
+            focal = focal + (alpha_t * (1 - p_t) ** 2 * bce).mean()
+            dice = dice + 1 - (2 * (s * t).sum() + 1) / (s.sum() + t.sum() + 1)
+    return indices, {"loss_ce": ce, "loss_mask": focal / num_masks, "loss_dice": dice / num_masks}
+
+
+def test_every_layer_loss_uses_its_own_matching():
+    num_layers, k = 3, 4
+    out = lazy_outputs(num_layers, 2, 6, k, 5, 5, 6, seed=7)
+    targets = [semantic_target(20, 24, k, 3), semantic_target(16, 20, k, 4)]  # the second is padded
+    losses = SetCriterion(k)(out, targets)
+    final, _ = expected_layer_losses(out, num_layers - 1, targets, k)
+    for layer in range(num_layers):
+        indices, expected = expected_layer_losses(out, layer, targets, k)
+        if layer < num_layers - 1:  # the test can only tell matchings apart where they differ
+            assert any(not torch.equal(a[0], f[0]) or not torch.equal(a[1], f[1]) for a, f in zip(indices, final))
+        suffix = "" if layer == num_layers - 1 else f"_{layer}"
+        for name, value in expected.items():
+            assert losses[name + suffix].item() == pytest.approx(value.item(), rel=1e-5), name + suffix
+
+
+def test_no_object_queries_weigh_a_tenth_in_the_class_loss():
+    # 1 image, 2 queries, one segment of class 0; equal (zero) masks, so query 0, the likelier
+    # class 0, is matched and query 1 gets the no-object target (class 2)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    out = SimpleNamespace(class_logits=logits[None, None], mask_embed=torch.zeros(1, 1, 2, 1),
+                          pixel_embed=torch.zeros(1, 1, 2, 2))
+    target = fmf.Target(torch.tensor([0]), torch.zeros(8, 8, dtype=torch.int32))
+    matched = -math.log(math.exp(2) / (math.exp(2) + 2))
+    no_object = -math.log(math.e / (math.e + 2))
+    cfg = fmf.get_config("ade20k-150-r50")
+    cfg.model.num_classes = 2
+    for criterion in (SetCriterion(2), build_criterion(cfg)):
+        loss = criterion(out, [target])["loss_ce"].item()
+        assert loss == pytest.approx((matched + 0.1 * no_object) / 1.1, rel=1e-6)
+    loss = SetCriterion(2, no_object_weight=1.0)(out, [target])["loss_ce"].item()
+    assert loss == pytest.approx((matched + no_object) / 2, rel=1e-6)
 
 
 def test_criterion_rejects_labels_out_of_range():
