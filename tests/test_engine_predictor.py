@@ -96,3 +96,77 @@ def test_predict_and_eval_feed_the_model_identical_inputs(tmp_path):
 def test_resize_image_needs_uint8():
     with pytest.raises(TypeError, match=r"uint8 \[3, H, W\]"):
         resize_image(torch.zeros(3, 4, 4), (2, 2))
+
+
+def _by_hand_scores(class_logits, mask_embed, pixel_embed, input_size, image_size, output_size):
+    """The official post-processing written out: logits upsampled to the model input size,
+    class-weighted mask probabilities, padding cropped, bilinear resize: scores [K, H, W]."""
+    import torch.nn.functional as F
+
+    logits = F.interpolate(torch.einsum("qc,chw->qhw", mask_embed, pixel_embed)[None], size=input_size,
+                           mode="bilinear", align_corners=False)[0]
+    scores = torch.einsum("qk,qhw->khw", class_logits.softmax(-1)[:, :-1], logits.sigmoid())
+    scores = scores[:, : image_size[0], : image_size[1]]
+    return F.interpolate(scores[None], size=output_size, mode="bilinear", align_corners=False)[0]
+
+
+def _assert_labels(labels, scores):
+    """labels equal argmax(scores) wherever the top two scores are not within float noise."""
+    top2 = scores.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 1e-5
+    assert clear.float().mean() > 0.9
+    assert torch.equal(labels[clear], scores.argmax(0)[clear])
+
+
+def test_unpadded_inputs_are_upsampled_to_the_true_input_size():
+    # size_divisibility 0 (official COCO panoptic): a 61 x 90 batch gives a 16 x 23 embedding,
+    # 4 x 16 != 61: every task upsamples to 61 x 90, crops, resizes (not to 64 x 92)
+    from types import SimpleNamespace
+
+    from fastmaskformer import MaskFormerOutput, build_model, ops
+    from fastmaskformer.config import ModelConfig
+    from fastmaskformer.engine.predictor import infer, semantic_tta
+
+    cfg = ModelConfig(num_classes=5, num_queries=6, hidden_dim=16, mask_dim=16, conv_dim=32, nheads=2,
+                      dim_feedforward=32, dec_layers=2, size_divisibility=0)
+    cfg.backbone.kwargs = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
+    model = build_model(cfg).eval()
+    forward = model.forward
+
+    def varied_forward(batch):  # the real model's shapes, spatially varied values (seeded by shape)
+        g = torch.Generator().manual_seed(batch.shape[-1])
+        return MaskFormerOutput(*(3 * torch.randn(t.shape, generator=g) for t in forward(batch).as_tuple()))
+
+    model.forward = varied_forward
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 61, 90), generator=g, dtype=torch.uint8),
+              torch.randint(0, 256, (3, 50, 70), generator=g, dtype=torch.uint8)]
+    output_sizes = [(122, 181), (45, 63)]
+    test_cfg = SimpleNamespace(object_mask_threshold=0.0, overlap_threshold=0.0, aug_scales=(), aug_flip=True,
+                               aug_max_size=4000)
+    results = infer(model, images, output_sizes, test_cfg, ("semantic", "panoptic", "instance"))
+    with torch.no_grad():
+        batch, sizes = model.preprocess(images)
+        out = model(batch)
+    assert batch.shape[-2:] == (61, 90) and out.pixel_embed.shape[-2:] == (16, 23)
+    cls, emb, pix = out.class_logits[-1], out.mask_embed[-1], out.pixel_embed
+    for b in range(2):
+        scores = _by_hand_scores(cls[b], emb[b], pix[b], (61, 90), sizes[b], output_sizes[b])
+        _assert_labels(results[b]["semantic"], scores)
+        stale = _by_hand_scores(cls[b], emb[b], pix[b], (64, 92), sizes[b], output_sizes[b])
+        assert not torch.equal(results[b]["semantic"], stale.argmax(0))  # (4h, 4w) would differ
+    args = (cls, emb, pix, sizes, output_sizes)
+    panoptic = ops.panoptic_inference(*args, object_mask_threshold=0.0, overlap_threshold=0.0, input_size=(61, 90))
+    instance = ops.instance_inference(*args, input_size=(61, 90))
+    for b in range(2):
+        assert torch.equal(results[b]["panoptic"][0], panoptic[b][0]) and results[b]["panoptic"][1] == panoptic[b][1]
+        assert results[b]["panoptic"][1] and torch.equal(results[b]["instance"]["masks"], instance[b]["masks"])
+    # test-time augmentation (the image and its flip): each view at its own input size
+    labels = semantic_tta(model, images[0], (122, 181), test_cfg)
+    with torch.no_grad():
+        views = [model(model.preprocess([im])[0]) for im in (images[0], images[0].flip(-1))]
+    scores = sum(_by_hand_scores(v.class_logits[-1, 0], v.mask_embed[-1, 0], v.pixel_embed[0], (61, 90), (61, 90),
+                                 (122, 181)).flip(-1) if flip else
+                 _by_hand_scores(v.class_logits[-1, 0], v.mask_embed[-1, 0], v.pixel_embed[0], (61, 90), (61, 90),
+                                 (122, 181)) for v, flip in zip(views, (False, True))) / 2
+    _assert_labels(labels, scores)

@@ -18,7 +18,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
@@ -75,20 +74,22 @@ def _float_outputs(outputs):
 
 @torch.no_grad()
 def run_model(model: nn.Module, images: Sequence[Tensor], amp: bool = False):
-    """(float32 outputs, image_sizes) of ``model`` on images ``[3, h_i, w_i]`` (0-255)."""
+    """(float32 outputs, image_sizes, input_size) of ``model`` on images ``[3, h_i, w_i]``
+    (0-255); ``input_size`` is the padded batch's (H, W), which the stride-4 outputs need not
+    divide (``model.size_divisibility`` 0): inference upsamples to it, not to 4x the embedding."""
     batch, sizes = model.preprocess(list(images))
     device = batch.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = model(batch)
-    return _float_outputs(outputs), sizes
+    return _float_outputs(outputs), sizes, (int(batch.shape[-2]), int(batch.shape[-1]))
 
 
-def _per_pixel_semantic(logits: Tensor, image_sizes, output_sizes) -> list[Tensor]:
-    """Per-pixel baseline logits [B, K, h, w] (stride 4) -> int64 labels at output sizes."""
-    padded = (4 * logits.shape[-2], 4 * logits.shape[-1])
-    up = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+def _per_pixel_semantic(outputs, image_sizes, output_sizes, input_size) -> list[Tensor]:
+    """Per-pixel baseline outputs -> int64 labels at output sizes (logits upsampled to the
+    model input size, cropped, resized)."""
+    up = outputs.sem_seg_logits(input_size)
     return [ops.inference.crop_and_resize(up[b], image_sizes[b], output_sizes[b]).argmax(0)
-            for b in range(logits.shape[0])]
+            for b in range(up.shape[0])]
 
 
 @torch.no_grad()
@@ -104,25 +105,26 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
     unknown = tasks - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
-    outputs, sizes = run_model(model, images, amp)
+    outputs, sizes, input_size = run_model(model, images, amp)
     results: list[dict] = [{} for _ in images]
     if not hasattr(outputs, "class_logits"):  # per-pixel baselines: semantic only
         if tasks - {"semantic"}:
             raise ValueError(f"{type(model).__name__} predicts semantic segmentation only, not {sorted(tasks - {'semantic'})}")
-        for r, labels in zip(results, _per_pixel_semantic(outputs.logits[-1], sizes, output_sizes)):
+        for r, labels in zip(results, _per_pixel_semantic(outputs, sizes, output_sizes, input_size)):
             r["semantic"] = labels
         return results
     args = (outputs.class_logits[-1], outputs.mask_embed[-1], outputs.pixel_embed, sizes, output_sizes)
     if "semantic" in tasks:
-        for r, labels in zip(results, ops.semantic_inference(*args)):
+        for r, labels in zip(results, ops.semantic_inference(*args, input_size=input_size)):
             r["semantic"] = labels
     if "panoptic" in tasks:
         pan = ops.panoptic_inference(*args, object_mask_threshold=test_cfg.object_mask_threshold,
-                                     overlap_threshold=test_cfg.overlap_threshold, thing_classes=thing_classes)
+                                     overlap_threshold=test_cfg.overlap_threshold, thing_classes=thing_classes,
+                                     input_size=input_size)
         for r, p in zip(results, pan):
             r["panoptic"] = p
     if "instance" in tasks:
-        for r, inst in zip(results, ops.instance_inference(*args)):
+        for r, inst in zip(results, ops.instance_inference(*args, input_size=input_size)):
             r["instance"] = inst
     return results
 
@@ -143,11 +145,12 @@ def semantic_tta(model: nn.Module, image: Tensor, output_size: tuple[int, int], 
         resized = resize_image(image, size)
         for flip in flips:
             view = resized.flip(-1) if flip else resized
-            outputs, sizes = run_model(model, [view], amp)
+            outputs, sizes, input_size = run_model(model, [view], amp)
             if not hasattr(outputs, "class_logits"):
                 raise ValueError("test-time augmentation needs a MaskFormer model")
             views.append({"class_logits": outputs.class_logits[-1, 0], "mask_embed": outputs.mask_embed[-1, 0],
-                          "pixel_embed": outputs.pixel_embed[0], "image_size": sizes[0], "flipped": flip})
+                          "pixel_embed": outputs.pixel_embed[0], "image_size": sizes[0],
+                          "input_size": input_size, "flipped": flip})
     return ops.semantic_inference_tta(views, tuple(output_size))
 
 

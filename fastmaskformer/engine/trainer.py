@@ -94,15 +94,18 @@ def _output_names(outputs) -> list[str]:
     return [f.name for f in dataclasses.fields(outputs)]
 
 
-def model_losses(model: nn.Module, criterion: nn.Module | None, outputs, targets) -> tuple[dict, torch.Tensor]:
+def model_losses(model: nn.Module, criterion: nn.Module | None, outputs, targets,
+                 input_size: tuple[int, int]) -> tuple[dict, torch.Tensor]:
     """(unweighted loss terms, weighted total) for MaskFormer (criterion) or the per-pixel
     baselines (their own ``losses``, summed with weight 1 as in the official configs).
-    Outputs are cast to float32 first: losses always run in fp32."""
+    ``input_size``: the padded batch's (H, W), where the targets live (not always 4x the
+    stride-4 outputs: size_divisibility 0). Outputs are cast to float32 first: losses always
+    run in fp32."""
     outputs = type(outputs)(*(t.float() for t in outputs.as_tuple()))
     if criterion is None:
-        losses = model.losses(outputs, targets)
+        losses = model.losses(outputs, targets, input_size)
         return losses, sum(losses.values())
-    losses = criterion(outputs, targets)
+    losses = criterion(outputs, targets, input_size)
     return losses, criterion.total(losses)
 
 
@@ -251,7 +254,7 @@ class Trainer:
                 # a zero backward through every parameter keeps DDP ranks in step; the update is dropped
                 (sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0).backward()
                 return {name: math.nan for name in bad}
-            losses, total = model_losses(self.model, self.criterion, outputs, batch["targets"])
+            losses, total = model_losses(self.model, self.criterion, outputs, batch["targets"], images.shape[-2:])
             (total / self.cfg.solver.grad_accum).backward()
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["total_loss"] = float(total.detach())
