@@ -129,9 +129,10 @@ def _official_state(model, release_layout: bool = False) -> dict:
     return out
 
 
-def _write_pkl(path, state: dict) -> None:
+def _write_pkl(path, state: dict, protocol: int = pickle.DEFAULT_PROTOCOL) -> None:
     with open(path, "wb") as f:  # as the model zoo's files: numpy arrays, author, heuristics flag
-        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, f)
+        pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True}, f,
+                    protocol=protocol)
 
 
 def _assert_same_weights(a, b):
@@ -272,21 +273,72 @@ def test_deep_stem_and_encoder_names():
     assert "sem_seg_head.predictor.input_proj.weight" not in table  # 256-channel encoder memory: no projection
 
 
+# ----------------------------------------------------------------------------- pickle protocol 5
+def test_protocol5_model_zoo_pickle(tmp_path):
+    cfg = _small_config("r50")
+    ours = _random_model(cfg, seed=2)
+    path = tmp_path / "model_final.pkl"
+    _write_pkl(path, _official_state(ours, release_layout=True), protocol=5)
+    assert b"_frombuffer" in path.read_bytes()  # numpy's protocol-5 array rebuild
+    _assert_same_weights(ours, from_detectron2(path, cfg))
+
+
+def _other_numpy_module_name(data: bytes) -> bytes:
+    """The same protocol-5 pickle as written by the other numpy major version, whose module is
+    numpy.core.numeric (1.x) instead of numpy._core.numeric (2.x) or the reverse. A small pickle
+    is one frame, so only the frame length changes with the name."""
+    names = [b"numpy.core.numeric", b"numpy._core.numeric"]
+    opcodes = [b"\x8c" + bytes([len(n)]) + n for n in names]  # SHORT_BINUNICODE
+    old = 0 if opcodes[0] in data else 1
+    assert data[:3] == b"\x80\x05\x95" and len(data) == 11 + int.from_bytes(data[3:11], "little")
+    body = data[11:].replace(opcodes[old], opcodes[1 - old])
+    assert names[1 - old] in body
+    return data[:3] + len(body).to_bytes(8, "little") + body
+
+
+def test_protocol5_array_layouts_from_numpy_1_and_2(tmp_path):
+    arrays = {"contiguous": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+              "strided": np.arange(10, dtype=np.int64)[::2], "zero_d": np.array(1.5, np.float32),
+              "readonly": np.frombuffer(np.arange(4, dtype=np.float32).tobytes(), np.float32)}
+    data = pickle.dumps({"model": arrays, "__author__": "Detectron2 Model Zoo"}, protocol=5)
+    for name, payload in (("this_numpy.pkl", data), ("other_numpy.pkl", _other_numpy_module_name(data))):
+        (tmp_path / name).write_bytes(payload)
+        state = load_detectron2_checkpoint(tmp_path / name)
+        assert state.keys() == arrays.keys()
+        for k, a in arrays.items():
+            assert torch.equal(state[k], torch.from_numpy(np.array(a)).float()), (name, k)
+
+
+def test_protocol5_out_of_band_buffers_are_refused(tmp_path):
+    buffers = []
+    data = pickle.dumps({"model": {"w": np.ones((4, 4), np.float32)}}, protocol=5, buffer_callback=buffers.append)
+    assert buffers  # the array's data is not in the pickle
+    path = tmp_path / "out_of_band.pkl"
+    path.write_bytes(data)
+    with pytest.raises(pickle.UnpicklingError, match=r"out_of_band.pkl: its arrays were pickled out-of-band"):
+        load_detectron2_checkpoint(path)
+
+
 # ----------------------------------------------------------------------------- bad input
 class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
 
     def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+        return self.call, self.args
 
 
-def test_malicious_pickle_is_refused(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("call,refused", [(os.system, r"(posix|nt)\.system"), (np.load, r"numpy\.load")])
+def test_malicious_pickle_is_refused(tmp_path, protocol, call, refused):
     marker = tmp_path / "pwned"
     path = tmp_path / "model_final_evil.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": {"backbone.stem.conv1.weight": _Evil(marker)}, "__author__": "x"}, f)
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle (posix|nt)\.system"):
+        weights = {"backbone.stem.conv1.weight": np.ones(3, np.float32), "backbone.stem.conv1.bias": _Evil(
+            call, f"touch {marker}" if call is os.system else str(marker))}
+        pickle.dump({"model": weights, "__author__": "x"}, f, protocol=protocol)
+    with pytest.raises(pickle.UnpicklingError, match=rf"model_final_evil.pkl: refusing to unpickle {refused}"):
         load_detectron2_checkpoint(path)
     assert not marker.exists()
 

@@ -9,7 +9,8 @@ of queries are read from the checkpoint (class head and query embedding shapes).
 Files. The model zoo's ``model_final_*.pkl`` is a pickled dict ``{"model": {name: numpy
 array}, "__author__": ..., "matching_heuristics": ...}``. Unpickling runs whatever the file
 names, so ``.pkl`` files are read by an unpickler that only knows how to rebuild numpy arrays
-(plus dicts, strings and numbers) and refuses anything else. Detectron2's own training
+(plus dicts, strings and numbers) and refuses anything else; pickle protocols 0 to 5 load
+(protocol 5 with the arrays' data in the file, not out-of-band). Detectron2's own training
 checkpoints (``.pth``, torch tensors under ``"model"``) go through
 ``torch.load(weights_only=True)``.
 
@@ -57,17 +58,22 @@ from ._common import write_checkpoint
 
 try:  # numpy >= 2 moved the array internals to numpy._core; its pickles name that module
     from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
 except ImportError:  # numpy 1.x
     from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
 
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- safe loading
 # The only globals a pickled dict of numpy arrays refers to. Arrays pickled by numpy 1.x name
-# numpy.core, by numpy 2.x numpy._core; protocol-2 pickles encode bytes through _codecs.encode.
+# numpy.core, by numpy 2.x numpy._core; protocol-2 pickles encode bytes through _codecs.encode;
+# protocol 5 rebuilds contiguous arrays with numeric._frombuffer(buffer, dtype, shape, order)
+# (numpy.frombuffer + reshape), other arrays as before with multiarray._reconstruct.
 _PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
     **{(module, "_reconstruct"): _multiarray._reconstruct
        for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _numeric._frombuffer for module in ("numpy.core.numeric", "numpy._core.numeric")},
     **{(module, "scalar"): _multiarray.scalar for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -91,6 +97,19 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             ) from None
 
 
+class _NoOutOfBandBuffers:
+    """The unpickler's ``buffers``: a file carries its arrays' data in-band, so a pickle that
+    asks for an out-of-band buffer (protocol 5 written with a ``buffer_callback``) cannot load."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise pickle.UnpicklingError(
+            "its arrays were pickled out-of-band (protocol 5 with a buffer_callback), so their data is "
+            "not in the file; pickle the checkpoint without a buffer_callback")
+
+
 def load_detectron2_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a Detectron2 checkpoint file -> ``{official name: float32 CPU tensor}``.
 
@@ -104,7 +123,7 @@ def load_detectron2_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     if path.suffix == ".pkl":
         with open(path, "rb") as f:
             try:
-                data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+                data = _NumpyOnlyUnpickler(f, encoding="latin1", buffers=_NoOutOfBandBuffers()).load()
             except (pickle.UnpicklingError, EOFError) as e:  # EOFError: a truncated download
                 raise pickle.UnpicklingError(f"{path}: {e or 'file ends early'}") from None
     else:
