@@ -4,22 +4,27 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <new>
-#include <system_error>
-#include <thread>
+#include <stdexcept>
 
 #include "lsap.h"
+#include "pool.h"
 
 namespace fmf {
 namespace {
 
-// Starting and joining a thread costs tens of microseconds, as much as solving a few 100x20
-// problems, so small batches run on fewer threads than allowed. Units: estimate_work() below.
+// Handing work to a pool thread (waking it, waiting for it to return) costs 15-20 us on the
+// 2-core development machine under load (starting a thread instead: ~35 us), as much as solving
+// a few 100x20 problems, so small batches run on fewer threads than allowed. Units:
+// estimate_work() below.
 constexpr double kWorkPerThread = 2.0e5;
 
 // Rough cost of one problem: reading every entry plus the augmenting paths, which for random
 // costs grow like short_side^2 * long_side / 8. About 3e3 units per microsecond on 100x20
-// problems (within a factor of 3 for 100x8 .. 200x100); a thread start is worth ~1e5 units.
+// problems (within a factor of 3 for 100x8 .. 200x100); handing work to a thread is worth
+// ~5e4 units.
 double estimate_work(const MatrixView& m) {
   const double lo = static_cast<double>(std::min(m.rows, m.cols));
   const double hi = static_cast<double>(std::max(m.rows, m.cols));
@@ -118,36 +123,64 @@ SolveStatus solve_one(const MatrixView& m, const AssignmentOut& out, bool maximi
   return SolveStatus::kOk;
 }
 
+// inject_failure()'s target; a negative index is disarmed.
+std::atomic<int64_t> g_fail_index{-1};
+std::atomic<InjectedFailure> g_fail_kind{InjectedFailure::kNone};
+
+struct UnknownFailure {};  // thrown by the hook as something that is not a std::exception
+
+void maybe_fail(size_t k) {
+  if (static_cast<int64_t>(k) != g_fail_index.load(std::memory_order_relaxed)) return;
+  switch (g_fail_kind.load(std::memory_order_relaxed)) {
+    case InjectedFailure::kStdException: throw std::logic_error("injected failure");
+    case InjectedFailure::kUnknown: throw UnknownFailure{};
+    case InjectedFailure::kBadAlloc: throw std::bad_alloc();
+    case InjectedFailure::kNone: return;
+  }
+}
+
+// Marks problem k failed with the message `what`, which copying may find no memory for.
+void record_failure(ProblemStatus& s, const char* what) noexcept {
+  try {
+    s.error = what;
+    s.status = SolveStatus::kFailed;
+  } catch (const std::bad_alloc&) {
+    s.status = SolveStatus::kOutOfMemory;
+  }
+}
+
 }  // namespace
 
-std::vector<SolveStatus> solve_batch(const std::vector<MatrixView>& problems,
-                                     const std::vector<AssignmentOut>& outs, bool maximize,
-                                     int max_threads) {
-  std::vector<SolveStatus> status(problems.size(), SolveStatus::kOk);
+void inject_failure(int64_t index, InjectedFailure kind) {
+  g_fail_kind.store(kind);
+  g_fail_index.store(kind == InjectedFailure::kNone ? -1 : index);
+}
+
+std::vector<ProblemStatus> solve_batch(const std::vector<MatrixView>& problems,
+                                       const std::vector<AssignmentOut>& outs, bool maximize,
+                                       int max_threads) {
+  std::vector<ProblemStatus> status(problems.size());
   std::atomic<size_t> next{0};
-  // Problems are handed out one at a time, so a large one does not stall a whole thread's share.
+  // Problems are handed out one at a time, so a large one does not stall a whole thread's share,
+  // and a helper that joins late takes only what is left. Nothing escapes a thread: the pool's
+  // threads have no one to throw to, and the caller must wait for its helpers.
   auto work = [&]() {
     Worker w;
     for (size_t k = next.fetch_add(1); k < problems.size(); k = next.fetch_add(1)) {
       try {
-        status[k] = solve_one(problems[k], outs[k], maximize, w);
+        maybe_fail(k);
+        status[k].status = solve_one(problems[k], outs[k], maximize, w);
       } catch (const std::bad_alloc&) {
-        status[k] = SolveStatus::kOutOfMemory;
+        status[k].status = SolveStatus::kOutOfMemory;
+      } catch (const std::exception& e) {
+        record_failure(status[k], e.what());
+      } catch (...) {
+        record_failure(status[k], "unknown exception");
       }
     }
   };
-
-  std::vector<std::thread> helpers;
-  const int num_threads = choose_threads(problems, std::max(1, max_threads));
-  for (int t = 1; t < num_threads; ++t) {
-    try {
-      helpers.emplace_back(work);
-    } catch (const std::system_error&) {
-      break;  // the system refused another thread: the ones we have finish the batch
-    }
-  }
-  work();
-  for (std::thread& t : helpers) t.join();
+  // std::ref: the std::function then holds a pointer to `work`, no copy on the heap.
+  run_on_pool(choose_threads(problems, std::max(1, max_threads)) - 1, std::ref(work));
   return status;
 }
 

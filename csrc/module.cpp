@@ -1,15 +1,18 @@
 // fastmaskformer._C: the batched assignment solver as seen from Python.
 // fastmaskformer/ops/assignment.py is the public entry point: it converts torch tensors, checks
 // the sizes of a padded batch and describes non-finite costs; this file checks what it must to
-// never crash (dtype, dimensions, bounds) and solves with the GIL released.
+// never crash (dtype, dimensions, bounds) and solves with the GIL released. The threads live in
+// a persistent pool (pool.h), joined at interpreter exit.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "batch.h"
+#include "pool.h"
 
 namespace py = pybind11;
 
@@ -49,19 +52,30 @@ struct Outputs {
   }
 };
 
+// A worker's failure on problem k as a Python error: MemoryError or RuntimeError.
+[[noreturn]] void raise_failure(size_t k, const fmf::ProblemStatus& s) {
+  const std::string problem = "problem " + std::to_string(k) + ": ";
+  if (s.status == fmf::SolveStatus::kOutOfMemory) {
+    py::set_error(PyExc_MemoryError, (problem + "out of memory while solving").c_str());
+    throw py::error_already_set();
+  }
+  throw std::runtime_error(problem + "solver failed: " + s.error);
+}
+
 // Runs the batch without the GIL and returns (list of (row_ind, col_ind), -1), or
 // (None, k) where k is the first problem with a non-finite cost, for Python to describe.
+// The first problem that failed otherwise raises MemoryError or RuntimeError naming it.
 py::tuple run(const std::vector<fmf::MatrixView>& problems, bool maximize, int num_threads) {
   Outputs outs;
   for (const fmf::MatrixView& m : problems) outs.add(std::min(m.rows, m.cols));
-  std::vector<fmf::SolveStatus> status;
+  std::vector<fmf::ProblemStatus> status;
   {
     py::gil_scoped_release release;
     status = fmf::solve_batch(problems, outs.raw, maximize, num_threads);
   }
   for (size_t k = 0; k < status.size(); ++k) {
-    if (status[k] == fmf::SolveStatus::kNonFinite) return py::make_tuple(py::none(), k);
-    if (status[k] == fmf::SolveStatus::kOutOfMemory) throw std::bad_alloc();
+    if (status[k].status == fmf::SolveStatus::kNonFinite) return py::make_tuple(py::none(), k);
+    if (status[k].status != fmf::SolveStatus::kOk) raise_failure(k, status[k]);
   }
   py::list pairs(problems.size());
   for (size_t k = 0; k < problems.size(); ++k) {
@@ -119,6 +133,23 @@ py::tuple solve_padded(const py::array& padded, const py::array_t<int64_t>& size
   return run(problems, maximize, num_threads);
 }
 
+// The test hook of batch.h, by name: "std_exception", "unknown", "bad_alloc" or "none".
+void inject_failure(int64_t index, const std::string& kind) {
+  fmf::InjectedFailure k;
+  if (kind == "none") k = fmf::InjectedFailure::kNone;
+  else if (kind == "std_exception") k = fmf::InjectedFailure::kStdException;
+  else if (kind == "unknown") k = fmf::InjectedFailure::kUnknown;
+  else if (kind == "bad_alloc") k = fmf::InjectedFailure::kBadAlloc;
+  else throw py::value_error("unknown failure kind '" + kind + "'");
+  fmf::inject_failure(index, k);
+}
+
+py::dict pool_stats() {
+  const fmf::PoolStats s = fmf::pool_stats();
+  return py::dict(py::arg("threads") = s.threads, py::arg("started") = s.started,
+                  py::arg("shut_down") = s.shut_down);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -132,4 +163,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"),
         "Solve the top-left sizes[k] block of padded[k] for every k (padded: [N, R, C], sizes: "
         "[N, 2] int64); same return value as solve_list.");
+  m.def("_pool_stats", &pool_stats,
+        "The solver's thread pool: {'threads': alive now, 'started': started in total by this "
+        "process (a fork child counts its own), 'shut_down': joined at exit}.");
+  m.def("_inject_failure", &inject_failure, py::arg("index"), py::arg("kind"),
+        "Test hook: until called with kind 'none', solving problem `index` of any batch throws "
+        "instead ('std_exception', 'unknown' (not a std::exception) or 'bad_alloc').");
+  // The pool's threads are joined while the interpreter is still whole; calls made later (from
+  // a daemon thread) run on their caller alone.
+  m.def("_shutdown_pool", &fmf::shutdown_pool, py::call_guard<py::gil_scoped_release>(),
+        "Join the solver's pool threads (registered with atexit); later solves use one thread.");
+  py::module_::import("atexit").attr("register")(m.attr("_shutdown_pool"));
 }

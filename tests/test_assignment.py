@@ -3,9 +3,17 @@
 Property tests draw batches of random problems (sizes 0..150 each way, few of them large) and
 check that every answer is a valid matching of min(rows, cols) pairs whose total cost equals
 scipy's. Bad input must raise a ValueError naming the problem, on both the native and the scipy
-fallback path.
+fallback path. The extension's thread pool is tested for reuse, concurrent callers, fork
+children, exit, and exceptions thrown inside a worker.
 """
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -270,3 +278,184 @@ def test_scipy_fallback_warns_once_and_solves(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         linear_sum_assignment_batch(batch, maximize=True)
+
+
+# The thread pool (csrc/pool.h): persistent threads shared by every call, fork-safe, joined at
+# exit; whatever a worker throws reaches Python as an error naming the problem.
+
+def pool_batch(seed: int, count: int = 48) -> list[np.ndarray]:
+    """Enough work that a call with num_threads=2 asks the pool for a helper."""
+    rng = np.random.default_rng(seed)
+    return [rng.random((100, 50)).astype(np.float32) for _ in range(count)]
+
+
+def assert_same_results(got, expected) -> None:
+    assert len(got) == len(expected)
+    for (r1, c1), (r2, c2) in zip(got, expected):
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_array_equal(c1, c2)
+
+
+def test_pool_threads_are_reused_across_calls():
+    native = assignment._native
+    batch = pool_batch(10)
+    expected = linear_sum_assignment_batch(batch, num_threads=1)
+    assert_same_results(linear_sum_assignment_batch(batch, num_threads=2), expected)
+    first = native._pool_stats()
+    if (os.cpu_count() or 1) >= 2:
+        assert first["threads"] >= 1
+    for _ in range(20):
+        assert_same_results(linear_sum_assignment_batch(batch, num_threads=2), expected)
+    assert native._pool_stats() == first
+    assert first["threads"] == first["started"] and not first["shut_down"]
+
+
+def test_concurrent_calls_from_python_threads():
+    """Callers in several Python threads share the pool; each gets its own answers, and one
+    caller's error does not disturb the others."""
+    batches = [pool_batch(20 + i) for i in range(4)]
+    expected = [linear_sum_assignment_batch(b, num_threads=1) for b in batches]
+    bad = [bad_matrix(np.nan)] * 3
+    barrier = threading.Barrier(len(batches) + 1)
+
+    def solve(i):
+        barrier.wait()
+        for _ in range(10):
+            assert_same_results(linear_sum_assignment_batch(batches[i], num_threads=2),
+                                expected[i])
+        return i
+
+    def fail():
+        barrier.wait()
+        for _ in range(10):
+            with pytest.raises(ValueError, match="problem 0: NaN"):
+                linear_sum_assignment_batch(bad, num_threads=2)
+
+    with ThreadPoolExecutor(len(batches) + 1) as executor:
+        futures = [executor.submit(solve, i) for i in range(len(batches))]
+        futures.append(executor.submit(fail))
+        for future in futures:
+            future.result(timeout=120)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_child_starts_its_own_pool():
+    """Forks while another thread keeps the pool busy (its lock may be held at that moment): each
+    child must see a fresh pool and solve with threads of its own, not hang."""
+    batch = pool_batch(30)
+    expected = linear_sum_assignment_batch(batch, num_threads=1)
+    stop = threading.Event()
+
+    def keep_busy():
+        while not stop.is_set():
+            linear_sum_assignment_batch(batch, num_threads=2)
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        for _ in range(8):
+            pid = os.fork()
+            if pid == 0:  # the child: report through the exit status only
+                code = 1
+                try:
+                    fresh = assignment._native._pool_stats()["started"] == 0
+                    assert_same_results(linear_sum_assignment_batch(batch, num_threads=2),
+                                        expected)
+                    code = 0 if fresh else 2
+                finally:
+                    os._exit(code)
+            assert wait_for_child(pid, timeout=60) == 0
+    finally:
+        stop.set()
+        busy.join()
+
+
+def wait_for_child(pid: int, timeout: float) -> int:
+    """The exit status of child `pid`; kills it and fails the test if it runs past timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"forked child {pid} hung (deadlock?)")
+
+
+class SolvingDataset(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return [col for _, col in linear_sum_assignment_batch(self.batches[i], num_threads=2)]
+
+
+def test_dataloader_workers_forked_after_use():
+    """The DataLoader case: fork-started workers solve after the parent used the pool."""
+    batches = [pool_batch(40 + i, count=24) for i in range(4)]
+    expected = [linear_sum_assignment_batch(b, num_threads=2) for b in batches]
+    loader = torch.utils.data.DataLoader(SolvingDataset(batches), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=60)
+    for cols, exp in zip(loader, expected):
+        for col, (_, exp_col) in zip(cols, exp):
+            np.testing.assert_array_equal(np.asarray(col), exp_col)
+
+
+@pytest.fixture
+def inject_failure():
+    """The extension's test hook: solving problem `index` throws `kind`; disarmed afterwards."""
+    native = assignment._native
+    yield native._inject_failure
+    native._inject_failure(-1, "none")
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("std_exception", RuntimeError, r"^problem 37: solver failed: injected failure$"),
+    ("unknown", RuntimeError, r"^problem 37: solver failed: unknown exception$"),
+    ("bad_alloc", MemoryError, r"^problem 37: out of memory while solving$"),
+])
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_worker_exception_becomes_python_error(inject_failure, kind, error, message, num_threads):
+    batch = pool_batch(50)
+    expected = linear_sum_assignment_batch(batch, num_threads=1)
+    inject_failure(37, kind)
+    with pytest.raises(error, match=message):
+        linear_sum_assignment_batch(batch, num_threads=num_threads)
+    padded = np.stack(batch)
+    with pytest.raises(error, match=message):
+        linear_sum_assignment_batch(padded, num_threads=num_threads)
+    inject_failure(-1, "none")
+    assert_same_results(linear_sum_assignment_batch(batch, num_threads=num_threads), expected)
+
+
+def test_injected_failure_kind_is_checked(inject_failure):
+    with pytest.raises(ValueError, match="unknown failure kind 'segfault'"):
+        inject_failure(0, "segfault")
+
+
+POOL_AT_EXIT = """
+import atexit, importlib.util, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("fastmaskformer._C", sys.argv[1])
+native = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(native)
+batch = [np.random.default_rng(0).random((100, 50)) for _ in range(48)]
+pairs, _ = native.solve_list(batch, False, 2)
+atexit._run_exitfuncs()  # what interpreter exit runs: joins the pool threads
+stats = native._pool_stats()
+assert stats["threads"] == 0 and stats["shut_down"], stats
+again, _ = native.solve_list(batch, False, 2)  # still answers, on the calling thread
+assert all((a[1] == b[1]).all() for a, b in zip(pairs, again))
+print("ok")
+"""
+
+
+def test_pool_is_joined_at_exit():
+    """A fresh interpreter (no torch: quick) uses the pool, runs the atexit hooks, then exits."""
+    done = subprocess.run([sys.executable, "-c", POOL_AT_EXIT, assignment._native.__file__],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

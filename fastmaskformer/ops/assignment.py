@@ -2,9 +2,12 @@
 
 ``linear_sum_assignment_batch`` solves many small problems in one call: the C++ extension
 ``fastmaskformer._C`` (``csrc/``) runs a shortest-augmenting-path solver of the Jonker-Volgenant
-family on a pool of threads with the GIL released. Each problem gives the same minimum total cost
-as ``scipy.optimize.linear_sum_assignment`` and the same output convention. When costs tie, both
-are optimal but may pick different assignments.
+family with the GIL released, on the calling thread and helpers from a persistent thread pool.
+The pool starts its threads when a call first needs them (at most one per logical CPU besides
+the caller), shares them between calls and between Python threads calling at once, starts afresh
+in a child made by ``fork`` (DataLoader workers), and joins them at interpreter exit. Each
+problem gives the same minimum total cost as ``scipy.optimize.linear_sum_assignment`` and the
+same output convention. When costs tie, both are optimal but may pick different assignments.
 
 If the extension is missing (the build failed), the same function loops over scipy and warns
 once. Tests force that path with ``monkeypatch.setattr(assignment, "_native", None)``.
@@ -44,9 +47,10 @@ def linear_sum_assignment_batch(costs, sizes=None, maximize: bool = False,
             ``sizes[i][0] x sizes[i][1]`` block of ``costs[i]``; the padding is never read and
             may hold anything (NaN included). Default: every problem is the full ``R x C``.
         maximize: maximise the total cost instead, like scipy's flag.
-        num_threads: at most this many threads (default: the cores this process may run on).
-            Small batches use fewer, since starting a thread costs more than it saves. The
-            result does not depend on the number of threads.
+        num_threads: at most this many threads, the calling one included (default: the cores
+            this process may run on; never more than the machine's logical CPUs). Small batches
+            use fewer, since handing work to a thread costs more than it saves. The result does
+            not depend on the number of threads.
 
     Returns:
         N pairs ``(row_ind, col_ind)`` of int64 arrays of length ``min(rows_i, cols_i)``, as
@@ -58,6 +62,8 @@ def linear_sum_assignment_batch(costs, sizes=None, maximize: bool = False,
             dtype other than float32/float64, NaN or infinite costs (an all-``+inf`` row or
             column that must be assigned is reported as infeasible), ``sizes`` that do not fit
             the padded array, or a tensor that is not on the CPU.
+        MemoryError, RuntimeError: naming the problem index, when solving it ran out of memory
+            or failed otherwise inside the extension.
     """
     threads = _resolve_threads(num_threads)
     maximize = bool(maximize)
