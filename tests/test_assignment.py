@@ -438,13 +438,19 @@ def test_injected_failure_kind_is_checked(inject_failure):
 
 
 POOL_AT_EXIT = """
-import atexit, importlib.util, sys
+import atexit, importlib.util, os, sys
 import numpy as np
 spec = importlib.util.spec_from_file_location("fastmaskformer._C", sys.argv[1])
 native = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(native)
 batch = [np.random.default_rng(0).random((100, 50)) for _ in range(48)]
-pairs, _ = native.solve_list(batch, False, 2)
+native.solve_list(batch, False, 1)
+assert native._pool_stats()["started"] == 0  # one thread: the pool starts none
+# Enough work for several threads: the pool holds no more than one per other logical CPU.
+pairs, _ = native.solve_list(batch, False, 64)
+started = native._pool_stats()["started"]
+cpus = os.cpu_count()
+assert (started == 0) if cpus == 1 else (1 <= started <= cpus - 1), (started, cpus)
 atexit._run_exitfuncs()  # what interpreter exit runs: joins the pool threads
 stats = native._pool_stats()
 assert stats["threads"] == 0 and stats["shut_down"], stats
@@ -454,8 +460,9 @@ print("ok")
 """
 
 
-def test_pool_is_joined_at_exit():
-    """A fresh interpreter (no torch: quick) uses the pool, runs the atexit hooks, then exits."""
+def test_pool_size_and_exit():
+    """A fresh interpreter (no torch: quick): the pool starts threads only when a call wants
+    helpers, within the machine's CPUs; the atexit hook joins them, and the process exits."""
     done = subprocess.run([sys.executable, "-c", POOL_AT_EXIT, assignment._native.__file__],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
