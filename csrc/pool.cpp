@@ -14,9 +14,9 @@ namespace fmf {
 namespace {
 
 // The most helper threads worth having: one per logical CPU besides the caller's. When the
-// count is unknown (0), callers' requests are taken as they come.
+// count is unknown (0), callers' requests are taken as they come. Asked once: glibc reads /sys.
 size_t max_helpers(size_t wanted) {
-  const size_t cpus = std::thread::hardware_concurrency();
+  static const size_t cpus = std::thread::hardware_concurrency();
   return cpus == 0 ? wanted : std::min(wanted, cpus - 1);
 }
 
