@@ -51,6 +51,10 @@ class LossConfig:
     deep_supervision: bool = True
     matching: str = "hungarian"  # hungarian | fixed (MaskFormer-fixed: query i <-> class i)
     impl: str = "auto"  # auto | triton | torch: the mask-loss and matching-cost ops
+    # Fused-kernel precisions (None: the op's default). Matching cost: tf32 (default; it only
+    # feeds the assignment) | tf32x3 | ieee. Mask loss: ieee (default, exact) | tf32 (fast).
+    matching_precision: str | None = None
+    mask_loss_precision: str | None = None
 
 
 @dataclass

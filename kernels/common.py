@@ -7,6 +7,8 @@ float32, ``i0 = floor(src)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = src - i0``, ``
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import triton
 import triton.language as tl
@@ -39,6 +41,12 @@ def autotune_configs(gpu: list[dict], interpreter: dict) -> list[triton.Config]:
 def resize_scale(src: int, dst: int) -> float:
     """PyTorch's bilinear scale ``in / out`` as a float32 value (passed exactly to kernels)."""
     return float(np.float32(src) / np.float32(dst))
+
+
+def pixel_major_stride(num_queries: int) -> int:
+    """Row stride of pixel-major low-res logits [h*w, Q]: Q rounded up to a multiple of 16 so that
+    every row starts 64-byte aligned and Triton can vectorise the row gathers."""
+    return -(-num_queries // 16) * 16
 
 
 def upsample_scales(lowres, input_size=None) -> tuple[float, float]:
@@ -93,46 +101,73 @@ def source_taps(dst, scale, in_size):
 
 
 @triton.jit
-def bilinear_rows(x_ptr, ty, tx, scale_y, scale_x, h, w, nq, q, mask):
-    """Bilinear sample of pixel-major low-res values ``x_ptr`` [h*w, nq] at destination pixels
+def bilinear_rows(x_ptr, ty, tx, scale_y, scale_x, h, w, ldq, q, mask):
+    """Bilinear sample of pixel-major low-res values ``x_ptr`` [h*w, ldq] at destination pixels
     (ty, tx) [P] of a grid with ``scale = h / dst_h``: [P, Q] for queries q [Q]. Each tap is
-    one contiguous row of nq values."""
+    one contiguous row; a row stride ``ldq`` that is a multiple of 16 (pixel_major_stride)
+    lets Triton vectorise the gathers."""
     y0, y1, ly0, ly1 = source_taps(ty, scale_y, h)
     x0, x1, lx0, lx1 = source_taps(tx, scale_x, w)
     cols = q[None, :]
-    top = ly0[:, None] * (lx0[:, None] * tl.load(x_ptr + ((y0 * w + x0) * nq)[:, None] + cols, mask=mask, other=0.0)
-                          + lx1[:, None] * tl.load(x_ptr + ((y0 * w + x1) * nq)[:, None] + cols, mask=mask, other=0.0))
+    top = ly0[:, None] * (lx0[:, None] * tl.load(x_ptr + ((y0 * w + x0) * ldq)[:, None] + cols, mask=mask, other=0.0)
+                          + lx1[:, None] * tl.load(x_ptr + ((y0 * w + x1) * ldq)[:, None] + cols, mask=mask, other=0.0))
     # Same nesting as PyTorch's kernel: rows outer, columns inner.
     return top + ly1[:, None] * (
-        lx0[:, None] * tl.load(x_ptr + ((y1 * w + x0) * nq)[:, None] + cols, mask=mask, other=0.0)
-        + lx1[:, None] * tl.load(x_ptr + ((y1 * w + x1) * nq)[:, None] + cols, mask=mask, other=0.0))
+        lx0[:, None] * tl.load(x_ptr + ((y1 * w + x0) * ldq)[:, None] + cols, mask=mask, other=0.0)
+        + lx1[:, None] * tl.load(x_ptr + ((y1 * w + x1) * ldq)[:, None] + cols, mask=mask, other=0.0))
 
 
 @triton.jit
-def resampled(x_ptr, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w, nq, q, mask,
+def resampled(x_ptr, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w, ldq, q, mask,
               RESIZE: tl.constexpr, SIGMOID_FIRST: tl.constexpr):
     """Official post-processing at output pixels (oy, ox) [P] -> [P, Q]: the low-res logits
-    [h*w, nq] upsampled to the model input (``up = h / H_in``), optionally passed through a
+    [h*w, ldq] upsampled to the model input (``up = h / H_in``), optionally passed through a
     sigmoid (SIGMOID_FIRST: before the resize, as semantic inference does), cropped to (crop_h,
     crop_w) and resized (``scale = crop / out``). Without RESIZE the output grid is the cropped
     grid (crop == out: the resize is the identity and is skipped, 4 gathers instead of 16)."""
     if RESIZE:
         ty0, ty1, wy0, wy1 = source_taps(oy, scale_y, crop_h)
         tx0, tx1, wx0, wx1 = source_taps(ox, scale_x, crop_w)
-        v00 = bilinear_rows(x_ptr, ty0, tx0, up_y, up_x, h, w, nq, q, mask)
-        v01 = bilinear_rows(x_ptr, ty0, tx1, up_y, up_x, h, w, nq, q, mask)
+        v00 = bilinear_rows(x_ptr, ty0, tx0, up_y, up_x, h, w, ldq, q, mask)
+        v01 = bilinear_rows(x_ptr, ty0, tx1, up_y, up_x, h, w, ldq, q, mask)
         if SIGMOID_FIRST:
             v00 = tl.sigmoid(v00)
             v01 = tl.sigmoid(v01)
         top = wy0[:, None] * (wx0[:, None] * v00 + wx1[:, None] * v01)
-        v10 = bilinear_rows(x_ptr, ty1, tx0, up_y, up_x, h, w, nq, q, mask)
-        v11 = bilinear_rows(x_ptr, ty1, tx1, up_y, up_x, h, w, nq, q, mask)
+        v10 = bilinear_rows(x_ptr, ty1, tx0, up_y, up_x, h, w, ldq, q, mask)
+        v11 = bilinear_rows(x_ptr, ty1, tx1, up_y, up_x, h, w, ldq, q, mask)
         if SIGMOID_FIRST:
             v10 = tl.sigmoid(v10)
             v11 = tl.sigmoid(v11)
         return top + wy1[:, None] * (wx0[:, None] * v10 + wx1[:, None] * v11)
     else:
-        v = bilinear_rows(x_ptr, oy, ox, up_y, up_x, h, w, nq, q, mask)
+        v = bilinear_rows(x_ptr, oy, ox, up_y, up_x, h, w, ldq, q, mask)
         if SIGMOID_FIRST:
             v = tl.sigmoid(v)
         return v
+
+
+# ---------------------------------------------------------------------------- launch sizing
+_ASSUMED_MULTIPROCESSORS = [1]
+
+
+def multiprocessor_count(device) -> int:
+    """SMs of a CUDA ``device`` (grids are sized to fill them); elsewhere (interpreter, the
+    ahead-of-time check) the count set by :func:`assume_multiprocessors`, 1 by default."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _ASSUMED_MULTIPROCESSORS[-1]
+
+
+@contextlib.contextmanager
+def assume_multiprocessors(count: int):
+    """Size grids of non-CUDA launches for a GPU with ``count`` SMs (the AOT check records the
+    launches an H100 would see)."""
+    _ASSUMED_MULTIPROCESSORS.append(int(count))
+    try:
+        yield
+    finally:
+        _ASSUMED_MULTIPROCESSORS.pop()

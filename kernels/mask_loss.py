@@ -1,94 +1,65 @@
-"""Fused focal + dice loss of matched masks with the bilinear upsampling inside (DESIGN 3, 1.1).
+"""Fused focal + dice loss of matched masks, all decoder layers at once, with the bilinear
+upsampling inside (DESIGN 3, 1.1).
 
 Split of the work:
-1. Low-resolution logits of the matched queries, ``X = E_matched @ P_b``, one cuBLAS ``bmm``
-   over images padded to the largest match count: ``[B, m_max, h*w]`` fp32, O(M h w). Its
-   backward (grad E, grad P) is torch autograd's.
+1. Low-resolution logits of the matched queries of ALL layers, ``X = E_matched @ P_b``: one
+   ``bmm`` over images, rows (layer, match) padded to ``[B, L * m_max, h*w]`` fp32: the pixel
+   embeddings are read once for the 6 layers, and the backward's ``grad P = E^T @ grad X`` is
+   one product written once (not 6 accumulations of a [B, C, h, w] gradient).
 2. ``_mask_loss_fwd_kernel``: per (mask, split of full-res tiles) it gathers the 4 bilinear
-   taps of every full-resolution pixel (align_corners=False, any scale, PyTorch's index and
-   weight rule), forms ``s = sigmoid(v)``, the target bit ``segment_map[b] == seg_id`` and
-   accumulates sum(focal), sum(s), sum(t), sum(s t). Partial sums go to ``[M, SPLIT, 4]`` and
-   are reduced by torch: deterministic, no atomics.
-3. ``_mask_loss_bwd_kernel``: per (mask, low-resolution tile) it recomputes dLoss/dv for every
-   full-resolution pixel whose taps reach the tile (needs only the per-mask sums of step 2,
-   O(M)) and applies the adjoint of the upsampling as two small dense products with the
-   interpolation weights built in registers: ``grad_tile = Wy^T @ (G @ Wx)``. Every element of
-   ``grad_X [B, m_max, h*w]`` is written by exactly one program: deterministic, no atomics.
-Nothing of size ``M x H x W`` (or ``B x Q x H x W``) is allocated; the largest temporaries are
-X and its gradient (O(M h w)) and the int32 padded segment maps ``[B, H, W]``.
+   taps of every full-resolution pixel (align_corners=False, any scale, PyTorch's rule), forms
+   ``s = sigmoid(v)``, the target bit ``segment_map[b] == seg_id`` and accumulates sum(focal),
+   sum(s), sum(t), sum(s t). Partial sums go to ``[M, SPLIT, 4]`` and are added by torch:
+   deterministic, no atomics.
+3. ``_mask_loss_bwd_kernel``: the adjoint of the upsampling with its 4 taps. Full-res pixels
+   are grouped by *cell*: the low-res (row, column) of their first tap. All pixels of a cell
+   share their 4 taps, so a program loads its cells' 4 corner values once, recomputes
+   dLoss/dv for every full-res pixel of its cells (needs only the per-mask sums of step 2) and
+   accumulates 4 weighted sums per cell: what the cell gives its own low-res pixel, the one
+   below, the one to the right and the diagonal one. A low-res pixel's gradient is the sum of
+   those of its cell and the 3 cells above / left, brought in by exact 0/1 shift products.
+   Programs own CELL-1 x CELL-1 low-res pixels (one cell of halo); every element of
+   ``grad_X`` is written by exactly one program: deterministic, no atomics.
+Nothing of size ``M x H x W`` is allocated; the largest temporaries are X and its gradient
+(O(L M h w)) and the int32 padded segment maps ``[B, H, W]``.
 
-Precision: the kernels compute in fp32 (the adjoint products use ``input_precision="ieee"``).
-The ``bmm`` of step 1 runs in fp32 on upcast inputs (bf16 inputs included) and so follows
-``torch.backends.cuda.matmul.allow_tf32`` exactly like the reference does.
+Precision: the kernels compute in fp32. The ``bmm`` of step 1 and its backward run in fp32 on
+upcast inputs and follow ``torch.backends.cuda.matmul.allow_tf32`` like the reference, unless
+``precision="tf32"`` (opt-in fast mode) forces TF32 tensor cores for them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastmaskformer.ops._dispatch import interpreter_enabled
 from fastmaskformer.ops.matching_cost import FOCAL_ALPHA, FOCAL_GAMMA
 from fastmaskformer.target import Target, pad_segment_maps
 
+from .common import autotune_configs, multiprocessor_count, source_taps
+
 assert FOCAL_GAMMA == 2.0, "the kernels square (1-p_t) explicitly"
 
-
-def _fwd_configs() -> list[triton.Config]:
-    if interpreter_enabled():  # one config, big tiles: the interpreter pays per program/iteration
-        return [triton.Config({"BLOCK_Y": 64, "BLOCK_X": 64})]
-    return [
-        triton.Config({"BLOCK_Y": by, "BLOCK_X": bx}, num_warps=nw)
-        for by, bx, nw in [(8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 64, 8), (32, 128, 8)]
-    ]
-
-
-def _bwd_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"LOW_Y": 32, "LOW_X": 32, "BLOCK_Y": 64, "BLOCK_X": 64})]
-    return [
-        triton.Config({"LOW_Y": ly, "LOW_X": lx, "BLOCK_Y": by, "BLOCK_X": bx}, num_warps=nw)
-        for ly, lx, by, bx, nw in [
-            (16, 16, 32, 32, 4),
-            (16, 32, 32, 32, 4),
-            (32, 32, 32, 32, 4),
-            (32, 32, 32, 64, 8),
-            (16, 32, 16, 64, 4),
-        ]
-    ]
-
-
-@triton.jit
-def _taps(dst, scale, in_size):
-    """Bilinear source indices and weights of output indices ``dst`` (align_corners=False),
-    exactly PyTorch's rule: src = max(scale (dst + 0.5) - 0.5, 0); i0 = floor(src) (<= in-1);
-    i1 = i0 + (i0 < in - 1); l1 = clamp(src - i0, 0, 1); l0 = 1 - l1."""
-    src = tl.maximum(scale * (dst.to(tl.float32) + 0.5) - 0.5, 0.0)
-    i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0: truncation is floor
-    i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
-    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    return i0, i1, 1.0 - l1, l1
+LOSS_PRECISIONS = ("ieee", "tf32")
 
 
 @triton.jit
 def _upsampled_logits(x_row, ys, xs, h, w, scale_y, scale_x):
     """Logits at full-res pixels (ys [BY], xs [BX]) of one low-res map ``x_row [h, w]`` -> [BY, BX]."""
-    y0, y1, ly0, ly1 = _taps(ys, scale_y, h)
-    x0, x1, lx0, lx1 = _taps(xs, scale_x, w)
+    y0, y1, ly0, ly1 = source_taps(ys, scale_y, h)
+    x0, x1, lx0, lx1 = source_taps(xs, scale_x, w)
     top = x_row + y0[:, None] * w
     bot = x_row + y1[:, None] * w
-    # The taps are always inside [0,h) x [0,w), even for rows/columns past H/W: no mask needed.
-    v00 = tl.load(top + x0[None, :])
-    v01 = tl.load(top + x1[None, :])
-    v10 = tl.load(bot + x0[None, :])
-    v11 = tl.load(bot + x1[None, :])
+    # The taps are clamped inside [0,h) x [0,w), even for rows/columns past H/W: no mask needed.
     # Same association as PyTorch's kernel: h0 (w0 a + w1 b) + h1 (w0 c + w1 d).
-    return ly0[:, None] * (lx0[None, :] * v00 + lx1[None, :] * v01) + ly1[:, None] * (
-        lx0[None, :] * v10 + lx1[None, :] * v11)
+    return (ly0[:, None] * (lx0[None, :] * tl.load(top + x0[None, :]) + lx1[None, :] * tl.load(top + x1[None, :]))
+            + ly1[:, None] * (lx0[None, :] * tl.load(bot + x0[None, :]) + lx1[None, :] * tl.load(bot + x1[None, :])))
 
 
 @triton.jit
@@ -98,40 +69,40 @@ def _softplus_pair(v):
     return tl.maximum(v, 0.0) + log_term, tl.maximum(-v, 0.0) + log_term
 
 
-@triton.autotune(configs=_fwd_configs(), key=["h", "w", "H", "W"])
+@triton.autotune(
+    configs=autotune_configs(
+        gpu=[{"BLOCK_Y": 8, "BLOCK_X": 128, "num_warps": 4}, {"BLOCK_Y": 16, "BLOCK_X": 64, "num_warps": 4},
+             {"BLOCK_Y": 16, "BLOCK_X": 128, "num_warps": 8}, {"BLOCK_Y": 32, "BLOCK_X": 64, "num_warps": 8}],
+        interpreter={"BLOCK_Y": 64, "BLOCK_X": 64}),
+    key=["h", "w", "H", "W"])
 @triton.jit
 def _mask_loss_fwd_kernel(
-    x_ptr,  # [R, h*w] fp32 contiguous low-res logits (R = B * m_max rows)
+    x_ptr,  # [R, h*w] fp32 contiguous low-res logits
     row_ptr, img_ptr, sid_ptr,  # [M] int32: row of X, image b, segment id of each matched mask
     seg_ptr,  # [B, H, W] int32 contiguous segment maps padded with -1
     partial_ptr,  # [M, SPLIT, 4] fp32: sum focal, sum s, sum t, sum s t
     h, w, H, W, scale_y, scale_x, SPLIT,
-    ALPHA: tl.constexpr,
-    BLOCK_Y: tl.constexpr,
-    BLOCK_X: tl.constexpr,
+    ALPHA: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
     mask_id = pid // SPLIT
     split = pid % SPLIT
-    row = tl.load(row_ptr + mask_id).to(tl.int64)
-    img = tl.load(img_ptr + mask_id).to(tl.int64)
+    x_row = x_ptr + tl.load(row_ptr + mask_id).to(tl.int64) * h * w
+    seg_img = seg_ptr + tl.load(img_ptr + mask_id).to(tl.int64) * H * W
     sid = tl.load(sid_ptr + mask_id)
-    x_row = x_ptr + row * h * w
-    seg_img = seg_ptr + img * H * W
 
     acc_focal = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_st = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     tiles_x = tl.cdiv(W, BLOCK_X)
-    num_tiles = tl.cdiv(H, BLOCK_Y) * tiles_x
-    for tile in range(split, num_tiles, SPLIT):
+    for tile in range(split, tl.cdiv(H, BLOCK_Y) * tiles_x, SPLIT):
         ys = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
         xs = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
         inside = (ys < H)[:, None] & (xs < W)[None, :]
         v = _upsampled_logits(x_row, ys, xs, h, w, scale_y, scale_x)
         ids = tl.load(seg_img + ys[:, None] * W + xs[None, :], mask=inside, other=-1)
-        t = ids == sid  # (by, bx) target bit; ignore/padding (-1) is a negative for every mask
+        t = ids == sid  # target bit; ignore/padding (-1) is a negative for every mask
         s = tl.sigmoid(v)
         bce_neg, bce_pos = _softplus_pair(v)
         # alpha_t (1 - p_t)^2 BCE(v, t) with t binary.
@@ -149,84 +120,108 @@ def _mask_loss_fwd_kernel(
 
 
 @triton.jit
-def _interp_weights(full, low, in_size, scale):
-    """Dense interpolation weights [len(full), len(low)] between full-res indices ``full`` and
-    low-res indices ``low``: W[i, j] = l0 [i0 == low_j] + l1 [i1 == low_j] (both when i0 == i1)."""
-    i0, i1, l0, l1 = _taps(full, scale, in_size)
-    return (tl.where(i0[:, None] == low[None, :], l0[:, None], 0.0)
-            + tl.where(i1[:, None] == low[None, :], l1[:, None], 0.0))
+def _cell_start(cell, inv_scale, MARGIN: tl.constexpr):
+    """First full-res index to try for each cell. A pixel y belongs to cell floor(scale (y + 0.5)
+    - 0.5) (-1 for the pixels whose source is clamped to 0); the first one is estimated by
+    inverting that, exactly for power-of-two scales, else MARGIN earlier (the caller tries
+    MARGIN more indices at the end and keeps those whose own cell matches)."""
+    return tl.ceil((cell.to(tl.float32) + 0.5) * inv_scale - 0.5).to(tl.int32) - MARGIN
 
 
 @triton.jit
-def _support_start(low_first, inv_scale):
-    """A full-res index <= the first one whose taps reach low-res index ``low_first``: i1 >= a
-    needs src >= a - 1, i.e. dst >= (a - 0.5) / scale - 0.5; one index of margin absorbs the
-    rounding of the kernel's own fp32 tap arithmetic."""
-    return tl.maximum(tl.floor((low_first - 0.5) * inv_scale - 0.5).to(tl.int32) - 1, 0)
+def _tap_split(pos, cell, scale, n_low, n_full):
+    """For full-res indices ``pos`` tried for cells ``cell``: (valid, weight to the cell's own
+    low-res index, weight to the next one). valid: inside [0, n_full) and really in that cell.
+    Equal to source_taps' weights: a clamped source (cell -1) gives everything to index 0, the
+    last low-res index keeps both weights."""
+    src = scale * (pos.to(tl.float32) + 0.5) - 0.5
+    own = tl.floor(src).to(tl.int32)
+    valid = (pos >= 0) & (pos < n_full) & (own == cell)
+    frac = tl.minimum(src - tl.maximum(src, 0.0).to(tl.int32).to(tl.float32), 1.0)
+    w_hi = tl.where(cell < 0, 1.0, tl.where(cell >= n_low - 1, 0.0, frac))
+    w_lo = tl.where(cell < 0, 0.0, tl.where(cell >= n_low - 1, (1.0 - frac) + frac, 1.0 - frac))
+    return valid, w_lo, w_hi
 
 
 @triton.jit
-def _support_end(low_last, inv_scale, out_size):
-    """A full-res index past the last one whose taps reach ``low_last`` (i0 <= b needs
-    src < b + 1, i.e. dst < (b + 1.5) / scale - 0.5), with one index of margin."""
-    return tl.minimum(tl.ceil((low_last + 1.5) * inv_scale - 0.5).to(tl.int32) + 2, out_size)
+def _shift_matrix(N: tl.constexpr, DOWN: tl.constexpr):
+    """0/1 [N, N]: DOWN: (A @ S)[t] = S[t-1] (rows move down one); else (S @ A)[:, t] = S[:, t-1]."""
+    i = tl.arange(0, N)
+    if DOWN:
+        return (i[None, :] == i[:, None] - 1).to(tl.float32)
+    else:
+        return (i[:, None] == i[None, :] - 1).to(tl.float32)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["h", "w", "H", "W"])
+@triton.autotune(
+    configs=autotune_configs(
+        gpu=[{"CELL_Y": 16, "CELL_X": 16, "num_warps": 4}, {"CELL_Y": 16, "CELL_X": 32, "num_warps": 4},
+             {"CELL_Y": 32, "CELL_X": 32, "num_warps": 8}],
+        interpreter={"CELL_Y": 64, "CELL_X": 64}),
+    key=["h", "w", "H", "W", "SUB_Y", "SUB_X"])
 @triton.jit
 def _mask_loss_bwd_kernel(
     x_ptr,  # [R, h*w] fp32 contiguous low-res logits
     grad_x_ptr,  # [R, h*w] fp32, zero-initialised; rows of matched masks are written here
-    row_ptr, img_ptr, sid_ptr,  # [M] int32
+    row_ptr, img_ptr, sid_ptr, layer_ptr,  # [M] int32
     seg_ptr,  # [B, H, W] int32 contiguous
     stats_ptr,  # [M, 4] fp32 from the forward: sum focal, sum s, sum t, sum s t
-    grad_out_ptr,  # [2] fp32: dL/dfocal, dL/ddice
+    grad_out_ptr,  # [L, 2] fp32: dLoss/dfocal_l, dLoss/ddice_l
     h, w, H, W, scale_y, scale_x, inv_scale_y, inv_scale_x, inv_num_masks, inv_pixels,
-    ALPHA: tl.constexpr,
-    LOW_Y: tl.constexpr,
-    LOW_X: tl.constexpr,
-    BLOCK_Y: tl.constexpr,
-    BLOCK_X: tl.constexpr,
+    SUB_Y, SUB_X, MARGIN_Y: tl.constexpr, MARGIN_X: tl.constexpr,
+    ALPHA: tl.constexpr, CELL_Y: tl.constexpr, CELL_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tiles_x = tl.cdiv(w, LOW_X)
-    tiles_per_mask = tl.cdiv(h, LOW_Y) * tiles_x
+    tiles_x = tl.cdiv(w, CELL_X - 1)
+    tiles_per_mask = tl.cdiv(h, CELL_Y - 1) * tiles_x
     mask_id = pid // tiles_per_mask
     tile = pid % tiles_per_mask
     row = tl.load(row_ptr + mask_id).to(tl.int64)
-    img = tl.load(img_ptr + mask_id).to(tl.int64)
-    sid = tl.load(sid_ptr + mask_id)
     x_row = x_ptr + row * h * w
-    seg_img = seg_ptr + img * H * W
+    seg_img = seg_ptr + tl.load(img_ptr + mask_id).to(tl.int64) * H * W
+    sid = tl.load(sid_ptr + mask_id)
+    layer = tl.load(layer_ptr + mask_id)
 
     # dice_m = 1 - I/U with I = 2 sum(s t) + 1, U = sum(s) + sum(t) + 1:
     # d dice_m / d s_p = (I - 2 t_p U) / U^2.
-    sum_s = tl.load(stats_ptr + mask_id * 4 + 1)
-    sum_t = tl.load(stats_ptr + mask_id * 4 + 2)
-    sum_st = tl.load(stats_ptr + mask_id * 4 + 3)
-    dice_i = 2.0 * sum_st + 1.0
-    dice_u = sum_s + sum_t + 1.0
-    coef_focal = tl.load(grad_out_ptr) * inv_num_masks * inv_pixels  # focal is a per-mask pixel mean
-    coef_dice = tl.load(grad_out_ptr + 1) * inv_num_masks / (dice_u * dice_u)
+    dice_i = 2.0 * tl.load(stats_ptr + mask_id * 4 + 3) + 1.0
+    dice_u = tl.load(stats_ptr + mask_id * 4 + 1) + tl.load(stats_ptr + mask_id * 4 + 2) + 1.0
+    coef_focal = tl.load(grad_out_ptr + layer * 2) * inv_num_masks * inv_pixels  # focal: per-mask pixel mean
+    coef_dice = tl.load(grad_out_ptr + layer * 2 + 1) * inv_num_masks / (dice_u * dice_u)
 
-    low_y = (tile // tiles_x) * LOW_Y + tl.arange(0, LOW_Y)  # this program's low-res rows
-    low_x = (tile % tiles_x) * LOW_X + tl.arange(0, LOW_X)
-    y_start = _support_start((tile // tiles_x) * LOW_Y, inv_scale_y)
-    y_end = _support_end((tile // tiles_x) * LOW_Y + LOW_Y - 1, inv_scale_y, H)
-    x_start = _support_start((tile % tiles_x) * LOW_X, inv_scale_x)
-    x_end = _support_end((tile % tiles_x) * LOW_X + LOW_X - 1, inv_scale_x, W)
+    # Cells (low-res index of the first tap) of this program: one of halo above / left of the
+    # CELL-1 low-res rows / columns it writes.
+    cy = (tile // tiles_x) * (CELL_Y - 1) - 1 + tl.arange(0, CELL_Y)
+    cx = (tile % tiles_x) * (CELL_X - 1) - 1 + tl.arange(0, CELL_X)
+    # The 4 taps of every pixel of a cell: low-res (cy or 0, cy + 1 clamped) x (same for cx).
+    y_lo, y_hi = tl.maximum(cy, 0), tl.minimum(tl.maximum(cy + 1, 0), h - 1)
+    x_lo, x_hi = tl.maximum(cx, 0), tl.minimum(tl.maximum(cx + 1, 0), w - 1)
+    y_lo, y_hi = tl.minimum(y_lo, h - 1), tl.minimum(y_hi, h - 1)
+    x_lo, x_hi = tl.minimum(x_lo, w - 1), tl.minimum(x_hi, w - 1)
+    v00 = tl.load(x_row + y_lo[:, None] * w + x_lo[None, :])
+    v01 = tl.load(x_row + y_lo[:, None] * w + x_hi[None, :])
+    v10 = tl.load(x_row + y_hi[:, None] * w + x_lo[None, :])
+    v11 = tl.load(x_row + y_hi[:, None] * w + x_hi[None, :])
+    y_start = _cell_start(cy, inv_scale_y, MARGIN_Y)
+    x_start = _cell_start(cx, inv_scale_x, MARGIN_X)
 
-    acc = tl.zeros((LOW_Y, LOW_X), dtype=tl.float32)
-    for y0 in range(y_start, y_end, BLOCK_Y):
-        ys = y0 + tl.arange(0, BLOCK_Y)
-        # Wy^T [LOW_Y, BLOCK_Y]; full-res rows past H get zero weight.
-        wy_t = tl.trans(_interp_weights(ys, low_y, h, scale_y))
-        wy_t = tl.where((ys < H)[None, :], wy_t, 0.0)
-        for x0 in range(x_start, x_end, BLOCK_X):
-            xs = x0 + tl.arange(0, BLOCK_X)
-            inside = (ys < H)[:, None] & (xs < W)[None, :]
-            v = _upsampled_logits(x_row, ys, xs, h, w, scale_y, scale_x)
-            ids = tl.load(seg_img + ys[:, None] * W + xs[None, :], mask=inside, other=-1)
+    # Per cell: sum of w_row w_col dLoss/dv over its pixels, for the 4 (row, column) targets:
+    # own (lo, lo), right (lo, hi), below (hi, lo), diagonal (hi, hi).
+    s_ll = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
+    s_lh = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
+    s_hl = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
+    s_hh = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
+    for u in range(SUB_Y):
+        ys = y_start + u
+        y_ok, wy_lo, wy_hi = _tap_split(ys, cy, scale_y, h, H)
+        for k in range(SUB_X):
+            xs = x_start + k
+            x_ok, wx_lo, wx_hi = _tap_split(xs, cx, scale_x, w, W)
+            ok = y_ok[:, None] & x_ok[None, :]
+            # Same association as the forward: v = ly0 (lx0 a + lx1 b) + ly1 (lx0 c + lx1 d).
+            v = (wy_lo[:, None] * (wx_lo[None, :] * v00 + wx_hi[None, :] * v01)
+                 + wy_hi[:, None] * (wx_lo[None, :] * v10 + wx_hi[None, :] * v11))
+            ids = tl.load(seg_img + ys[:, None] * W + xs[None, :], mask=ok, other=-1)
             t = ids == sid
             s = tl.sigmoid(v)
             bce_neg, bce_pos = _softplus_pair(v)
@@ -235,116 +230,168 @@ def _mask_loss_bwd_kernel(
             d_focal = tl.where(t, -ALPHA * (1.0 - s) * (1.0 - s) * ((1.0 - s) + 2.0 * s * bce_pos),
                                (1.0 - ALPHA) * s * s * (s + 2.0 * (1.0 - s) * bce_neg))
             d_dice = (dice_i - 2.0 * t.to(tl.float32) * dice_u) * s * (1.0 - s)
-            grad_v = tl.where(inside, coef_focal * d_focal + coef_dice * d_dice, 0.0)  # (by, bx)
-            wx = _interp_weights(xs, low_x, w, scale_x)  # (bx, low_x)
-            partial = tl.dot(grad_v, wx, input_precision="ieee")  # (by, low_x)
-            acc = tl.dot(wy_t, partial, acc, input_precision="ieee")  # (low_y, low_x)
-    out = grad_x_ptr + row * h * w + low_y[:, None] * w + low_x[None, :]
-    tl.store(out, acc, mask=(low_y < h)[:, None] & (low_x < w)[None, :])
+            g = tl.where(ok, coef_focal * d_focal + coef_dice * d_dice, 0.0)
+            g_lo = wy_lo[:, None] * g
+            g_hi = wy_hi[:, None] * g
+            s_ll += g_lo * wx_lo[None, :]
+            s_lh += g_lo * wx_hi[None, :]
+            s_hl += g_hi * wx_lo[None, :]
+            s_hh += g_hi * wx_hi[None, :]
+    # grad[i, j] = s_ll[i, j] + s_lh[i, j-1] + s_hl[i-1, j] + s_hh[i-1, j-1]; the shifts are
+    # products with 0/1 matrices (exact in ieee fp32).
+    right = _shift_matrix(CELL_X, False)
+    down = _shift_matrix(CELL_Y, True)
+    grad = s_ll + tl.dot(s_lh, right, input_precision="ieee")
+    grad += tl.dot(down, s_hl + tl.dot(s_hh, right, input_precision="ieee"), input_precision="ieee")
+    # Local row / column 0 is the halo: written by the neighbouring program.
+    iy = cy[:, None]
+    ix = cx[None, :]
+    out_ok = (tl.arange(0, CELL_Y) >= 1)[:, None] & (tl.arange(0, CELL_X) >= 1)[None, :] & (iy < h) & (ix < w)
+    tl.store(grad_x_ptr + row * h * w + iy * w + ix, grad, mask=out_ok)
 
 
-class _UpsampledFocalDice(torch.autograd.Function):
-    """(focal, dice) of matched masks from their low-res logits; upsampling fused in the kernels.
+def _cell_size(n_low: int, n_full: int) -> tuple[int, int]:
+    """(full-res indices to try per cell, MARGIN) along one axis: the exact cell size for
+    power-of-two upsampling factors (boundaries exact in fp32), else the bound plus margins."""
+    factor = n_full // n_low
+    if n_full % n_low == 0 and factor & (factor - 1) == 0:
+        return factor, 0
+    return -(-n_full // n_low) + 2, 1
 
-    low_logits: [R, h, w] fp32 contiguous; rows/images/seg_ids: [M] int32 (row of low_logits,
-    image, segment id of each mask); seg_maps: [B, H, W] int32 padded with -1.
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """TF32 tensor cores for the bmms when precision == "tf32"; PyTorch's settings otherwise."""
+    if precision != "tf32":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _MatchedFocalDice(torch.autograd.Function):
+    """Per-layer (focal [L], dice [L]) of matched masks from their embeddings; the low-res
+    logits bmm, the upsampling and both losses fused (see the module docstring).
+
+    embed: [B, R, C] fp32 matched embeddings (rows: layer * m_max + match, zero padding);
+    pixel: [B, C, h*w] fp32; rows/images/seg_ids/layers: [M] int32 (row of X = b * R + row,
+    image, segment id, layer of each mask); layer_slots: [M] int64 position of each mask in an
+    [L, layer_width] table (layer-major); seg_maps: [B, H, W] int32 padded with -1.
     """
 
     @staticmethod
-    def forward(ctx, low_logits: Tensor, rows: Tensor, images: Tensor, seg_ids: Tensor, seg_maps: Tensor,
-                num_masks: float):
+    def forward(ctx, embed: Tensor, pixel: Tensor, rows: Tensor, images: Tensor, seg_ids: Tensor, layers: Tensor,
+                layer_slots: Tensor, seg_maps: Tensor, h: int, w: int, num_layers: int, layer_width: int,
+                num_masks: float, precision: str):
+        with _matmul_precision(precision):
+            low = torch.bmm(embed, pixel)  # [B, R, hw]
         num_pairs = rows.numel()
-        _, h, w = low_logits.shape
         H, W = seg_maps.shape[-2:]
-        split = _forward_split(low_logits.device, num_pairs, H * W)
-        partial = torch.empty(num_pairs, split, 4, dtype=torch.float32, device=low_logits.device)
+        split = _forward_split(low.device, num_pairs, H * W)
+        partial = torch.empty(num_pairs, split, 4, dtype=torch.float32, device=low.device)
         _mask_loss_fwd_kernel[(num_pairs * split,)](
-            low_logits, rows, images, seg_ids, seg_maps, partial,
-            h, w, H, W, h / H, w / W, split,
-            ALPHA=FOCAL_ALPHA,
-        )
+            low, rows, images, seg_ids, seg_maps, partial, h, w, H, W, h / H, w / W, split, ALPHA=FOCAL_ALPHA)
         stats = partial.sum(1)  # [M, 4]
-        focal = (stats[:, 0] / (H * W)).sum() / num_masks
-        dice = (1 - (2 * stats[:, 3] + 1) / (stats[:, 1] + stats[:, 2] + 1)).sum() / num_masks
-        ctx.save_for_backward(low_logits, rows, images, seg_ids, seg_maps, stats)
-        ctx.num_masks = num_masks
+        per_mask = torch.stack([stats[:, 0] / (H * W), 1 - (2 * stats[:, 3] + 1) / (stats[:, 1] + stats[:, 2] + 1)])
+        # Per-layer sums without float atomics: scatter to unique slots of an [L, n] table, add rows.
+        table = torch.zeros(2, num_layers * layer_width, device=low.device)
+        table[:, layer_slots] = per_mask
+        focal, dice = table.view(2, num_layers, -1).sum(-1) / num_masks
+        ctx.save_for_backward(embed, pixel, low, rows, images, seg_ids, layers, seg_maps, stats)
+        ctx.sizes = (h, w, num_masks, precision)
         return focal, dice
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_focal: Tensor, grad_dice: Tensor):
-        low_logits, rows, images, seg_ids, seg_maps, stats = ctx.saved_tensors
-        _, h, w = low_logits.shape
+        embed, pixel, low, rows, images, seg_ids, layers, seg_maps, stats = ctx.saved_tensors
+        h, w, num_masks, precision = ctx.sizes
         H, W = seg_maps.shape[-2:]
-        grad_out = torch.stack([grad_focal, grad_dice]).float().contiguous()
+        grad_out = torch.stack([grad_focal, grad_dice], 1).float().contiguous()  # [L, 2]
         # Rows of X that belong to no match (padding of the batched matmul) keep a zero gradient.
-        grad_low = torch.zeros_like(low_logits)
-        num_pairs = rows.numel()
+        grad_low = torch.zeros_like(low)
+        (sub_y, margin_y), (sub_x, margin_x) = _cell_size(h, H), _cell_size(w, W)
 
         def grid(meta):
-            return (num_pairs * triton.cdiv(h, meta["LOW_Y"]) * triton.cdiv(w, meta["LOW_X"]),)
+            return (rows.numel() * triton.cdiv(h, meta["CELL_Y"] - 1) * triton.cdiv(w, meta["CELL_X"] - 1),)
 
         _mask_loss_bwd_kernel[grid](
-            low_logits, grad_low, rows, images, seg_ids, seg_maps, stats, grad_out,
-            h, w, H, W, h / H, w / W, H / h, W / w, 1.0 / ctx.num_masks, 1.0 / (H * W),
-            ALPHA=FOCAL_ALPHA,
-        )
-        return grad_low, None, None, None, None, None
+            low, grad_low, rows, images, seg_ids, layers, seg_maps, stats, grad_out,
+            h, w, H, W, h / H, w / W, H / h, W / w, 1.0 / num_masks, 1.0 / (H * W),
+            sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA)
+        with _matmul_precision(precision):
+            grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+            grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low) if ctx.needs_input_grad[1] else None
+        return grad_embed, grad_pixel, *([None] * 12)
 
 
 def _forward_split(device: torch.device, num_pairs: int, pixels: int) -> int:
     """How many programs share one mask's full-res pixels: enough programs to fill the GPU
-    (about 4 per SM), never fewer than ~16K pixels each. 1 under the interpreter."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(4 * sms, max(num_pairs, 1))
+    (about 4 per SM), never fewer than ~16K pixels each."""
+    wanted = triton.cdiv(4 * multiprocessor_count(device), max(num_pairs, 1))
     return max(1, min(wanted, pixels // 16384))
 
 
-def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices: Sequence[tuple[Tensor, Tensor]],
-              targets: Sequence[Target], num_masks: float, input_size) -> tuple[Tensor, Tensor]:
-    """Focal and dice loss (fp32 scalars with autograd) of the matched pairs of one layer.
+def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices: Sequence[Sequence[tuple[Tensor, Tensor]]],
+              targets: Sequence[Target], num_masks: float, input_size, precision: str = "ieee") -> tuple[Tensor, Tensor]:
+    """Focal and dice loss (fp32 [L] with autograd) of the matched pairs of all layers.
 
-    mask_embed: [B, Q, C]; pixel_embed: [B, C, h, w] (any strides, any float dtype);
-    indices: per image (query_idx int64 [m_b], seg_idx int64 [m_b]) on the CPU; targets: B
-    Targets, segment maps padded with -1 to ``input_size`` (H, W); num_masks: the normaliser.
+    mask_embed: [L, B, Q, C]; pixel_embed: [B, C, h, w] (any strides, any float dtype);
+    indices: per layer, per image (query_idx int64 [m], seg_idx int64 [m]) on the CPU; targets:
+    B Targets, segment maps padded with -1 to ``input_size`` (H, W); num_masks: the normaliser;
+    precision: "ieee" (the bmms follow PyTorch's matmul settings) or "tf32" (TF32 forced).
     Arguments are assumed validated by ``fastmaskformer.ops.mask_loss``.
     """
+    if precision not in LOSS_PRECISIONS:
+        raise ValueError(f"mask_loss: precision must be one of {LOSS_PRECISIONS}, got {precision!r}")
     device = mask_embed.device
-    batch, _, channels = mask_embed.shape
-    counts = [int(qi.numel()) for qi, _ in indices]
-    if sum(counts) == 0:
+    num_layers, batch, _, channels = mask_embed.shape
+    counts = np.array([[int(qi.numel()) for qi, _ in layer] for layer in indices]).reshape(num_layers, batch)
+    if counts.sum() == 0:
         zero = (mask_embed.sum() + pixel_embed.sum()).float() * 0.0  # keeps the graph connected
-        return zero, zero.clone()
-    m_max = max(counts)
+        return zero.expand(num_layers).clone(), zero.expand(num_layers).clone()
+    m_max = int(counts.max())
+    rows_per_image = num_layers * m_max
     h, w = pixel_embed.shape[-2:]
 
-    # Matched queries padded to [B, m_max]: slot j of image b holds its j-th match.
-    query_pad = torch.zeros(batch, m_max, dtype=torch.int64)
-    valid = torch.zeros(batch, m_max, dtype=torch.bool)
-    rows, images, seg_ids = [], [], []
-    for b, (qi, si) in enumerate(indices):
-        query_pad[b, : counts[b]] = qi
-        valid[b, : counts[b]] = True
-        rows.append(b * m_max + torch.arange(counts[b], dtype=torch.int32))
-        images.append(torch.full((counts[b],), b, dtype=torch.int32))
-        seg_ids.append(si.to(torch.int32))
+    # Slot (layer, j) of image b holds the j-th match of that layer: row l * m_max + j of X[b].
+    gather = torch.zeros(batch, rows_per_image, dtype=torch.int64)  # flat index into [L*B*Q]
+    valid = torch.zeros(batch, rows_per_image, dtype=torch.bool)
+    rows, images, seg_ids, layers, slots = [], [], [], [], []
+    num_queries = mask_embed.shape[2]
+    layer_width = int(counts.sum(1).max())
+    layer_fill = np.zeros(num_layers, dtype=np.int64)
+    for layer, per_image in enumerate(indices):
+        for b, (qi, si) in enumerate(per_image):
+            k = int(qi.numel())
+            start = layer * m_max
+            gather[b, start:start + k] = (layer * batch + b) * num_queries + qi
+            valid[b, start:start + k] = True
+            rows.append(b * rows_per_image + start + torch.arange(k))
+            images.append(torch.full((k,), b))
+            seg_ids.append(si)
+            layers.append(torch.full((k,), layer))
+            slots.append(layer * layer_width + int(layer_fill[layer]) + torch.arange(k))
+            layer_fill[layer] += k
+    total = int(counts.sum())
     # One packed host->device copy, from page-locked memory and asynchronous: several small
     # pageable copies would each synchronise the stream.
-    total = sum(counts)
-    packed = torch.cat([torch.cat(rows), torch.cat(images), torch.cat(seg_ids)]).to(torch.int64)
-    packed = torch.cat([packed, query_pad.flatten(), valid.flatten().to(torch.int64)])
+    packed = torch.cat([torch.cat(rows), torch.cat(images), torch.cat(seg_ids), torch.cat(layers), torch.cat(slots),
+                        gather.flatten(), valid.flatten().to(torch.int64)])
     if device.type == "cuda":
         packed = packed.pin_memory()
     packed = packed.to(device, non_blocking=True)
-    rows, images, seg_ids = (packed[i * total:(i + 1) * total].to(torch.int32) for i in range(3))
-    query_pad = packed[3 * total: 3 * total + batch * m_max].view(batch, m_max)
-    valid = packed[3 * total + batch * m_max:].view(batch, m_max).bool()
+    rows, images, seg_ids, layers = (packed[i * total:(i + 1) * total].to(torch.int32) for i in range(4))
+    layer_slots = packed[4 * total:5 * total]
+    gather = packed[5 * total:5 * total + batch * rows_per_image].view(batch, rows_per_image)
+    valid = packed[5 * total + batch * rows_per_image:].view(batch, rows_per_image).bool()
 
-    batch_idx = torch.arange(batch, device=device)[:, None]
-    embed = mask_embed.float()[batch_idx, query_pad] * valid[..., None]  # [B, m_max, C], padding 0
-    low = torch.bmm(embed, pixel_embed.float().reshape(batch, channels, h * w))  # [B, m_max, hw]
+    embed = mask_embed.float().reshape(-1, channels)[gather] * valid[..., None]  # [B, L*m_max, C], padding 0
+    pixel = pixel_embed.float().reshape(batch, channels, h * w)
     seg_maps = pad_segment_maps(targets, tuple(input_size)).to(device).contiguous()  # [B, H, W] int32
-    return _UpsampledFocalDice.apply(low.view(batch * m_max, h, w), rows, images, seg_ids, seg_maps,
-                                     float(num_masks))
+    return _MatchedFocalDice.apply(embed, pixel, rows, images, seg_ids, layers, layer_slots, seg_maps, h, w,
+                                   num_layers, layer_width, float(num_masks), precision)

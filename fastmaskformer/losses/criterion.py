@@ -38,12 +38,13 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher=None, class_weight: float = 1.0, mask_weight: float = 20.0,
                  dice_weight: float = 1.0, no_object_weight: float = 0.1, deep_supervision: bool = True,
-                 impl: str = "auto"):
+                 impl: str = "auto", mask_loss_precision: str | None = None):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher if matcher is not None else HungarianMatcher(impl=impl)
         self.deep_supervision = deep_supervision
         self.impl = impl
+        self.mask_loss_precision = mask_loss_precision
         self.base_weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
@@ -95,14 +96,15 @@ class SetCriterion(nn.Module):
                                 pixel_embed.detach(), targets, input_size)
         target_classes = self.target_classes(matching, host_targets, class_logits.shape[2], class_logits.device)
         num_masks = count_masks(targets, pixel_embed.device)
+        # All layers' mask losses in one call: the fused path reads pixel_embed once.
+        focal, dice = ops.mask_loss(mask_embed[layers], pixel_embed, matching, targets, num_masks, input_size,
+                                    self.mask_loss_precision, impl=self.impl)
         losses = {}
-        for i, (layer, indices) in enumerate(zip(layers, matching)):
+        for i, layer in enumerate(layers):
             suffix = "" if layer == num_layers - 1 else f"_{layer}"
-            focal, dice = ops.mask_loss(mask_embed[layer], pixel_embed, indices, targets, num_masks,
-                                        input_size, impl=self.impl)
             losses["loss_ce" + suffix] = self.class_loss(class_logits[layer], target_classes[i])
-            losses["loss_mask" + suffix] = focal
-            losses["loss_dice" + suffix] = dice
+            losses["loss_mask" + suffix] = focal[i]
+            losses["loss_dice" + suffix] = dice[i]
         return losses
 
 
@@ -110,4 +112,5 @@ def build_criterion(cfg) -> SetCriterion:
     """From a full ``Config`` (model.num_classes + loss section)."""
     loss = cfg.loss
     return SetCriterion(cfg.model.num_classes, build_matcher(loss), loss.class_weight, loss.mask_weight,
-                        loss.dice_weight, loss.no_object_weight, loss.deep_supervision, loss.impl)
+                        loss.dice_weight, loss.no_object_weight, loss.deep_supervision, loss.impl,
+                        loss.mask_loss_precision)

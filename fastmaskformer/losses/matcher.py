@@ -44,16 +44,18 @@ class HungarianMatcher:
 
     cost_class, cost_focal, cost_dice: the weights of the three cost terms (official 1, 20, 1).
     solver: "batched" (C++ batched solver, scipy fallback inside it) or "scipy" (per-problem
-    loop, the official behaviour). impl: the matching-cost op implementation.
+    loop, the official behaviour). impl: the matching-cost op implementation; precision: the
+    fused kernel's tl.dot precision (None: its default, tf32; see ``ops.matching_cost_padded``).
     """
 
     def __init__(self, cost_class: float = 1.0, cost_focal: float = 20.0, cost_dice: float = 1.0,
-                 solver: str = "batched", impl: str = "auto"):
+                 solver: str = "batched", impl: str = "auto", precision: str | None = None):
         if solver not in ("batched", "scipy"):
             raise ValueError(f"solver must be 'batched' or 'scipy', got {solver!r}")
         self.weights = (float(cost_class), float(cost_focal), float(cost_dice))
         self.solver = solver
         self.impl = impl
+        self.precision = precision
 
     @torch.no_grad()
     def __call__(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
@@ -63,8 +65,8 @@ class HungarianMatcher:
         if class_logits.dim() == 3:
             class_logits, mask_embed = class_logits[None], mask_embed[None]
         num_layers, batch = class_logits.shape[:2]
-        costs, sizes = ops.matching_cost_padded(class_logits, mask_embed, pixel_embed, targets,
-                                                self.weights, input_size, impl=self.impl)
+        costs, sizes = ops.matching_cost_padded(class_logits, mask_embed, pixel_embed, targets, self.weights,
+                                                input_size, self.precision, impl=self.impl)
         costs = costs.cpu().numpy()  # the one device->host transfer of the step
         sizes = sizes.numpy()
         _check_finite(costs, sizes, batch)
@@ -111,4 +113,4 @@ def build_matcher(loss_cfg) -> HungarianMatcher | FixedMatcher:
     if loss_cfg.matching != "hungarian":
         raise ValueError(f"matching must be 'hungarian' or 'fixed', got {loss_cfg.matching!r}")
     return HungarianMatcher(loss_cfg.class_weight, loss_cfg.mask_weight, loss_cfg.dice_weight,
-                            impl=loss_cfg.impl)
+                            impl=loss_cfg.impl, precision=loss_cfg.matching_precision)

@@ -83,24 +83,34 @@ def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, indices: Indice
     return focal, dice
 
 
-def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices: Indices, targets: Sequence[Target],
-              num_masks: float, input_size=None, impl: str = "auto") -> tuple[Tensor, Tensor]:
-    """Focal and dice loss (scalars, fp32) of the matched pairs of one decoder layer.
+def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices, targets: Sequence[Target], num_masks: float,
+              input_size=None, precision: str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Focal and dice loss (fp32) of the matched pairs of one decoder layer, or of all layers in
+    one call.
 
-    mask_embed: [B,Q,C]; pixel_embed: [B,C,h,w]; indices: per image (query_idx [m_b],
-    seg_idx [m_b]); targets: B Targets at input resolution (padded to ``input_size``, default
-    (4h, 4w), with -1); num_masks: the normaliser (total GT segments, clamped >= 1).
+    mask_embed: [B,Q,C] with indices per image (query_idx [m_b], seg_idx [m_b]) -> two scalars;
+    or [L,B,Q,C] with indices per layer, per image -> two [L] tensors (the fused kernel then
+    reads the pixel embeddings once for all layers). pixel_embed: [B,C,h,w]; targets: B Targets
+    at input resolution (padded to ``input_size``, default (4h, 4w), with -1); num_masks: the
+    normaliser (total GT segments, clamped >= 1). precision (fused path): "ieee" (default: the
+    low-res matmuls follow PyTorch's fp32 matmul settings, like the reference) or "tf32"
+    (opt-in fast mode: TF32 tensor cores for them).
     """
     check_embeddings(mask_embed, pixel_embed)
-    if mask_embed.dim() != 3:
-        raise ValueError(f"mask_embed must be [B,Q,C], got shape {tuple(mask_embed.shape)}")
+    per_layer = mask_embed.dim() == 4
+    if per_layer and len(indices) != mask_embed.shape[0]:
+        raise ValueError(f"got indices for {len(indices)} layers but mask_embed has {mask_embed.shape[0]}")
     size = default_input_size(pixel_embed, input_size)
     check_targets(targets, pixel_embed.shape[0], None, size)
-    indices = check_indices(indices, targets, mask_embed.shape[1])
+    layers = [check_indices(layer, targets, mask_embed.shape[-2]) for layer in (indices if per_layer else [indices])]
     num_masks = float(num_masks)
     if not num_masks > 0:
         raise ValueError(f"num_masks must be positive, got {num_masks}")
+    embeds = mask_embed if per_layer else mask_embed[None]
     if resolve_impl(impl, mask_embed, pixel_embed, op="mask_loss") == "triton":
         kernel = load_kernel("mask_loss", "mask_loss")
-        return kernel.mask_loss(mask_embed, pixel_embed, indices, targets, num_masks, size)
-    return mask_loss_reference(mask_embed, pixel_embed, indices, targets, num_masks, size)
+        focal, dice = kernel.mask_loss(embeds, pixel_embed, layers, targets, num_masks, size, precision or "ieee")
+    else:
+        losses = [mask_loss_reference(e, pixel_embed, idx, targets, num_masks, size) for e, idx in zip(embeds, layers)]
+        focal, dice = (torch.stack(t) for t in zip(*losses))
+    return (focal, dice) if per_layer else (focal[0], dice[0])

@@ -83,11 +83,14 @@ def matching_cost_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embe
 
 def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                          targets: Sequence[Target], weights=(1.0, 20.0, 1.0), input_size=None,
-                         impl: str = "auto") -> tuple[Tensor, Tensor]:
+                         precision: str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """All problems of a batch (and of all decoder layers) at once, ready for the batched solver.
 
     class_logits: [B,Q,K+1] or [L,B,Q,K+1]; mask_embed: [B,Q,C] or [L,B,Q,C];
     pixel_embed: [B,C,h,w]; targets: B Targets, segment maps at (padded) input resolution.
+    precision: the fused kernel's tl.dot precision, "tf32" (default: the cost only feeds an
+    argmin; costs move by ~1e-3 relative), "tf32x3" (~fp32) or "ieee" (exact fp32 products);
+    the torch reference always computes in fp32.
     Returns ``costs [N,Q,Mmax]`` float32 (N = L*B layer-major, entries past M_b are 0) and
     ``num_segments`` int64 [N] (M of each problem).
     """
@@ -106,7 +109,8 @@ def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
     sizes = torch.tensor([t.num_segments for t in targets] * (flat_logits.shape[0] // batch), dtype=torch.int64)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="matching_cost") == "triton":
         kernel = load_kernel("matching_cost", "matching_cost")
-        costs = kernel.matching_cost(flat_logits, flat_embed, pixel_embed, targets, weights, size)
+        costs = kernel.matching_cost(flat_logits, flat_embed, pixel_embed, targets, weights, size,
+                                     precision or kernel.DEFAULT_PRECISION, flat_logits.shape[0] // batch)
     else:
         with torch.no_grad():
             costs = matching_cost_reference(flat_logits, flat_embed, pixel_embed, targets, weights, size)
@@ -115,9 +119,9 @@ def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
 
 def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                   targets: Sequence[Target], weights=(1.0, 20.0, 1.0), input_size=None,
-                  impl: str = "auto") -> list[Tensor]:
+                  precision: str | None = None, impl: str = "auto") -> list[Tensor]:
     """Matching cost per image: list of ``[Q, M_b]`` float32 (``L*B`` of them, layer-major,
     when given ``[L,B,...]`` inputs). See ``matching_cost_padded`` for the arguments."""
     costs, sizes = matching_cost_padded(class_logits, mask_embed, pixel_embed, targets, weights,
-                                        input_size, impl)
+                                        input_size, precision, impl)
     return [costs[n, :, : int(m)] for n, m in enumerate(sizes.tolist())]

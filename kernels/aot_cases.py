@@ -1,0 +1,146 @@
+"""The workloads of the ahead-of-time check (``aot.py``): real launcher calls on CPU tensors of
+the benchmark sizes (DESIGN 7). Only the arguments matter (the launches are recorded, not run),
+so tensors are uninitialised where their values do not steer the launcher."""
+from __future__ import annotations
+
+import torch
+
+from fastmaskformer.target import Target
+
+from .aot import Case
+from .common import PRECISIONS
+
+# Training: B=16 images of 512x512, 6 decoder layers, Q=100, C=256 -> 128x128 embeddings.
+B, LAYERS, Q, C, SIZE = 16, 6, 100, 256, 512
+# Inference: 512x683 images padded to a 512x704 input -> 128x176 embeddings.
+IMAGE, INPUT = (512, 683), (512, 704)
+
+
+def _targets(segments: int, size=(SIZE, SIZE), batch=B) -> list[Target]:
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(-1, segments, (batch, size[0] // 16, size[1] // 16), generator=g, dtype=torch.int32)
+    coarse[:, 0, :segments] = torch.arange(segments, dtype=torch.int32)  # every segment present
+    maps = coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    return [Target(torch.randint(0, 10, (segments,), generator=g), maps[b]) for b in range(batch)]
+
+
+def _matching_cost(classes: int, segments: int, dtype, precision: str):
+    from .matching_cost import matching_cost
+
+    def run():
+        class_logits = torch.empty(LAYERS * B, Q, classes + 1)
+        mask_embed = torch.empty(LAYERS * B, Q, C, dtype=dtype)
+        pixel_embed = torch.empty(B, C, SIZE // 4, SIZE // 4, dtype=dtype)
+        matching_cost(class_logits, mask_embed, pixel_embed, _targets(segments), (1.0, 20.0, 1.0), (SIZE, SIZE),
+                      precision, LAYERS)
+    return run
+
+
+def _matching_cost_small_batch():
+    """B=2: few problems, so the pixels are split (the finish kernel runs)."""
+    from .matching_cost import matching_cost
+
+    def run():
+        matching_cost(torch.empty(LAYERS * 2, Q, 151), torch.empty(LAYERS * 2, Q, C), torch.empty(2, C, 128, 128),
+                      _targets(16, batch=2), (1.0, 20.0, 1.0), (SIZE, SIZE), "tf32", LAYERS)
+    return run
+
+
+def _mask_loss(segments: int):
+    """Forward and backward of all 6 layers' focal + dice, ``segments`` matches per image."""
+    from .mask_loss import mask_loss
+
+    def run():
+        mask_embed = torch.zeros(LAYERS, B, Q, C, requires_grad=True)
+        pixel_embed = torch.zeros(B, C, SIZE // 4, SIZE // 4, requires_grad=True)
+        matches = (torch.arange(segments), torch.arange(segments))
+        indices = [[matches] * B for _ in range(LAYERS)]
+        focal, dice = mask_loss(mask_embed, pixel_embed, indices, _targets(segments), B * segments, (SIZE, SIZE))
+        (focal.sum() + dice.sum()).backward()
+    return run
+
+
+def _inference_inputs(queries: int, classes: int, batch: int = B):
+    h, w = INPUT[0] // 4, INPUT[1] // 4
+    return torch.randn(batch, queries, classes + 1), torch.empty(batch, queries, C), torch.empty(batch, C, h, w)
+
+
+def _semantic(queries: int, classes: int, resize: bool, precision: str):
+    from .semantic import semantic_inference
+
+    out = (1024, 1366) if resize else IMAGE
+
+    def run():
+        semantic_inference(*_inference_inputs(queries, classes), [IMAGE] * B, [out] * B, False, None, precision)
+    return run
+
+
+def _semantic_tta(classes: int):
+    """ADE20K TTA: short edges 256..896 step 128 (x1.0 of 512 crops), each plain and flipped."""
+    from .semantic import semantic_inference_tta
+
+    def run():
+        views = []
+        for short in range(256, 897, 128):
+            size = (short, round(short * IMAGE[1] / IMAGE[0]))
+            padded = tuple(-(-s // 32) * 32 for s in size)
+            cl, me, pe = _inference_inputs(Q, classes, batch=1)
+            pe = torch.empty(C, padded[0] // 4, padded[1] // 4)
+            for flipped in (False, True):
+                views.append(dict(class_logits=cl[0], mask_embed=me[0], pixel_embed=pe, image_size=size,
+                                  input_size=None, flipped=flipped))
+        semantic_inference_tta(views, IMAGE)
+    return run
+
+
+def _panoptic(resize: bool):
+    from .panoptic import panoptic_assign
+
+    kept = 50  # about half of the queries pass the 0.8 threshold
+
+    def run():
+        _, me, pe = _inference_inputs(kept, 133, batch=1)
+        panoptic_assign(torch.rand(kept), me[0], pe[0], IMAGE, (480, 640) if resize else IMAGE)
+    return run
+
+
+def _mask_probs(dtype, out_dtype, sized: bool):
+    from .mask_probs import mask_logits, mask_probs, resized_mask_logits
+
+    def run():
+        _, me, pe = _inference_inputs(Q, 150, batch=2)
+        me, pe = me.to(dtype), pe.to(dtype)
+        if sized:
+            mask_probs(me, pe, [IMAGE] * 2, [(1024, 1366)] * 2, out_dtype)
+            resized_mask_logits(me[0], pe[0], IMAGE, IMAGE)
+        else:
+            mask_probs(me, pe, out_dtype=out_dtype)
+            mask_logits(me, pe, INPUT)
+    return run
+
+
+def cases() -> list[Case]:
+    out = []
+    for classes in (150, 847):
+        for segments in (8, 16, 32):
+            for dtype in (torch.float32, torch.bfloat16):
+                for precision in PRECISIONS:
+                    name = f"matching_cost K={classes} M={segments} {str(dtype)[6:]} {precision}"
+                    main = segments == 16 and dtype == torch.float32 and (classes == 150 or precision == "tf32")
+                    out.append(Case(name, _matching_cost(classes, segments, dtype, precision), main))
+    out.append(Case("matching_cost B=2 (pixel split)", _matching_cost_small_batch(), True))
+    out += [Case(f"mask_loss 6 layers M={m}", _mask_loss(m), m == 16) for m in (8, 16, 32)]
+    for queries in (100, 200):
+        for classes in (150, 847):
+            for resize in (False, True):
+                for precision in PRECISIONS:
+                    name = f"semantic Q={queries} K={classes} {'resized' if resize else 'same size'} {precision}"
+                    main = queries == 100 and (precision == "tf32" or (classes == 150 and not resize))
+                    out.append(Case(name, _semantic(queries, classes, resize, precision), main))
+    out += [Case(f"semantic TTA 12 views K={k}", _semantic_tta(k), k == 150) for k in (150, 847)]
+    out += [Case(f"panoptic k=50 {'resized' if r else 'same size'}", _panoptic(r), True) for r in (False, True)]
+    for dtype, out_dtype, sized in [(torch.float32, torch.float32, False), (torch.float32, torch.float32, True),
+                                    (torch.bfloat16, torch.bfloat16, True)]:
+        name = f"mask_probs {str(dtype)[6:]}->{str(out_dtype)[6:]} {'resized' if sized else 'low-res'}"
+        out.append(Case(name, _mask_probs(dtype, out_dtype, sized), dtype == torch.float32))
+    return out
