@@ -1,10 +1,26 @@
 """Installs fastmaskformer, its Triton kernels (``kernels/`` as ``fastmaskformer.kernels``)
-and the C++ batched Hungarian solver (``csrc/`` as ``fastmaskformer._C``)."""
+and the C++ batched Hungarian solver (``csrc/`` as ``fastmaskformer._C``).
+
+The kernels' only source is the top-level ``kernels/`` directory. In a source checkout (and so in
+an editable install) ``fastmaskformer/kernels/__init__.py`` is a shim that points the subpackage
+at the ``kernels/`` of the same checkout; a built wheel holds the kernel modules themselves in
+``fastmaskformer/kernels/``, with ``kernels/__init__.py`` in place of the shim.
+"""
 import glob
 import os
 
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+
+class KernelsBuildPy(build_py):
+    """Take the modules of ``fastmaskformer.kernels`` from ``kernels/`` instead of the shim's folder."""
+
+    def find_package_modules(self, package, package_dir):
+        if package == "fastmaskformer.kernels":
+            package_dir = "kernels"
+        return super().find_package_modules(package, package_dir)
 
 
 class OptionalBuildExt(build_ext):
@@ -38,36 +54,34 @@ def extensions():
     ]
 
 
-packages = find_packages(include=["fastmaskformer", "fastmaskformer.*"])
-
 setup(
     name="fastmaskformer",
     version="0.1.0",
     description="MaskFormer with fused Triton kernels and a batched C++ Hungarian solver",
     python_requires=">=3.10",
-    packages=packages + ["fastmaskformer.kernels"],
-    package_dir={"fastmaskformer.kernels": "kernels"},
-    package_data={"fastmaskformer": ["data/metadata/*.json", "configs/*.yaml"]},
+    packages=find_packages(include=["fastmaskformer", "fastmaskformer.*"]),
+    package_data={"fastmaskformer": ["data/metadata/*.json"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "build_py": KernelsBuildPy},
+    # Upper bounds: the versions CI installs and tests. Lower bounds (not tested): the first
+    # releases with the APIs we use (Triton 3.0: tl.dot input_precision, tl.range; so torch 2.4
+    # and torchvision 0.19; timm 1.0).
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "triton==3.8.0",
-        "timm==1.0.31",
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19,<=0.29.1",
+        "triton>=3.0,<=3.8.0",
+        "timm>=1.0,<=1.0.31",
         "numpy",
         "scipy",
-        "lap",
-        "pybind11",
-        "pytest-benchmark",
-        "nvidia-ml-py",
         "pillow",
         "pyyaml",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "torchmetrics", "matplotlib"],
-        "plot": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "transformers", "torchmetrics"],
+        # benchmarks/: the lapjv peer, pytest-benchmark timings, GPU clocks, the mIoU peer
+        "bench": ["lap", "pytest-benchmark", "nvidia-ml-py", "torchmetrics"],
     },
     entry_points={"console_scripts": ["fastmaskformer=fastmaskformer.cli:main"]},
 )

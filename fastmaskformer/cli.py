@@ -270,7 +270,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .engine.plot import plot_metrics
+    from .engine.plot import PlottingUnavailable, plot_metrics
 
     src = Path(args.metrics)
     if src.is_dir():
@@ -278,7 +278,7 @@ def cmd_plot(args) -> int:
     out = Path(args.out) if args.out else src.with_name("curves.png")
     try:
         plot_metrics(src, out)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, PlottingUnavailable) as exc:
         raise UserError(str(exc)) from exc
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,7 @@
 """The ``fastmaskformer`` command end to end on tiny synthetic data (in-process ``main``), the
 one-line errors for user mistakes, and the demo's short variant."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -104,6 +105,23 @@ def test_plot(trained, tmp_path, capsys):
     _, _, run = trained
     assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
     assert Image.open(tmp_path / "c.png").size[0] > 100
+
+
+def test_plot_and_demo_without_matplotlib(trained, tmp_path, monkeypatch, capsys):
+    """matplotlib unimportable: plot still checks its input first, then fails in one line naming
+    the fix; the demo's plotting step reports the same and lets the demo go on."""
+    from fastmaskformer.engine.demo import write_curves
+
+    _, _, run = trained
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert main(["plot", "/nonexistent/metrics.jsonl"]) == 2
+    assert "metrics file /nonexistent/metrics.jsonl not found" in capsys.readouterr().err
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plotting needs matplotlib" in err and "pip install matplotlib" in err
+    assert not (tmp_path / "c.png").exists()
+    line = write_curves(run)
+    assert line.startswith("no curves: plotting needs matplotlib") and "\n" not in line
 
 
 @pytest.mark.parametrize("argv,message", [

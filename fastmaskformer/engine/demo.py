@@ -20,7 +20,7 @@ from ..data import build_dataset, synthetic
 from ..data.transforms import Compose, RandomFlip, ResizeShortestEdge
 from ..evaluation import PanopticEvaluator, SemanticEvaluator
 from .evaluator import panoptic_to_semantic, summarize_pq
-from .plot import plot_metrics
+from .plot import PlottingUnavailable, plot_metrics
 from .predictor import Predictor
 from .trainer import Trainer
 
@@ -109,8 +109,7 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, device
     predictor = Predictor(trainer.model, cfg, val_ds.metadata, device=trainer.device)
     files = [val_ds.records[i]["image"] for i in range(min(4, num_val))]
     predictor.predict_files(files, out / "predictions", tasks=("semantic", "panoptic"))
-    print(f"[5/5] plotting curves to {run_dir / 'curves.png'}")
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    print(f"[5/5] {write_curves(run_dir)}")
 
     first_loss = float(np.mean([r["total_loss"] for r in train_records[:2]]))
     last_loss = float(np.mean([r["total_loss"] for r in train_records[-2:]]))
@@ -123,6 +122,15 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, device
     }
     print(format_summary(summary))
     return summary
+
+
+def write_curves(run_dir: Path) -> str:
+    """Plot ``run_dir/metrics.jsonl`` to ``run_dir/curves.png``; returns the progress line, which
+    says how to get the curves when matplotlib cannot be imported (the demo goes on without)."""
+    try:
+        return f"wrote curves to {plot_metrics(run_dir / 'metrics.jsonl', run_dir / 'curves.png')}"
+    except PlottingUnavailable as exc:
+        return f"no curves: {exc}"
 
 
 def format_summary(s: dict) -> str:

@@ -1,5 +1,8 @@
 """Training curves from ``metrics.jsonl`` (written by the Trainer): loss terms, learning rate
-and evaluation metrics (mIoU, PQ) against the iteration, as one PNG (matplotlib, Agg)."""
+and evaluation metrics (mIoU, PQ) against the iteration, as one PNG (matplotlib, Agg).
+
+matplotlib is a dependency of the package; where it cannot be imported anyway, plotting raises
+``PlottingUnavailable`` (one line, with the fix) after the input has been read and checked."""
 from __future__ import annotations
 
 import json
@@ -29,17 +32,32 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
 
 
+class PlottingUnavailable(RuntimeError):
+    """matplotlib cannot be imported; the message says how to install it."""
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlottingUnavailable(f"plotting needs matplotlib, which cannot be imported ({exc}); "
+                                  f"install it with: pip install matplotlib") from exc
+    return plt
+
+
 def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """Write loss / LR / metric curves of ``metrics_path`` to ``out_path`` (PNG); returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write loss / LR / metric curves of ``metrics_path`` to ``out_path`` (PNG); returns it.
+    Raises FileNotFoundError / ValueError for a missing or bad metrics file, then
+    PlottingUnavailable without matplotlib."""
     train, evals = read_metrics(metrics_path)
     train = [r for r in train if "total_loss" in r]  # skipped (non-finite) iterations log no losses
     if not train and not evals:
         raise ValueError(f"{metrics_path} holds no records")
+    plt = _pyplot()
     eval_keys = [k for k in _EVAL_KEYS if any(k in e["eval"] for e in evals)]
     panels = 2 + (1 if eval_keys else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
