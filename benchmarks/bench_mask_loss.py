@@ -87,26 +87,35 @@ def chunked_torch(mask_embed, pixel_embed, indices, targets, num_masks, input_si
     return focal, dice
 
 
+def per_layer(loss_fn):
+    """A one-layer loss(mask_embed [B,Q,C], ...) applied layer by layer -> (focal [L], dice [L])."""
+    def run(mask_embed, pixel_embed, matching, targets, num_masks, size):
+        losses = [loss_fn(mask_embed[layer], pixel_embed, indices, targets, num_masks, size)
+                  for layer, indices in enumerate(matching)]
+        return tuple(torch.stack(t) for t in zip(*losses))
+    return run
+
+
 def providers(device) -> dict:
-    """name -> loss_fn(mask_embed [B,Q,C], pixel_embed, indices, targets, num_masks, size)."""
+    """name -> loss_fn(mask_embed [L,B,Q,C], pixel_embed, matching, targets, num_masks, size)
+    -> (focal [L], dice [L])."""
     out = {
-        "eager": lambda *a: ops.mask_loss(*a, impl="torch"),
-        "compile": torch.compile(mask_loss_reference),
+        "eager": per_layer(lambda *a: ops.mask_loss(*a, impl="torch")),
+        "compile": per_layer(torch.compile(mask_loss_reference)),
     }
     if torch.device(device).type == "cuda":
+        # All layers in one call (one bmm, one launch of each kernel).
         out["fused"] = lambda *a: ops.mask_loss(*a, impl="triton")
+        out["fused-tf32"] = lambda *a: ops.mask_loss(*a, precision="tf32", impl="triton")
     else:
-        out["chunked-torch (CPU stand-in for fused)"] = chunked_torch
+        out["chunked-torch (CPU stand-in for fused)"] = per_layer(chunked_torch)
     return out
 
 
 def total_loss(loss_fn, mask_embed, pixel_embed, matching, targets, num_masks, size):
     """sum over layers of 20 focal + dice; mask_embed [L,B,Q,C]."""
-    total = 0
-    for layer, indices in enumerate(matching):
-        focal, dice = loss_fn(mask_embed[layer], pixel_embed, indices, targets, num_masks, size)
-        total = total + 20 * focal + dice
-    return total
+    focal, dice = loss_fn(mask_embed, pixel_embed, matching, targets, num_masks, size)
+    return (20 * focal + dice).sum()
 
 
 def check_against_eager(funcs: dict, inputs) -> dict:

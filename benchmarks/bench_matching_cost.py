@@ -1,7 +1,7 @@
 """Pairwise matching cost of all images x all decoder layers (DESIGN 3, 7): eager vs compile vs fused.
 
     # GPU (H100), the full sweep (sized for one 10-minute call; not yet run on a GPU; --quick: 2 configs):
-    python benchmarks/bench_matching_cost.py --device cuda --tf32 --json benchmarks/results/h100-matching-cost-DATE.json
+    python benchmarks/bench_matching_cost.py --device cuda --json benchmarks/results/h100-matching-cost-DATE.json
     # CPU, small sizes (the fused provider is then a chunked-torch stand-in, see below):
     python benchmarks/bench_matching_cost.py --device cpu --json benchmarks/results/cpu-matching-cost-DATE.json
 
@@ -10,8 +10,8 @@ eager one: ``max_abs_err_vs_eager``; costs are O(10)):
 - ``eager``: ``ops.matching_cost_padded(impl="torch")``, the official per-problem loop (one
   ``[Q, hw]`` logit matrix, its focal/dice intermediates and a ``[M, hw]`` one-hot per problem).
 - ``compile``: the same loop with its per-problem body (logits + cost) ``torch.compile``-d.
-- ``fused``: on CUDA the Triton kernel (``impl="triton"``, fp32 ``ieee``); with ``--tf32`` also
-  ``fused-tf32``. On a CPU the interpreter is no performance path, so ``fused`` is
+- ``fused``: on CUDA the Triton kernel (``impl="triton"``) with its default tf32 products, and
+  ``fused-tf32x3`` / ``fused-ieee`` (exact fp32 products on the CUDA cores). On a CPU the interpreter is no performance path, so ``fused`` is
   ``chunked-torch``: the same flash-style algorithm written with batched torch ops over pixel
   chunks (all problems at once, ``[N, Q, chunk]`` temporaries) - a stand-in, labelled as such.
 
@@ -152,7 +152,7 @@ def chunked_torch(class_logits, mask_embed, pixel_embed, targets, input_size, we
     return cost * valid[:, None, :]
 
 
-def providers(device, weights, tf32: bool) -> dict:
+def providers(device, weights) -> dict:
     """name -> fn(class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed, targets, size) -> [L*B,Q,M]."""
     compiled = compiled_reference(weights)
     out = {
@@ -163,11 +163,10 @@ def providers(device, weights, tf32: bool) -> dict:
     if torch.device(device).type == "cuda":
         from fastmaskformer.kernels import matching_cost as kernel
 
-        out["fused"] = lambda cl, me, pe, tg, size: kernel.matching_cost(cl.flatten(0, 1), me.flatten(0, 1), pe,
-                                                                         tg, weights, size)
-        if tf32:
-            out["fused-tf32"] = lambda cl, me, pe, tg, size: kernel.matching_cost(
-                cl.flatten(0, 1), me.flatten(0, 1), pe, tg, weights, size, input_precision="tf32")
+        for precision in ("tf32", "tf32x3", "ieee"):
+            name = "fused" if precision == kernel.DEFAULT_PRECISION else f"fused-{precision}"
+            out[name] = lambda cl, me, pe, tg, size, precision=precision: kernel.matching_cost(
+                cl.flatten(0, 1), me.flatten(0, 1), pe, tg, weights, size, precision, cl.shape[0])
     else:
         out["chunked-torch (CPU stand-in for fused)"] = (
             lambda cl, me, pe, tg, size: chunked_torch(cl.flatten(0, 1), me.flatten(0, 1), pe, tg, size, weights))
@@ -180,14 +179,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer configurations")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: stable numbers on a shared machine)")
-    p.add_argument("--tf32", action="store_true", help="also time the fused kernel in tf32 mode (CUDA)")
     p.add_argument("--json", default=None,
                    help="output JSON (default benchmarks/results/<device>-matching-cost-<date>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False  # eager/compile in true fp32, like the fused default
+        torch.backends.cuda.matmul.allow_tf32 = False  # eager/compile in true fp32, as the official release
         batches, segments, classes = ((2, 16), (16,), (150,)) if args.quick else ((2, 16), (8, 16, 32), (150, 847))
         queries, channels, size = 100, 256, 512
     else:
@@ -197,7 +195,7 @@ def main(argv=None):
     weights = (1.0, 20.0, 1.0)
     roof = measure_roofline(device)
     rate = roof["matmul_fp32_tflops"] * 1e12
-    funcs = providers(device, weights, args.tf32)
+    funcs = providers(device, weights)
     rows = []
     for batch, m, k in itertools.product(batches, segments, classes):
         torch.manual_seed(0)

@@ -22,7 +22,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS_DIR, device_facts, measure_roofline  # noqa: E402
+from common import RESULTS_DIR, device_facts, markdown_table, measure_roofline  # noqa: E402
+from roofline import predicted  # noqa: E402
 
 # part -> (script, arguments for the GPU run, arguments for --quick / CPU runs), in priority
 # order: with a time budget, the end-to-end bar is measured first.
@@ -33,9 +34,9 @@ PARTS = {
                                                "--providers", "eager", "fused", "--steps", "0", "--headroom"],
                        ["--batch", "2", "--size", "128", "--classes", "847", "--amp", "fp32", "--providers", "eager",
                         "batched", "--steps", "0", "--repeats", "3"]),
-    "matching_cost": ("bench_matching_cost.py", ["--quick", "--tf32"], ["--quick"]),
+    "matching_cost": ("bench_matching_cost.py", ["--quick"], ["--quick"]),
     "mask_loss": ("bench_mask_loss.py", ["--quick"], ["--quick"]),
-    "semantic_inference": ("bench_semantic_inference.py", ["--quick", "--tf32x3"], ["--quick"]),
+    "semantic_inference": ("bench_semantic_inference.py", ["--quick"], ["--quick"]),
     "panoptic_inference": ("bench_panoptic_inference.py", ["--quick"], ["--quick"]),
     "inference_e2e": ("bench_inference_e2e.py", ["--batch", "16", "--size", "512"],
                       ["--batch", "1", "--size", "128", "--classes", "150", "--repeats", "3"]),
@@ -74,6 +75,40 @@ def run_part(name: str, device: str, quick: bool, workdir: pathlib.Path, timeout
         return result
     result.update(json.loads(out.read_text()))
     return result
+
+
+# part -> (precision of the plain "fused" provider, keys a row shares with its roofline row)
+ROOFLINE_PARTS = {
+    "matching_cost": ("tf32", ("batch", "M", "K")),
+    "mask_loss": ("ieee", ("batch", "M")),
+    "semantic_inference": ("tf32", ("batch", "K")),
+}
+
+
+def versus_roofline(parts: dict, device_name: str) -> list[dict]:
+    """Fused rows beside the committed roofline (benchmarks/roofline.py): measured / lower bound
+    and measured / predicted speed-up over eager."""
+    out = []
+    for part, (default, keys) in ROOFLINE_PARTS.items():
+        rows = parts.get(part, {}).get("rows", [])
+        for row in rows:
+            provider = row.get("provider", "")
+            if not provider.startswith("fused") or row.get("phase", "fwd+bwd") != "fwd+bwd":
+                continue
+            if part == "semantic_inference" and row.get("output") != "512x683":
+                continue
+            precision = provider.split("-", 1)[1] if "-" in provider else default
+            model = predicted(part, device_name, precision=precision, **{k: row.get(k) for k in keys})
+            if model is None:
+                continue
+            eager = next((r for r in rows if r.get("provider") == "eager" and r.get("phase") == row.get("phase")
+                          and all(r.get(k) == row.get(k) for k in keys + ("output",))), None)
+            out.append({"part": part, "provider": provider, **{k: row.get(k) for k in keys},
+                        "measured_ms": row["median_ms"], "bound_ms": model["fused_ms"],
+                        "pct_of_roofline": 100 * model["fused_ms"] / row["median_ms"],
+                        "speedup_measured": eager["median_ms"] / row["median_ms"] if eager else None,
+                        "speedup_predicted": model["speedup"], "model": model["hardware"]})
+    return out
 
 
 def plot_part(name: str, rows: list[dict], out_prefix: pathlib.Path) -> list[str]:
@@ -156,6 +191,11 @@ def main(argv=None):
                   part.get("table") or f"error: {part.get('error', '')[-500:]}", ""]
         if not args.no_plots and part.get("rows"):
             part["plots"] = plot_part(name, part["rows"], prefix)
+    report["versus_roofline"] = versus_roofline(report["parts"], facts["name"])
+    if report["versus_roofline"]:
+        table = markdown_table(report["versus_roofline"], list(report["versus_roofline"][0]))
+        lines += ["## Measured vs roofline (benchmarks/roofline.py)", "", table, ""]
+        print(table)
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))
     prefix.with_suffix(".md").write_text("\n".join(lines))
     print("wrote", prefix.with_suffix(".json"), "and", prefix.with_suffix(".md"))

@@ -17,12 +17,14 @@ from fastmaskformer.ops._dispatch import interpreter_enabled
 
 # input_precision of fp32 tl.dot: "ieee" (exact fp32 products, CUDA cores), "tf32" (tensor
 # cores, operands rounded to a 10-bit mantissa), "tf32x3" (three tf32 products, ~fp32 accuracy).
+# "bf16" (operands rounded to bf16, 7-bit mantissa, fp32 accumulation) is offered where only an
+# argmax is returned.
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
-def check_precision(precision: str, op: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {precision!r}")
+def check_precision(precision: str, op: str, allowed=PRECISIONS) -> str:
+    if precision not in allowed:
+        raise ValueError(f"{op}: precision must be one of {allowed}, got {precision!r}")
     return precision
 
 
@@ -65,6 +67,13 @@ def _tf32(x):
 
 
 @triton.jit
+def _bf16(x):
+    """x rounded to the nearest bf16 (ties to even), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
     """acc + a @ b with fp32 accumulation. PRECISION applies to fp32 operands; 16-bit operands
     use their exact products. EMULATE (the CPU interpreter, whose tl.dot is exact fp32 and wrong
@@ -80,8 +89,12 @@ def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
             acc = tl.dot(_tf32(a - a_hi), b_hi, acc)
             acc = tl.dot(a_hi, _tf32(b - b_hi), acc)
             return tl.dot(a_hi, b_hi, acc)
+        elif PRECISION == "bf16":
+            return tl.dot(_bf16(a), _bf16(b), acc)
         else:
             return tl.dot(a, b, acc)
+    elif PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PRECISION)
     else:

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from fastmaskformer.ops._dispatch import interpreter_enabled
 
-from .common import autotune_configs, check_precision, dot, resampled, resize_scale, upsample_scales
+from .common import autotune_configs, check_precision, dot, pixel_major_stride, resampled, resize_scale, upsample_scales
 
 
 @triton.autotune(
@@ -67,10 +67,10 @@ def _lowres_logits_kernel(e_ptr, pix_ptr, out_ptr, nq, nc, npix,
     key=["nq", "RESIZE"],
 )
 @triton.jit
-def _resample_kernel(x_ptr, out_ptr, nq, h, w, crop_h, crop_w, out_h, out_w, scale_y, scale_x,
+def _resample_kernel(x_ptr, out_ptr, nq, ldq, h, w, crop_h, crop_w, out_h, out_w, scale_y, scale_x,
                      up_y, up_x, stride_xb, stride_ob, RESIZE: tl.constexpr, SIGMOID: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """out[b, q, oy, ox] ([B, nq, out_h, out_w] contiguous per image) from x [B, h*w, nq]:
+    """out[b, q, oy, ox] ([B, nq, out_h, out_w] contiguous per image) from x [B, h*w, ldq]:
     x upsampled with ``up = h / H_in``, cropped to (crop_h, crop_w) and, with RESIZE, resized
     with ``scale = crop / out``; then, with SIGMOID, the sigmoid. A direct resize is
     ``up = h / out`` without RESIZE. Grid (output pixel tiles, query tiles, B)."""
@@ -81,7 +81,7 @@ def _resample_kernel(x_ptr, out_ptr, nq, h, w, crop_h, crop_w, out_h, out_w, sca
     mask = (p < npix)[:, None] & (q < nq)[None, :]
     oy, ox = p // out_w, p % out_w
     v = resampled(x_ptr + b * stride_xb, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w,
-                  nq, q, mask, RESIZE, False)
+                  ldq, q, mask, RESIZE, False)
     if SIGMOID:
         v = tl.sigmoid(v)
     out = out_ptr + b * stride_ob + q[None, :].to(tl.int64) * npix + p[:, None]
@@ -90,15 +90,19 @@ def _resample_kernel(x_ptr, out_ptr, nq, h, w, crop_h, crop_w, out_h, out_w, sca
 
 # ---------------------------------------------------------------------------- launchers
 def lowres_logits(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, pixel_major: bool = True,
-                  precision: str = "ieee") -> torch.Tensor:
+                  precision: str = "ieee", out: torch.Tensor | None = None) -> torch.Tensor:
     """mask_embed [B,Q,C], pixel_embed [B,C,h,w] (any float dtype, any strides) -> float32
-    ``[B, h*w, Q]`` (pixel_major, what the resampling kernels gather) or ``[B, Q, h, w]``."""
+    ``[B, h*w, Q]`` (pixel_major, what the resampling kernels gather: a view of
+    ``[B, h*w, pixel_major_stride(Q)]`` storage, or of ``out`` [B, h*w, >= Q] when given) or
+    ``[B, Q, h, w]``."""
     check_precision(precision, "lowres_logits")
     B, Q, C = mask_embed.shape
     h, w = pixel_embed.shape[-2:]
     pix = pixel_embed.reshape(B, C, h * w)  # a view unless the spatial dims are non-contiguous
     if pixel_major:
-        out = torch.empty(B, h * w, Q, device=mask_embed.device, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(B, h * w, pixel_major_stride(Q), device=mask_embed.device, dtype=torch.float32)
+        out = out[..., :Q]
         so = (out.stride(0), out.stride(1), out.stride(2))
     else:
         out = torch.empty(B, Q, h, w, device=mask_embed.device, dtype=torch.float32)
@@ -131,7 +135,7 @@ def _resample(x: torch.Tensor, lowres: tuple[int, int], out: torch.Tensor, crop=
     def grid(meta):
         return (triton.cdiv(H * W, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]), B)
 
-    _resample_kernel[grid](x, out, Q, h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H), resize_scale(crop_w, W),
+    _resample_kernel[grid](x, out, Q, x.stride(1), h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H), resize_scale(crop_w, W),
                            *upsample_scales(lowres, input_size), x.stride(0), out.stride(0),
                            RESIZE=(crop_h, crop_w) != (H, W), SIGMOID=sigmoid)
     return out

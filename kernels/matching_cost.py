@@ -280,6 +280,14 @@ def downsample_segment_ids(targets: Sequence[Target], input_size, out_size) -> T
     rows, cols = _nearest_source_index(h, H), _nearest_source_index(w, W)
     device = targets[0].device
     out = torch.full((len(targets), h, w), -1, dtype=torch.int32, device=device)
+    sizes = {t.image_size for t in targets}
+    if len(sizes) == 1:  # the usual batch (maps padded to one size): a few launches for all images
+        ((map_h, map_w),) = sizes
+        n_rows, n_cols = int((rows < map_h).sum()), int((cols < map_w).sum())
+        maps = torch.stack([t.segment_map for t in targets])
+        sampled = maps.index_select(1, rows[:n_rows].to(device)).index_select(2, cols[:n_cols].to(device))
+        out[:, :n_rows, :n_cols] = sampled
+        return out
     for b, t in enumerate(targets):
         # Sampled rows/columns past the map's own size fall in the padding (-1); being
         # non-decreasing, the ones inside form a prefix.
@@ -323,10 +331,16 @@ def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
         return out.zero_()
 
     seg_small = downsample_segment_ids(targets, input_size, (h, w)).reshape(batch, h * w)  # [B, hw] int32
-    labels = torch.zeros(batch, m_max, dtype=torch.int32, device=device)
-    for b, t in enumerate(targets):
-        labels[b, : t.num_segments] = t.labels  # device copy: no host sync
-    num_segments = torch.tensor([t.num_segments for t in targets], dtype=torch.int32).to(device)
+    # Labels padded to [B, Mmax] in a few launches: the images' labels concatenated on the device,
+    # scattered to slots computed on the host (no host sync).
+    counts = [t.num_segments for t in targets]
+    slots = torch.cat([b * m_max + torch.arange(m) for b, m in enumerate(counts)])
+    host = torch.cat([slots, torch.tensor(counts)]).to(torch.int32)
+    host = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
+    labels = torch.zeros(batch * m_max, dtype=torch.int32, device=device)
+    labels[host[:-batch].long()] = torch.cat([t.labels for t in targets]).to(torch.int32)
+    labels = labels.view(batch, m_max)
+    num_segments = host[-batch:]
     num_classes = class_logits.shape[-1]
     # The class softmax runs once per program: small chunks keep its registers low.
     block_k = min(triton.next_power_of_2(num_classes), 1024 if interpreter_enabled() else 32)

@@ -31,10 +31,10 @@ from .mask_probs import lowres_logits
     reset_to_zero=["assigned_ptr", "full_ptr"],
 )
 @triton.jit
-def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, nq, h, w,
+def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, nq, ldq, h, w,
                             crop_h, crop_w, out_h, out_w, scale_y, scale_x, up_y, up_x,
                             RESIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """x [h*w, nq] low-res logits, scores [nq] -> ids int64 [out_h*out_w], assigned/full int32
+    """x [h*w, ldq] low-res logits, scores [nq] -> ids int64 [out_h*out_w], assigned/full int32
     [nq] (must be zeroed). Grid: (cdiv(out_h*out_w, BLOCK_P),)."""
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < out_h * out_w
@@ -47,7 +47,7 @@ def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, 
         qmask = q < nq
         mask = pmask[:, None] & qmask[None, :]
         prob = tl.sigmoid(resampled(x_ptr, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w,
-                                    nq, q, mask, RESIZE, False))  # [P, Q]
+                                    ldq, q, mask, RESIZE, False))  # [P, Q]
         confident = tl.sum((mask & (prob >= 0.5)).to(tl.int32), 0)
         tl.atomic_add(full_ptr + q, confident, mask=qmask)
         score = tl.load(scores_ptr + q, mask=qmask, other=0.0)
@@ -82,6 +82,7 @@ def panoptic_assign(scores: torch.Tensor, mask_embed: torch.Tensor, pixel_embed:
             return (triton.cdiv(H * W, m["BLOCK_P"]),)
 
         _panoptic_assign_kernel[grid](x, scores.float().contiguous(), ids, counts[0], counts[1], nq,
+                                      x.stride(0),
                                       h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H),
                                       resize_scale(crop_w, W), *upsample_scales((h, w), input_size),
                                       RESIZE=(crop_h, crop_w) != (H, W))

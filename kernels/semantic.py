@@ -23,10 +23,11 @@ union of all views' queries, each view with its own low-res logits, input size, 
 (and a mirrored x for flipped views). All images of a batch (or all views of a TTA image) go in
 one launch; a table describes the views.
 
-Precision: the class sum is a tl.dot; ``precision`` is its input_precision. Only the argmax is
-returned, so the default is "tf32" (see ``DEFAULT_PRECISION``): labels can differ from exact
-fp32 only where the top two class scores are within ~1e-3 of each other. "tf32x3" (about fp32
-accuracy) and "ieee" (exact fp32 products) are opt-in.
+Precision: the low-res logits and the class sum are tl.dots; ``precision`` is theirs. Only the
+argmax is returned, so the default is "tf32" (see ``DEFAULT_PRECISION``): labels can differ from
+exact fp32 only where the top two class scores are within ~4e-3 of each other. "tf32x3" (about
+fp32 accuracy) and "ieee" (exact fp32 products) are opt-in, and so is "bf16" (twice tf32's
+tensor-core rate; labels can differ where the top two are within ~2e-2).
 """
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ import triton.language as tl
 from fastmaskformer.ops._dispatch import interpreter_enabled
 
 from .common import (
+    PRECISIONS,
     autotune_configs,
     check_precision,
     dot,
+    pixel_major_stride,
     resampled,
     resize_scale,
     upsample_scales,
@@ -47,22 +50,43 @@ from .common import (
 from .mask_probs import lowres_logits
 
 DEFAULT_PRECISION = "tf32"
+SEMANTIC_PRECISIONS = PRECISIONS + ("bf16",)
+LOGITS_PRECISION = {"bf16": "tf32"}  # the low-res logits matmul in bf16 mode
 VIEW_COLS = 8  # per view: x offset, probs row offset, nq, h, w, crop_h, crop_w, flipped
 IMAGE_COLS = 5  # per image: first view, number of views, output offset, out_h, out_w
 # m [BLOCK_P, BLOCK_Q] fp32 tiles are capped at this many elements (32 registers per thread
 # at 8 warps): bigger query tiles get fewer pixels.
 MAX_TILE = 8192
 MAX_BLOCK_Q = 256
+CHUNK_Q = 32
+
+
+# (BLOCK_P, BLOCK_K, num_warps, num_stages) per kind of launch, checked for sm_90 / sm_80 with
+# python -m fastmaskformer.kernels.aot. "hoisted": tf32 / bf16, one view, m [BLOCK_P, <= 256
+# queries] kept in registers (with RESIZE its 16 gathers need the smallest tile); "chunked":
+# ieee (FMA loops keep both operands in registers), tf32x3 (two operand halves) and TTA stream
+# the queries in CHUNK_Q chunks, m rebuilt per class block.
+_GPU_CONFIGS = {
+    "hoisted": [(64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
+    "hoisted-resize": [(64, 64, 8, 2)],
+    "chunked": [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2)],
+}
 
 
 def _fit_tiles(configs, named_args, **kwargs):
-    """Keep the configs whose m tile fits (BLOCK_P * BLOCK_Q <= MAX_TILE)."""
-    fitting = [c for c in configs if c.kwargs["BLOCK_P"] * kwargs["BLOCK_Q"] <= MAX_TILE]
-    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_P"])]
+    """The configs tuned for the kind of launch whose m tile fits (BLOCK_P * BLOCK_Q <=
+    MAX_TILE); all of them under the interpreter."""
+    if len(configs) == 1:
+        return configs
+    kind = ("hoisted-resize" if kwargs["RESIZE"] else "hoisted") if kwargs["HOIST"] else "chunked"
+    wanted = set(_GPU_CONFIGS[kind])
+    tuned = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted]
+    fitting = [c for c in tuned if c.kwargs["BLOCK_P"] * kwargs["BLOCK_Q"] <= MAX_TILE]
+    return fitting or [min(tuned, key=lambda c: c.kwargs["BLOCK_P"])]
 
 
 @triton.jit
-def _view_probs(x_ptr, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
+def _view_probs(x_ptr, ldq, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
                 RESIZE: tl.constexpr, BLOCK_Q: tl.constexpr):
     """m [P, BLOCK_Q] of view v for queries q0 .. q0 + BLOCK_Q (0 past the view's queries), and
     the view's row offset into the class probabilities and its query count."""
@@ -76,8 +100,10 @@ def _view_probs(x_ptr, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
     ox = tl.where(flipped != 0, out_w - 1 - ox, ox)
     q = q0 + tl.arange(0, BLOCK_Q)
     mask = pmask[:, None] & (q < nq)[None, :]
-    m = resampled(x_ptr + x_off, oy, ox, scale_y, scale_x, up_y, up_x, h.to(tl.int32), w.to(tl.int32),
-                  crop_h.to(tl.int32), crop_w.to(tl.int32), nq.to(tl.int32), q, mask, RESIZE, True)
+    # Every view's logits start at a multiple of 16 floats (the launcher's layout): with the
+    # 16-divisible row stride ldq the row gathers vectorise.
+    m = resampled(x_ptr + tl.multiple_of(x_off, 16), oy, ox, scale_y, scale_x, up_y, up_x, h.to(tl.int32),
+                  w.to(tl.int32), crop_h.to(tl.int32), crop_w.to(tl.int32), ldq, q, mask, RESIZE, True)
     # Masked entries are sigmoid(0) = 0.5: zero them so that the class sum does not rely on the
     # probabilities' zero padding.
     return tl.where(mask, m, 0.0), p_off, nq
@@ -105,23 +131,21 @@ def _update_argmax(scores, k0, nk, best, best_idx, BLOCK_K: tl.constexpr):
 
 @triton.autotune(
     configs=autotune_configs(
-        gpu=[{"BLOCK_P": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-             {"BLOCK_P": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
-             {"BLOCK_P": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2},
-             {"BLOCK_P": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}],
+        gpu=[{"BLOCK_P": bp, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+             for bp, bk, nw, ns in dict.fromkeys(c for cs in _GPU_CONFIGS.values() for c in cs)],
         interpreter={"BLOCK_P": 2048, "BLOCK_K": 256}),
     key=["nk", "BLOCK_Q", "HOIST", "RESIZE", "PRECISION"],
     prune_configs_by={"early_config_prune": _fit_tiles},
 )
 @triton.jit
-def _semantic_kernel(x_ptr, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr, score_ptr, nk,
+def _semantic_kernel(x_ptr, ldq, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr, score_ptr, nk,
                      PRECISION: tl.constexpr, EMULATE: tl.constexpr, HOIST: tl.constexpr,
                      RESIZE: tl.constexpr, WRITE_SCORE: tl.constexpr, BLOCK_Q: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """Labels (and scores) of output pixels of one image: argmax_k sum over the image's views v
     and their queries q of p_v[q, k] m_{v,q}.
 
-    x: the views' pixel-major low-res logits [h_v*w_v, nq_v], flat; probs [sum nq_v, nk] fp32;
+    x: the views' pixel-major low-res logits [h_v*w_v, ldq], flat; probs [sum nq_v, nk] fp32;
     view [V, 8] int64 and scale [V, 4] fp32 (crop/out, h/H_in per axis) describe the views;
     image [B, 5] int64 the images; label int64 / score fp32 [sum H_i*W_i]. Grid
     (cdiv(max H_i*W_i, BLOCK_P), B).
@@ -136,7 +160,7 @@ def _semantic_kernel(x_ptr, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr
     best = tl.full((BLOCK_P,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_P,), tl.int32)
     if HOIST:  # one view, all its queries in one tile: m once, then stream the classes
-        m, p_off, nq = _view_probs(x_ptr, view_ptr, scale_ptr, first_view, oy, ox, out_w, pmask, 0,
+        m, p_off, nq = _view_probs(x_ptr, ldq, view_ptr, scale_ptr, first_view, oy, ox, out_w, pmask, 0,
                                    RESIZE, BLOCK_Q)
         for k0 in range(0, nk, BLOCK_K):
             probs = _class_block(probs_ptr, p_off, nq, 0, k0, nk, BLOCK_Q, BLOCK_K)
@@ -149,7 +173,7 @@ def _semantic_kernel(x_ptr, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr
             for v in tl.range(first_view, first_view + num_views, num_stages=1):
                 nq = tl.load(view_ptr + v * 8 + 2)
                 for q0 in tl.range(0, nq, BLOCK_Q, num_stages=1):
-                    m, p_off, nq_v = _view_probs(x_ptr, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
+                    m, p_off, nq_v = _view_probs(x_ptr, ldq, view_ptr, scale_ptr, v, oy, ox, out_w, pmask, q0,
                                                  RESIZE, BLOCK_Q)
                     probs = _class_block(probs_ptr, p_off, nq_v, q0, k0, nk, BLOCK_Q, BLOCK_K)
                     acc = dot(m, probs, acc, PRECISION, EMULATE)
@@ -159,8 +183,9 @@ def _semantic_kernel(x_ptr, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr
         tl.store(score_ptr + out_off + p, best, mask=pmask)
 
 
-def _launch(x, probs, views, images, return_score: bool, precision: str):
-    """Run ``_semantic_kernel``. x: the views' pixel-major fp32 logits, flat; probs [rows, K]
+def _launch(x, ldq, probs, views, images, return_score: bool, precision: str):
+    """Run ``_semantic_kernel``. x: the views' pixel-major fp32 logits [h_v*w_v, ldq] (every
+    view at a multiple of 16 floats, ldq a multiple of 16), flat; probs [rows, K]
     fp32 contiguous; views: per view (x offset, probs row offset, nq, h, w, crop_h, crop_w,
     flipped, input_size); images: per image (view ids, (H, W)). Returns per image (labels
     [H, W], score [H, W] or None)."""
@@ -181,8 +206,12 @@ def _launch(x, probs, views, images, return_score: bool, precision: str):
     labels = torch.empty(out_off, device=device, dtype=torch.int64)
     score = torch.empty(out_off, device=device, dtype=torch.float32) if return_score else labels
     max_q = max(v[2] for v in views)
-    block_q = min(max(16, triton.next_power_of_2(max_q)), MAX_BLOCK_Q)
-    hoist = all(len(ids) == 1 for ids, _ in images) and max_q <= block_q
+    # Exact fp32 products are FMA loops that keep both operands of a tl.dot in registers, and
+    # tf32x3 keeps two halves of each: their reduction (queries) is cut into CHUNK_Q chunks,
+    # with m rebuilt per class block.
+    hoist = (all(len(ids) == 1 for ids, _ in images) and precision in ("tf32", "bf16")
+             and max_q <= MAX_BLOCK_Q)
+    block_q = min(max(16, triton.next_power_of_2(max_q)), MAX_BLOCK_Q if hoist else CHUNK_Q)
     resize = any(tuple(views[v][5:7]) != tuple(size) for ids, size in images for v in ids)
     max_pixels = max(H * W for _, (H, W) in images)
 
@@ -190,7 +219,7 @@ def _launch(x, probs, views, images, return_score: bool, precision: str):
         return (triton.cdiv(max_pixels, meta["BLOCK_P"]), len(images))
 
     # Without return_score the score pointer is never written (WRITE_SCORE is a constexpr).
-    _semantic_kernel[grid](x, probs, view_t, scale_t, image_t, labels, score, nk,
+    _semantic_kernel[grid](x, ldq, probs, view_t, scale_t, image_t, labels, score, nk,
                            PRECISION=precision, EMULATE=interpreter_enabled(), HOIST=hoist, RESIZE=resize,
                            WRITE_SCORE=return_score, BLOCK_Q=block_q)
     results, start = [], 0
@@ -208,14 +237,16 @@ def semantic_inference(class_logits: torch.Tensor, mask_embed: torch.Tensor,
     unpadded, output_sizes (H_i, W_i), input_size the model input size (default (4h, 4w)).
     Returns a list of int64 labels [H_i, W_i] (or tuples (labels, float32 score [H_i, W_i]) with
     ``return_score``), all images in one launch."""
-    check_precision(precision, "semantic_inference")
+    check_precision(precision, "semantic_inference", SEMANTIC_PRECISIONS)
     B, Q, _ = class_logits.shape
     h, w = pixel_embed.shape[-2:]
     probs = class_logits.float().softmax(-1)[..., :-1].reshape(B * Q, -1).contiguous()  # drop "no object"
-    x = lowres_logits(mask_embed, pixel_embed)  # [B, h*w, Q]
-    views = [(b * h * w * Q, b * Q, Q, h, w, *image_sizes[b], False, input_size) for b in range(B)]
+    # The low-res logits only feed the argmax too: same precision (bf16 products: tf32).
+    x = lowres_logits(mask_embed, pixel_embed, precision=LOGITS_PRECISION.get(precision, precision))  # [B, h*w, Q]
+    ldq = x.stride(1)
+    views = [(b * x.stride(0), b * Q, Q, h, w, *image_sizes[b], False, input_size) for b in range(B)]
     images = [([b], tuple(output_sizes[b])) for b in range(B)]
-    results = _launch(x, probs, views, images, return_score, precision)
+    results = _launch(x, ldq, probs, views, images, return_score, precision)
     return [r if return_score else r[0] for r in results]
 
 
@@ -225,20 +256,26 @@ def semantic_inference_tta(views, output_size, precision: str = DEFAULT_PRECISIO
     flipped (bool). Returns int64 labels [H, W], the argmax of the views' summed class scores at
     ``output_size`` (the mean's argmax: dividing by the number of views does not move it), in
     one kernel over the union of the views' queries."""
-    check_precision(precision, "semantic_inference_tta")
+    check_precision(precision, "semantic_inference_tta", SEMANTIC_PRECISIONS)
     num_classes = {v["class_logits"].shape[-1] for v in views}
     if len(num_classes) != 1:
         raise ValueError(f"all TTA views need the same number of classes, got {sorted(num_classes)}")
-    xs, probs, meta, x_off, p_off = [], [], [], 0, 0
-    for v in views:
+    # All views' low-res logits in one buffer, each [h_v*w_v, ldq] at a multiple of 16 floats.
+    ldq = pixel_major_stride(max(v["mask_embed"].shape[0] for v in views))
+    sizes = [v["pixel_embed"].shape[-2] * v["pixel_embed"].shape[-1] * ldq for v in views]
+    x = torch.empty(sum(sizes), device=views[0]["pixel_embed"].device, dtype=torch.float32)
+    probs, meta, x_off, p_off = [], [], 0, 0
+    for v, size in zip(views, sizes):
         pixel_embed = v["pixel_embed"]
         h, w = pixel_embed.shape[-2:]
         nq = v["mask_embed"].shape[0]
-        xs.append(lowres_logits(v["mask_embed"][None], pixel_embed[None]).reshape(-1))
+        view_x = x[x_off:x_off + size].view(1, h * w, ldq)
+        lowres_logits(v["mask_embed"][None], pixel_embed[None], precision=LOGITS_PRECISION.get(precision, precision),
+                      out=view_x)
         probs.append(v["class_logits"].float().softmax(-1)[:, :-1])
         crop_h, crop_w = (int(s) for s in v["image_size"])
         meta.append((x_off, p_off, nq, h, w, crop_h, crop_w, bool(v.get("flipped", False)), v.get("input_size")))
-        x_off, p_off = x_off + xs[-1].numel(), p_off + nq
-    ((labels, _),) = _launch(torch.cat(xs), torch.cat(probs).contiguous(), meta,
+        x_off, p_off = x_off + size, p_off + nq
+    ((labels, _),) = _launch(x, ldq, torch.cat(probs).contiguous(), meta,
                              [(list(range(len(views))), tuple(output_size))], False, precision)
     return labels

@@ -1,0 +1,365 @@
+"""Roofline model: what each fused kernel and its eager reference must move and compute at the
+benchmark sizes (DESIGN 7), their lower-bound times on H100 / H200 / A100, and the predicted
+speed-up of fused over eager.
+
+    python benchmarks/roofline.py                 # writes benchmarks/results/roofline.{json,md}
+
+Eager side: the reference ops are *traced* (a TorchDispatchMode over every aten op, on the
+``meta`` device: shapes only, nothing is computed), so its numbers are those of the code the
+benchmarks time: per op, bytes read + written, CUDA-core FLOPs (fp32 matmuls count here: the
+benchmarks run eager with TF32 off), special-function ops (exp, log, reciprocal: the SFUs), and
+one kernel launch per op. Fused side: the kernels' work written out from their algorithms
+(kernels/*.py), counting HBM bytes with the L2 reuse the launch order is built for.
+
+Lower bound of one kernel = max(bytes / HBM bandwidth, CUDA-core FLOPs / fp32 rate + tensor-core
+FLOPs / their rate, SFU ops / SFU rate) + one launch (5 us). A sequence of kernels (eager) adds
+its kernels' bounds. ``run_all.py`` puts the measured times beside these numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULTS_DIR, markdown_table  # noqa: E402
+
+# Peak rates (dense), from the vendors' data sheets; SFU: 16 ops / clock / SM at the boost clock.
+HARDWARE = {
+    "H100": dict(name="H100 SXM", hbm_gbps=3350, fp32_tflops=67, tf32_tflops=495, bf16_tflops=989,
+                 sfu_tops=16 * 132 * 1.98e9 / 1e12),
+    "H200": dict(name="H200 SXM", hbm_gbps=4800, fp32_tflops=67, tf32_tflops=495, bf16_tflops=989,
+                 sfu_tops=16 * 132 * 1.98e9 / 1e12),
+    "A100": dict(name="A100 SXM", hbm_gbps=2039, fp32_tflops=19.5, tf32_tflops=156, bf16_tflops=312,
+                 sfu_tops=16 * 108 * 1.41e9 / 1e12),
+}
+LAUNCH_US = 5.0
+TC_RATE = {"tf32": "tf32_tflops", "bf16": "bf16_tflops"}
+
+
+@dataclasses.dataclass
+class Work:
+    """What a kernel (or a sum of kernels) moves and computes."""
+    bytes: float = 0.0
+    fp32_flops: float = 0.0  # CUDA cores (fp32 FMA counts 2)
+    tc_flops: dict = dataclasses.field(default_factory=dict)  # tensor cores, per input type
+    sfu: float = 0.0  # exp / log / reciprocal
+    kernels: int = 0
+
+    def add(self, other: "Work") -> "Work":
+        tc = dict(self.tc_flops)
+        for k, v in other.tc_flops.items():
+            tc[k] = tc.get(k, 0.0) + v
+        return Work(self.bytes + other.bytes, self.fp32_flops + other.fp32_flops, tc, self.sfu + other.sfu,
+                    self.kernels + other.kernels)
+
+    def seconds(self, hw: dict) -> float:
+        """Roofline lower bound of ONE kernel doing this work (plus its launches)."""
+        compute = self.fp32_flops / (hw["fp32_tflops"] * 1e12) + sum(
+            f / (hw[TC_RATE[k]] * 1e12) for k, f in self.tc_flops.items())
+        return max(self.bytes / (hw["hbm_gbps"] * 1e9), compute, self.sfu / (hw["sfu_tops"] * 1e12)) \
+            + self.kernels * LAUNCH_US * 1e-6
+
+
+def dot_work(flops: float, precision: str) -> Work:
+    """A tl.dot / matmul of ``flops`` in ``precision`` (ieee: CUDA cores; tf32x3: 3 tf32 passes)."""
+    if precision == "ieee":
+        return Work(fp32_flops=flops)
+    if precision == "tf32x3":
+        return Work(tc_flops={"tf32": 3 * flops})
+    return Work(tc_flops={precision: flops})
+
+
+# ---------------------------------------------------------------------------- eager: traced
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "expand", "select", "slice", "transpose", "t", "permute",
+            "unsqueeze", "squeeze", "as_strided", "detach", "alias", "lift_fresh", "split", "unbind",
+            "_reshape_alias", "split_with_sizes", "unflatten", "flatten", "view_as", "empty_like", "empty",
+            "size", "stride", "numel", "is_same_size", "_to_copy_noop"}
+SFU_PER_ELEMENT = {"exp": 1, "log": 1, "log1p": 1, "sigmoid": 2, "sigmoid_backward": 0, "softplus": 2,
+                   "binary_cross_entropy_with_logits": 2, "div": 1, "reciprocal": 1, "_softmax": 1,
+                   "tanh": 1, "rsqrt": 1, "sqrt": 1, "pow": 0, "log_sigmoid_forward": 2}
+
+
+def _tensors(tree):
+    out = []
+    for x in (tree if isinstance(tree, (list, tuple)) else [tree]):
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out += _tensors(x)
+    return out
+
+
+def _matmul_flops(name: str, args, out) -> float:
+    if name in ("mm", "bmm"):
+        a = args[0]
+        return 2.0 * out.numel() * a.shape[-1]
+    if name in ("addmm", "baddbmm"):
+        a = args[1]
+        return 2.0 * out.numel() * a.shape[-1]
+    return 0.0
+
+
+class _Tracer(TorchDispatchMode):
+    """Sums the Work of every aten op run inside it (one kernel per non-view op) and, per
+    hardware, the ops' lower bounds (a sequence of kernels adds their bounds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.work = Work()
+        self.seconds = {tag: 0.0 for tag in HARDWARE}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in VIEW_OPS:
+            return out
+        inputs, outputs = _tensors(list(args) + list((kwargs or {}).values())), _tensors(out)
+        nbytes = sum(t.numel() * t.element_size() for t in inputs + outputs)
+        elements = max([t.numel() for t in outputs + inputs] or [0])
+        flops = _matmul_flops(name, args, outputs[0]) if outputs else 0.0
+        op = Work(bytes=nbytes, fp32_flops=flops or float(elements), sfu=SFU_PER_ELEMENT.get(name, 0) * elements,
+                  kernels=1)
+        self.work = self.work.add(op)
+        for tag, hw in HARDWARE.items():
+            self.seconds[tag] += op.seconds(hw)
+        return out
+
+
+def trace(fn) -> tuple[Work, dict]:
+    """(total Work, {hardware: lower-bound seconds}) of the aten ops ``fn`` runs."""
+    tracer = _Tracer()
+    with tracer:
+        fn()
+    return tracer.work, tracer.seconds
+
+
+# ---------------------------------------------------------------------------- the benchmark problems
+B, LAYERS, Q, C, SIZE = 16, 6, 100, 256, 512
+h = w = SIZE // 4
+IMAGE, INPUT = (512, 683), (512, 704)
+
+
+def _meta_targets(segments: int):
+    from fastmaskformer import Target
+
+    target = Target(torch.zeros(segments, dtype=torch.int64), torch.zeros(SIZE, SIZE, dtype=torch.int32))
+    return [target.to("meta")] * B
+
+
+def eager_matching_cost(segments: int, classes: int) -> Work:
+    from fastmaskformer.ops.matching_cost import matching_cost_reference
+
+    targets = _meta_targets(segments)
+    meta = dict(device="meta")
+    return trace(lambda: matching_cost_reference(torch.empty(LAYERS * B, Q, classes + 1, **meta),
+                                                 torch.empty(LAYERS * B, Q, C, **meta), torch.empty(B, C, h, w, **meta),
+                                                 targets, (1.0, 20.0, 1.0), (SIZE, SIZE)))
+
+
+def eager_mask_loss(segments: int) -> Work:
+    """The official per-layer loss of 6 layers, forward and backward."""
+    from fastmaskformer.ops.mask_loss import mask_loss_reference
+
+    targets = _meta_targets(segments)
+    mask_embed = torch.empty(LAYERS, B, Q, C, device="meta", requires_grad=True)
+    pixel_embed = torch.empty(B, C, h, w, device="meta", requires_grad=True)
+    indices = [(torch.arange(segments), torch.arange(segments))] * B
+
+    def step():
+        total = 0
+        for layer in range(LAYERS):
+            focal, dice = mask_loss_reference(mask_embed[layer], pixel_embed, indices, targets, B * segments,
+                                              (SIZE, SIZE))
+            total = total + 20 * focal + dice
+        total.backward()
+    return trace(step)
+
+
+def eager_semantic(classes: int) -> Work:
+    from fastmaskformer.ops.inference import semantic_scores_reference
+
+    def run():
+        for _ in range(B):
+            semantic_scores_reference(torch.empty(Q, classes + 1, device="meta"), torch.empty(Q, C, device="meta"),
+                                      torch.empty(C, INPUT[0] // 4, INPUT[1] // 4, device="meta"), IMAGE,
+                                      IMAGE).max(0)
+    return trace(run)
+
+
+def eager_panoptic(kept: int) -> Work:
+    from fastmaskformer.ops.inference import panoptic_assign_reference
+
+    # bincount has no meta kernel: real CPU tensors (one image, 16 times the work).
+    scores, mask_embed, pixel_embed = torch.rand(kept), torch.randn(kept, C), torch.randn(C, INPUT[0] // 4, INPUT[1] // 4)
+    work, seconds = trace(lambda: panoptic_assign_reference(scores, mask_embed, pixel_embed, IMAGE, IMAGE))
+    total = Work()
+    for _ in range(B):
+        total = total.add(work)
+    return total, {tag: B * s for tag, s in seconds.items()}
+
+
+# ---------------------------------------------------------------------------- fused: modelled
+def _pad(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def fused_matching_cost(segments: int, classes: int, precision: str) -> Work:
+    """kernels/matching_cost.py: per problem, query tiles of 64/128 rows (Q padded to 128), one
+    segment tile (M padded to >= 16); P streamed once per image through L2 for its 6 layers."""
+    n, qp, mp, hw = LAYERS * B, _pad(Q, 64), max(16, 1 << (segments - 1).bit_length()), h * w
+    work = Work(bytes=4 * (B * C * hw + n * Q * C + B * hw + n * Q * (classes + 1) + n * Q * segments),
+                fp32_flops=22.0 * n * qp * hw, sfu=3.0 * n * qp * hw, kernels=10)
+    work = work.add(dot_work(2.0 * n * qp * C * hw, precision))  # logits
+    return work.add(dot_work(4.0 * n * qp * hw * mp, precision))  # the two one-hot products
+
+
+def fused_mask_loss(segments: int, precision: str) -> Work:
+    """kernels/mask_loss.py, forward + backward of all layers: one bmm (and its two backward
+    bmms), the forward sums and the 4-tap adjoint over every (mask, full-res pixel)."""
+    rows, masks, hw, pixels = LAYERS * segments, LAYERS * B * segments, h * w, SIZE * SIZE
+    bmm = 2.0 * B * rows * C * hw
+    work = Work(bytes=4 * (3 * B * C * hw + 3 * B * rows * C + 5 * B * rows * hw + 2 * B * pixels),
+                fp32_flops=(35.0 + 55.0) * masks * pixels, sfu=(4.0 + 4.0) * masks * pixels, kernels=12)
+    return work.add(dot_work(3 * bmm, "tf32" if precision == "tf32" else "ieee"))
+
+
+def fused_semantic(classes: int, precision: str) -> Work:
+    """kernels/semantic.py (output = image size: 4 taps) + the low-res logits matmul."""
+    qp, kp, hw = max(16, 1 << (Q - 1).bit_length()), _pad(classes, 64), INPUT[0] * INPUT[1] // 16
+    pixels = B * IMAGE[0] * IMAGE[1]
+    work = Work(bytes=4 * (B * C * hw + 2 * B * hw * _pad(Q, 16) + B * Q * classes) + 8 * pixels,
+                fp32_flops=10.0 * qp * pixels, sfu=2.0 * qp * pixels, kernels=4)
+    work = work.add(dot_work(2.0 * B * Q * C * hw, "tf32" if precision == "bf16" else precision))  # logits
+    return work.add(dot_work(2.0 * qp * kp * pixels, precision))
+
+
+def fused_panoptic(kept: int) -> Work:
+    """kernels/panoptic.py per image (output = image size: 4 taps), plus its low-res matmul."""
+    hw, pixels = INPUT[0] * INPUT[1] // 16, B * IMAGE[0] * IMAGE[1]
+    kp = _pad(kept, 16)
+    work = Work(bytes=4 * (B * C * hw + 2 * B * hw * kp) + 8 * pixels, fp32_flops=14.0 * kp * pixels,
+                sfu=2.0 * kp * pixels, kernels=3 * B)
+    return work.add(dot_work(2.0 * B * kept * C * hw, "ieee"))
+
+
+def problems():
+    """(part, keys, fused Work, eager Work callable); keys match the benchmarks' row fields."""
+    out = []
+    for classes in (150, 847):
+        for segments in (8, 16, 32):
+            eager = eager_matching_cost(segments, classes)
+            for precision in ("tf32", "tf32x3", "ieee"):
+                out.append(("matching_cost", dict(batch=B, M=segments, K=classes, precision=precision),
+                            fused_matching_cost(segments, classes, precision), eager))
+    for segments in (8, 16, 32):
+        eager = eager_mask_loss(segments)
+        for precision in ("ieee", "tf32"):
+            out.append(("mask_loss", dict(batch=B, M=segments, precision=precision, phase="fwd+bwd"),
+                        fused_mask_loss(segments, precision), eager))
+    for classes in (150, 847):
+        eager = eager_semantic(classes)
+        for precision in ("tf32", "tf32x3", "ieee", "bf16"):
+            out.append(("semantic_inference", dict(batch=B, K=classes, precision=precision),
+                        fused_semantic(classes, precision), eager))
+    out.append(("panoptic_inference", dict(batch=B, kept=50), fused_panoptic(50), eager_panoptic(50)))
+    return out
+
+
+def rows() -> list[dict]:
+    result = []
+    for part, keys, fused, (eager, eager_seconds) in problems():
+        row = {"part": part, **keys, "fused_gb": fused.bytes / 1e9, "fused_gflop": (fused.fp32_flops + sum(
+            fused.tc_flops.values())) / 1e9, "fused_gsfu": fused.sfu / 1e9, "eager_gb": eager.bytes / 1e9,
+            "eager_gflop": eager.fp32_flops / 1e9, "eager_gsfu": eager.sfu / 1e9, "eager_kernels": eager.kernels}
+        for tag, hw in HARDWARE.items():
+            row[f"fused_ms_{tag}"] = fused.seconds(hw) * 1e3
+            row[f"eager_ms_{tag}"] = eager_seconds[tag] * 1e3
+            row[f"speedup_{tag}"] = row[f"eager_ms_{tag}"] / row[f"fused_ms_{tag}"]
+        result.append(row)
+    return result
+
+
+def predicted(part: str, device_name: str, **keys) -> dict | None:
+    """The committed prediction for a benchmark row (None if the part/keys/device is not modelled)."""
+    path = RESULTS_DIR / "roofline.json"
+    tag = next((t for t in HARDWARE if t in device_name.upper()), None)
+    if tag is None or not path.exists():
+        return None
+    for row in json.loads(path.read_text())["rows"]:
+        if row["part"] == part and all(row.get(k) == v for k, v in keys.items() if k in row):
+            return {"fused_ms": row[f"fused_ms_{tag}"], "eager_ms": row[f"eager_ms_{tag}"],
+                    "speedup": row[f"speedup_{tag}"], "hardware": HARDWARE[tag]["name"]}
+    return None
+
+
+# kernel module -> (roofline part, keys of the row quoted for it in the readiness table)
+READINESS_PART = {
+    "matching_cost": ("matching_cost", dict(M=16, K=150, precision="tf32")),
+    "mask_loss": ("mask_loss", dict(M=16, precision="ieee")),
+    "semantic": ("semantic_inference", dict(K=847, precision="tf32")),
+    "panoptic": ("panoptic_inference", dict()),
+}
+
+
+def readiness_table(aot_rows: list[dict], model_rows: list[dict]) -> str:
+    """Per kernel, over the compiled configs of the AOT check (kernels/aot.py --json): registers,
+    worst spill, largest shared memory, dot lowering on sm_90 / sm_80, and the predicted speed-up
+    over eager on an H100 of the op the kernel belongs to."""
+    lines = ["| kernel | configs | regs (sm_90) | spill B/thread (max) | smem KiB (max) | tl.dot on sm_90 / sm_80 |"
+             " predicted x eager (H100) |", "|---|---|---|---|---|---|---|"]
+    for kernel in sorted({r["kernel"] for r in aot_rows}):
+        rows = [r for r in aot_rows if r["kernel"] == kernel and r.get("regs") is not None]
+        if not rows:
+            continue
+        sm90 = [r for r in rows if r["arch"] == 90] or rows
+        dots = " / ".join(", ".join(sorted({r["dot"].split(": ", 1)[-1] for r in rows if r["arch"] == arch} - {"-"}))
+                          or "-" for arch in (90, 80))
+        part, keys = READINESS_PART.get(kernel.split(".")[0], (None, {}))
+        model = next((m for m in model_rows if m["part"] == part and all(m.get(k) == v for k, v in keys.items())), None)
+        speedup = f"{model['speedup_H100']:.0f}x ({part}{''.join(f' {k}={v}' for k, v in keys.items())})" \
+            if model else "-"
+        lines.append(f"| {kernel} | {len({r['config'] for r in rows})} | {min(r['regs'] for r in sm90)}-"
+                     f"{max(r['regs'] for r in sm90)} | {max(r['spill_store'] for r in rows)} | "
+                     f"{max(r['smem'] for r in rows) / 1024:.0f} | {dots} | {speedup} |")
+    return "\n".join(lines)
+
+
+COLUMNS = ["part", "batch", "M", "K", "precision", "fused_gb", "fused_gflop", "fused_gsfu", "fused_ms_H100",
+           "fused_ms_A100", "eager_gb", "eager_gflop", "eager_kernels", "eager_ms_H100", "eager_ms_A100",
+           "speedup_H100", "speedup_A100"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS_DIR / "roofline.json"))
+    parser.add_argument("--aot", default=None,
+                        help="JSON of python -m fastmaskformer.kernels.aot --json: print the README's GPU "
+                             "readiness table from it and the committed model, then exit")
+    args = parser.parse_args(argv)
+    if args.aot:
+        model = json.loads((RESULTS_DIR / "roofline.json").read_text())["rows"]
+        print(readiness_table(json.loads(pathlib.Path(args.aot).read_text())["rows"], model))
+        return 0
+    table_rows = rows()
+    table = markdown_table(table_rows, COLUMNS)
+    payload = {"hardware": HARDWARE, "launch_us": LAUNCH_US, "sizes": dict(B=B, layers=LAYERS, Q=Q, C=C, crop=SIZE,
+               image=IMAGE, input=INPUT), "rows": table_rows, "table": table}
+    out = pathlib.Path(args.out)
+    out.write_text(json.dumps(payload, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
