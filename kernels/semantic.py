@@ -63,13 +63,15 @@ CHUNK_Q = 32
 
 # (BLOCK_P, BLOCK_K, num_warps, num_stages) per kind of launch, checked for sm_90 / sm_80 with
 # python -m fastmaskformer.kernels.aot. "hoisted": tf32 / bf16, one view, m [BLOCK_P, <= 256
-# queries] kept in registers (with RESIZE its 16 gathers need the smallest tile); "chunked":
+# queries] kept in registers; "chunked":
 # ieee (FMA loops keep both operands in registers), tf32x3 (two operand halves) and TTA stream
-# the queries in CHUNK_Q chunks, m rebuilt per class block.
+# the queries in CHUNK_Q chunks, m rebuilt per class block. With RESIZE (16 gathers per m
+# element) fewer configs fit.
 _GPU_CONFIGS = {
     "hoisted": [(64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
     "hoisted-resize": [(64, 64, 8, 2)],
     "chunked": [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2)],
+    "chunked-resize": [(64, 128, 8, 2), (32, 128, 4, 2)],
 }
 
 
@@ -78,7 +80,7 @@ def _fit_tiles(configs, named_args, **kwargs):
     MAX_TILE); all of them under the interpreter."""
     if len(configs) == 1:
         return configs
-    kind = ("hoisted-resize" if kwargs["RESIZE"] else "hoisted") if kwargs["HOIST"] else "chunked"
+    kind = ("hoisted" if kwargs["HOIST"] else "chunked") + ("-resize" if kwargs["RESIZE"] else "")
     wanted = set(_GPU_CONFIGS[kind])
     tuned = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted]
     fitting = [c for c in tuned if c.kwargs["BLOCK_P"] * kwargs["BLOCK_Q"] <= MAX_TILE]
