@@ -154,10 +154,8 @@ def _bind(launch: Launch, cfg_kwargs: dict, opts: dict, arch: int):
 
 def specialization_key(launch: Launch, cfg_kwargs: dict, opts: dict) -> str:
     """What decides the compiled code: kernel, argument specialisation and config."""
-    _, _, _, _, bound, spec, _ = _bind(launch, cfg_kwargs, opts, 90)
-    consts = {k: v for k, v in bound.items() if not hasattr(v, "data_ptr")}
-    return repr((launch.kernel, spec, sorted(opts.items()),
-                 sorted((k, repr(v)) for k, v in consts.items() if k in cfg_kwargs)))
+    spec = _bind(launch, cfg_kwargs, opts, 90)[5]  # every constexpr's value included
+    return repr((launch.kernel, spec, sorted(opts.items())))
 
 
 def _dot_lowering(ttir: str, ptx: str) -> str:
