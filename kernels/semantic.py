@@ -57,12 +57,12 @@ IMAGE_COLS = 5  # per image: first view, number of views, output offset, out_h, 
 # m [BLOCK_P, BLOCK_Q] fp32 tiles are capped at this many elements (32 registers per thread
 # at 8 warps): bigger query tiles get fewer pixels.
 MAX_TILE = 8192
-MAX_BLOCK_Q = 256
+MAX_BLOCK_Q = 128  # hoisted m tiles of 256 queries spill (sm_90 and sm_80)
 CHUNK_Q = 32
 
 
 # (BLOCK_P, BLOCK_K, num_warps, num_stages) per kind of launch, checked for sm_90 / sm_80 with
-# python -m fastmaskformer.kernels.aot. "hoisted": tf32 / bf16, one view, m [BLOCK_P, <= 256
+# python -m fastmaskformer.kernels.aot. "hoisted": tf32 / bf16, one view, m [BLOCK_P, <= 128
 # queries] kept in registers; "chunked":
 # ieee (FMA loops keep both operands in registers), tf32x3 (two operand halves) and TTA stream
 # the queries in CHUNK_Q chunks, m rebuilt per class block. With RESIZE (16 gathers per m

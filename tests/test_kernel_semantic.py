@@ -108,7 +108,7 @@ def test_semantic_many_classes_tiny_image():
 
 
 def test_semantic_more_queries_than_one_tile():
-    # Q = 200 still fits one query tile; Q = 300 takes the chunked path (m rebuilt per class block).
+    # More than 128 queries take the chunked path (m rebuilt per class block in 32-query chunks).
     for queries in (200, 300):
         inputs = random_inputs(1, queries, 150, 8, 5, 6)
         check_semantic(*inputs, [(19, 23)], [(30, 26)], tag=f" Q={queries}")
