@@ -4,7 +4,8 @@ and the C++ batched Hungarian solver (``csrc/`` as ``fastmaskformer._C``).
 The kernels' only source is the top-level ``kernels/`` directory. In a source checkout (and so in
 an editable install) ``fastmaskformer/kernels/__init__.py`` is a shim that points the subpackage
 at the ``kernels/`` of the same checkout; a built wheel holds the kernel modules themselves in
-``fastmaskformer/kernels/``, with ``kernels/__init__.py`` in place of the shim.
+``fastmaskformer/kernels/`` (a namespace subpackage, without the shim). ``kernels/`` has no
+``__init__.py`` so that it never shadows the PyPI package ``kernels`` from the checkout root.
 """
 import glob
 import os
@@ -21,6 +22,11 @@ class KernelsBuildPy(build_py):
         if package == "fastmaskformer.kernels":
             package_dir = "kernels"
         return super().find_package_modules(package, package_dir)
+
+    def check_package(self, package, package_dir):
+        if package == "fastmaskformer.kernels":
+            return None  # no __init__.py by design (see the module docstring)
+        return super().check_package(package, package_dir)
 
 
 class OptionalBuildExt(build_ext):

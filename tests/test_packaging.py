@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = sorted(p.stem for p in (REPO / "kernels").glob("*.py") if p.stem != "__init__")
+KERNEL_MODULES = sorted(p.stem for p in (REPO / "kernels").glob("*.py"))
 
 
 def _run(*cmd, cwd, env=None, timeout=600) -> str:
@@ -40,9 +40,22 @@ def test_another_checkout_imports_its_own_kernels(tmp_path):
     assert Path(origin).resolve() == (other / "kernels" / "mask_probs.py").resolve()
 
 
+def test_checkout_root_does_not_shadow_the_pypi_kernels_package(tmp_path):
+    """Run from the checkout root (``python -m pytest``, ``python -c``: the root comes first on
+    sys.path), ``import kernels`` still finds an installed top-level package of that name (the
+    PyPI ``kernels`` that transformers imports), not this checkout's ``kernels/``."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("INSTALLED = True\n")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = _run(sys.executable, "-c", "import kernels; print(kernels.INSTALLED)", cwd=REPO, env=env)
+    assert out.strip() == "True"
+
+
 def test_wheel_carries_kernels_and_runtime_requirements(tmp_path):
-    """``pip wheel .``: every module of kernels/ lands in fastmaskformer/kernels/ (with
-    kernels/__init__.py in place of the source checkout's shim) and imports from there; the
+    """``pip wheel .``: every module of kernels/ lands in fastmaskformer/kernels/ (without the
+    source checkout's shim: a namespace subpackage) and imports from there; the
     metadata pins torch & co. to ranges capped at the versions installed here (the tested ones)
     and keeps test and benchmark tools out of the runtime requirements."""
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(REPO), "-w", str(tmp_path / "dist"),
@@ -50,10 +63,9 @@ def test_wheel_carries_kernels_and_runtime_requirements(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("fastmaskformer-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        init = zf.read("fastmaskformer/kernels/__init__.py")
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert {f"fastmaskformer/kernels/{name}.py" for name in KERNEL_MODULES} <= names
-    assert init == (REPO / "kernels" / "__init__.py").read_bytes()
+    assert "fastmaskformer/kernels/__init__.py" not in names
     assert not any(n.startswith("kernels/") for n in names)
 
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
