@@ -85,7 +85,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "torchmetrics"],
+        # the Hugging Face peer capped at the release CI tests: a new transformers can change
+        # the model it converts from, or what it imports (5.25 brought the PyPI "kernels")
+        "test": ["pytest", "hypothesis", "transformers<=5.25.0", "torchmetrics"],
         # benchmarks/: the lapjv peer, pytest-benchmark timings, GPU clocks, the mIoU peer
         "bench": ["lap", "pytest-benchmark", "nvidia-ml-py", "torchmetrics"],
     },
