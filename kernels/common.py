@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
-from fastmaskformer.ops._dispatch import interpreter_enabled
+from fastmaskformer.shared import OP_NAMESPACE, interpreter_enabled
 
 # input_precision of fp32 tl.dot: "ieee" (exact fp32 products, CUDA cores), "tf32" (tensor
 # cores, operands rounded to a 10-bit mantissa), "tf32x3" (three tf32 products, ~fp32 accuracy).
@@ -26,6 +28,37 @@ def check_precision(precision: str, op: str, allowed=PRECISIONS) -> str:
     if precision not in allowed:
         raise ValueError(f"{op}: precision must be one of {allowed}, got {precision!r}")
     return precision
+
+
+# ---------------------------------------------------------------------------- operators
+def triton_operator(name: str, schema: str | None = None):
+    """Register the decorated function, which launches Triton kernels through :func:`launch`, as
+    the operator ``fastmaskformer::<name>`` (no argument is mutated).
+
+    On GPUs it is a ``torch.library.triton_op``: ``torch.compile`` and ``torch.export`` see the
+    kernels through ``wrap_triton`` and the function itself is the fake (meta) implementation.
+    Under the CPU interpreter ``wrap_triton`` cannot trace the interpreted kernels, so the
+    operator is an opaque ``torch.library.custom_op`` whose fake implementation is the same
+    function with every launch skipped (``launch`` does nothing on fake tensors).
+    """
+    def register(fn):
+        qualname = f"{OP_NAMESPACE}::{name}"
+        if interpreter_enabled():
+            op = torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema)
+            op.register_fake(fn)
+            return op
+        return torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
+    return register
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` inside a :func:`triton_operator`: through
+    ``wrap_triton`` on GPUs (a graph node under tracing); under the interpreter directly, and not
+    at all on fake tensors (tracing needs only the output shapes)."""
+    if not interpreter_enabled():
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    elif not any(isinstance(a, torch.Tensor) and (is_fake(a) or a.device.type == "meta") for a in args):
+        kernel[grid](*args, **kwargs)
 
 
 def autotune_configs(gpu: list[dict], interpreter: dict) -> list[triton.Config]:

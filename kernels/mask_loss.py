@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastmaskformer.ops.matching_cost import FOCAL_ALPHA, FOCAL_GAMMA
+from fastmaskformer.shared import FOCAL_ALPHA, FOCAL_GAMMA
 from fastmaskformer.target import Target, pad_segment_maps
 
 from .common import autotune_configs, multiprocessor_count, source_taps

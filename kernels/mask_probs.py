@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmaskformer.ops._dispatch import interpreter_enabled
+from fastmaskformer.shared import interpreter_enabled
 
 from .common import autotune_configs, check_precision, dot, pixel_major_stride, resampled, resize_scale, upsample_scales
 

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmaskformer.ops._dispatch import interpreter_enabled
-from fastmaskformer.ops.matching_cost import FOCAL_ALPHA, FOCAL_GAMMA
+from fastmaskformer.shared import interpreter_enabled
+from fastmaskformer.shared import FOCAL_ALPHA, FOCAL_GAMMA
 from fastmaskformer.target import Target
 
 from .common import autotune_configs, check_precision, dot, multiprocessor_count

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmaskformer.ops._dispatch import interpreter_enabled
+from fastmaskformer.shared import interpreter_enabled
 
 from .common import (
     PRECISIONS,

@@ -7,9 +7,9 @@ test-suite does this); without it we raise instead of crashing inside Triton.
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..shared import interpreter_enabled
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -20,10 +20,6 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_impl(impl: str, *tensors: torch.Tensor, op: str) -> str:

@@ -21,10 +21,8 @@ from torch import Tensor
 
 from ..target import Target, pad_segment_maps
 from ._checks import check_embeddings, check_float, check_targets, default_input_size
+from ..shared import FOCAL_ALPHA, FOCAL_GAMMA
 from ._dispatch import load_kernel, resolve_impl
-
-FOCAL_ALPHA = 0.25
-FOCAL_GAMMA = 2.0
 
 
 def downsample_segment_maps(targets: Sequence[Target], input_size, out_size) -> Tensor:
