@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops._checks import check_targets, default_input_size
+from ..ops._dispatch import preload_kernels
 from ..ops.matching_cost import pack_targets
 from ..target import Target, validate_targets
 from .matcher import HungarianMatcher, build_matcher
@@ -107,6 +108,7 @@ class SetCriterion(nn.Module):
         check_targets(targets, pixel_embed.shape[0], None, size)
         seg_maps, labels, num_segments = pack_targets(targets, size, pixel_embed.device)
         num_masks = torch.tensor(count_masks(targets, pixel_embed.device), device=pixel_embed.device)
+        preload_kernels(self.impl, pixel_embed, modules=("matching_cost", "mask_loss"))
         return self.losses(class_logits, mask_embed, pixel_embed, seg_maps, labels, num_segments, num_masks)
 
     def losses(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
