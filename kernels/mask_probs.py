@@ -21,7 +21,8 @@ import triton.language as tl
 
 from fastmaskformer.shared import interpreter_enabled
 
-from .common import autotune_configs, check_precision, dot, pixel_major_stride, resampled, resize_scale, upsample_scales
+from .common import (autotune_configs, check_precision, dot, launch, pixel_major_stride, resampled, resize_scale,
+                     triton_operator, upsample_scales)
 
 
 @triton.autotune(
@@ -113,8 +114,8 @@ def lowres_logits(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, pixel_maj
     def grid(meta):
         return (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]), B)
 
-    _lowres_logits_kernel[grid](mask_embed, pix, out, Q, C, h * w, *mask_embed.stride(),
-                                *pix.stride(), *so, PRECISION=precision, EMULATE=interpreter_enabled())
+    launch(_lowres_logits_kernel, grid, mask_embed, pix, out, Q, C, h * w, *mask_embed.stride(),
+           *pix.stride(), *so, PRECISION=precision, EMULATE=interpreter_enabled())
     return out
 
 
@@ -135,55 +136,25 @@ def _resample(x: torch.Tensor, lowres: tuple[int, int], out: torch.Tensor, crop=
     def grid(meta):
         return (triton.cdiv(H * W, meta["BLOCK_P"]), triton.cdiv(Q, meta["BLOCK_Q"]), B)
 
-    _resample_kernel[grid](x, out, Q, x.stride(1), h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H), resize_scale(crop_w, W),
-                           *upsample_scales(lowres, input_size), x.stride(0), out.stride(0),
-                           RESIZE=(crop_h, crop_w) != (H, W), SIGMOID=sigmoid)
+    launch(_resample_kernel, grid, x, out, Q, x.stride(1), h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H),
+           resize_scale(crop_w, W), *upsample_scales(lowres, input_size), x.stride(0), out.stride(0),
+           RESIZE=(crop_h, crop_w) != (H, W), SIGMOID=sigmoid)
     return out
 
 
-def mask_logits(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, out_size=None) -> torch.Tensor:
-    """mask_embed [B,Q,C], pixel_embed [B,C,h,w] -> float32 [B,Q,h,w], or bilinearly upsampled
-    (align_corners=False) to ``out_size`` [B,Q,H,W]; the upsampling reads the low-res logits
-    [B, h*w, Q] directly, so nothing but them and the output is allocated."""
+@triton_operator("resampled_masks")
+def resampled_masks(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, image_size: list[int],
+                    output_size: list[int], input_size: list[int], sigmoid: bool,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """mask_embed [B,Q,C], pixel_embed [B,C,h,w] -> [B,Q,H,W] in ``out_dtype``: the low-res
+    logits upsampled to ``input_size``, cropped to ``image_size`` and resized to ``output_size``
+    (the official post-processing; all three equal: one direct bilinear resize), then with
+    ``sigmoid`` the probabilities. Only the low-res logits and the output are allocated."""
+    B, Q = mask_embed.shape[:2]
     h, w = pixel_embed.shape[-2:]
-    if out_size is None or tuple(out_size) == (h, w):
+    sizes = (tuple(image_size), tuple(output_size), tuple(input_size))
+    if not sigmoid and out_dtype == torch.float32 and sizes == ((h, w),) * 3:
         return lowres_logits(mask_embed, pixel_embed, pixel_major=False)
-    B, Q = mask_embed.shape[:2]
     x = lowres_logits(mask_embed, pixel_embed)  # [B, h*w, Q]
-    out = torch.empty(B, Q, *out_size, device=x.device, dtype=torch.float32)
-    return _resample(x, (h, w), out)
-
-
-def resized_mask_logits(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, image_size,
-                        output_size, input_size=None) -> torch.Tensor:
-    """One image: mask_embed [q,C], pixel_embed [C,h,w] -> float32 logits [q, H, W]: upsampled
-    to ``input_size`` (default (4h, 4w)), cropped to ``image_size``, resized to ``output_size``."""
-    h, w = pixel_embed.shape[-2:]
-    x = lowres_logits(mask_embed[None], pixel_embed[None])
-    out = torch.empty(1, mask_embed.shape[0], *output_size, device=x.device, dtype=torch.float32)
-    return _resample(x, (h, w), out, crop=tuple(image_size), input_size=input_size)[0]
-
-
-def mask_probs(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, image_sizes=None,
-               output_sizes=None, out_dtype: torch.dtype = torch.float32, input_size=None):
-    """Sigmoid mask probabilities in ``out_dtype`` (float32 or bfloat16).
-
-    Without sizes: ``[B,Q,h,w]`` at the stride-4 resolution. With ``image_sizes`` and/or
-    ``output_sizes`` (one (h_i, w_i) / (H_i, W_i) per image; missing image sizes = the whole
-    model input, missing output sizes = the image sizes): a list of ``[Q, H_i, W_i]``, the
-    logits resampled as the official post-processing does, then the sigmoid.
-    """
-    B, Q = mask_embed.shape[:2]
-    h, w = pixel_embed.shape[-2:]
-    x = lowres_logits(mask_embed, pixel_embed)  # [B, h*w, Q]
-    if image_sizes is None and output_sizes is None:
-        out = torch.empty(B, Q, h, w, device=x.device, dtype=out_dtype)
-        return _resample(x, (h, w), out, sigmoid=True)
-    image_sizes = [input_size or (4 * h, 4 * w)] * B if image_sizes is None else image_sizes
-    output_sizes = image_sizes if output_sizes is None else output_sizes
-    results = []
-    for b in range(B):
-        out = torch.empty(1, Q, *output_sizes[b], device=x.device, dtype=out_dtype)
-        results.append(_resample(x[b:b + 1], (h, w), out, crop=tuple(image_sizes[b]), sigmoid=True,
-                                 input_size=input_size)[0])
-    return results
+    out = torch.empty(B, Q, *output_size, device=x.device, dtype=out_dtype)
+    return _resample(x, (h, w), out, crop=sizes[0], sigmoid=sigmoid, input_size=sizes[2])

@@ -5,7 +5,7 @@ import torch
 
 from fastmaskformer import ops
 from fastmaskformer.ops.inference import resized_mask_logits_reference
-from fastmaskformer.kernels.mask_probs import resized_mask_logits
+from fastmaskformer.ops.mask_probs import resampled_masks
 
 
 def embeddings(batch=2, queries=13, channels=24, h=7, w=9, dtype=torch.float32):
@@ -37,9 +37,26 @@ def test_mask_logits_bf16_non_contiguous_and_many_queries():
     ((27, 35), (27, 35), (27, 35)), ((20, 30), (33, 17), (27, 35))])  # unpadded 27 x 35 input
 def test_resized_mask_logits_matches_reference(image_size, output_size, input_size):
     mask_embed, pixel_embed = embeddings(batch=1)
-    got = resized_mask_logits(mask_embed[0], pixel_embed[0], image_size, output_size, input_size)
+    size = input_size or (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
+    got = resampled_masks(mask_embed, pixel_embed, image_size, output_size, size, False, torch.float32, "triton")[0]
     ref = resized_mask_logits_reference(mask_embed[0], pixel_embed[0], image_size, output_size, input_size)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_mask_probs_gradients_match_reference(sized):
+    """The Triton operator's autograd (the reference's vjp) against autograd of the reference."""
+    grads, inputs = {}, embeddings(batch=2)
+    for impl in ("triton", "torch"):
+        mask_embed, pixel_embed = (t.clone().requires_grad_() for t in inputs)
+        sizes = dict(image_sizes=[(25, 33), (28, 30)], output_sizes=[(41, 50), (13, 17)]) if sized else {}
+        probs = ops.mask_probs(mask_embed, pixel_embed, impl=impl, **sizes)
+        weights = torch.Generator().manual_seed(0)
+        loss = sum((p * torch.rand(p.shape, generator=weights)).sum() for p in probs)
+        loss.backward()
+        grads[impl] = (mask_embed.grad, pixel_embed.grad)
+    for got, ref in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])

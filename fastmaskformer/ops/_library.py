@@ -16,23 +16,46 @@ import torch
 from ..shared import OP_NAMESPACE
 
 
-def reference_operator(name: str, differentiable: Sequence[str] = ()):
+# Triton operator name -> (its reference, differentiable argument names): the Triton operators
+# whose kernels have no backward of their own get the reference's vector-Jacobian product.
+_TRITON_VJPS: dict[str, tuple[Callable, tuple[str, ...]]] = {}
+
+
+def reference_operator(name: str, differentiable: Sequence[str] = (), triton_twin: str | None = None):
     """Register the decorated plain-PyTorch function as ``fastmaskformer::<name>`` and return
     the function unchanged (benchmarks trace it op by op; the public ops call the operator).
 
     differentiable: names of the tensor arguments that get gradients (through ``torch.func.vjp``
-    of the function); the other arguments get none.
+    of the function); the other arguments get none. triton_twin: the Triton operator with the
+    same schema whose autograd is this vjp too (attached when its kernel module loads).
     """
     def register(fn: Callable):
         op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fn)
         if differentiable:
-            _register_vjp(op, fn, tuple(differentiable))
+            register_vjp(f"{OP_NAMESPACE}::{name}", fn, tuple(differentiable))
+            if triton_twin is not None:
+                _TRITON_VJPS[triton_twin] = (fn, tuple(differentiable))
         return fn
     return register
 
 
-def _register_vjp(op, fn: Callable, differentiable: tuple[str, ...]) -> None:
+def attach_triton_autograd() -> None:
+    """Give each registered Triton twin (see :func:`reference_operator`) its reference's vjp;
+    called when a kernel module is loaded."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    for name, (fn, differentiable) in list(_TRITON_VJPS.items()):
+        try:
+            getattr(namespace, name)
+        except (AttributeError, RuntimeError):
+            continue  # its kernel module is not loaded yet
+        register_vjp(f"{OP_NAMESPACE}::{name}", fn, differentiable)
+        del _TRITON_VJPS[name]
+
+
+def register_vjp(qualname: str, fn: Callable, differentiable: tuple[str, ...]) -> None:
+    """Autograd of operator ``qualname``: the vjp of the plain function ``fn`` (same schema),
+    recomputed in the backward, for the arguments named in ``differentiable``."""
     import inspect
 
     params = list(inspect.signature(fn).parameters)
@@ -65,4 +88,4 @@ def _register_vjp(op, fn: Callable, differentiable: tuple[str, ...]) -> None:
             result[i] = g
         return tuple(result)
 
-    op.register_autograd(backward, setup_context=setup_context)
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)

@@ -251,9 +251,8 @@ def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     """
     image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
                                                                   image_sizes, output_sizes, input_size)
-    use_triton = resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="instance_inference") == "triton"
-    resize = (load_kernel("mask_probs", "instance_inference").resized_mask_logits if use_triton
-              else resized_mask_logits_reference)
+    from .mask_probs import resampled_masks
+
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[-1] - 1
     topk = num_queries if topk is None else min(int(topk), num_queries * num_classes)
     results = []
@@ -261,8 +260,8 @@ def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
         probs = class_logits[b].float().softmax(-1)[:, :-1]  # [Q, K]
         top_scores, flat = probs.flatten().topk(topk, sorted=True)
         query, label = flat // num_classes, flat % num_classes
-        logits = resize(mask_embed[b][query], pixel_embed[b], image_sizes[b], output_sizes[b],
-                        input_size)  # [N,H,W]
+        logits = resampled_masks(mask_embed[b][query][None], pixel_embed[b][None], image_sizes[b], output_sizes[b],
+                                 input_size, False, torch.float32, impl)[0]  # [N,H,W]
         masks = logits > 0
         inside = masks.flatten(1).float()
         mask_score = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_embeddings
-from ._dispatch import load_kernel, resolve_impl
 
 
 def mask_logits_reference(mask_embed: Tensor, pixel_embed: Tensor, out_size=None) -> Tensor:
@@ -29,6 +28,7 @@ def mask_logits(mask_embed: Tensor, pixel_embed: Tensor, out_size=None, impl: st
     check_embeddings(mask_embed, pixel_embed)
     if mask_embed.dim() != 3:
         raise ValueError(f"mask_embed must be [B,Q,C], got shape {tuple(mask_embed.shape)}")
-    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_logits") == "triton":
-        return load_kernel("mask_probs", "mask_logits").mask_logits(mask_embed, pixel_embed, out_size)
-    return mask_logits_reference(mask_embed, pixel_embed, out_size)
+    from .mask_probs import resampled_masks
+
+    size = list(pixel_embed.shape[-2:] if out_size is None else out_size)
+    return resampled_masks(mask_embed, pixel_embed, size, size, size, False, torch.float32, impl)

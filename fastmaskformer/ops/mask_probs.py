@@ -10,25 +10,42 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_embeddings
 from ._dispatch import load_kernel, resolve_impl
-from .inference import check_input_size, check_sizes, resized_mask_logits_reference
+from ._library import reference_operator
+from .inference import check_input_size, check_sizes
 from .mask_logits import mask_logits_reference
 
 Size = tuple[int, int]
 OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def mask_probs_reference(mask_embed: Tensor, pixel_embed: Tensor, image_sizes=None,
-                         output_sizes=None, out_dtype: torch.dtype = torch.float32, input_size=None):
-    """The plain-PyTorch spec of :func:`mask_probs` (arguments already normalised)."""
-    if image_sizes is None and output_sizes is None:
-        return mask_logits_reference(mask_embed, pixel_embed).sigmoid().to(out_dtype)
-    return [resized_mask_logits_reference(mask_embed[b], pixel_embed[b], image_sizes[b],
-                                          output_sizes[b], input_size).sigmoid().to(out_dtype)
-            for b in range(mask_embed.shape[0])]
+@reference_operator("resampled_masks_reference", differentiable=("mask_embed", "pixel_embed"),
+                    triton_twin="resampled_masks")
+def resampled_masks_reference(mask_embed: Tensor, pixel_embed: Tensor, image_size: list[int], output_size: list[int],
+                              input_size: list[int], sigmoid: bool, out_dtype: torch.dtype) -> Tensor:
+    """mask_embed [B,Q,C], pixel_embed [B,C,h,w] -> [B,Q,H,W]: the logits upsampled to
+    ``input_size``, cropped to ``image_size``, resized to ``output_size`` (all three equal: one
+    direct resize), with ``sigmoid`` the probabilities, in ``out_dtype``."""
+    logits = mask_logits_reference(mask_embed, pixel_embed, input_size)
+    logits = logits[..., : image_size[0], : image_size[1]]
+    if tuple(logits.shape[-2:]) != tuple(output_size):
+        logits = F.interpolate(logits, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return (logits.sigmoid() if sigmoid else logits).to(out_dtype)
+
+
+def resampled_masks(mask_embed: Tensor, pixel_embed: Tensor, image_size, output_size, input_size, sigmoid: bool,
+                    out_dtype: torch.dtype, impl: str) -> Tensor:
+    """The operator behind mask_logits, mask_probs and the instance masks (arguments checked)."""
+    args = (mask_embed, pixel_embed, [int(v) for v in image_size], [int(v) for v in output_size],
+            [int(v) for v in input_size], bool(sigmoid), out_dtype)
+    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_probs") == "triton":
+        load_kernel("mask_probs", "mask_probs")
+        return torch.ops.fastmaskformer.resampled_masks(*args)
+    return torch.ops.fastmaskformer.resampled_masks_reference(*args)
 
 
 def mask_probs(mask_embed: Tensor, pixel_embed: Tensor, image_sizes: Sequence[Size] | None = None,
@@ -51,7 +68,8 @@ def mask_probs(mask_embed: Tensor, pixel_embed: Tensor, image_sizes: Sequence[Si
     if image_sizes is not None or output_sizes is not None:
         image_sizes, output_sizes = check_sizes([input_size] * batch if image_sizes is None else image_sizes,
                                                 output_sizes, batch, input_size)
-    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_probs") == "triton":
-        return load_kernel("mask_probs", "mask_probs").mask_probs(mask_embed, pixel_embed, image_sizes,
-                                                                  output_sizes, out_dtype, input_size)
-    return mask_probs_reference(mask_embed, pixel_embed, image_sizes, output_sizes, out_dtype, input_size)
+    if image_sizes is None:
+        low = list(pixel_embed.shape[-2:])
+        return resampled_masks(mask_embed, pixel_embed, low, low, low, True, out_dtype, impl)
+    return [resampled_masks(mask_embed[b:b + 1], pixel_embed[b:b + 1], image_sizes[b], output_sizes[b], input_size,
+                            True, out_dtype, impl)[0] for b in range(batch)]
