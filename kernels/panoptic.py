@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, resampled, resize_scale, upsample_scales
+from .common import autotune_configs, launch, resampled, resize_scale, triton_operator, upsample_scales
 from .mask_probs import lowres_logits
 
 
@@ -65,8 +65,10 @@ def _panoptic_assign_kernel(x_ptr, scores_ptr, ids_ptr, assigned_ptr, full_ptr, 
         tl.atomic_add(assigned_ptr + q, tl.sum(won.to(tl.int32), 0), mask=q < nq)
 
 
+@triton_operator("panoptic_assign")
 def panoptic_assign(scores: torch.Tensor, mask_embed: torch.Tensor, pixel_embed: torch.Tensor,
-                    image_size, output_size, input_size=None):
+                    image_size: list[int], output_size: list[int],
+                    input_size: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scores [k], mask_embed [k,C], pixel_embed [C,h,w] of one image's kept queries ->
     (ids int64 [H,W] = argmax_k scores_k sigmoid(resized mask logits_k), assigned_area int64 [k]
     (pixels won), mask_area int64 [k] (pixels with sigmoid >= 0.5))."""
@@ -81,10 +83,7 @@ def panoptic_assign(scores: torch.Tensor, mask_embed: torch.Tensor, pixel_embed:
         def grid(m):
             return (triton.cdiv(H * W, m["BLOCK_P"]),)
 
-        _panoptic_assign_kernel[grid](x, scores.float().contiguous(), ids, counts[0], counts[1], nq,
-                                      x.stride(0),
-                                      h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H),
-                                      resize_scale(crop_w, W), *upsample_scales((h, w), input_size),
-                                      RESIZE=(crop_h, crop_w) != (H, W))
-    counts = counts.long()
-    return ids, counts[0], counts[1]
+        launch(_panoptic_assign_kernel, grid, x, scores.float().contiguous(), ids, counts[0], counts[1], nq,
+               x.stride(0), h, w, crop_h, crop_w, H, W, resize_scale(crop_h, H), resize_scale(crop_w, W),
+               *upsample_scales((h, w), input_size), RESIZE=(crop_h, crop_w) != (H, W))
+    return ids, counts[0].long(), counts[1].long()  # new tensors: an operator's outputs never alias

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._checks import check_embeddings, check_float
 from ._dispatch import load_kernel, resolve_impl
+from ._library import reference_operator
 from .mask_logits import mask_logits_reference
 
 Size = tuple[int, int]
@@ -160,8 +161,9 @@ def semantic_inference_tta(views: Iterable[dict], output_size: Size, precision: 
 
 
 # ---------------------------------------------------------------------------- panoptic
-def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: Tensor, image_size: Size,
-                              output_size: Size, input_size: Size | None = None) -> tuple[Tensor, Tensor, Tensor]:
+@reference_operator("panoptic_assign_reference")
+def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: Tensor, image_size: list[int],
+                              output_size: list[int], input_size: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The per-pixel part of panoptic inference for one image's k kept queries.
 
     scores [k] (class confidence), mask_embed [k,C], pixel_embed [C,h,w] ->
@@ -170,7 +172,9 @@ def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: T
     """
     masks = resized_mask_logits_reference(mask_embed, pixel_embed, image_size, output_size, input_size).sigmoid()
     ids = (scores.float()[:, None, None] * masks).argmax(0)
-    assigned_area = torch.bincount(ids.flatten(), minlength=scores.shape[0])
+    flat = ids.flatten()
+    assigned_area = torch.zeros(scores.shape[0], dtype=torch.int64, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     mask_area = (masks >= 0.5).flatten(1).sum(1)
     return ids, assigned_area, mask_area
 
@@ -215,8 +219,11 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     """
     image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
                                                                   image_sizes, output_sizes, input_size)
-    use_triton = resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="panoptic_inference") == "triton"
-    assign = load_kernel("panoptic", "panoptic_inference").panoptic_assign if use_triton else panoptic_assign_reference
+    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="panoptic_inference") == "triton":
+        load_kernel("panoptic", "panoptic_inference")
+        assign = torch.ops.fastmaskformer.panoptic_assign
+    else:
+        assign = torch.ops.fastmaskformer.panoptic_assign_reference
     thing_classes = {int(c) for c in thing_classes}
     num_classes = class_logits.shape[-1] - 1
     results = []
@@ -228,7 +235,7 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
             results.append((id_map, []))
             continue
         ids, assigned, full = assign(scores[keep], mask_embed[b][keep], pixel_embed[b],
-                                     image_sizes[b], output_sizes[b], input_size)
+                                     list(image_sizes[b]), list(output_sizes[b]), list(input_size))
         lut, segments_info = assemble_panoptic(labels[keep].tolist(), scores[keep].tolist(),
                                                assigned.tolist(), full.tolist(), overlap_threshold,
                                                thing_classes)
