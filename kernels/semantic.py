@@ -40,6 +40,8 @@ from fastmaskformer.shared import interpreter_enabled
 from .common import (
     PRECISIONS,
     autotune_configs,
+    launch,
+    triton_operator,
     check_precision,
     dot,
     pixel_major_stride,
@@ -75,16 +77,15 @@ _GPU_CONFIGS = {
 }
 
 
-def _fit_tiles(configs, named_args, **kwargs):
-    """The configs tuned for the kind of launch whose m tile fits (BLOCK_P * BLOCK_Q <=
-    MAX_TILE); all of them under the interpreter."""
-    if len(configs) == 1:
-        return configs
-    kind = ("hoisted" if kwargs["HOIST"] else "chunked") + ("-resize" if kwargs["RESIZE"] else "")
-    wanted = set(_GPU_CONFIGS[kind])
-    tuned = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted]
-    fitting = [c for c in tuned if c.kwargs["BLOCK_P"] * kwargs["BLOCK_Q"] <= MAX_TILE]
-    return fitting or [min(tuned, key=lambda c: c.kwargs["BLOCK_P"])]
+def _kind(hoist: bool, resize: bool) -> str:
+    return ("hoisted" if hoist else "chunked") + ("-resize" if resize else "")
+
+
+def _fitting(kind: str, block_q: int) -> list[tuple]:
+    """The configs tuned for a kind of launch whose m tile fits (BLOCK_P * BLOCK_Q <= MAX_TILE),
+    or the one with the fewest pixels."""
+    tuned = _GPU_CONFIGS[kind]
+    return [c for c in tuned if c[0] * block_q <= MAX_TILE] or [min(tuned, key=lambda c: c[0])]
 
 
 @triton.jit
@@ -131,14 +132,6 @@ def _update_argmax(scores, k0, nk, best, best_idx, BLOCK_K: tl.constexpr):
     return tl.where(better, block_max, best), tl.where(better, block_idx + k0, best_idx)
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        gpu=[{"BLOCK_P": bp, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
-             for bp, bk, nw, ns in dict.fromkeys(c for cs in _GPU_CONFIGS.values() for c in cs)],
-        interpreter={"BLOCK_P": 2048, "BLOCK_K": 256}),
-    key=["nk", "BLOCK_Q", "HOIST", "RESIZE", "PRECISION"],
-    prune_configs_by={"early_config_prune": _fit_tiles},
-)
 @triton.jit
 def _semantic_kernel(x_ptr, ldq, probs_ptr, view_ptr, scale_ptr, image_ptr, label_ptr, score_ptr, nk,
                      PRECISION: tl.constexpr, EMULATE: tl.constexpr, HOIST: tl.constexpr,
@@ -185,12 +178,26 @@ def _semantic_kernel(x_ptr, ldq, probs_ptr, view_ptr, scale_ptr, image_ptr, labe
         tl.store(score_ptr + out_off + p, best, mask=pmask)
 
 
+# One autotuner per (kind of launch, BLOCK_Q) with the configs that fit it: torch.compile
+# supports triton.autotune with configs and keys only (no pruning hooks).
+_SEMANTIC_KERNELS = {
+    (kind, block_q): triton.autotune(
+        configs=autotune_configs(
+            gpu=[{"BLOCK_P": bp, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+                 for bp, bk, nw, ns in _fitting(kind, block_q)],
+            interpreter={"BLOCK_P": 2048, "BLOCK_K": 256}),
+        key=["nk", "PRECISION"])(_semantic_kernel)
+    for kind in _GPU_CONFIGS
+    for block_q in ((16, 32, 64, MAX_BLOCK_Q) if kind.startswith("hoisted") else (16, CHUNK_Q))
+}
+
+
 def _launch(x, ldq, probs, views, images, return_score: bool, precision: str):
     """Run ``_semantic_kernel``. x: the views' pixel-major fp32 logits [h_v*w_v, ldq] (every
     view at a multiple of 16 floats, ldq a multiple of 16), flat; probs [rows, K]
     fp32 contiguous; views: per view (x offset, probs row offset, nq, h, w, crop_h, crop_w,
-    flipped, input_size); images: per image (view ids, (H, W)). Returns per image (labels
-    [H, W], score [H, W] or None)."""
+    flipped, input_size); images: per image (view ids, (H, W)). Returns the images' labels
+    int64 and scores fp32 (empty without return_score), flat [sum H*W] in image order."""
     device = probs.device
     nk = probs.shape[1]
     view_rows = [list(v[:7]) + [int(v[7])] for v in views]
@@ -221,24 +228,20 @@ def _launch(x, ldq, probs, views, images, return_score: bool, precision: str):
         return (triton.cdiv(max_pixels, meta["BLOCK_P"]), len(images))
 
     # Without return_score the score pointer is never written (WRITE_SCORE is a constexpr).
-    _semantic_kernel[grid](x, ldq, probs, view_t, scale_t, image_t, labels, score, nk,
-                           PRECISION=precision, EMULATE=interpreter_enabled(), HOIST=hoist, RESIZE=resize,
-                           WRITE_SCORE=return_score, BLOCK_Q=block_q)
-    results, start = [], 0
-    for _, (H, W) in images:
-        results.append((labels[start:start + H * W].view(H, W),
-                        score[start:start + H * W].view(H, W) if return_score else None))
-        start += H * W
-    return results
+    launch(_SEMANTIC_KERNELS[_kind(hoist, resize), block_q], grid, x, ldq, probs, view_t, scale_t, image_t, labels, score, nk,
+           PRECISION=precision, EMULATE=interpreter_enabled(), HOIST=hoist, RESIZE=resize,
+           WRITE_SCORE=return_score, BLOCK_Q=block_q)
+    return labels, (score if return_score else labels.new_empty(0, dtype=torch.float32))
 
 
-def semantic_inference(class_logits: torch.Tensor, mask_embed: torch.Tensor,
-                       pixel_embed: torch.Tensor, image_sizes, output_sizes, return_score: bool,
-                       input_size=None, precision: str = DEFAULT_PRECISION):
+@triton_operator("semantic_inference")
+def semantic_inference(class_logits: torch.Tensor, mask_embed: torch.Tensor, pixel_embed: torch.Tensor,
+                       image_sizes: list[int], output_sizes: list[int], input_size: list[int], return_score: bool,
+                       precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """class_logits [B,Q,K+1], mask_embed [B,Q,C], pixel_embed [B,C,h,w]; image_sizes (h_i, w_i)
-    unpadded, output_sizes (H_i, W_i), input_size the model input size (default (4h, 4w)).
-    Returns a list of int64 labels [H_i, W_i] (or tuples (labels, float32 score [H_i, W_i]) with
-    ``return_score``), all images in one launch."""
+    unpadded and output_sizes (H_i, W_i), flattened [2B]; input_size the model input size.
+    Returns the labels int64 and (with ``return_score``, else empty) the scores float32 of all
+    images, flat [sum H_i W_i] in image order; one launch."""
     check_precision(precision, "semantic_inference", SEMANTIC_PRECISIONS)
     B, Q, _ = class_logits.shape
     h, w = pixel_embed.shape[-2:]
@@ -246,38 +249,37 @@ def semantic_inference(class_logits: torch.Tensor, mask_embed: torch.Tensor,
     # The low-res logits only feed the argmax too: same precision (bf16 products: tf32).
     x = lowres_logits(mask_embed, pixel_embed, precision=LOGITS_PRECISION.get(precision, precision))  # [B, h*w, Q]
     ldq = x.stride(1)
-    views = [(b * x.stride(0), b * Q, Q, h, w, *image_sizes[b], False, input_size) for b in range(B)]
-    images = [([b], tuple(output_sizes[b])) for b in range(B)]
-    results = _launch(x, ldq, probs, views, images, return_score, precision)
-    return [r if return_score else r[0] for r in results]
+    views = [(b * x.stride(0), b * Q, Q, h, w, image_sizes[2 * b], image_sizes[2 * b + 1], False, tuple(input_size))
+             for b in range(B)]
+    images = [([b], (output_sizes[2 * b], output_sizes[2 * b + 1])) for b in range(B)]
+    return _launch(x, ldq, probs, views, images, return_score, precision)
 
 
-def semantic_inference_tta(views, output_size, precision: str = DEFAULT_PRECISION) -> torch.Tensor:
-    """views: dicts with class_logits [Q_v,K+1], mask_embed [Q_v,C], pixel_embed [C,h_v,w_v],
-    image_size (unpadded input of that view), input_size (that view's model input size or None),
-    flipped (bool). Returns int64 labels [H, W], the argmax of the views' summed class scores at
+@triton_operator("semantic_inference_tta")
+def semantic_inference_tta(class_logits: list[torch.Tensor], mask_embed: list[torch.Tensor],
+                           pixel_embed: list[torch.Tensor], image_sizes: list[int], input_sizes: list[int],
+                           flipped: list[bool], output_size: list[int], precision: str) -> torch.Tensor:
+    """Views v: class_logits [Q_v,K+1], mask_embed [Q_v,C], pixel_embed [C,h_v,w_v]; image_sizes
+    and input_sizes (the view's unpadded and model input sizes) flattened [2V]; flipped [V].
+    Returns int64 labels [H, W], the argmax of the views' summed class scores at
     ``output_size`` (the mean's argmax: dividing by the number of views does not move it), in
     one kernel over the union of the views' queries."""
     check_precision(precision, "semantic_inference_tta", SEMANTIC_PRECISIONS)
-    num_classes = {v["class_logits"].shape[-1] for v in views}
-    if len(num_classes) != 1:
-        raise ValueError(f"all TTA views need the same number of classes, got {sorted(num_classes)}")
     # All views' low-res logits in one buffer, each [h_v*w_v, ldq] at a multiple of 16 floats.
-    ldq = pixel_major_stride(max(v["mask_embed"].shape[0] for v in views))
-    sizes = [v["pixel_embed"].shape[-2] * v["pixel_embed"].shape[-1] * ldq for v in views]
-    x = torch.empty(sum(sizes), device=views[0]["pixel_embed"].device, dtype=torch.float32)
+    ldq = pixel_major_stride(max(e.shape[0] for e in mask_embed))
+    sizes = [p.shape[-2] * p.shape[-1] * ldq for p in pixel_embed]
+    x = torch.empty(sum(sizes), device=pixel_embed[0].device, dtype=torch.float32)
     probs, meta, x_off, p_off = [], [], 0, 0
-    for v, size in zip(views, sizes):
-        pixel_embed = v["pixel_embed"]
-        h, w = pixel_embed.shape[-2:]
-        nq = v["mask_embed"].shape[0]
+    for v, size in enumerate(sizes):
+        h, w = pixel_embed[v].shape[-2:]
+        nq = mask_embed[v].shape[0]
         view_x = x[x_off:x_off + size].view(1, h * w, ldq)
-        lowres_logits(v["mask_embed"][None], pixel_embed[None], precision=LOGITS_PRECISION.get(precision, precision),
+        lowres_logits(mask_embed[v][None], pixel_embed[v][None], precision=LOGITS_PRECISION.get(precision, precision),
                       out=view_x)
-        probs.append(v["class_logits"].float().softmax(-1)[:, :-1])
-        crop_h, crop_w = (int(s) for s in v["image_size"])
-        meta.append((x_off, p_off, nq, h, w, crop_h, crop_w, bool(v.get("flipped", False)), v.get("input_size")))
+        probs.append(class_logits[v].float().softmax(-1)[:, :-1])
+        meta.append((x_off, p_off, nq, h, w, image_sizes[2 * v], image_sizes[2 * v + 1], flipped[v],
+                     (input_sizes[2 * v], input_sizes[2 * v + 1])))
         x_off, p_off = x_off + size, p_off + nq
-    ((labels, _),) = _launch(x, ldq, torch.cat(probs).contiguous(), meta,
-                             [(list(range(len(views))), tuple(output_size))], False, precision)
-    return labels
+    labels, _ = _launch(x, ldq, torch.cat(probs).contiguous(), meta,
+                        [(list(range(len(sizes))), tuple(output_size))], False, precision)
+    return labels.view(*output_size)

@@ -115,8 +115,11 @@ def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
                                                                   image_sizes, output_sizes, input_size)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="semantic_inference") == "triton":
         kernel = load_kernel("semantic", "semantic_inference")
-        return kernel.semantic_inference(class_logits, mask_embed, pixel_embed, image_sizes, output_sizes,
-                                         return_score, input_size, precision or kernel.DEFAULT_PRECISION)
+        labels, score = torch.ops.fastmaskformer.semantic_inference(
+            class_logits, mask_embed, pixel_embed, [v for size in image_sizes for v in size],
+            [v for size in output_sizes for v in size], list(input_size), return_score,
+            precision or kernel.DEFAULT_PRECISION)
+        return _split_images(labels, score if return_score else None, output_sizes)
     results = []
     for b in range(class_logits.shape[0]):
         scores = semantic_scores_reference(class_logits[b], mask_embed[b], pixel_embed[b],
@@ -146,18 +149,44 @@ def semantic_inference_tta(views: Iterable[dict], output_size: Size, precision: 
             raise ValueError(f"TTA view {i} lacks {sorted(missing)}")
         v["input_size"] = check_input_size(v["pixel_embed"], v.get("input_size"))
         check_sizes([v["image_size"]], [output_size], 1, v["input_size"])
-    tensors = [t for v in views for t in (v["class_logits"], v["mask_embed"], v["pixel_embed"])]
-    if resolve_impl(impl, *tensors, op="semantic_inference_tta") == "triton":
+    num_classes = {v["class_logits"].shape[-1] for v in views}
+    if len(num_classes) != 1:
+        raise ValueError(f"all TTA views need the same number of classes, got {sorted(num_classes)}")
+    args = ([v["class_logits"] for v in views], [v["mask_embed"] for v in views], [v["pixel_embed"] for v in views],
+            [int(x) for v in views for x in v["image_size"]], [int(x) for v in views for x in v["input_size"]],
+            [bool(v.get("flipped", False)) for v in views], [int(x) for x in output_size])
+    if resolve_impl(impl, *args[0], *args[1], *args[2], op="semantic_inference_tta") == "triton":
         kernel = load_kernel("semantic", "semantic_inference_tta")
-        return kernel.semantic_inference_tta(views, tuple(output_size), precision or kernel.DEFAULT_PRECISION)
+        return torch.ops.fastmaskformer.semantic_inference_tta(*args, precision or kernel.DEFAULT_PRECISION)
+    return torch.ops.fastmaskformer.semantic_inference_tta_reference(*args)
+
+
+@reference_operator("semantic_inference_tta_reference")
+def semantic_inference_tta_reference(class_logits: list[Tensor], mask_embed: list[Tensor], pixel_embed: list[Tensor],
+                                     image_sizes: list[int], input_sizes: list[int], flipped: list[bool],
+                                     output_size: list[int]) -> Tensor:
+    """Views v: class_logits [Q_v,K+1], mask_embed [Q_v,C], pixel_embed [C,h_v,w_v]; image_sizes,
+    input_sizes flattened [2V]; flipped [V] -> int64 labels [H,W]: argmax of the mean of the
+    views' class scores at ``output_size`` (flipped views flipped back)."""
     total = None
-    for v in views:
-        scores = semantic_scores_reference(v["class_logits"], v["mask_embed"], v["pixel_embed"],
-                                           v["image_size"], output_size, v["input_size"])
-        if v.get("flipped", False):
+    for v in range(len(class_logits)):
+        scores = semantic_scores_reference(class_logits[v], mask_embed[v], pixel_embed[v], image_sizes[2 * v:2 * v + 2],
+                                           output_size, input_sizes[2 * v:2 * v + 2])
+        if flipped[v]:
             scores = scores.flip(-1)
         total = scores if total is None else total + scores
-    return (total / len(views)).argmax(0)
+    return (total / len(class_logits)).argmax(0)
+
+
+def _split_images(labels: Tensor, score: Tensor | None, output_sizes: Sequence[Size]) -> list:
+    """Flat per-pixel results of all images [sum H_i W_i] -> per image [H_i, W_i] (with scores:
+    (labels, score) pairs)."""
+    out, start = [], 0
+    for H, W in output_sizes:
+        lab = labels[start:start + H * W].view(H, W)
+        out.append(lab if score is None else (lab, score[start:start + H * W].view(H, W)))
+        start += H * W
+    return out
 
 
 # ---------------------------------------------------------------------------- panoptic
