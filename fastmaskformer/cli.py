@@ -269,6 +269,23 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import NOT_NEEDED, prepare
+
+    if args.dataset in NOT_NEEDED:
+        print(f"{args.dataset} needs no preparation: the loader {NOT_NEEDED[args.dataset]}")
+        return 0
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    root = args.root or os.environ.get("FASTMASKFORMER_DATASETS") or args.src
+    try:
+        outputs = prepare(args.dataset, args.src, root, jobs=args.jobs, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"prepared {args.dataset} in {root}: " + ", ".join(str(p) for p in outputs))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .engine.plot import PlottingUnavailable, plot_metrics
 
@@ -363,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.pt)")
     p.add_argument("--preset", metavar="NAME", help="architecture preset (detectron2 only)")
     p.set_defaults(func=cmd_convert)
+
+    from .data.prepare import NOT_NEEDED, PREPARERS
+
+    p = sub.add_parser("prepare", help="convert a downloaded dataset into the layout the loaders read",
+                       description="Writes what the official preparation scripts write (same files, names and "
+                                   "values), idempotent and resumable. --src holds the downloads as the official "
+                                   "datasets/README.md places them (SRC/ADE20K_2021_17_01, SRC/ADEChallengeData2016, "
+                                   "SRC/coco/coco_stuff_10k, SRC/cityscapes). Needing no preparation: "
+                                   + "; ".join(f"{k} ({v})" for k, v in NOT_NEEDED.items()) + ".")
+    p.add_argument("dataset", choices=tuple(PREPARERS) + tuple(NOT_NEEDED), metavar="DATASET",
+                   help=f"one of: {', '.join(PREPARERS)}")
+    p.add_argument("--src", required=True, metavar="RAW_DIR", help="folder holding the downloaded releases")
+    p.add_argument("--root", metavar="DATASETS",
+                   help="datasets root to write (default: $FASTMASKFORMER_DATASETS, else --src itself)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes (default: CPUs, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("plot", help="plot loss / LR / mIoU curves from metrics.jsonl",
                        description="Reads a run's metrics.jsonl (or the run folder) and writes a PNG.")
