@@ -80,6 +80,7 @@ def _load_model(checkpoint: str, args, device: str):
             base = Config.from_dict(state["config"])
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {checkpoint} has an invalid config: {exc}") from exc
+        base.data.root = _stored_data_root(base.data.root, checkpoint)
     cfg = build_config(args, base)
     _check_model(cfg)
     model = build_model(cfg.model)
@@ -90,6 +91,18 @@ def _load_model(checkpoint: str, args, device: str):
         detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
         raise UserError(f"checkpoint {checkpoint} does not fit the model config ({detail})") from exc
     return model.to(device).eval(), cfg
+
+
+def _stored_data_root(root, checkpoint: str):
+    """A checkpoint's data root: as stored when absolute or found from here; a relative one
+    (checkpoints written before roots were stored absolute) else against the checkpoint's
+    folder and each folder above it, the first that exists (the demo's run sits below its data)."""
+    if not root or os.path.isabs(str(root)) or Path(root).expanduser().is_dir():
+        return root
+    for folder in Path(checkpoint).resolve().parents:
+        if (folder / root).is_dir():
+            return str(folder / root)
+    return root
 
 
 def _check_model(cfg: Config) -> None:
@@ -204,12 +217,20 @@ def cmd_predict(args) -> int:
 
     device = _device(args.device)
     model, cfg = _load_model(args.checkpoint, args, device)
-    predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size, amp=args.amp)
     try:
+        predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size, amp=args.amp,
+                              sem_ids=args.sem_ids)
         written = predictor.predict_files(args.inputs, args.output, tasks=args.task)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    print(f"wrote {len(written)} files to {args.output}")
+    failed = len(predictor.failures)
+    if written:
+        print(f"wrote {len(written)} files to {args.output}")
+    if failed:
+        done = "nothing written" if not written else f"the others are in {args.output}"
+        print(f"fastmaskformer predict: {failed} image(s) could not be read ({done}): "
+              + ", ".join(str(p) for p, _ in predictor.failures[:5]) + (" ..." if failed > 5 else ""), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -341,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict images or folders and write PNG/JSON results",
-                       description="Any PIL-readable image (RGBA, grayscale, 16-bit, palette, JPEG ...). Writes "
-                                   "<stem>_sem.png (class ids) and <stem>_overlay.png; <stem>_panoptic.png "
+                       description="Any PIL-readable image (RGBA, grayscale, 16-bit, palette, JPEG ...); an unreadable "
+                                   "one is a warning line, the others are still predicted, and the exit status is 1. "
+                                   "Writes <stem>_sem.png (label ids, see --sem-ids) and <stem>_overlay.png; <stem>_panoptic.png "
                                    "(RGB-encoded ids) + panoptic.json; <stem>_instances.npz.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
     _add_config_args(p)
@@ -351,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", choices=("semantic", "panoptic", "instance"), default=["semantic"],
                    help="what to predict (default: semantic)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    p.add_argument("--sem-ids", choices=("dataset", "contiguous", "cityscapes-ids"), default="dataset",
+                   help="ids in <stem>_sem.png: 'dataset' (default) as the dataset's ground truth stores them: "
+                        "ADE20K 1..150 with 0 = other (class + 1), Cityscapes train ids (0..18), ADE20K-Full, "
+                        "COCO-Stuff, Mapillary their training ids; 'contiguous': the model's class 0..K-1; "
+                        "'cityscapes-ids': Cityscapes label ids (7 = road ... 33 = bicycle)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data -> train a small MaskFormer on the CPU -> mIoU/PQ summary",

@@ -125,6 +125,8 @@ class Trainer:
                  num_workers: int | None = None, train_dataset=None, eval_dataset=None,
                  evaluate_fn: Callable[[nn.Module], dict] | None = None):
         self.cfg = cfg
+        if cfg.data.root:  # absolute in config.yaml and checkpoints: eval/predict work from any directory
+            cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
         self.output_dir = Path(output_dir)
         self.skip_nonfinite = skip_nonfinite
         self.progress = progress
