@@ -1,4 +1,4 @@
-"""The ``fastmaskformer`` command: train, eval, predict, demo, bench, convert, plot.
+"""The ``fastmaskformer`` command: train, eval, predict, demo, bench, convert, weights, prepare, plot.
 
 Configs are the presets of ``fastmaskformer.config`` (``--preset``) or YAML files (``--config``,
 optionally ``preset: NAME`` plus overrides), then ``--set section.key=value`` (YAML values).
@@ -270,19 +270,41 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def _convert_source(args) -> tuple[Path, str | None]:
+    """(local file or folder, preset) for ``convert``: a path as given; a URL, a model-zoo preset
+    name (detectron2) or a Hugging Face model name (hf) downloaded into the cache first."""
+    from .convert import weights
+
+    source, preset = args.source, args.preset
+    if Path(source).exists():
+        return Path(source), preset
+    if args.from_format == "detectron2":
+        entry = weights.weights_for(source)
+        if entry is not None:  # a preset name: its official checkpoint
+            source, preset = entry.url, preset or entry.preset
+        if weights.is_url(source):
+            entry = next((w for w in weights.WEIGHTS if w.url == source), None)
+            preset = preset or (entry.preset if entry else None)
+            return weights.download(source, sha256=entry.sha256 if entry else None,
+                                    size=entry.size if entry else None, progress=not args.no_progress), preset
+    elif weights.is_url(source) or weights.is_hf_name(source):
+        name = source.split("huggingface.co/", 1)[-1] if weights.is_url(source) else source
+        return weights.download_hf(name.strip("/"), progress=not args.no_progress), preset
+    raise UserError(f"{source} not found (a local path, a URL{', a preset name' if args.from_format == 'detectron2' else ''}"
+                    f"{' or a Hugging Face model name' if args.from_format == 'hf' else ''})")
+
+
 def cmd_convert(args) -> int:
     from . import convert
 
-    src = Path(args.source)
-    if not src.exists():
-        raise UserError(f"{src} not found")
     try:
+        src, preset = _convert_source(args)
         if args.from_format == "hf":
             cfg = convert.convert_hf_directory(src, args.out)
         else:
-            if not args.preset:
+            if not preset:
                 raise UserError("convert --from detectron2 needs --preset NAME (the architecture of the checkpoint)")
-            cfg = convert.convert_detectron2_file(src, args.out, args.preset)
+            cfg = convert.convert_detectron2_file(src, args.out, preset)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     print(f"wrote {args.out} ({cfg.model.backbone.name}, {cfg.model.num_classes} classes, "
@@ -304,6 +326,18 @@ def cmd_prepare(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     print(f"prepared {args.dataset} in {root}: " + ", ".join(str(p) for p in outputs))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from .convert.weights import cache_dir, weights_table
+
+    print(weights_table(markdown=args.markdown))
+    if not args.markdown:
+        print(f"\nsize/sha256 'not published': verified by the md5 prefix in the file name; the sha256 of the first "
+              f"download is recorded in the cache ({cache_dir()}) and checked on every later use.\n"
+              f"convert: fastmaskformer convert --from detectron2 PRESET_OR_URL --out CKPT, "
+              f"or --from hf HF_NAME --out CKPT")
     return 0
 
 
@@ -400,13 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert Hugging Face or Detectron2 weights to a checkpoint",
-                       description="--from hf DIR: a saved transformers MaskFormer folder (config.json + weights); "
-                                   "--from detectron2 FILE --preset NAME: an official MaskFormer .pkl/.pth.")
+                       description="--from hf DIR_OR_NAME: a saved transformers MaskFormer folder (config.json + "
+                                   "weights) or a Hugging Face model name (facebook/maskformer-swin-base-ade), "
+                                   "downloaded; --from detectron2 FILE_URL_OR_PRESET [--preset NAME]: an official "
+                                   "MaskFormer .pkl/.pth, its URL, or a preset name for its model-zoo checkpoint "
+                                   "(fastmaskformer weights list). Downloads go to $FASTMASKFORMER_CACHE (default "
+                                   "~/.cache/fastmaskformer), verified, resumable.")
     p.add_argument("--from", dest="from_format", choices=("hf", "detectron2"), required=True, help="source format")
-    p.add_argument("source", metavar="SRC", help="HF folder or Detectron2 checkpoint file")
+    p.add_argument("source", metavar="SRC", help="local folder/file, URL, HF model name or (detectron2) preset name")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.pt)")
-    p.add_argument("--preset", metavar="NAME", help="architecture preset (detectron2 only)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="architecture preset (detectron2 only; default for a model-zoo URL: its preset)")
+    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("weights", help="the official model-zoo checkpoints per preset",
+                       description="weights list: per preset the official Detectron2 checkpoint (URL, md5 prefix, "
+                                   "size, sha256) and its Hugging Face model name.")
+    p.add_argument("action", choices=("list",), help="list the published weights")
+    p.add_argument("--markdown", action="store_true", help="as a markdown table")
+    p.set_defaults(func=cmd_weights)
 
     from .data.prepare import NOT_NEEDED, PREPARERS
 
