@@ -169,6 +169,10 @@ def _check_dataset(cfg: Config) -> None:
 
     if cfg.data.dataset not in DATASETS:
         raise UserError(f"unknown dataset {cfg.data.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    if cfg.data.on_bad_sample not in ("error", "skip"):
+        raise UserError(f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise UserError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
 
 
 def _check_solver(cfg: Config) -> None:
