@@ -74,8 +74,9 @@ WEIGHTS = [
     _zoo("ade20k-150-perpixelplus-r50", "semantic-ade20k/per_pixel_baseline_plus_R50_bs16_160k/model_final_833630.pkl"),
     _zoo("ade20k-full-847-r50", "semantic-ade20k-full/maskformer_R50_bs16_200k/model_final_f4e3f6.pkl",
          "facebook/maskformer-resnet50-ade20k-full"),
-    _zoo("coco-stuff-10k-r50", "semantic-coco-stuff-10k/maskformer_R50_bs32_60k/model_final_cb03eb.pkl",
-         "facebook/maskformer-resnet50-coco-stuff"),
+    # transformers' conversion script names a "maskformer-resnet50-coco-stuff" too; not confirmed
+    # on the hub here, so not listed (facebook/maskformer-resnet101-coco-stuff is the R101 model)
+    _zoo("coco-stuff-10k-r50", "semantic-coco-stuff-10k/maskformer_R50_bs32_60k/model_final_cb03eb.pkl"),
     _zoo("cityscapes-r101", "semantic-cityscapes/maskformer_R101_bs16_90k/model_final_38c00c.pkl",
          "facebook/maskformer-resnet101-cityscapes"),
     _zoo("mapillary-r50", "semantic-mapillary-vistas/maskformer_R50_bs16_300k/model_final_f3fc73.pkl",
