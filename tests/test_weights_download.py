@@ -194,3 +194,10 @@ def test_convert_hf_name(server, cache, tmp_path, monkeypatch, capsys):
     assert main(["convert", "--from", "hf", "facebook/absent-model", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "absent-model/resolve/main/config.json" in err[0] and "404" in err[0]
+
+
+def test_readme_table_is_the_code_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert weights.weights_table(markdown=True) in readme

@@ -28,7 +28,7 @@ PREPARERS = {
 # datasets the loaders read as released, and why
 NOT_NEEDED = {
     "ade20k-150": "reads ADEChallengeData2016/annotations as released (class - 1 while loading, 0 -> 255)",
-    "coco-panoptic": "reads the released panoptic_{train,val}2017.json and PNGs",
+    "coco-panoptic": "reads the released coco/annotations/panoptic_{train,val}2017.json and PNGs",
     "mapillary": "reads mapillary_vistas/{training,validation}/labels as released (65 = unlabeled)",
 }
 
