@@ -120,12 +120,11 @@ def test_ade20k_full(tmp_path):
     from fastmaskformer.config import get_config
     from fastmaskformer.data import build_dataset
 
-    cfg = get_config("ade20k-full-847-r50").data if "ade20k-full-847-r50" in __import__(
-        "fastmaskformer").list_presets() else None
-    if cfg is not None:
-        cfg.root = str(root)
-        ds = build_dataset(cfg, "val", train=False)
-        assert len(ds) == 1 and ds[0]["sem_seg"].shape == (676, 512)
+    cfg = get_config("ade20k-full-847-r50").data
+    cfg.root = str(root)
+    ds = build_dataset(cfg, "val", train=False)
+    assert len(ds) == 1 and ds[0]["sem_seg"].shape == (676, 512)
+    assert set(np.unique(ds[0]["sem_seg"].numpy())) <= {0, 1, 400, 846, 65535}
 
 
 def test_ade20k_full_failure_leaves_no_partial_file(tmp_path):
@@ -237,7 +236,11 @@ def test_ade20k_panoptic(tmp_path):
         split = "training" if "train" in stem else "validation"
         np.testing.assert_array_equal(np.asarray(Image.open(out / "annotations_detectron2" / split / f"{stem}.png")),
                                       sem - np.uint8(1))
-        rgb = np.asarray(Image.open(out / "ade20k_panoptic_train" / ann["file_name"])).astype(np.int64)
+        rgb8 = np.asarray(Image.open(out / "ade20k_panoptic_train" / ann["file_name"]))
+        buf = io.BytesIO()
+        Image.fromarray(rgb8).save(buf, format="PNG")  # the official call on the same array
+        assert (out / "ade20k_panoptic_train" / ann["file_name"]).read_bytes() == buf.getvalue()
+        rgb = rgb8.astype(np.int64)
         ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
         segs = ann["segments_info"]
         assert [s["category_id"] for s in segs] == [0, 2, 7, 7, 12]
@@ -317,6 +320,9 @@ def test_coco_stuff_10k(tmp_path):
             assert png.mode == "L"
             expected = labels[name].astype(np.uint8) - np.uint8(2)
             np.testing.assert_array_equal(np.asarray(png), expected)
+            buf = io.BytesIO()
+            Image.fromarray(expected).save(buf, format="PNG")
+            assert (out / "annotations_detectron2" / split / f"{name}.png").read_bytes() == buf.getvalue()
             assert np.asarray(png)[0, 1] == 255
     before = _files(root)
     prepare("coco-stuff-10k", src, root, jobs=2, progress=False)
@@ -363,3 +369,15 @@ def test_cityscapes(tmp_path):
     (root / "cityscapes/gtFine/val/lindau/lindau_000000_000019_gtFine_labelTrainIds.png").unlink()
     with pytest.raises(PrepareError, match="unknown label 'dragon'"):
         prepare("cityscapes", src, root, jobs=1, progress=False)
+
+
+def test_prepare_cli_into_another_root(tmp_path, capsys):
+    src, root = tmp_path / "raw", tmp_path / "datasets"
+    _ade_pan_raw(src)
+    rc = main(["prepare", "ade20k-panoptic", "--src", str(src), "--root", str(root), "--jobs", "2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "prepared ade20k-panoptic" in capsys.readouterr().out
+    out = root / "ADEChallengeData2016"
+    assert (out / "images").is_symlink() and (out / "ade20k_instance_val.json").is_file()
+    assert not (src / "ADEChallengeData2016" / "ade20k_panoptic_train.json").exists()  # the raw folder is untouched
+    assert main(["prepare", "ade20k-panoptic", "--src", str(src), "--jobs", "0"]) == 2

@@ -283,6 +283,8 @@ class Trainer:
             self.samples += self.micro_batch
             if batch.get("bad_samples"):
                 self._bad_samples(batch["bad_samples"])
+        if self.cfg.data.on_bad_sample == "skip":
+            self._check_bad_fraction()
             for k, v in self._micro_step(batch, sync=micro == accum - 1).items():
                 sums[k] = sums.get(k, 0.0) + v / accum
         grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.solver.clip_grad_norm))
@@ -299,8 +301,7 @@ class Trainer:
         return {**sums, "grad_norm": grad_norm, "lr": lr}
 
     def _bad_samples(self, bad: list) -> None:
-        """Log each newly seen unreadable file once, count the replaced draws, and stop past
-        ``data.max_bad_fraction`` of the training files."""
+        """Log each newly seen unreadable file once and count the replaced draws."""
         for path, reason in bad:
             self.bad_samples += 1
             if path in self.bad_files:
@@ -308,12 +309,17 @@ class Trainer:
             self.bad_files[path] = reason
             print(f"warning: skipping unreadable training sample (replaced by the next readable one): {reason}",
                   file=sys.stderr)
-        limit = self.cfg.data.max_bad_fraction
-        total = len(self.train_dataset)
-        if len(self.bad_files) > limit * total:
+
+    def _check_bad_fraction(self) -> None:
+        """Stop (every rank together) once a rank has seen more than ``data.max_bad_fraction`` of
+        the training files unreadable."""
+        limit, total = self.cfg.data.max_bad_fraction, len(self.train_dataset)
+        exceeded = len(self.bad_files) > limit * total
+        if du.any_rank(exceeded, self.device):
+            last = next(reversed(self.bad_files.values()), "on another rank")
             raise DatasetError(
                 f"{len(self.bad_files)} of {total} training samples are unreadable, more than "
-                f"data.max_bad_fraction={limit}; last: {bad[-1][1]} (fix or remove them and resume)")
+                f"data.max_bad_fraction={limit}; last: {last} (fix or remove them and resume)")
 
     def _non_finite(self, sums: dict, grad_norm: float) -> None:
         bad = {k: v for k, v in sums.items() if not math.isfinite(v)}
