@@ -381,3 +381,14 @@ def test_prepare_cli_into_another_root(tmp_path, capsys):
     assert (out / "images").is_symlink() and (out / "ade20k_instance_val.json").is_file()
     assert not (src / "ADEChallengeData2016" / "ade20k_panoptic_train.json").exists()  # the raw folder is untouched
     assert main(["prepare", "ade20k-panoptic", "--src", str(src), "--jobs", "0"]) == 2
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    src = tmp_path / "raw"
+    _ade_full_raw(src)
+    blocker = tmp_path / "datasets"
+    blocker.mkdir()
+    (blocker / "ADE20K_2021_17_01").write_text("a file where a folder belongs")
+    assert main(["prepare", "ade20k-full-847", "--src", str(src), "--root", str(blocker), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write into" in err

@@ -59,8 +59,11 @@ def read_array(path: Path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- outputs
 def _temporary(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise PrepareError(f"cannot write into {final.parent}: {exc}") from exc
     os.close(fd)
     return Path(tmp)
 
@@ -69,6 +72,9 @@ def _commit(tmp: Path, final: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, final)
+    except OSError as exc:  # disk full, permissions, a mode the format cannot hold (CMYK JPEG ...)
+        tmp.unlink(missing_ok=True)
+        raise PrepareError(f"cannot write {final}: {exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
