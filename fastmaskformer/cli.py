@@ -324,12 +324,12 @@ def cmd_prepare(args) -> int:
         return 0
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
-    root = args.root or os.environ.get("FASTMASKFORMER_DATASETS") or args.src
+    root = args.root or os.environ.get("FASTMASKFORMER_DATASETS") or None  # None: in place, under --src
     try:
         outputs = prepare(args.dataset, args.src, root, jobs=args.jobs, progress=not args.no_progress)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    print(f"prepared {args.dataset} in {root}: " + ", ".join(str(p) for p in outputs))
+    print(f"prepared {args.dataset}: " + ", ".join(str(p) for p in outputs))
     return 0
 
 

@@ -392,3 +392,10 @@ def test_unwritable_output_is_one_line(tmp_path, capsys):
     assert main(["prepare", "ade20k-full-847", "--src", str(src), "--root", str(blocker), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write into" in err
+
+
+def test_src_may_name_the_release_folder(tmp_path):
+    src = tmp_path / "raw"
+    _ade_pan_raw(src)
+    prepare("ade20k-panoptic", src / "ADEChallengeData2016", None, jobs=1, progress=False)
+    assert (src / "ADEChallengeData2016" / "ade20k_panoptic_val.json").is_file()  # in place, as the official scripts

@@ -25,6 +25,14 @@ PREPARERS = {
     "cityscapes": cityscapes.prepare,
 }
 
+# the release folder each preparer expects under --src
+RELEASE_DIRS = {
+    "ade20k-full-847": ade20k_full.NAME,
+    "ade20k-panoptic": ade20k_panoptic.NAME,
+    "coco-stuff-10k": coco_stuff.NAME,
+    "cityscapes": cityscapes.NAME,
+}
+
 # datasets the loaders read as released, and why
 NOT_NEEDED = {
     "ade20k-150": "reads ADEChallengeData2016/annotations as released (class - 1 while loading, 0 -> 255)",
@@ -46,6 +54,9 @@ def prepare(name: str, src, root=None, jobs: int | None = None, progress: bool =
     src = Path(src).expanduser()
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a directory")
+    release = Path(RELEASE_DIRS[name])
+    if not (src / release).exists() and src.resolve().parts[-len(release.parts):] == release.parts:
+        src = Path(*src.resolve().parts[: -len(release.parts)])  # --src named the release folder itself
     root = Path(root).expanduser() if root else src
     root.mkdir(parents=True, exist_ok=True)
     return PREPARERS[name](src, root, jobs or default_jobs(), progress)
