@@ -67,6 +67,7 @@ def test_skip_mode_logs_once_counts_and_resumes_exactly(tmp_path, data_root, cap
     records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     counts = [r["bad_samples"] for r in records if "bad_samples" in r]
     assert len(counts) == 4 and counts == sorted(counts) and counts[-1] == 2  # 16 draws: 2 epochs of 8
+    assert all("total_loss" in r and r["grad_norm"] > 0 for r in records)  # every step trained
     assert full.bad_samples == counts[-1] and list(full.bad_files) == [str(bad)]
 
     # resume from iteration 2 in another folder: the same weights as the uninterrupted run

@@ -283,10 +283,10 @@ class Trainer:
             self.samples += self.micro_batch
             if batch.get("bad_samples"):
                 self._bad_samples(batch["bad_samples"])
-        if self.cfg.data.on_bad_sample == "skip":
-            self._check_bad_fraction()
             for k, v in self._micro_step(batch, sync=micro == accum - 1).items():
                 sums[k] = sums.get(k, 0.0) + v / accum
+        if self.cfg.data.on_bad_sample == "skip":
+            self._check_bad_fraction()
         grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.solver.clip_grad_norm))
         lr = self._head_lr()
         finite = all(math.isfinite(v) for v in sums.values()) and math.isfinite(grad_norm)
