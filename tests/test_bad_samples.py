@@ -4,7 +4,6 @@ deterministically (exact resume), logs it once, counts it in metrics.jsonl, and 
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

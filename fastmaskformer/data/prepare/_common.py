@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -26,9 +27,14 @@ class PrepareError(DatasetError):
     """A missing or malformed raw input; the message is one line naming the file."""
 
 
+@lru_cache(maxsize=None)
+def _tables_text() -> str:
+    return TABLES.read_text()
+
+
 def ade20k_tables() -> dict:
-    with open(TABLES) as f:
-        return json.load(f)
+    """The ADE20K label tables (a fresh copy each call: callers may modify it)."""
+    return json.loads(_tables_text())
 
 
 # ----------------------------------------------------------------------------- inputs
