@@ -66,7 +66,7 @@ setup(
     description="MaskFormer with fused Triton kernels and a batched C++ Hungarian solver",
     python_requires=">=3.10",
     packages=find_packages(include=["fastmaskformer", "fastmaskformer.*"]),
-    package_data={"fastmaskformer": ["data/metadata/*.json"]},
+    package_data={"fastmaskformer": ["data/metadata/*.json", "data/prepare/*.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": OptionalBuildExt, "build_py": KernelsBuildPy},
     # Upper bounds: the versions CI installs and tests. Lower bounds (not tested): the first
@@ -87,7 +87,9 @@ setup(
     extras_require={
         # the Hugging Face peer capped at the release CI tests: a new transformers can change
         # the model it converts from, or what it imports (5.25 brought the PyPI "kernels")
-        "test": ["pytest", "hypothesis", "transformers<=5.25.0", "torchmetrics"],
+        "test": ["pytest", "hypothesis", "transformers<=5.25.0", "torchmetrics", "opencv-python-headless", "h5py"],
+        # fastmaskformer prepare: the official ADE20K-Full resize (OpenCV), COCO-Stuff v7.3 .mat files
+        "prepare": ["opencv-python-headless", "h5py"],
         # benchmarks/: the lapjv peer, pytest-benchmark timings, GPU clocks, the mIoU peer
         "bench": ["lap", "pytest-benchmark", "nvidia-ml-py", "torchmetrics"],
     },

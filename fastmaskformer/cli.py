@@ -1,4 +1,4 @@
-"""The ``fastmaskformer`` command: train, eval, predict, demo, bench, convert, plot.
+"""The ``fastmaskformer`` command: train, eval, predict, demo, bench, convert, weights, prepare, plot.
 
 Configs are the presets of ``fastmaskformer.config`` (``--preset``) or YAML files (``--config``,
 optionally ``preset: NAME`` plus overrides), then ``--set section.key=value`` (YAML values).
@@ -80,6 +80,7 @@ def _load_model(checkpoint: str, args, device: str):
             base = Config.from_dict(state["config"])
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {checkpoint} has an invalid config: {exc}") from exc
+        base.data.root = _stored_data_root(base.data.root, checkpoint)
     cfg = build_config(args, base)
     _check_model(cfg)
     model = build_model(cfg.model)
@@ -90,6 +91,18 @@ def _load_model(checkpoint: str, args, device: str):
         detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
         raise UserError(f"checkpoint {checkpoint} does not fit the model config ({detail})") from exc
     return model.to(device).eval(), cfg
+
+
+def _stored_data_root(root, checkpoint: str):
+    """A checkpoint's data root: as stored when absolute or found from here; a relative one
+    (checkpoints written before roots were stored absolute) else against the checkpoint's
+    folder and each folder above it, the first that exists (the demo's run sits below its data)."""
+    if not root or os.path.isabs(str(root)) or Path(root).expanduser().is_dir():
+        return root
+    for folder in Path(checkpoint).resolve().parents:
+        if (folder / root).is_dir():
+            return str(folder / root)
+    return root
 
 
 def _check_model(cfg: Config) -> None:
@@ -158,6 +171,10 @@ def _check_dataset(cfg: Config) -> None:
 
     if cfg.data.dataset not in DATASETS:
         raise UserError(f"unknown dataset {cfg.data.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    if cfg.data.on_bad_sample not in ("error", "skip"):
+        raise UserError(f"data.on_bad_sample must be error or skip, got {cfg.data.on_bad_sample!r}")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise UserError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
 
 
 def _check_solver(cfg: Config) -> None:
@@ -206,12 +223,20 @@ def cmd_predict(args) -> int:
 
     device = _device(args.device)
     model, cfg = _load_model(args.checkpoint, args, device)
-    predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size, amp=args.amp)
     try:
+        predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size, amp=args.amp,
+                              sem_ids=args.sem_ids)
         written = predictor.predict_files(args.inputs, args.output, tasks=args.task)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
-    print(f"wrote {len(written)} files to {args.output}")
+    failed = len(predictor.failures)
+    if written:
+        print(f"wrote {len(written)} files to {args.output}")
+    if failed:
+        done = "nothing written" if not written else f"the others are in {args.output}"
+        print(f"fastmaskformer predict: {failed} image(s) could not be read ({done}): "
+              + ", ".join(str(p) for p, _ in predictor.failures[:5]) + (" ..." if failed > 5 else ""), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -251,23 +276,74 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def _convert_source(args) -> tuple[Path, str | None]:
+    """(local file or folder, preset) for ``convert``: a path as given; a URL, a model-zoo preset
+    name (detectron2) or a Hugging Face model name (hf) downloaded into the cache first."""
+    from .convert import weights
+
+    source, preset = args.source, args.preset
+    if Path(source).exists():
+        return Path(source), preset
+    if args.from_format == "detectron2":
+        entry = weights.weights_for(source)
+        if entry is not None:  # a preset name: its official checkpoint
+            source, preset = entry.url, preset or entry.preset
+        if weights.is_url(source):
+            entry = next((w for w in weights.WEIGHTS if w.url == source), None)
+            preset = preset or (entry.preset if entry else None)
+            return weights.download(source, sha256=entry.sha256 if entry else None,
+                                    size=entry.size if entry else None, progress=not args.no_progress), preset
+    elif weights.is_url(source) or weights.is_hf_name(source):
+        name = source.split("huggingface.co/", 1)[-1] if weights.is_url(source) else source
+        return weights.download_hf(name.strip("/"), progress=not args.no_progress), preset
+    raise UserError(f"{source} not found (a local path, a URL{', a preset name' if args.from_format == 'detectron2' else ''}"
+                    f"{' or a Hugging Face model name' if args.from_format == 'hf' else ''})")
+
+
 def cmd_convert(args) -> int:
     from . import convert
 
-    src = Path(args.source)
-    if not src.exists():
-        raise UserError(f"{src} not found")
     try:
+        src, preset = _convert_source(args)
         if args.from_format == "hf":
             cfg = convert.convert_hf_directory(src, args.out)
         else:
-            if not args.preset:
+            if not preset:
                 raise UserError("convert --from detectron2 needs --preset NAME (the architecture of the checkpoint)")
-            cfg = convert.convert_detectron2_file(src, args.out, args.preset)
+            cfg = convert.convert_detectron2_file(src, args.out, preset)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from exc
     print(f"wrote {args.out} ({cfg.model.backbone.name}, {cfg.model.num_classes} classes, "
           f"{cfg.model.num_queries} queries)")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.prepare import NOT_NEEDED, prepare
+
+    if args.dataset in NOT_NEEDED:
+        print(f"{args.dataset} needs no preparation: the loader {NOT_NEEDED[args.dataset]}")
+        return 0
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    root = args.root or os.environ.get("FASTMASKFORMER_DATASETS") or None  # None: in place, under --src
+    try:
+        outputs = prepare(args.dataset, args.src, root, jobs=args.jobs, progress=not args.no_progress)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"prepared {args.dataset}: " + ", ".join(str(p) for p in outputs))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from .convert.weights import cache_dir, weights_table
+
+    print(weights_table(markdown=args.markdown))
+    if not args.markdown:
+        print(f"\nsize/sha256 'not published': verified by the md5 prefix in the file name; the sha256 of the first "
+              f"download is recorded in the cache ({cache_dir()}) and checked on every later use.\n"
+              f"convert: fastmaskformer convert --from detectron2 PRESET_OR_URL --out CKPT, "
+              f"or --from hf HF_NAME --out CKPT")
     return 0
 
 
@@ -328,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict images or folders and write PNG/JSON results",
-                       description="Any PIL-readable image (RGBA, grayscale, 16-bit, palette, JPEG ...). Writes "
-                                   "<stem>_sem.png (class ids) and <stem>_overlay.png; <stem>_panoptic.png "
+                       description="Any PIL-readable image (RGBA, grayscale, 16-bit, palette, JPEG ...); an unreadable "
+                                   "one is a warning line, the others are still predicted, and the exit status is 1. "
+                                   "Writes <stem>_sem.png (label ids, see --sem-ids) and <stem>_overlay.png; <stem>_panoptic.png "
                                    "(RGB-encoded ids) + panoptic.json; <stem>_instances.npz.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
     _add_config_args(p)
@@ -338,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", choices=("semantic", "panoptic", "instance"), default=["semantic"],
                    help="what to predict (default: semantic)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
+    p.add_argument("--sem-ids", choices=("dataset", "contiguous", "cityscapes-ids"), default="dataset",
+                   help="ids in <stem>_sem.png: 'dataset' (default) as the dataset's ground truth stores them: "
+                        "ADE20K 1..150 with 0 = other (class + 1), Cityscapes train ids (0..18), ADE20K-Full, "
+                        "COCO-Stuff, Mapillary their training ids; 'contiguous': the model's class 0..K-1; "
+                        "'cityscapes-ids': Cityscapes label ids (7 = road ... 33 = bicycle)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="synthetic data -> train a small MaskFormer on the CPU -> mIoU/PQ summary",
@@ -360,13 +442,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="convert Hugging Face or Detectron2 weights to a checkpoint",
-                       description="--from hf DIR: a saved transformers MaskFormer folder (config.json + weights); "
-                                   "--from detectron2 FILE --preset NAME: an official MaskFormer .pkl/.pth.")
+                       description="--from hf DIR_OR_NAME: a saved transformers MaskFormer folder (config.json + "
+                                   "weights) or a Hugging Face model name (facebook/maskformer-swin-base-ade), "
+                                   "downloaded; --from detectron2 FILE_URL_OR_PRESET [--preset NAME]: an official "
+                                   "MaskFormer .pkl/.pth, its URL, or a preset name for its model-zoo checkpoint "
+                                   "(fastmaskformer weights list). Downloads go to $FASTMASKFORMER_CACHE (default "
+                                   "~/.cache/fastmaskformer), verified, resumable.")
     p.add_argument("--from", dest="from_format", choices=("hf", "detectron2"), required=True, help="source format")
-    p.add_argument("source", metavar="SRC", help="HF folder or Detectron2 checkpoint file")
+    p.add_argument("source", metavar="SRC", help="local folder/file, URL, HF model name or (detectron2) preset name")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.pt)")
-    p.add_argument("--preset", metavar="NAME", help="architecture preset (detectron2 only)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="architecture preset (detectron2 only; default for a model-zoo URL: its preset)")
+    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("weights", help="the official model-zoo checkpoints per preset",
+                       description="weights list: per preset the official Detectron2 checkpoint (URL, md5 prefix, "
+                                   "size, sha256) and its Hugging Face model name.")
+    p.add_argument("action", choices=("list",), help="list the published weights")
+    p.add_argument("--markdown", action="store_true", help="as a markdown table")
+    p.set_defaults(func=cmd_weights)
+
+    from .data.prepare import NOT_NEEDED, PREPARERS
+
+    p = sub.add_parser("prepare", help="convert a downloaded dataset into the layout the loaders read",
+                       description="Writes what the official preparation scripts write (same files, names and "
+                                   "values), idempotent and resumable. --src holds the downloads as the official "
+                                   "datasets/README.md places them (SRC/ADE20K_2021_17_01, SRC/ADEChallengeData2016, "
+                                   "SRC/coco/coco_stuff_10k, SRC/cityscapes). Needing no preparation: "
+                                   + "; ".join(f"{k} ({v})" for k, v in NOT_NEEDED.items()) + ".")
+    p.add_argument("dataset", choices=tuple(PREPARERS) + tuple(NOT_NEEDED), metavar="DATASET",
+                   help=f"one of: {', '.join(PREPARERS)}")
+    p.add_argument("--src", required=True, metavar="RAW_DIR", help="folder holding the downloaded releases")
+    p.add_argument("--root", metavar="DATASETS",
+                   help="datasets root to write (default: $FASTMASKFORMER_DATASETS, else --src itself)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="worker processes (default: CPUs, at most 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("plot", help="plot loss / LR / mIoU curves from metrics.jsonl",
                        description="Reads a run's metrics.jsonl (or the run folder) and writes a PNG.")

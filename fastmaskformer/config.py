@@ -75,6 +75,8 @@ class DataConfig:
     augmentation: str | None = None  # training pipeline: semantic | detr; None: detr for COCO panoptic only
     num_workers: int = 4
     task: str = "semantic"  # semantic | panoptic
+    on_bad_sample: str = "error"  # error: stop at an unreadable training sample | skip: replace it (logged once)
+    max_bad_fraction: float = 0.01  # skip: stop once more than this fraction of training files is unreadable
 
 
 @dataclass

@@ -204,6 +204,15 @@ def _coco_fixture(root, segments=None, ids=None, image_name="p.jpg"):
                     [], segments, ids, image_name)
 
 
+def test_coco_panoptic_released_annotations_folder(tmp_path):
+    """The JSON where COCO's zip (and detectron2) keep it: coco/annotations/."""
+    _coco_fixture(tmp_path)
+    (tmp_path / "coco/annotations").mkdir()
+    (tmp_path / "coco/panoptic_val2017.json").rename(tmp_path / "coco/annotations/panoptic_val2017.json")
+    ds = build_dataset(_cfg("coco-panoptic", tmp_path), "val", train=False, augment=lambda i, s, r: (i, s))
+    assert len(ds) == 1 and ds[0]["image_id"] == 5
+
+
 def test_coco_panoptic_layout(tmp_path):
     _coco_fixture(tmp_path)
     cfg = _cfg("coco-panoptic", tmp_path)

@@ -47,6 +47,9 @@ def _panoptic(json_file, png_dir, image_dir):
         # ADE20K panoptic names its JSON/PNGs "train"/"val" but its image folders "training"/...
         image_split = spec.splits.get("image_" + split, split)
         paths = [root / p.format(split=split, image_split=image_split) for p in (json_file, png_dir, image_dir)]
+        released = paths[0].parent / "annotations" / paths[0].name  # COCO's zip (and detectron2) keep it there
+        if not paths[0].is_file() and released.is_file():
+            paths[0] = released
         if not paths[0].is_file():
             raise DatasetError(f"panoptic JSON {paths[0]} not found; expected layout: {spec.layout}")
         return PanopticSegmentation(*paths, metadata, augment, train, seed)
@@ -55,7 +58,8 @@ def _panoptic(json_file, png_dir, image_dir):
 
 _ADE = "ADEChallengeData2016"
 _ADE_LAYOUT = f"{_ADE}/images/{{training,validation}}/*.jpg + {_ADE}/annotations/{{training,validation}}/*.png"
-_COCO_PAN_LAYOUT = "coco/panoptic_{train,val}2017.json + coco/panoptic_{train,val}2017/*.png + coco/{train,val}2017/*.jpg"
+_COCO_PAN_LAYOUT = ("coco/panoptic_{train,val}2017.json (or coco/annotations/, as released) + "
+                    "coco/panoptic_{train,val}2017/*.png + coco/{train,val}2017/*.jpg")
 
 DATASETS = {
     spec.name: spec

@@ -110,6 +110,8 @@ def collate(batch: Sequence[dict]) -> dict:
     for key, plural in _LIST_KEYS.items():
         if key in batch[0]:
             out[plural] = [b[key] for b in batch]
+    if any("bad_samples" in b for b in batch):  # replaced unreadable samples (data.on_bad_sample: skip)
+        out["bad_samples"] = [x for b in batch for x in b.get("bad_samples", ())]
     return out
 
 

@@ -5,14 +5,15 @@
 - :func:`infer`: a batch of (already resized) images -> per-image semantic labels, panoptic
   id map + segments_info and/or instance masks at each image's output (original) size.
 - :func:`semantic_tta`: multi-scale + flip test-time augmentation (``cfg.test.aug_*``).
-- :class:`Predictor`: paths or a folder -> files: ``<stem>_sem.png`` (label ids; 16-bit when
-  K > 255), ``<stem>_overlay.png`` (class colours over the image), ``<stem>_panoptic.png``
+- :class:`Predictor`: paths or a folder -> files: ``<stem>_sem.png`` (label ids as the dataset's
+  ground truth stores them, see :func:`semantic_id_table`; 16-bit when they pass 255), ``<stem>_overlay.png`` (class colours over the image), ``<stem>_panoptic.png``
   (COCO RGB-encoded ids) + ``panoptic.json`` (COCO panoptic annotations), ``<stem>_instances.npz``
   (masks, scores, labels).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -41,7 +42,7 @@ def load_image(path: str | Path) -> Tensor:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         array = np.asarray(img).astype(np.float64)
@@ -190,6 +191,34 @@ def _segment_colours(segments_info: list, colors, seed: int = 0) -> dict:
     return out
 
 
+# datasets whose ground truth counts classes from 1 with 0 = "other" (ADE20K's annotations/*.png)
+ONE_BASED = ("ade20k-150", "ade20k-panoptic", "synthetic-semantic")
+SEM_IDS = ("dataset", "contiguous", "cityscapes-ids")
+
+
+def semantic_id_table(dataset: str, num_classes: int, mode: str = "dataset") -> np.ndarray | None:
+    """Contiguous class k -> the id written to ``<stem>_sem.png`` (None: k itself).
+
+    mode "dataset": the ids of the dataset's ground truth: ADE20K (150 classes, panoptic and the
+    synthetic ADE layout) k + 1, so 0 stays "other" as in ``annotations/*.png``; every other
+    dataset its training label ids (Cityscapes train ids as ``*_labelTrainIds.png``, ADE20K-Full
+    and COCO-Stuff as the prepared annotations). "contiguous": k. "cityscapes-ids": Cityscapes
+    label ids (7 = road, ... 33 = bicycle, as ``*_labelIds.png``).
+    """
+    if mode not in SEM_IDS:
+        raise ValueError(f"unknown semantic id mode {mode!r}; choose one of {', '.join(SEM_IDS)}")
+    if mode == "cityscapes-ids":
+        from ..data.prepare.cityscapes import LABELS
+
+        if not dataset.startswith("cityscapes"):
+            raise ValueError(f"cityscapes-ids needs a Cityscapes model, not one for {dataset}")
+        by_train = {train: label for label, train in LABELS.values() if 0 <= train < 255}
+        return np.asarray([by_train[k] for k in range(num_classes)], np.int64)
+    if mode == "dataset" and dataset in ONE_BASED:
+        return np.arange(1, num_classes + 1, dtype=np.int64)
+    return None
+
+
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Files and folders (non-recursive, image suffixes only) -> sorted unique image paths."""
     paths: list[Path] = []
@@ -216,12 +245,16 @@ class Predictor:
     """
 
     def __init__(self, model: nn.Module, cfg, metadata, device: str | torch.device = "cpu",
-                 batch_size: int = 4, amp: bool = False):
+                 batch_size: int = 4, amp: bool = False, sem_ids: str = "dataset"):
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.metadata = metadata
         self.batch_size = max(1, int(batch_size))
         self.amp = amp
+        self.sem_table = semantic_id_table(cfg.data.dataset, metadata.num_classes, sem_ids)
+        top = metadata.num_classes - 1 if self.sem_table is None else int(self.sem_table.max(initial=0))
+        self.sem_dtype = np.uint8 if top <= 255 else np.uint16
+        self.failures: list[tuple[Path, str]] = []  # (image, reason) of the last predict_files
 
     def _test_size(self, h: int, w: int) -> tuple[int, int]:
         return shortest_edge_size(h, w, self.cfg.data.min_size_test, self.cfg.data.max_size_test)
@@ -247,20 +280,35 @@ class Predictor:
     def predict_files(self, inputs: Iterable[str | Path], out_dir: str | Path,
                       tasks: Iterable[str] = ("semantic",)) -> list[Path]:
         """Predict every image of ``inputs`` (files / folders) and write the files listed in the
-        module docstring into ``out_dir``. Returns the paths written."""
+        module docstring into ``out_dir``. Returns the paths written.
+
+        An image that cannot be read is skipped with one warning line on stderr naming it and the
+        reason, and recorded in ``self.failures``; the others are predicted. ``out_dir`` is
+        created only when there is something to write into it.
+        """
         tasks = tuple(tasks)
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         paths = find_images(inputs)
         written: list[Path] = []
         annotations = []
+        self.failures = []
         for start in range(0, len(paths), self.batch_size):
-            chunk = paths[start: start + self.batch_size]
-            images = [load_image(p) for p in chunk]
+            chunk, images = [], []
+            for path in paths[start: start + self.batch_size]:
+                try:
+                    images.append(load_image(path))
+                    chunk.append(path)
+                except ValueError as exc:
+                    reason = str(exc).removeprefix(f"cannot read image {path}: ")
+                    print(f"warning: skipping {path}: {reason}", file=sys.stderr)
+                    self.failures.append((path, reason))
+            if not images:
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
             for path, image, result in zip(chunk, images, self.predict(images, tasks)):
                 rgb = image.permute(1, 2, 0).numpy()
                 written += self._write(path, rgb, result, out_dir, annotations)
-        if "panoptic" in tasks:
+        if "panoptic" in tasks and written:
             categories = [{"id": int(i), "name": n, "isthing": int(t), "color": list(c)} for i, n, t, c in zip(
                 self.metadata.dataset_ids, self.metadata.class_names, self.metadata.isthing, self.metadata.colors)]
             json_path = out_dir / "panoptic.json"
@@ -274,9 +322,9 @@ class Predictor:
         colors = self.metadata.colors
         if "semantic" in result:
             labels = result["semantic"].cpu().numpy()
-            dtype = np.uint8 if self.metadata.num_classes <= 255 else np.uint16
+            ids = labels if self.sem_table is None else self.sem_table[labels]
             written.append(out_dir / f"{stem}_sem.png")
-            Image.fromarray(labels.astype(dtype)).save(written[-1])
+            Image.fromarray(ids.astype(self.sem_dtype)).save(written[-1])
             written.append(out_dir / f"{stem}_overlay.png")
             Image.fromarray(overlay(rgb, colorize(labels, colors))).save(written[-1])
         if "panoptic" in result:

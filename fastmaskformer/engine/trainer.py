@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,6 +41,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import Config
 from ..data import TrainingSampler, build_dataset, collate, worker_init_fn
+from ..data.bad_samples import ON_BAD_SAMPLE, SkipBadSamples
+from ..data.errors import DatasetError
 from ..losses import build_criterion
 from ..modeling import build_model
 from . import distributed as du
@@ -125,6 +128,8 @@ class Trainer:
                  num_workers: int | None = None, train_dataset=None, eval_dataset=None,
                  evaluate_fn: Callable[[nn.Module], dict] | None = None):
         self.cfg = cfg
+        if cfg.data.root:  # absolute in config.yaml and checkpoints: eval/predict work from any directory
+            cfg.data.root = os.path.abspath(os.path.expanduser(str(cfg.data.root)))
         self.output_dir = Path(output_dir)
         self.skip_nonfinite = skip_nonfinite
         self.progress = progress
@@ -143,6 +148,12 @@ class Trainer:
         # datasets first: a missing dataset fails before any model is built, not mid-run
         self.train_dataset = train_dataset if train_dataset is not None else build_dataset(
             cfg.data, cfg.data.train_split, train=True, seed=solver.seed)
+        if cfg.data.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {cfg.data.on_bad_sample!r}")
+        if cfg.data.on_bad_sample == "skip":
+            self.train_dataset = SkipBadSamples(self.train_dataset)
+        self.bad_files: dict[str, str] = {}  # unreadable training file -> reason (skip mode)
+        self.bad_samples = 0  # draws replaced because their sample was unreadable
         self.evaluate_fn = evaluate_fn
         if eval_dataset is None and evaluate_fn is None and solver.eval_period > 0:
             eval_dataset = build_dataset(cfg.data, cfg.data.val_split, train=False)
@@ -190,6 +201,7 @@ class Trainer:
             "rng": rng,
             "data": {"samples": self.samples, "seed": self.cfg.solver.seed, "world_size": self.dist.world_size},
             "skipped": self.skipped,
+            "bad_samples": {"count": self.bad_samples, "files": self.bad_files},
         }
 
     def load(self, path: str | os.PathLike) -> None:
@@ -218,6 +230,8 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.samples = int(state["data"]["samples"])
         self.skipped = int(state.get("skipped", 0))
+        bad = state.get("bad_samples") or {}
+        self.bad_samples, self.bad_files = int(bad.get("count", 0)), dict(bad.get("files", {}))
         restore_rng_state(state["rng"][self.dist.rank])
 
     def save(self) -> Path | None:
@@ -275,8 +289,12 @@ class Trainer:
         for micro in range(accum):
             batch = next(data_iter)
             self.samples += self.micro_batch
+            if batch.get("bad_samples"):
+                self._bad_samples(batch["bad_samples"])
             for k, v in self._micro_step(batch, sync=micro == accum - 1).items():
                 sums[k] = sums.get(k, 0.0) + v / accum
+        if self.cfg.data.on_bad_sample == "skip":
+            self._check_bad_fraction()
         grad_norm = float(clip_grad_norm(self.model.parameters(), self.cfg.solver.clip_grad_norm))
         lr = self._head_lr()
         finite = all(math.isfinite(v) for v in sums.values()) and math.isfinite(grad_norm)
@@ -289,6 +307,27 @@ class Trainer:
         self.scheduler.step()
         self.iteration += 1
         return {**sums, "grad_norm": grad_norm, "lr": lr}
+
+    def _bad_samples(self, bad: list) -> None:
+        """Log each newly seen unreadable file once and count the replaced draws."""
+        for path, reason in bad:
+            self.bad_samples += 1
+            if path in self.bad_files:
+                continue
+            self.bad_files[path] = reason
+            print(f"warning: skipping unreadable training sample (replaced by the next readable one): {reason}",
+                  file=sys.stderr)
+
+    def _check_bad_fraction(self) -> None:
+        """Stop (every rank together) once a rank has seen more than ``data.max_bad_fraction`` of
+        the training files unreadable."""
+        limit, total = self.cfg.data.max_bad_fraction, len(self.train_dataset)
+        exceeded = len(self.bad_files) > limit * total
+        if du.any_rank(exceeded, self.device):
+            last = next(reversed(self.bad_files.values()), "on another rank")
+            raise DatasetError(
+                f"{len(self.bad_files)} of {total} training samples are unreadable, more than "
+                f"data.max_bad_fraction={limit}; last: {last} (fix or remove them and resume)")
 
     def _non_finite(self, sums: dict, grad_norm: float) -> None:
         bad = {k: v for k, v in sums.items() if not math.isfinite(v)}
@@ -340,7 +379,11 @@ class Trainer:
                 is_last = it == solver.max_iter
                 if it % self.log_period == 0 or is_last:
                     now = time.perf_counter()
+                    if self.cfg.data.on_bad_sample == "skip":
+                        record["bad_samples"] = float(self.bad_samples)
                     record = du.all_reduce_mean(record, self.device)
+                    if "bad_samples" in record:  # summed over ranks: replaced draws so far
+                        record["bad_samples"] = int(round(record["bad_samples"] * self.dist.world_size))
                     record["images_per_s"] = (it - last_iter) * solver.batch_size / max(now - last_time, 1e-9)
                     record["time"] = now - start_time
                     record = {"iter": it, **record}
