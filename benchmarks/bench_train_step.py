@@ -4,7 +4,10 @@ Providers (same weights, same batch, one process):
 - eager:   reference torch ops + the official per-image scipy matcher loop;
 - compile: the same with ``torch.compile`` on the model and the criterion;
 - batched: reference torch ops + the one-sync batched C++ solver (isolates the solver's share);
-- fused:   Triton kernels (matching cost, mask loss) + the batched solver (CUDA only).
+- fused:   Triton kernels (matching cost, mask loss) + the batched solver (CUDA only);
+- fused+compile: the fused path with ``torch.compile`` on the model and the criterion's loss
+  region (``solver.compile`` in training: the Triton operators and the solver's one host sync
+  inside one graph; CUDA only).
 Each in fp32 and bf16 autocast. A step = forward + criterion (6 layers) + backward + AdamW step.
 Also checks that eager and fused losses agree at step 0 and stay close after ``--steps`` steps,
 and (``--headroom``) finds the largest batch that fits for eager vs fused.
@@ -34,6 +37,7 @@ PROVIDERS = {
     "compile": ("torch", "scipy", True),
     "batched": ("torch", "batched", False),
     "fused": ("triton", "batched", False),
+    "fused+compile": ("triton", "batched", True),
 }
 
 
@@ -71,14 +75,14 @@ def build(cfg, provider: str, device, base_model):
     model = copy.deepcopy(base_model).to(device).train()
     criterion = SetCriterion(cfg.model.num_classes, HungarianMatcher(solver=solver, impl=impl), impl=impl).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
-    if compiled:
+    if compiled:  # as training with solver.compile: the model and the criterion's loss region
         model = torch.compile(model)
-        criterion = torch.compile(criterion)
+        criterion.losses = torch.compile(criterion.losses)
     return model, criterion, optimizer
 
 
 def available(provider: str, device) -> str | None:
-    if provider == "fused" and device.type != "cuda":
+    if provider.startswith("fused") and device.type != "cuda":
         return "needs CUDA (the Triton interpreter is not a performance path)"
     return None
 

@@ -20,3 +20,9 @@ def interpreter_enabled() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``, which
     must be set before ``triton`` is first imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Called with the name of each Triton operator as ``kernels.common.triton_operator`` registers
+# it: the ops layer attaches the autograd formulas the kernels leave to it (see
+# ``ops._library.reference_operator``), whichever of the two is imported first.
+ON_TRITON_OPERATOR: list = []

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from fastmaskformer.target import Target
-
 from .aot import Case
 from .semantic import SEMANTIC_PRECISIONS
 
@@ -16,33 +14,28 @@ B, LAYERS, Q, C, SIZE = 16, 6, 100, 256, 512
 IMAGE, INPUT = (512, 683), (512, 704)
 
 
-def _targets(segments: int, size=(SIZE, SIZE), batch=B) -> list[Target]:
+def _segment_maps(segments: int, size=(SIZE, SIZE), batch=B, cell: int = 16) -> torch.Tensor:
+    """int32 [batch, *size] in [-1, segments): cell x cell blocks, every segment present."""
     g = torch.Generator().manual_seed(0)
-    coarse = torch.randint(-1, segments, (batch, size[0] // 16, size[1] // 16), generator=g, dtype=torch.int32)
-    coarse[:, 0, :segments] = torch.arange(segments, dtype=torch.int32)  # every segment present
-    maps = coarse.repeat_interleave(16, 1).repeat_interleave(16, 2)
-    return [Target(torch.randint(0, 10, (segments,), generator=g), maps[b]) for b in range(batch)]
+    coarse = torch.randint(-1, segments, (batch, size[0] // cell, size[1] // cell), generator=g, dtype=torch.int32)
+    coarse[:, 0, :segments] = torch.arange(segments, dtype=torch.int32)
+    return coarse.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
 
 
-def _matching_cost(classes: int, segments: int, dtype, precision: str):
+def _labels(segments: int, batch: int = B) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, 10, (batch, segments)), torch.full((batch,), segments, dtype=torch.int64)
+
+
+def _matching_cost(classes: int, segments: int, dtype, precision: str, batch: int = B):
     from .matching_cost import matching_cost
 
     def run():
-        class_logits = torch.empty(LAYERS * B, Q, classes + 1)
-        mask_embed = torch.empty(LAYERS * B, Q, C, dtype=dtype)
-        pixel_embed = torch.empty(B, C, SIZE // 4, SIZE // 4, dtype=dtype)
-        matching_cost(class_logits, mask_embed, pixel_embed, _targets(segments), (1.0, 20.0, 1.0), (SIZE, SIZE),
+        class_logits = torch.empty(LAYERS * batch, Q, classes + 1)
+        mask_embed = torch.empty(LAYERS * batch, Q, C, dtype=dtype)
+        pixel_embed = torch.empty(batch, C, SIZE // 4, SIZE // 4, dtype=dtype)
+        seg_small = _segment_maps(segments, (SIZE // 4, SIZE // 4), batch, cell=4)
+        matching_cost(class_logits, mask_embed, pixel_embed, seg_small, *_labels(segments, batch), [1.0, 20.0, 1.0],
                       precision, LAYERS)
-    return run
-
-
-def _matching_cost_small_batch():
-    """B=2: few problems, so the pixels are split (the finish kernel runs)."""
-    from .matching_cost import matching_cost
-
-    def run():
-        matching_cost(torch.empty(LAYERS * 2, Q, 151), torch.empty(LAYERS * 2, Q, C), torch.empty(2, C, 128, 128),
-                      _targets(16, batch=2), (1.0, 20.0, 1.0), (SIZE, SIZE), "tf32", LAYERS)
     return run
 
 
@@ -53,9 +46,9 @@ def _mask_loss(segments: int):
     def run():
         mask_embed = torch.zeros(LAYERS, B, Q, C, requires_grad=True)
         pixel_embed = torch.zeros(B, C, SIZE // 4, SIZE // 4, requires_grad=True)
-        matches = (torch.arange(segments), torch.arange(segments))
-        indices = [[matches] * B for _ in range(LAYERS)]
-        focal, dice = mask_loss(mask_embed, pixel_embed, indices, _targets(segments), B * segments, (SIZE, SIZE))
+        assignment = torch.arange(segments).expand(LAYERS, B, segments).contiguous()
+        focal, dice = mask_loss(mask_embed, pixel_embed, assignment, _segment_maps(segments),
+                                torch.tensor(float(B * segments)))
         (focal.sum() + dice.sum()).backward()
     return run
 
@@ -71,7 +64,8 @@ def _semantic(queries: int, classes: int, resize: bool, precision: str):
     out = (1024, 1366) if resize else IMAGE
 
     def run():
-        semantic_inference(*_inference_inputs(queries, classes), [IMAGE] * B, [out] * B, False, None, precision)
+        semantic_inference(*_inference_inputs(queries, classes), list(IMAGE) * B, list(out) * B, list(INPUT), False,
+                           precision)
     return run
 
 
@@ -80,16 +74,20 @@ def _semantic_tta(classes: int):
     from .semantic import semantic_inference_tta
 
     def run():
-        views = []
+        logits, embeds, pixels, image_sizes, input_sizes, flipped = [], [], [], [], [], []
         for short in range(256, 897, 128):
             size = (short, round(short * IMAGE[1] / IMAGE[0]))
             padded = tuple(-(-s // 32) * 32 for s in size)
-            cl, me, pe = _inference_inputs(Q, classes, batch=1)
+            cl, me, _ = _inference_inputs(Q, classes, batch=1)
             pe = torch.empty(C, padded[0] // 4, padded[1] // 4)
-            for flipped in (False, True):
-                views.append(dict(class_logits=cl[0], mask_embed=me[0], pixel_embed=pe, image_size=size,
-                                  input_size=None, flipped=flipped))
-        semantic_inference_tta(views, IMAGE)
+            for flip in (False, True):
+                logits.append(cl[0])
+                embeds.append(me[0])
+                pixels.append(pe)
+                image_sizes += size
+                input_sizes += padded
+                flipped.append(flip)
+        semantic_inference_tta(logits, embeds, pixels, image_sizes, input_sizes, flipped, list(IMAGE), "tf32")
     return run
 
 
@@ -100,22 +98,24 @@ def _panoptic(resize: bool):
 
     def run():
         _, me, pe = _inference_inputs(kept, 133, batch=1)
-        panoptic_assign(torch.rand(kept), me[0], pe[0], IMAGE, (480, 640) if resize else IMAGE)
+        panoptic_assign(torch.rand(kept), me[0], pe[0], list(IMAGE), [480, 640] if resize else list(IMAGE),
+                        list(INPUT))
     return run
 
 
 def _mask_probs(dtype, out_dtype, sized: bool):
-    from .mask_probs import mask_logits, mask_probs, resized_mask_logits
+    from .mask_probs import resampled_masks
 
     def run():
         _, me, pe = _inference_inputs(Q, 150, batch=2)
         me, pe = me.to(dtype), pe.to(dtype)
+        low = list(pe.shape[-2:])
         if sized:
-            mask_probs(me, pe, [IMAGE] * 2, [(1024, 1366)] * 2, out_dtype)
-            resized_mask_logits(me[0], pe[0], IMAGE, IMAGE)
+            resampled_masks(me[:1], pe[:1], list(IMAGE), [1024, 1366], list(INPUT), True, out_dtype)
+            resampled_masks(me[:1], pe[:1], list(IMAGE), list(IMAGE), list(INPUT), False, torch.float32)
         else:
-            mask_probs(me, pe, out_dtype=out_dtype)
-            mask_logits(me, pe, INPUT)
+            resampled_masks(me, pe, low, low, low, True, out_dtype)
+            resampled_masks(me, pe, list(INPUT), list(INPUT), list(INPUT), False, torch.float32)
     return run
 
 
@@ -128,7 +128,7 @@ def cases() -> list[Case]:
                     name = f"matching_cost K={classes} M={segments} {str(dtype)[6:]} {precision}"
                     main = segments == 16 and dtype == torch.float32 and (classes == 150 or precision == "tf32")
                     out.append(Case(name, _matching_cost(classes, segments, dtype, precision), main))
-    out.append(Case("matching_cost B=2 (pixel split)", _matching_cost_small_batch(), True))
+    out.append(Case("matching_cost B=2 (pixel split)", _matching_cost(150, 16, torch.float32, "tf32", batch=2), True))
     out += [Case(f"mask_loss 6 layers M={m}", _mask_loss(m), m == 16) for m in (8, 16, 32)]
     for queries in (100, 200):
         for classes in (150, 847):

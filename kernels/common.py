@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
-from fastmaskformer.shared import OP_NAMESPACE, interpreter_enabled
+from fastmaskformer.shared import ON_TRITON_OPERATOR, OP_NAMESPACE, interpreter_enabled
 
 # input_precision of fp32 tl.dot: "ieee" (exact fp32 products, CUDA cores), "tf32" (tensor
 # cores, operands rounded to a 10-bit mantissa), "tf32x3" (three tf32 products, ~fp32 accuracy).
@@ -46,8 +46,11 @@ def triton_operator(name: str, schema: str | None = None):
         if interpreter_enabled():
             op = torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema)
             op.register_fake(fn)
-            return op
-        return torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
+        else:
+            op = torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
+        for hook in ON_TRITON_OPERATOR:
+            hook(name)
+        return op
     return register
 
 

@@ -68,3 +68,50 @@ def test_opcheck_matching_cost(op, dtype):
 def test_opcheck_linear_sum_assignment():
     costs = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
     torch.library.opcheck(OPS.linear_sum_assignment, (costs, torch.tensor([3, 0, 2, 3]), False, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["resampled_masks_reference", "resampled_masks"])
+@pytest.mark.parametrize("sizes,sigmoid", [(((7, 9), (7, 9), (7, 9)), False), (((25, 30), (19, 41), (28, 36)), True)])
+def test_opcheck_resampled_masks(op, dtype, sizes, sigmoid):
+    import fastmaskformer.kernels.mask_probs  # noqa: F401
+
+    g = torch.Generator().manual_seed(0)
+    mask_embed = torch.randn(2, 5, 8, generator=g).to(dtype).requires_grad_()
+    pixel_embed = torch.randn(2, 8, 7, 9, generator=g).to(dtype).requires_grad_()
+    image, output, input_size = (list(s) for s in sizes)
+    torch.library.opcheck(getattr(OPS, op), (mask_embed, pixel_embed, image, output, input_size, sigmoid, dtype))
+
+
+@pytest.mark.parametrize("op", ["panoptic_assign_reference", "panoptic_assign"])
+def test_opcheck_panoptic_assign(op):
+    import fastmaskformer.kernels.panoptic  # noqa: F401
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.rand(4, generator=g), torch.randn(4, 8, generator=g), torch.randn(8, 7, 9, generator=g),
+            [25, 30], [19, 41], [28, 36])
+    torch.library.opcheck(getattr(OPS, op), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_semantic_inference(dtype):
+    import fastmaskformer.kernels.semantic  # noqa: F401
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 5, 4, generator=g).to(dtype), torch.randn(2, 5, 8, generator=g).to(dtype),
+            torch.randn(2, 8, 7, 9, generator=g).to(dtype), [25, 30, 28, 36], [19, 41, 28, 36], [28, 36])
+    for return_score in (False, True):
+        torch.library.opcheck(OPS.semantic_inference, args + (return_score, "ieee"))
+
+
+@pytest.mark.parametrize("op", ["semantic_inference_tta_reference", "semantic_inference_tta"])
+def test_opcheck_semantic_inference_tta(op):
+    import fastmaskformer.kernels.semantic  # noqa: F401
+
+    g = torch.Generator().manual_seed(0)
+    views = [(torch.randn(5, 4, generator=g), torch.randn(5, 8, generator=g), torch.randn(8, *low, generator=g))
+             for low in ((7, 9), (9, 11))]
+    args = tuple(list(t) for t in zip(*views)) + ([25, 30, 33, 41], [28, 36, 36, 44], [False, True], [19, 23])
+    if op == "semantic_inference_tta":
+        args = args + ("ieee",)
+    torch.library.opcheck(getattr(OPS, op), args)

@@ -58,9 +58,6 @@ def load_kernel(module: str, op: str):
         if exc.name != f"fastmaskformer.kernels.{module}":
             raise
         raise NotImplementedError(f"{op}: no Triton kernel yet (kernels/{module}.py); use impl='torch'") from None
-    from ._library import attach_triton_autograd
-
-    attach_triton_autograd()
     return _LOADED[module]
 
 

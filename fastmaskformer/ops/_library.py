@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..shared import OP_NAMESPACE
+from ..shared import ON_TRITON_OPERATOR, OP_NAMESPACE
 
 
 # Triton operator name -> (its reference, differentiable argument names): the Triton operators
@@ -36,21 +36,24 @@ def reference_operator(name: str, differentiable: Sequence[str] = (), triton_twi
             register_vjp(f"{OP_NAMESPACE}::{name}", fn, tuple(differentiable))
             if triton_twin is not None:
                 _TRITON_VJPS[triton_twin] = (fn, tuple(differentiable))
+                _attach(triton_twin)
         return fn
     return register
 
 
-def attach_triton_autograd() -> None:
-    """Give each registered Triton twin (see :func:`reference_operator`) its reference's vjp;
-    called when a kernel module is loaded."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    for name, (fn, differentiable) in list(_TRITON_VJPS.items()):
-        try:
-            getattr(namespace, name)
-        except (AttributeError, RuntimeError):
-            continue  # its kernel module is not loaded yet
-        register_vjp(f"{OP_NAMESPACE}::{name}", fn, differentiable)
-        del _TRITON_VJPS[name]
+def _attach(name: str) -> None:
+    """Give Triton operator ``name`` its reference's vjp once both are registered."""
+    if name not in _TRITON_VJPS:
+        return
+    try:
+        getattr(getattr(torch.ops, OP_NAMESPACE), name)
+    except (AttributeError, RuntimeError):
+        return  # its kernel module is not imported yet: ON_TRITON_OPERATOR calls back
+    fn, differentiable = _TRITON_VJPS.pop(name)
+    register_vjp(f"{OP_NAMESPACE}::{name}", fn, differentiable)
+
+
+ON_TRITON_OPERATOR.append(_attach)
 
 
 def register_vjp(qualname: str, fn: Callable, differentiable: tuple[str, ...]) -> None:
