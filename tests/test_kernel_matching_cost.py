@@ -132,6 +132,19 @@ def test_matching_cost_pixel_split_matches_reference():
     torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
 
 
+def test_matching_cost_pixel_split_several_query_tiles():
+    # Q = 80 > 64: the finish kernel (BLOCK_Q = min(next_pow2(Q), 64)) has 2 query tiles, so a
+    # finish that reads or writes the wrong query tile (e.g. tile 0 for every tile) is caught.
+    from fastmaskformer.kernels.matching_cost import pixel_splits
+
+    problem = make_problem(1, 1, 80, 8, 5, (32, 130), (128, 520), [6])
+    with assume_multiprocessors(16):
+        assert pixel_splits("cpu", 1, 32 * 130) == 2
+        out, ref = both(*problem, input_size=(128, 520))
+    assert out.shape == (1, 80, 6)
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("low,size,map_sizes", [
     ((17, 19), (61, 70), [(61, 70), (40, 13)]),
     ((32, 32), (128, 128), [(128, 128), (100, 128)]),
