@@ -170,3 +170,50 @@ def test_unpadded_inputs_are_upsampled_to_the_true_input_size():
                  _by_hand_scores(v.class_logits[-1, 0], v.mask_embed[-1, 0], v.pixel_embed[0], (61, 90), (61, 90),
                                  (122, 181)) for v, flip in zip(views, (False, True))) / 2
     _assert_labels(labels, scores)
+
+
+def test_semantic_tta_flips_the_flipped_views_and_their_scores_back():
+    # A model whose outputs depend on the image pixels and a left-right asymmetric image: a TTA
+    # that does not flip the flipped view's input, or does not flip its scores back, differs.
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from fastmaskformer import MaskFormerOutput, build_model
+    from fastmaskformer.config import ModelConfig
+    from fastmaskformer.engine.predictor import semantic_tta
+
+    cfg = ModelConfig(num_classes=5, num_queries=6, hidden_dim=16, mask_dim=16, conv_dim=32, nheads=2,
+                      dim_feedforward=32, dec_layers=2, size_divisibility=0)
+    cfg.backbone.kwargs = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
+    model = build_model(cfg).eval()
+    forward = model.forward
+    g = torch.Generator().manual_seed(0)
+    project = torch.randn(16, 3, generator=g)  # image colour -> embedding channels
+
+    def content_forward(batch):  # the real model's shapes; pixel embedding = f(image pixels)
+        out = forward(batch)
+        gen = torch.Generator().manual_seed(1)
+        cls, emb = (3 * torch.randn(t.shape, generator=gen) for t in (out.class_logits, out.mask_embed))
+        pooled = F.adaptive_avg_pool2d(batch, out.pixel_embed.shape[-2:])  # [B, 3, h, w]
+        pix = torch.einsum("dc,bchw->bdhw", project, pooled)
+        return MaskFormerOutput(cls, emb, pix, *out.as_tuple()[3:])
+
+    model.forward = content_forward
+    image = torch.randint(0, 256, (3, 48, 72), generator=g, dtype=torch.uint8)
+    image[:, :, :24] //= 4  # dark left third: not left-right symmetric
+    assert not torch.equal(image, image.flip(-1))
+    test_cfg = SimpleNamespace(aug_scales=(), aug_flip=True, aug_max_size=4000)
+    labels = semantic_tta(model, image, (61, 90), test_cfg)
+
+    def scores(im):
+        with torch.no_grad():
+            v = model(model.preprocess([im])[0])
+        return _by_hand_scores(v.class_logits[-1, 0], v.mask_embed[-1, 0], v.pixel_embed[0], (48, 72), (48, 72),
+                               (61, 90))
+
+    plain, flipped = scores(image), scores(image.flip(-1))
+    expected = (plain + flipped.flip(-1)) / 2
+    _assert_labels(labels, expected)
+    for wrong in ((plain + plain.flip(-1)) / 2, (plain + flipped) / 2):  # view not flipped / not flipped back
+        assert (wrong.argmax(0) != expected.argmax(0)).float().mean() > 0.05

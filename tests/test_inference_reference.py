@@ -125,3 +125,86 @@ def test_inference_bad_sizes():
         ops.semantic_inference(cls, emb, pix, [(17, 16)])
     with pytest.raises(ValueError, match="need 1 image_sizes"):
         ops.semantic_inference(cls, emb, pix, [(16, 16), (16, 16)])
+
+
+# ---------------------------------------------------------------------------- tiled semantic (CPU)
+TILED_CASES = [
+    # Q, C, K, (h, w), input_size, image_size, output_size, tile
+    (17, 8, 9, (13, 21), None, (49, 70), (97, 131), 7),  # crop, upsample
+    (17, 8, 9, (13, 21), None, (52, 84), (33, 151), 5),  # no crop; rows down, columns up
+    (16, 8, 12, (16, 23), (61, 90), (61, 90), (122, 181), 11),  # unpadded input (not 4x the embedding)
+    (16, 8, 12, (16, 23), (61, 90), (50, 70), (45, 163), 4),
+    (20, 8, 8, (32, 40), None, (100, 150), (100, 150), 13),  # crop only, no resize
+    (20, 8, 8, (40, 50), (160, 200), (160, 200), (160, 200), 9),  # no upsample, no crop, no resize
+    (20, 8, 40, (20, 30), (80, 120), (77, 111), (300, 211), 64),
+]
+
+
+def _tiled_problem(queries, channels, classes, low, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(queries, classes + 1, generator=g) * 3, torch.randn(queries, channels, generator=g),
+            torch.randn(channels, *low, generator=g))
+
+
+@pytest.mark.parametrize("case", range(len(TILED_CASES)))
+def test_semantic_tiled_is_bit_identical_to_the_reference(case):
+    from fastmaskformer.ops.inference import _tileable, semantic_labels_tiled, semantic_scores_reference
+
+    queries, channels, classes, low, input_size, image_size, output_size, tile = TILED_CASES[case]
+    args = _tiled_problem(queries, channels, classes, low, case)
+    sizes = (input_size or (4 * low[0], 4 * low[1]), low, image_size, output_size)
+    assert _tileable(queries, classes, *sizes) is not None  # really tiled here, no fallback
+    ref_score, ref_labels = semantic_scores_reference(*args, image_size, output_size, input_size).max(0)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads, t in ((threads, tile), (threads, 3 * tile + 1), (1, tile)):
+            torch.set_num_threads(num_threads)  # the sigmoid's scalar tails move with the threads
+            score, labels = semantic_labels_tiled(*args, image_size, output_size, input_size, tile=t)
+            assert torch.equal(score, ref_score) and torch.equal(labels, ref_labels), (num_threads, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_semantic_inference_torch_is_tiled_and_unchanged(monkeypatch):
+    from fastmaskformer.ops import inference
+
+    cl, me, pe = (torch.stack(t) for t in zip(_tiled_problem(20, 8, 30, (24, 32), 1), _tiled_problem(20, 8, 30, (24, 32), 2)))
+    sizes, outs = [(90, 120), (96, 101)], [(135, 180), (70, 150)]
+    expected = [inference.semantic_scores_reference(cl[b], me[b], pe[b], sizes[b], outs[b]).max(0) for b in range(2)]
+    # A budget of ~2 output rows of scores: many tiles per image.
+    monkeypatch.setattr(inference, "SEMANTIC_TILE_BYTES", 4 * 30 * 180 * 8)
+    calls = []
+    tiled = inference.semantic_labels_tiled
+    monkeypatch.setattr(inference, "semantic_labels_tiled", lambda *a, **k: calls.append(a) or tiled(*a, **k))
+    got = ops.semantic_inference(cl, me, pe, sizes, outs, return_score=True, impl="torch")
+    assert len(calls) == 2
+    for (labels, score), (ref_score, ref_labels) in zip(got, expected):
+        assert torch.equal(labels, ref_labels) and torch.equal(score, ref_score)
+
+
+def test_semantic_tiled_sigmoid_rounds_each_element_as_the_whole_map_does():
+    # ATen's sigmoid rounds the scalar tail of each thread's chunk differently from the
+    # vectorised body; a band of the map must reproduce that per element. The map is filled with
+    # values whose scalar and vectorised sigmoids differ, so any misrouted element shows.
+    from fastmaskformer.ops.inference import _VEC_STEP, _sigmoid_as_in
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _VEC_STEP:
+        pytest.skip(f"no vectorised sigmoid model for {capability}")
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(8192, generator=g) * 4
+    scalar = torch.cat([v.sigmoid() for v in pool.split(1)])
+    differ = pool[scalar != pool.sigmoid()]
+    assert len(differ) > 0
+    threads = torch.get_num_threads()
+    try:
+        for num_threads, shape in ((1, (7, 33, 45)), (2, (7, 83, 131))):  # one chunk / two chunks, with tails
+            torch.set_num_threads(num_threads)
+            total = shape[0] * shape[1] * shape[2]
+            x = differ[torch.randint(0, len(differ), shape, generator=g)]
+            ref = x.sigmoid()
+            for r0, r1, cols in ((0, shape[1], shape[2]), (shape[1] - 5, shape[1], shape[2] - 3), (3, 17, shape[2])):
+                got = _sigmoid_as_in(x[:, r0:r1, :cols], r0, shape, total, _VEC_STEP[capability])
+                assert torch.equal(got, ref[:, r0:r1, :cols]), (num_threads, r0, r1, cols)
+    finally:
+        torch.set_num_threads(threads)

@@ -132,6 +132,19 @@ def test_matching_cost_pixel_split_matches_reference():
     torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
 
 
+def test_matching_cost_pixel_split_several_query_tiles():
+    # Q = 80 > 64: the finish kernel (BLOCK_Q = min(next_pow2(Q), 64)) has 2 query tiles, so a
+    # finish that reads or writes the wrong query tile (e.g. tile 0 for every tile) is caught.
+    from fastmaskformer.kernels.matching_cost import pixel_splits
+
+    problem = make_problem(1, 1, 80, 8, 5, (32, 130), (128, 520), [6])
+    with assume_multiprocessors(16):
+        assert pixel_splits("cpu", 1, 32 * 130) == 2
+        out, ref = both(*problem, input_size=(128, 520))
+    assert out.shape == (1, 80, 6)
+    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("low,size,map_sizes", [
     ((17, 19), (61, 70), [(61, 70), (40, 13)]),
     ((32, 32), (128, 128), [(128, 128), (100, 128)]),
@@ -219,3 +232,42 @@ def test_matching_cost_gpu_fast_precisions(precision):
     tol = dict(rtol=TF32_RTOL, atol=TF32_ATOL) if precision == "tf32" else dict(rtol=RTOL, atol=1e-4)
     torch.testing.assert_close(out, ref, **tol)
     assert assignment_regret(out.cpu(), ref.cpu(), sizes) <= 1e-2
+
+
+def test_matcher_precision_reaches_the_kernel(monkeypatch):
+    """``HungarianMatcher(precision=X)`` and ``build_matcher`` with ``matching_precision=X`` hand X
+    to ``ops.matching_cost_padded`` (spied where losses/matcher.py looks it up), and the costs
+    the matcher solved differ numerically between "ieee" (= the fp32 reference) and "tf32"."""
+    from fastmaskformer.config import LossConfig
+    from fastmaskformer.losses import matcher as matcher_module
+
+    real = ops.matching_cost_padded
+    calls = []
+
+    def spy(*args, **kwargs):
+        names = ("class_logits", "mask_embed", "pixel_embed", "targets", "weights", "input_size", "precision")
+        bound = dict(zip(names, args), **kwargs)
+        costs, sizes = real(*args, **kwargs)
+        calls.append((bound.get("precision"), bound.get("impl"), costs))
+        return costs, sizes
+
+    monkeypatch.setattr(matcher_module.ops, "matching_cost_padded", spy)
+    cl, me, pe, targets = make_problem(1, 2, 20, 32, 9, (16, 20), (64, 80), [6])
+    ref, _ = real(cl, me, pe, targets, (1.0, 20.0, 1.0), (64, 80), impl="torch")
+    costs = {}
+    for precision in ("ieee", "tf32", "tf32x3"):
+        for matcher in (HungarianMatcher(impl="triton", precision=precision),
+                        matcher_module.build_matcher(LossConfig(impl="triton", matching_precision=precision))):
+            matcher(cl, me, pe, targets, input_size=(64, 80))
+            got_precision, got_impl, out = calls.pop()
+            assert (got_precision, got_impl) == (precision, "triton")
+            if precision in costs:
+                assert torch.equal(out, costs[precision])
+            costs[precision] = out
+    assert not calls
+    torch.testing.assert_close(costs["ieee"], ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(costs["tf32x3"], ref, rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(costs["tf32"], ref, rtol=RTOL, atol=ATOL)  # tf32 rounding really reached it
+    # The default (None) is the kernel's tf32, not ieee.
+    HungarianMatcher(impl="triton")(cl, me, pe, targets, input_size=(64, 80))
+    assert calls[-1][0] is None and torch.equal(calls[-1][2], costs["tf32"])

@@ -97,6 +97,195 @@ def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_em
     return crop_and_resize(scores, image_size, output_size)
 
 
+# ---------------------------------------------------------------------------- semantic, tiled (CPU)
+# The torch path of ``semantic_inference`` computes the reference's labels a band of output rows
+# at a time: output rows [o0, o1) read a bounded band of input-size rows (2 taps each), which
+# read 2 low-res mask-logit rows each, so the scores alive are [K, band, W] instead of
+# [K, H, W]. The band is computed with the same floating-point operations, in the same order,
+# as the untiled reference's CPU kernels, so scores (and labels) are bit-identical:
+# - bilinear resize: ATen's generic CPU kernel (used when out_h + out_w > 128 and the input is
+#   not channels-last): lambdas from src = scale * (dst + 0.5) - 0.5 with the fp32 scale
+#   in / out, t_row = a * w0 + b * w1 along the width, then t0 * h0 + t1 * h1; with the
+#   multiply-adds fused (FMA) or not as this PyTorch build computes them (probed once);
+# - sigmoid: ATen's vectorised kernel, whose scalar tail (the last elements of each thread's
+#   chunk, here computed the scalar way) rounds differently;
+# - the class sum: the same einsum, whose result per pixel does not depend on the pixel count
+#   (checked with MKL for Q >= 16 queries, K >= 8 classes and bands of >= 4096 pixels; tiny
+#   GEMMs can take other BLAS kernels).
+# Where that cannot be guaranteed (small outputs resized by the channels-last kernel, an
+# unknown vector width, a build matching neither model, fewer queries or classes) and where
+# the whole [K, H, W] fits the tile budget, the untiled reference is used.
+SEMANTIC_TILE_BYTES = 64 * 2**20  # default tile: about this many bytes of [K, band, W] scores
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: element-wise ops run single-threaded below it
+_VEC_STEP = {"AVX512": 32, "AVX2": 16}  # elements per vectorised step (2 x Vectorized<float>)
+_MIN_BAND_PIXELS, _MIN_QUERIES, _MIN_CLASSES = 4096, 16, 8
+
+
+def _fma(x: Tensor, y: Tensor, z: Tensor, fused: bool) -> Tensor:
+    """fp32 ``x * y + z``, rounded once (fused) or after the product too."""
+    if not fused:
+        return x * y + z
+    return (x.double() * y.double() + z.double()).float()
+
+
+def _linear_taps(in_size: int, out_size: int, start: int, stop: int, fused: bool):
+    """ATen's bilinear (align_corners=False) source taps of output indices [start, stop):
+    (i0, i1, lambda0, lambda1), int64 and fp32."""
+    dst = torch.arange(start, stop)
+    if in_size == out_size:
+        return dst, dst, torch.ones(len(dst)), torch.zeros(len(dst))
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    half = torch.tensor(0.5, dtype=torch.float32)
+    src = _fma(scale.expand(len(dst)), dst.float() + half, -half, fused).clamp_min(0)
+    i0 = src.floor().long().clamp_max(in_size - 1)
+    lambda1 = (src - i0.float()).clamp(0, 1)
+    i1 = i0 + (i0 < in_size - 1).long()
+    return i0, i1, 1 - lambda1, lambda1
+
+
+def _resize_rows(x: Tensor, row0: int, in_size: Size, out_size: Size, rows: tuple[int, int], cols: int,
+                 fused: bool) -> Tensor:
+    """Output rows ``rows`` and columns [0, cols) of the bilinear resize of an [N, *in_size] map
+    to ``out_size``, from ``x`` [N, band, in_w] = its rows [row0, row0 + band). The width pass
+    is ATen's 1-D linear kernel (the same ``a * w0 + b * w1`` per source row as its 2-D one),
+    the row pass ``t0 * h0 + t1 * h1`` is written out."""
+    i0, i1, h0, h1 = _linear_taps(in_size[0], out_size[0], *rows, fused)
+    first, last = int(i0[0]), int(i1[-1]) + 1  # the source rows read (taps are non-decreasing)
+    t = x[:, first - row0:last - row0]
+    if in_size[1] != out_size[1]:
+        t = F.interpolate(t, size=out_size[1], mode="linear", align_corners=False)
+    t = t[..., :cols]
+    a = t.index_select(1, i0 - first)
+    if in_size[0] == out_size[0]:
+        return a  # lambdas (1, 0): t0 * 1 + t1 * 0
+    b = t.index_select(1, i1 - first).mul_(h1[:, None])
+    if fused:  # t0 * h0 + (t1 * h1) rounded once: exact in float64, then rounded to float32
+        return torch.addcmul(b.double(), a, h0[:, None].double()).float()
+    return b.add_(a.mul_(h0[:, None]))
+
+
+def _sigmoid_as_in(x: Tensor, start: int, shape: tuple[int, int, int], total: int, step: int) -> Tensor:
+    """``x.sigmoid()`` for ``x`` [Q, band, cols] = rows [start, start + band), columns [0, cols)
+    of a contiguous [Q, H, W] (``shape``) map, each element rounded as ATen's kernel rounds it
+    there: the vectorised way, except in the scalar tail of each thread's chunk of the map's
+    ``total`` elements."""
+    flat = x.reshape(-1)
+    n, out = flat.numel(), torch.empty(x.shape, dtype=x.dtype)
+    out_flat, main = out.view(-1), n - n % step
+    piece = _GRAIN // step * step  # below the grain: one thread; a multiple of the step: all vectorised
+    for begin in range(0, main, piece):
+        torch.sigmoid(flat[begin:min(main, begin + piece)], out=out_flat[begin:min(main, begin + piece)])
+    if main < n:  # the last elements, padded to one vectorised step
+        last = torch.zeros(step, dtype=x.dtype)
+        last[:n - main] = flat[main:]
+        out_flat[main:] = last.sigmoid()[:n - main]
+    _, height, width = shape
+    band, cols = x.shape[1], x.shape[2]
+    threads = max(1, min(torch.get_num_threads(), -(-total // _GRAIN)))
+    chunk = -(-total // threads)
+    for begin in range(0, total, chunk):
+        end = min(total, begin + chunk)
+        tail = torch.arange(end - (end - begin) % step, end)  # ATen's scalar loop (< step elements)
+        q, row, col = tail // (height * width), tail // width % height - start, tail % width
+        inside = (row >= 0) & (row < band) & (col < cols)
+        if bool(inside.any()):
+            q, row, col = q[inside], row[inside], col[inside]
+            out[q, row, col] = x[q, row, col].sigmoid()
+    return out
+
+
+_FUSED_RESIZE: list = []
+
+
+def _resize_model() -> bool | None:
+    """Whether this build's bilinear CPU kernel fuses its multiply-adds (True / False), or None
+    when neither model reproduces it; probed once on a random map."""
+    if not _FUSED_RESIZE:
+        g = torch.Generator().manual_seed(0)
+        found = None
+        for in_size, out_size in (((13, 17), (97, 131)), ((97, 131), (61, 200))):
+            x = torch.randn(5, *in_size, generator=g) * 4  # 5 maps: 3 take the channels-last kernel on 1 thread
+            ref = F.interpolate(x[None], size=out_size, mode="bilinear", align_corners=False)[0]
+            ok = [f for f in (True, False)
+                  if torch.equal(_resize_rows(x, 0, in_size, out_size, (0, out_size[0]), out_size[1], f), ref)]
+            found = ok[0] if ok and found in (None, ok[0]) else None
+            if found is None:
+                break
+        _FUSED_RESIZE.append(found)
+    return _FUSED_RESIZE[0]
+
+
+def _tileable(num_queries: int, num_classes: int, input_size: Size, logits_size: Size, image_size: Size,
+              output_size: Size) -> bool | None:
+    """The resize model (fused or not) when the tiled path reproduces the reference, else None."""
+    if torch.backends.cpu.get_cpu_capability() not in _VEC_STEP:
+        return None
+    if num_queries < _MIN_QUERIES or num_classes < _MIN_CLASSES:  # tiny GEMMs: BLAS kernels vary with N
+        return None
+    for src, dst in ((logits_size, input_size), (image_size, output_size)):
+        if tuple(src) != tuple(dst) and sum(dst) <= 128:  # ATen's channels-last kernel: not modelled
+            return None
+    return _resize_model()
+
+
+@torch.no_grad()
+def semantic_labels_tiled(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, image_size: Size,
+                          output_size: Size, input_size: Size | None = None,
+                          tile: int | None = None) -> tuple[Tensor, Tensor]:
+    """One image on the CPU: ``semantic_scores_reference(...).max(0)`` -> (score, labels) [H, W],
+    bit-identical, computed ``tile`` output rows at a time (default: about
+    ``SEMANTIC_TILE_BYTES`` of [K, band, W] scores), so the scores alive are O(K x tile x W), not
+    O(K x H x W). Falls back to the untiled reference where it cannot reproduce it exactly."""
+    input_size = check_input_size(pixel_embed, input_size)
+    logits_size = (int(pixel_embed.shape[-2]), int(pixel_embed.shape[-1]))
+    (ih, iw), (oh, ow) = image_size, output_size
+    num_classes = class_logits.shape[-1] - 1
+    whole = 4 * num_classes * max(input_size[0] * input_size[1], oh * ow) <= SEMANTIC_TILE_BYTES
+    fused = None
+    if class_logits.device.type == "cpu" and not (tile is None and whole):
+        fused = _tileable(mask_embed.shape[0], num_classes, input_size, logits_size, image_size, output_size)
+    if fused is None:
+        return semantic_scores_reference(class_logits, mask_embed, pixel_embed, image_size, output_size,
+                                         input_size).max(0)
+    if tile is None:
+        rows = SEMANTIC_TILE_BYTES // (4 * max(num_classes, 1) * max(iw, ow))
+        tile = max(1, (rows - 3) * oh // ih)
+    probs = class_logits.float().softmax(-1)[:, :-1]  # [Q, K]
+    logits = mask_logits_reference(mask_embed[None], pixel_embed[None])[0]  # [Q, h, w], small
+    num_queries = logits.shape[0]
+    total = num_queries * input_size[0] * input_size[1]  # the reference's sigmoid input
+    step = _VEC_STEP[torch.backends.cpu.get_cpu_capability()]
+    score = torch.empty(output_size, dtype=torch.float32)
+    labels = torch.empty(output_size, dtype=torch.int64)
+    for o0 in range(0, oh, tile):
+        o1 = min(oh, o0 + tile)
+        if (ih, iw) == (oh, ow):
+            r0, r1 = o0, o1
+        else:
+            i0, i1, _, _ = _linear_taps(ih, oh, o0, o1, fused)
+            r0, r1 = int(i0.min()), int(i1.max()) + 1  # input-size rows this tile reads
+        # At least _MIN_BAND_PIXELS per class in the class sum: a GEMM over very few pixels may
+        # take another BLAS kernel (another summation order) than the reference's.
+        want = -(-_MIN_BAND_PIXELS // iw)
+        if r1 - r0 < want:
+            r1 = min(ih, r0 + want)
+            r0 = max(0, r1 - want)
+        if logits_size == tuple(input_size):
+            up = logits[:, r0:r1, :iw]
+        else:
+            up = _resize_rows(logits, 0, logits_size, input_size, (r0, r1), iw, fused)  # [Q, band, iw]
+        masks = _sigmoid_as_in(up, r0, (num_queries, *input_size), total, step)
+        scores = torch.einsum("qk,qhw->khw", probs, masks)  # [K, band, iw]
+        del up, masks
+        if (ih, iw) != (oh, ow):
+            scores = _resize_rows(scores, r0, (ih, iw), (oh, ow), (o0, o1), ow, fused)
+        else:
+            scores = scores[:, o0 - r0:o1 - r0]
+        score[o0:o1], labels[o0:o1] = scores.max(0)
+        del scores
+    return score, labels
+
+
 def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
                        return_score: bool = False, input_size: Size | None = None,
@@ -122,10 +311,11 @@ def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
         return _split_images(labels, score if return_score else None, output_sizes)
     results = []
     for b in range(class_logits.shape[0]):
-        scores = semantic_scores_reference(class_logits[b], mask_embed[b], pixel_embed[b],
-                                           image_sizes[b], output_sizes[b], input_size)
-        score, labels = scores.max(0)
+        # Tiled over output rows: no image's [K, H, W] scores are ever alive (on the CPU).
+        score, labels = semantic_labels_tiled(class_logits[b], mask_embed[b], pixel_embed[b], image_sizes[b],
+                                              output_sizes[b], input_size)
         results.append((labels, score) if return_score else labels)
+        del score, labels
     return results
 
 
