@@ -236,24 +236,25 @@ def test_matching_cost_gpu_fast_precisions(precision):
 
 def test_matcher_precision_reaches_the_kernel(monkeypatch):
     """``HungarianMatcher(precision=X)`` and ``build_matcher`` with ``matching_precision=X`` hand X
-    to ``ops.matching_cost_padded`` (spied where losses/matcher.py looks it up), and the costs
+    to ``ops.matching_cost_packed`` (spied where losses/matcher.py looks it up), and the costs
     the matcher solved differ numerically between "ieee" (= the fp32 reference) and "tf32"."""
     from fastmaskformer.config import LossConfig
     from fastmaskformer.losses import matcher as matcher_module
 
-    real = ops.matching_cost_padded
+    real = ops.matching_cost_packed
     calls = []
 
     def spy(*args, **kwargs):
-        names = ("class_logits", "mask_embed", "pixel_embed", "targets", "weights", "input_size", "precision")
+        names = ("class_logits", "mask_embed", "pixel_embed", "seg_maps", "labels", "num_segments", "weights",
+                 "precision")
         bound = dict(zip(names, args), **kwargs)
-        costs, sizes = real(*args, **kwargs)
+        costs = real(*args, **kwargs)
         calls.append((bound.get("precision"), bound.get("impl"), costs))
-        return costs, sizes
+        return costs
 
-    monkeypatch.setattr(matcher_module.ops, "matching_cost_padded", spy)
+    monkeypatch.setattr(matcher_module.ops, "matching_cost_packed", spy)
     cl, me, pe, targets = make_problem(1, 2, 20, 32, 9, (16, 20), (64, 80), [6])
-    ref, _ = real(cl, me, pe, targets, (1.0, 20.0, 1.0), (64, 80), impl="torch")
+    ref, _ = ops.matching_cost_padded(cl, me, pe, targets, (1.0, 20.0, 1.0), (64, 80), impl="torch")
     costs = {}
     for precision in ("ieee", "tf32", "tf32x3"):
         for matcher in (HungarianMatcher(impl="triton", precision=precision),
