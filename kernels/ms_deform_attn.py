@@ -43,9 +43,11 @@ from .common import autotune_configs, launch, triton_operator
 # Fixed-point headroom: partial sums stay below 2^FIXED_POINT_BITS <= 2^61 < 2^63.
 FIXED_POINT_BITS = 61
 # The backward kernel issues integer atomics, which the autotuner's repeated benchmark runs would
-# add up more than once; it runs with one config (BLOCK_Q, num_warps) instead.
-BACKWARD_CONFIG_GPU = dict(BLOCK_Q=32, num_warps=4)
-BACKWARD_CONFIG_INTERPRETER = dict(BLOCK_Q=128, num_warps=4)
+# add up more than once; it runs with one config instead: BACKWARD_TILE = BLOCK_Q * BLOCK_D
+# elements per program on 4 warps (4 per thread: the 4 taps' pointers, values and 64-bit
+# contributions stay in registers), the whole query range per (image, head) under the interpreter.
+BACKWARD_TILE_GPU = 512
+BACKWARD_TILE_INTERPRETER = 8192
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -89,8 +91,7 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 # ---------------------------------------------------------------------------- kernels
 @triton.autotune(
     configs=autotune_configs(
-        gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=32, num_warps=4), dict(BLOCK_Q=64, num_warps=4),
-             dict(BLOCK_Q=64, num_warps=8)],
+        gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=32, num_warps=4), dict(BLOCK_Q=64, num_warps=8)],
         interpreter=dict(BLOCK_Q=128)),
     key=["Lq", "H", "L", "P", "BLOCK_D"],
 )
@@ -161,21 +162,21 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
             r00, i00, r01, i01, r10, i10, r11, i11 = _tap_rows(x0, y0, h_l, w_l, start, qmask)
-            v00 = _load_tap(value_ptr, vbase, r00, i00, d, dmask, row_stride)
-            v01 = _load_tap(value_ptr, vbase, r01, i01, d, dmask, row_stride)
-            v10 = _load_tap(value_ptr, vbase, r10, i10, d, dmask, row_stride)
-            v11 = _load_tap(value_ptr, vbase, r11, i11, d, dmask, row_stride)
+            # Per tap, only <g, v_tap> [BLOCK_Q] is kept (one [BLOCK_Q, D] tile live at a time):
+            # d(out)/d(a) = sum_tap w_tap <g, v_tap>, and the fraction derivatives are
+            # differences of the same dot products.
+            s00 = tl.sum(g * _load_tap(value_ptr, vbase, r00, i00, d, dmask, row_stride), axis=1)
+            s01 = tl.sum(g * _load_tap(value_ptr, vbase, r01, i01, d, dmask, row_stride), axis=1)
+            s10 = tl.sum(g * _load_tap(value_ptr, vbase, r10, i10, d, dmask, row_stride), axis=1)
+            s11 = tl.sum(g * _load_tap(value_ptr, vbase, r11, i11, d, dmask, row_stride), axis=1)
             gx = 1.0 - fx
             gy = 1.0 - fy
-            # d(out)/d(a) = <g, sample>; d(sample)/d(fx), d(sample)/d(fy) per channel.
-            sample = (gy * gx)[:, None] * v00 + (gy * fx)[:, None] * v01 + (fy * gx)[:, None] * v10 \
-                + (fy * fx)[:, None] * v11
-            dfx = gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)
-            dfy = gx[:, None] * (v10 - v00) + fx[:, None] * (v11 - v01)
-            tl.store(grad_attn_ptr + off, tl.sum(g * sample, axis=1), mask=qmask)
+            tl.store(grad_attn_ptr + off, gy * (gx * s00 + fx * s01) + fy * (gx * s10 + fx * s11), mask=qmask)
             # x_pix = x * w_l - 0.5: d/dx = w_l * d/dx_pix.
-            tl.store(grad_loc_ptr + 2 * off, a * w_l.to(tl.float32) * tl.sum(g * dfx, axis=1), mask=qmask)
-            tl.store(grad_loc_ptr + 2 * off + 1, a * h_l.to(tl.float32) * tl.sum(g * dfy, axis=1), mask=qmask)
+            dfx = gy * (s01 - s00) + fy * (s11 - s10)
+            dfy = gx * (s10 - s00) + fx * (s11 - s01)
+            tl.store(grad_loc_ptr + 2 * off, a * w_l.to(tl.float32) * dfx, mask=qmask)
+            tl.store(grad_loc_ptr + 2 * off + 1, a * h_l.to(tl.float32) * dfy, mask=qmask)
             _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride, a * gy * gx, g, scale)
             _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride, a * gy * fx, g, scale)
             _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride, a * fy * gx, g, scale)
@@ -237,11 +238,12 @@ def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial
     grad_attn = torch.empty_like(attention_weights)
     scale, inv_scale, finite = fixed_point_scale(grad_out, attention_weights)
     starts = _level_starts(spatial_shapes)
-    cfg = dict(BACKWARD_CONFIG_INTERPRETER if interpreter_enabled() else BACKWARD_CONFIG_GPU)
-    block_q = cfg.pop("BLOCK_Q")
+    block_d = triton.next_power_of_2(d)
+    tile = BACKWARD_TILE_INTERPRETER if interpreter_enabled() else BACKWARD_TILE_GPU
+    block_q = max(1, tile // block_d)
     launch(_ms_deform_attn_bwd_kernel, (triton.cdiv(lq, block_q), nh, b), value, spatial_shapes, starts,
            sampling_locations, attention_weights, grad_out, scale, acc, grad_loc, grad_attn,
-           s, lq, nh, d, nl, npt, BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=block_q, **cfg)
+           s, lq, nh, d, nl, npt, BLOCK_D=block_d, BLOCK_Q=block_q, num_warps=4, num_stages=1)
     grad_value = acc.to(torch.float32) * inv_scale
     grad_value = torch.where(finite, grad_value, float("nan")).to(value.dtype)
     return grad_value, grad_loc, grad_attn
