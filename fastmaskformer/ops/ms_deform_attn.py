@@ -74,6 +74,27 @@ def ms_deform_attn_plain(value: Tensor, spatial_shapes: Tensor, sampling_locatio
     return out.permute(0, 2, 1, 3).reshape(b, lq, nh * d).to(value.dtype)
 
 
+def ms_deform_attn_grid_sample(value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor,
+                               attention_weights: Tensor) -> Tensor:
+    """The official formulation (``ms_deform_attn_core_pytorch``): one ``F.grid_sample`` per level
+    on ``[B*H, D, h, w]`` maps, then the weighted sum over the stacked ``[B*H, D, Lq, L*P]``
+    samples. ``shapes``: the levels' (h, w) as Python ints. The benchmarks' eager baseline."""
+    import torch.nn.functional as F
+
+    b, _, nh, d = value.shape
+    _, lq, _, nl, npt, _ = sampling_locations.shape
+    levels = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    samples = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = levels[lvl].flatten(2).transpose(1, 2).reshape(b * nh, d, h, w)
+        grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (b*h, lq, p, 2)
+        samples.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(b * nh, 1, lq, nl * npt)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # (b*h, d, lq)
+    return out.view(b, nh * d, lq).transpose(1, 2).contiguous()
+
+
 @torch.library.custom_op("fastmaskformer::ms_deform_attn_reference", mutates_args=())
 def _reference_op(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                   attention_weights: Tensor) -> Tensor:
