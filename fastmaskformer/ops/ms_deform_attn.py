@@ -193,7 +193,10 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
         if bad:
             raise TypeError(f"{OP}: impl='triton' takes float32, float16 or bfloat16, got {bad[0]}; "
                             "use impl='torch' for float64")
-        kernel = load_kernel("ms_deform_attn", OP)
+        if torch.compiler.is_compiling():  # dynamo traces an import statement, not importlib
+            from fastmaskformer.kernels import ms_deform_attn as kernel
+        else:
+            kernel = load_kernel("ms_deform_attn", OP)
         return kernel.ms_deform_attn(value.contiguous(), shapes.contiguous(), sampling_locations.contiguous(),
                                      attention_weights.contiguous())
     return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
