@@ -10,7 +10,7 @@ map reads zero.
 Layouts (all contiguous): value [B, S, H, D] (levels flattened row-major, level l starting at row
 ``start_l``), sampling_locations [B, Lq, H, L, P, 2], attention_weights [B, Lq, H, L, P],
 out / grad_out [B, Lq, H*D]. One program handles BLOCK_Q queries of one (image, head) and all D
-channels of the head (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values); it loops
+channels of the head (programs ordered head-fastest) (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values); it loops
 over levels and points. Loads of any float dtype are upcast: all arithmetic is float32.
 
 Backward (one kernel, same tiling):
@@ -98,9 +98,12 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 @triton.jit
 def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                                S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid_q = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # Heads vary fastest over the programs: the programs of one query block run together and
+    # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
+    pid = tl.program_id(0)
+    h = pid % H
+    pid_q = pid // H
+    b = tl.program_id(1).to(tl.int64)
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = q < Lq
     d = tl.arange(0, BLOCK_D)
@@ -141,9 +144,12 @@ def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, sca
 def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                                scale_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
                                S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid_q = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # Heads vary fastest over the programs: the programs of one query block run together and
+    # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
+    pid = tl.program_id(0)
+    h = pid % H
+    pid_q = pid // H
+    b = tl.program_id(1).to(tl.int64)
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = q < Lq
     d = tl.arange(0, BLOCK_D)
@@ -205,7 +211,7 @@ def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
     starts = _level_starts(spatial_shapes)
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_Q"]), nh, b)
+        return (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b)
 
     launch(_ms_deform_attn_fwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
            out, s, lq, nh, d, nl, npt, BLOCK_D=triton.next_power_of_2(d))
@@ -241,7 +247,7 @@ def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial
     block_d = triton.next_power_of_2(d)
     tile = BACKWARD_TILE_INTERPRETER if interpreter_enabled() else BACKWARD_TILE_GPU
     block_q = max(1, tile // block_d)
-    launch(_ms_deform_attn_bwd_kernel, (triton.cdiv(lq, block_q), nh, b), value, spatial_shapes, starts,
+    launch(_ms_deform_attn_bwd_kernel, (triton.cdiv(lq, block_q) * nh, b), value, spatial_shapes, starts,
            sampling_locations, attention_weights, grad_out, scale, acc, grad_loc, grad_attn,
            s, lq, nh, d, nl, npt, BLOCK_D=block_d, BLOCK_Q=block_q, num_warps=4, num_stages=1)
     grad_value = acc.to(torch.float32) * inv_scale
