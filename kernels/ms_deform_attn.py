@@ -44,9 +44,10 @@ from .common import autotune_configs, launch, triton_operator
 FIXED_POINT_BITS = 61
 # The backward kernel issues integer atomics, which the autotuner's repeated benchmark runs would
 # add up more than once; it runs with one config instead: BACKWARD_TILE = BLOCK_Q * BLOCK_D
-# elements per program on 4 warps (4 per thread: the 4 taps' pointers, values and 64-bit
-# contributions stay in registers), the whole query range per (image, head) under the interpreter.
-BACKWARD_TILE_GPU = 512
+# elements per program on 4 warps (2 per thread: ~80 registers, 38% occupancy on sm_90 / sm_80 for
+# this gather/atomic-latency-bound loop; 4 per thread need ~140, 8 per thread ~240), the whole
+# query range per (image, head) under the interpreter.
+BACKWARD_TILE_GPU = 256
 BACKWARD_TILE_INTERPRETER = 8192
 
 
