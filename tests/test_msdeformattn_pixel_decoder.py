@@ -105,3 +105,33 @@ def test_maskformer_with_msdeformattn_decoder_runs_and_trains():
     (out.class_logits.sum() + out.mask_embed.sum() + out.pixel_embed.sum()).backward()
     grad = model.pixel_decoder.encoder[0].self_attn.sampling_offsets.weight.grad
     assert grad is not None and torch.isfinite(grad).all()
+
+
+def test_msdeformattn_module_padding_mask_and_box_references():
+    """The official module's extras: a padding mask zeroes the masked values; 4-d (box)
+    reference points place the points at offsets / n_points * half the box size."""
+    from fastmaskformer.modeling.msdeformattn import MSDeformAttn
+    from fastmaskformer.ops import ms_deform_attn
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    value = torch.randn(2, 16, 16)
+    query = torch.randn(2, 5, 16)
+    mask = torch.rand(2, 16) < 0.3
+    ref2 = torch.rand(2, 5, 2, 2)
+    with torch.no_grad():
+        masked = attn(query, ref2, value, shapes, None, mask)
+        v = attn.value_proj(value).masked_fill(mask[..., None], 0.0).view(2, 16, 2, 8)
+        off = attn.sampling_offsets(query).view(2, 5, 2, 2, 3, 2)
+        w = attn.attention_weights(query).view(2, 5, 2, 6).softmax(-1).view(2, 5, 2, 2, 3)
+        loc = ref2[:, :, None, :, None, :] + off / torch.tensor([[4.0, 3.0], [2.0, 2.0]])[None, None, None, :, None]
+        torch.testing.assert_close(masked, attn.output_proj(ms_deform_attn(v, shapes, loc, w)))
+        boxes = torch.cat([ref2, torch.rand(2, 5, 2, 2) * 0.5], -1)
+        got = attn(query, boxes, value, shapes)
+        v = attn.value_proj(value).view(2, 16, 2, 8)
+        loc = boxes[:, :, None, :, None, :2] + off / 3 * boxes[:, :, None, :, None, 2:] * 0.5
+        torch.testing.assert_close(got, attn.output_proj(ms_deform_attn(v, shapes, loc, w)))

@@ -63,19 +63,31 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.zeros_(proj.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor) -> Tensor:
-        """query [B,Lq,C], reference_points [B,Lq,L,2] (normalised x, y), value [B,S,C] (levels
-        flattened), spatial_shapes int64 [L,2] -> [B,Lq,C]."""
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
+        """The official module's call: query [B,Lq,C], reference_points [B,Lq,L,2] (normalised x,
+        y) or [B,Lq,L,4] (boxes cx, cy, w, h: offsets scaled by half the box / n_points), value
+        [B,S,C] (levels flattened), spatial_shapes int64 [L,2], level_start_index (unused: derived
+        from spatial_shapes), padding_mask bool [B,S] (True = padding, its values are zeroed)
+        -> [B,Lq,C]."""
         b, lq, _ = query.shape
         s = value.shape[1]
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        v = self.value_proj(value).view(b, s, heads, self.d_model // heads)
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = v.view(b, s, heads, self.d_model // heads)
         offsets = self.sampling_offsets(query).view(b, lq, heads, levels, points, 2)
         weights = self.attention_weights(query).view(b, lq, heads, levels * points).softmax(-1)
         weights = weights.view(b, lq, heads, levels, points)
-        # Offsets are in pixels of each level: divide by (w, h).
-        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        ref = reference_points[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 2:  # offsets in pixels of each level: divide by (w, h)
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"MSDeformAttn: reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
         from ..ops import ms_deform_attn  # the op package loads triton lazily
 
         out = ms_deform_attn(v, spatial_shapes, locations, weights, impl=self.impl)
