@@ -94,11 +94,12 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
     configs=autotune_configs(
         gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=32, num_warps=4), dict(BLOCK_Q=64, num_warps=8)],
         interpreter=dict(BLOCK_Q=128)),
-    key=["Lq", "H", "L", "P", "BLOCK_D"],
+    # Lq rounded up to a power of two: variable image sizes (COCO) do not re-tune at every size.
+    key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
 )
 @triton.jit
 def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-                               S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+                               S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
     # Heads vary fastest over the programs: the programs of one query block run together and
     # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
     pid = tl.program_id(0)
@@ -215,7 +216,7 @@ def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
         return (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b)
 
     launch(_ms_deform_attn_fwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
-           out, s, lq, nh, d, nl, npt, BLOCK_D=triton.next_power_of_2(d))
+           out, s, lq, nh, d, nl, npt, triton.next_power_of_2(lq), BLOCK_D=triton.next_power_of_2(d))
     return out
 
 
