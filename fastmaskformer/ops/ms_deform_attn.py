@@ -200,3 +200,15 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
         return kernel.ms_deform_attn(value.contiguous(), shapes.contiguous(), sampling_locations.contiguous(),
                                      attention_weights.contiguous())
     return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+
+
+class MSDeformAttnFunction:
+    """Drop-in for the official extension's autograd Function (``ops/functions/ms_deform_attn_func.py``
+    of Deformable DETR / Mask2Former): ``MSDeformAttnFunction.apply(value, value_spatial_shapes,
+    value_level_start_index, sampling_locations, attention_weights, im2col_step)``. The level
+    starts are derived from the shapes and there is no im2col step, so both are ignored."""
+
+    @staticmethod
+    def apply(value: Tensor, value_spatial_shapes: Tensor, value_level_start_index: Tensor | None,
+              sampling_locations: Tensor, attention_weights: Tensor, im2col_step: int = 64) -> Tensor:
+        return ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights)
