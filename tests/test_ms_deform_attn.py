@@ -225,3 +225,18 @@ def test_official_function_drop_in():
     value, ss, loc, attn = make_inputs(lq=4, shapes=[(3, 2), (1, 1)])
     torch.testing.assert_close(MSDeformAttnFunction.apply(value, ss, level_start_index(ss), loc, attn, 64),
                                ms_deform_attn(value, ss, loc, attn), atol=0, rtol=0)
+
+
+def test_fixed_point_worst_case_all_samples_on_one_row():
+    """Every sample lands with weight 1 on the single pixel of a 1x1 level and every gradient is
+    the largest: the value gradient's sum reaches the bound the fixed-point scale is built from."""
+    b, lq, nh, d, npt = 1, 64, 2, 8, 4
+    ss = torch.tensor([[1, 1]])
+    value = torch.randn(b, 1, nh, d)
+    loc = torch.full((b, lq, nh, 1, npt, 2), 0.5)  # the pixel centre: one tap, weight 1
+    attn = torch.full((b, lq, nh, 1, npt), 1.0 / npt)
+    grad = torch.full((b, lq, nh * d), -3.0e5)
+    got = run("triton", value, ss, loc, attn, grad)[1]
+    want = fp64_truth(value, ss, loc, attn, grad)[1]
+    torch.testing.assert_close(got.double(), want, atol=0, rtol=1e-6)
+    assert torch.isfinite(got).all()
