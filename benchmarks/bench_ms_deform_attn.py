@@ -16,6 +16,8 @@ Providers, side by side in one process on the same inputs:
 - ``compile``: ``torch.compile`` of it;
 - ``fused``: ``ops.ms_deform_attn(impl="triton")`` (CUDA; fp32 and bf16 inputs with fp32
   locations, as under autocast). On a CPU, ``reference`` (``impl="torch"``) stands in.
+- ``fused-float-atomics``: the same kernels with the value gradient summed by float32 atomics
+  (not deterministic; not offered by the op): the price of the deterministic default.
 Phases ``fwd`` (no grad) and ``fwd+bwd`` (gradients of value, locations and weights). Reported:
 median ms (``triton.testing.do_bench`` on CUDA; CPU: round-robin perf_counter), peak memory above
 the inputs (CUDA), speed-up and memory ratio vs eager, the error vs eager, and the roofline
@@ -55,6 +57,27 @@ def make_inputs(batch: int, size: int, device, dtype=torch.float32, loc_dtype=to
             loc.to(device, loc_dtype), weights.view(batch, tokens, HEADS, LEVELS, POINTS).to(device, loc_dtype))
 
 
+class _FloatAtomics(torch.autograd.Function):
+    """The fused forward with the non-deterministic float32-atomic value gradient (the official
+    extension's scheme; not offered by the op): what the deterministic default costs."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, loc, weights):
+        from fastmaskformer.kernels import ms_deform_attn as kernel
+
+        ctx.save_for_backward(value, spatial_shapes, loc, weights)
+        return kernel.ms_deform_attn_forward(value, spatial_shapes, loc, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from fastmaskformer.kernels import ms_deform_attn as kernel
+
+        value, spatial_shapes, loc, weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_weights = kernel.ms_deform_attn_backward_float_atomics(
+            grad, value, spatial_shapes, loc, weights)
+        return grad_value, None, grad_loc, grad_weights
+
+
 def providers(device) -> dict:
     """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D]."""
     def eager(v, shapes, _ss, loc, w):
@@ -63,6 +86,7 @@ def providers(device) -> dict:
     out = {"eager": eager, "compile": torch.compile(eager)}
     if torch.device(device).type == "cuda":
         out["fused"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton")
+        out["fused-float-atomics"] = lambda v, _shapes, ss, loc, w: _FloatAtomics.apply(v, ss, loc, w)
     else:
         out["reference (CPU stand-in for fused)"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(
             v, ss, loc, w, impl="torch")

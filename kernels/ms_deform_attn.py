@@ -134,18 +134,23 @@ def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
 
 
 @triton.jit
-def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, scale):
+def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, scale, FIXED_POINT: tl.constexpr):
     """Adds ``coef * g`` [BLOCK_Q, BLOCK_D] to the value-gradient rows ``row`` in 64-bit fixed
-    point (integer atomics: the sum does not depend on the order)."""
-    fixed = (coef[:, None] * g * scale).to(tl.int64)
+    point (integer atomics: the sum does not depend on the order). Without FIXED_POINT (the
+    benchmark's comparison only): float32 atomics, the official extension's non-deterministic way."""
     ptrs = acc_ptr + vbase + (row.to(tl.int64) * row_stride)[:, None] + d[None, :]
-    tl.atomic_add(ptrs, fixed, mask=inside[:, None] & dmask[None, :], sem="relaxed")
+    if FIXED_POINT:
+        tl.atomic_add(ptrs, (coef[:, None] * g * scale).to(tl.int64), mask=inside[:, None] & dmask[None, :],
+                      sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, coef[:, None] * g, mask=inside[:, None] & dmask[None, :], sem="relaxed")
 
 
 @triton.jit
 def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                                scale_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
-                               S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+                               S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                               FIXED_POINT: tl.constexpr):
     # Heads vary fastest over the programs: the programs of one query block run together and
     # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
     pid = tl.program_id(0)
@@ -185,10 +190,14 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
             dfy = gx * (s10 - s00) + fx * (s11 - s01)
             tl.store(grad_loc_ptr + 2 * off, a * w_l.to(tl.float32) * dfx, mask=qmask)
             tl.store(grad_loc_ptr + 2 * off + 1, a * h_l.to(tl.float32) * dfy, mask=qmask)
-            _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride, a * gy * gx, g, scale)
-            _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride, a * gy * fx, g, scale)
-            _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride, a * fy * gx, g, scale)
-            _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride, a * fy * fx, g, scale)
+            _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride,
+                         a * gy * gx, g, scale, FIXED_POINT)
+            _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride,
+                         a * gy * fx, g, scale, FIXED_POINT)
+            _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride,
+                         a * fy * gx, g, scale, FIXED_POINT)
+            _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
+                         a * fy * fx, g, scale, FIXED_POINT)
 
 
 # ---------------------------------------------------------------------------- operators
@@ -233,15 +242,10 @@ def fixed_point_scale(grad_out: torch.Tensor, attention_weights: torch.Tensor):
     return scale, torch.exp2(-exponent).reshape(1), finite
 
 
-@triton_operator("ms_deform_attn_backward")
-def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
-                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (value, sampling_locations, attention_weights) for grad_out [B,Lq,H*D], each in its
-    input's dtype; deterministic (module docstring)."""
+def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, fixed_point: bool):
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     grad_out = grad_out.contiguous()
-    acc = torch.zeros(b, s, nh, d, dtype=torch.int64, device=value.device)
+    acc = torch.zeros(b, s, nh, d, dtype=torch.int64 if fixed_point else torch.float32, device=value.device)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
     scale, inv_scale, finite = fixed_point_scale(grad_out, attention_weights)
@@ -251,10 +255,29 @@ def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial
     block_q = max(1, tile // block_d)
     launch(_ms_deform_attn_bwd_kernel, (triton.cdiv(lq, block_q) * nh, b), value, spatial_shapes, starts,
            sampling_locations, attention_weights, grad_out, scale, acc, grad_loc, grad_attn,
-           s, lq, nh, d, nl, npt, BLOCK_D=block_d, BLOCK_Q=block_q, num_warps=4, num_stages=1)
+           s, lq, nh, d, nl, npt, BLOCK_D=block_d, BLOCK_Q=block_q, FIXED_POINT=fixed_point, num_warps=4,
+           num_stages=1)
+    if not fixed_point:
+        return acc.to(value.dtype), grad_loc, grad_attn
     grad_value = acc.to(torch.float32) * inv_scale
     grad_value = torch.where(finite, grad_value, float("nan")).to(value.dtype)
     return grad_value, grad_loc, grad_attn
+
+
+@triton_operator("ms_deform_attn_backward")
+def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (value, sampling_locations, attention_weights) for grad_out [B,Lq,H*D], each in its
+    input's dtype; deterministic (module docstring)."""
+    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, True)
+
+
+def ms_deform_attn_backward_float_atomics(grad_out, value, spatial_shapes, sampling_locations, attention_weights):
+    """The same gradients with the value gradient summed by float32 atomics, as the official
+    extension does: NOT deterministic, and not exposed by the op. It exists so that the benchmark
+    can measure what determinism costs (an opt-in would only be offered if measurably faster)."""
+    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, False)
 
 
 def _setup_context(ctx, inputs, output):
