@@ -127,7 +127,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="512x512 fp32 only")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    p.add_argument("--json", default=None, help="output JSON (default benchmarks/results/<device>-ms-deform-attn-<date>.json)")
+    p.add_argument("--json", default=None,
+                   help="output JSON (default benchmarks/results/<device>-ms-deform-attn-<date>.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

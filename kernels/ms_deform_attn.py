@@ -10,8 +10,9 @@ map reads zero.
 Layouts (all contiguous): value [B, S, H, D] (levels flattened row-major, level l starting at row
 ``start_l``), sampling_locations [B, Lq, H, L, P, 2], attention_weights [B, Lq, H, L, P],
 out / grad_out [B, Lq, H*D]. One program handles BLOCK_Q queries of one (image, head) and all D
-channels of the head (programs ordered head-fastest) (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values); it loops
-over levels and points. Loads of any float dtype are upcast: all arithmetic is float32.
+channels of the head (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values; programs
+ordered head-fastest); it loops over levels and points. Loads of any float dtype are upcast: all
+arithmetic is float32.
 
 Backward (one kernel, same tiling):
 - attention-weight and location gradients are reductions over D inside the program (gather
@@ -23,14 +24,15 @@ Backward (one kernel, same tiling):
   bit-identical gradients. The fixed-point scale is a power of two chosen on the device (no host
   sync) from ``bound = max|grad_out| * max_(b,h) sum_(q,l,p) |a|``, which bounds every partial sum
   of a value gradient, as ``2^61 / bound`` rounded down to a power of two: no overflow, and the
-  resolution is ``2^-61 * bound`` - each contribution keeps its full float32 precision down to
-  ~2^-49 of the largest |grad_out| (Lq = 5376 queries of softmax weights), and the sums are
-  exact; the result is finer than float32 accumulation. A non-finite grad_out makes the value
+  resolution is at most ``2^-60 * bound`` - each contribution keeps its full float32 precision
+  down to ~2^-47 of the largest |grad_out| (Lq = 5376 queries of softmax weights), and the sums
+  are exact; the result is finer than float32 accumulation. A non-finite grad_out makes the value
   gradient NaN (everywhere), as an overflowing float sum would.
   Memory: the int64 accumulator is [B, S, H, D] (twice a float32 value gradient; 176 MB at the
   Mask2Former pixel-decoder size B=16, 512x512), freed when the float gradient is formed.
-  There is no float-atomic option: it would issue the same number of atomics (half the bytes)
-  and give up reproducibility.
+  The op offers no float-atomic mode (the same number of atomics at half the width, not
+  reproducible); ``ms_deform_attn_backward_float_atomics`` exists for the benchmark to price
+  determinism.
 """
 import torch
 import triton

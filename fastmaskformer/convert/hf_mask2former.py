@@ -55,7 +55,8 @@ def pixel_decoder_state_from_hf(hf_state: Mapping[str, Tensor], prefix: str = ""
         else:
             unknown.append(key)
     if unknown:
-        raise KeyError(f"Mask2Former pixel decoder: no mapping for {unknown[:8]}" + (" ..." if len(unknown) > 8 else ""))
+        more = " ..." if len(unknown) > 8 else ""
+        raise KeyError(f"Mask2Former pixel decoder: no mapping for {unknown[:8]}{more}")
     return out
 
 
