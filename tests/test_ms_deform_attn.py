@@ -252,3 +252,24 @@ def test_float_atomic_backward_agrees():
     got = kernel.ms_deform_attn_backward_float_atomics(grad, value, ss, loc, attn)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_value_gradient_independent_of_summation_order():
+    """What makes the GPU backward deterministic: the fixed-point value gradient does not depend
+    on the order the contributions arrive in. Permuting the queries reorders every value row's
+    sum (the interpreter runs the atomics in query order); the result stays bit-identical."""
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    value, ss, loc, attn = make_inputs(lq=48, shapes=[(2, 3), (1, 1)], seed=11, borders=False)
+    grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    perm = torch.randperm(loc.shape[1], generator=torch.Generator().manual_seed(0))
+    first = kernel.ms_deform_attn_backward(grad, value, ss, loc, attn)
+    second = kernel.ms_deform_attn_backward(grad[:, perm].contiguous(), value, ss, loc[:, perm].contiguous(),
+                                            attn[:, perm].contiguous())
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1][:, perm], second[1]) and torch.equal(first[2][:, perm], second[2])
+    # The float-atomic variant (the official extension's scheme) sums in arrival order: it differs.
+    floats = [kernel.ms_deform_attn_backward_float_atomics(g, value, ss, lo, a)[0]
+              for g, lo, a in ((grad, loc, attn), (grad[:, perm].contiguous(), loc[:, perm].contiguous(),
+                                                    attn[:, perm].contiguous()))]
+    assert not torch.equal(floats[0], floats[1])
