@@ -38,19 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmaskformer.shared import interpreter_enabled
-
 from .common import autotune_configs, launch, triton_operator
 
 # Fixed-point headroom: partial sums stay below 2^FIXED_POINT_BITS <= 2^61 < 2^63.
 FIXED_POINT_BITS = 61
-# The backward kernel issues integer atomics, which the autotuner's repeated benchmark runs would
-# add up more than once; it runs with one config instead: BACKWARD_TILE = BLOCK_Q * BLOCK_D
-# elements per program on 4 warps (2 per thread: ~80 registers, 38% occupancy on sm_90 / sm_80 for
-# this gather/atomic-latency-bound loop; 4 per thread need ~140, 8 per thread ~240), the whole
-# query range per (image, head) under the interpreter.
-BACKWARD_TILE_GPU = 256
-BACKWARD_TILE_INTERPRETER = 8192
+# The backward kernel issues atomics, which an autotuner's benchmark runs would add up more than
+# once: it has ONE config (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
+# elements per program on 4 warps: 2 per thread, ~80 registers, 38% occupancy on sm_90 / sm_80 for
+# this gather/atomic-latency-bound loop (4 per thread need ~140 registers, 8 ~240); the whole query
+# range per (image, head) under the interpreter.
+BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, num_warps=4)], interpreter=dict(TILE=8192))
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -148,11 +145,13 @@ def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, sca
         tl.atomic_add(ptrs, coef[:, None] * g, mask=inside[:, None] & dmask[None, :], sem="relaxed")
 
 
+@triton.autotune(configs=autotune_configs(**BACKWARD_CONFIG), key=["BLOCK_D"])
 @triton.jit
 def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                                scale_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
-                               S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                               FIXED_POINT: tl.constexpr):
+                               S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
+                               TILE: tl.constexpr):
+    BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
     # Heads vary fastest over the programs: the programs of one query block run together and
     # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
     pid = tl.program_id(0)
@@ -253,12 +252,12 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
     scale, inv_scale, finite = fixed_point_scale(grad_out, attention_weights)
     starts = _level_starts(spatial_shapes)
     block_d = triton.next_power_of_2(d)
-    tile = BACKWARD_TILE_INTERPRETER if interpreter_enabled() else BACKWARD_TILE_GPU
-    block_q = max(1, tile // block_d)
-    launch(_ms_deform_attn_bwd_kernel, (triton.cdiv(lq, block_q) * nh, b), value, spatial_shapes, starts,
-           sampling_locations, attention_weights, grad_out, scale, acc, grad_loc, grad_attn,
-           s, lq, nh, d, nl, npt, BLOCK_D=block_d, BLOCK_Q=block_q, FIXED_POINT=fixed_point, num_warps=4,
-           num_stages=1)
+
+    def grid(meta):
+        return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d)) * nh, b)
+
+    launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
+           grad_out, scale, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d, FIXED_POINT=fixed_point)
     if not fixed_point:
         return acc.to(value.dtype), grad_loc, grad_attn
     grad_value = acc.to(torch.float32) * inv_scale
