@@ -153,19 +153,23 @@ def test_auto_on_cpu_is_reference():
                                ms_deform_attn(value, ss, loc, attn, impl="torch"), atol=0, rtol=0)
 
 
-def test_opcheck_reference_op():
-    value, ss, loc, attn = make_inputs(b=1, lq=3, nh=2, d=4, npt=2, shapes=[(2, 3), (1, 1)], borders=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_reference_op(dtype):
+    value, ss, loc, attn = make_inputs(b=1, lq=3, nh=2, d=4, npt=2, shapes=[(2, 3), (1, 1)], borders=False,
+                                       dtype=dtype)
     args = (value.requires_grad_(), ss, loc.requires_grad_(), attn.requires_grad_())
     torch.library.opcheck(torch.ops.fastmaskformer.ms_deform_attn_reference.default, args)
 
 
-def test_opcheck_triton_ops():
+@pytest.mark.parametrize("dtype,loc_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)])
+def test_opcheck_triton_ops(dtype, loc_dtype):
     from fastmaskformer.kernels import ms_deform_attn as kernel
 
-    value, ss, loc, attn = make_inputs(b=1, lq=3, nh=2, d=8, npt=2, shapes=[(2, 3), (1, 1)], borders=False)
+    value, ss, loc, attn = make_inputs(b=1, lq=3, nh=2, d=8, npt=2, shapes=[(2, 3), (1, 1)], borders=False,
+                                       dtype=dtype, loc_dtype=loc_dtype)
     args = (value.requires_grad_(), ss, loc.requires_grad_(), attn.requires_grad_())
     torch.library.opcheck(torch.ops.fastmaskformer.ms_deform_attn_forward.default, args)
-    grad = torch.randn(1, 3, 16)
+    grad = torch.randn(1, 3, 16, dtype=dtype)
     torch.library.opcheck(torch.ops.fastmaskformer.ms_deform_attn_backward.default,
                           (grad, value.detach(), ss, loc.detach(), attn.detach()))
     assert kernel.ms_deform_attn_forward is not None
