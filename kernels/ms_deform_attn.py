@@ -91,7 +91,8 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 # ---------------------------------------------------------------------------- kernels
 @triton.autotune(
     configs=autotune_configs(
-        gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=32, num_warps=4), dict(BLOCK_Q=64, num_warps=8)],
+        gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=16, num_warps=4), dict(BLOCK_Q=32, num_warps=4),
+             dict(BLOCK_Q=64, num_warps=8)],
         interpreter=dict(BLOCK_Q=128)),
     # Lq rounded up to a power of two: variable image sizes (COCO) do not re-tune at every size.
     key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
