@@ -33,13 +33,15 @@ sys.path.insert(0, str(HERE))
 from common import RESULTS_DIR, markdown_table  # noqa: E402
 
 # Peak rates (dense), from the vendors' data sheets; SFU: 16 ops / clock / SM at the boost clock.
+# l2_gbps: L2 bandwidth for gathers that hit in cache and for L2 atomics (no data-sheet value:
+# the order of published microbenchmarks, ~1.6x HBM on H100, ~2x on A100).
 HARDWARE = {
     "H100": dict(name="H100 SXM", hbm_gbps=3350, fp32_tflops=67, tf32_tflops=495, bf16_tflops=989,
-                 sfu_tops=16 * 132 * 1.98e9 / 1e12),
+                 sfu_tops=16 * 132 * 1.98e9 / 1e12, l2_gbps=5500),
     "H200": dict(name="H200 SXM", hbm_gbps=4800, fp32_tflops=67, tf32_tflops=495, bf16_tflops=989,
-                 sfu_tops=16 * 132 * 1.98e9 / 1e12),
+                 sfu_tops=16 * 132 * 1.98e9 / 1e12, l2_gbps=5500),
     "A100": dict(name="A100 SXM", hbm_gbps=2039, fp32_tflops=19.5, tf32_tflops=156, bf16_tflops=312,
-                 sfu_tops=16 * 108 * 1.41e9 / 1e12),
+                 sfu_tops=16 * 108 * 1.41e9 / 1e12, l2_gbps=4000),
 }
 LAUNCH_US = 5.0
 TC_RATE = {"tf32": "tf32_tflops", "bf16": "bf16_tflops"}
@@ -53,20 +55,21 @@ class Work:
     tc_flops: dict = dataclasses.field(default_factory=dict)  # tensor cores, per input type
     sfu: float = 0.0  # exp / log / reciprocal
     kernels: int = 0
+    l2_bytes: float = 0.0  # traffic served by L2 (cached gathers, atomics), beside the DRAM bytes
 
     def add(self, other: "Work") -> "Work":
         tc = dict(self.tc_flops)
         for k, v in other.tc_flops.items():
             tc[k] = tc.get(k, 0.0) + v
         return Work(self.bytes + other.bytes, self.fp32_flops + other.fp32_flops, tc, self.sfu + other.sfu,
-                    self.kernels + other.kernels)
+                    self.kernels + other.kernels, self.l2_bytes + other.l2_bytes)
 
     def seconds(self, hw: dict) -> float:
         """Roofline lower bound of ONE kernel doing this work (plus its launches)."""
         compute = self.fp32_flops / (hw["fp32_tflops"] * 1e12) + sum(
             f / (hw[TC_RATE[k]] * 1e12) for k, f in self.tc_flops.items())
-        return max(self.bytes / (hw["hbm_gbps"] * 1e9), compute, self.sfu / (hw["sfu_tops"] * 1e12)) \
-            + self.kernels * LAUNCH_US * 1e-6
+        return max(self.bytes / (hw["hbm_gbps"] * 1e9), self.l2_bytes / (hw["l2_gbps"] * 1e9), compute,
+                   self.sfu / (hw["sfu_tops"] * 1e12)) + self.kernels * LAUNCH_US * 1e-6
 
 
 def dot_work(flops: float, precision: str) -> Work:
@@ -108,6 +111,16 @@ def _matmul_flops(name: str, args, out) -> float:
     return 0.0
 
 
+def _gather_bytes(name: str, args, outputs) -> float:
+    """L2 traffic of gathers the op's inputs + outputs do not show: bilinear ``grid_sample`` reads
+    4 taps per output element, and its backward reads 4 taps and adds into 4 (float atomics)."""
+    if name == "grid_sampler_2d" and outputs:
+        return 4.0 * outputs[0].numel() * outputs[0].element_size()
+    if name == "grid_sampler_2d_backward":
+        return 8.0 * args[0].numel() * args[0].element_size()
+    return 0.0
+
+
 class _Tracer(TorchDispatchMode):
     """Sums the Work of every aten op run inside it (one kernel per non-view op) and, per
     hardware, the ops' lower bounds (a sequence of kernels adds their bounds)."""
@@ -127,7 +140,7 @@ class _Tracer(TorchDispatchMode):
         elements = max([t.numel() for t in outputs + inputs] or [0])
         flops = _matmul_flops(name, args, outputs[0]) if outputs else 0.0
         op = Work(bytes=nbytes, fp32_flops=flops or float(elements), sfu=SFU_PER_ELEMENT.get(name, 0) * elements,
-                  kernels=1)
+                  kernels=1, l2_bytes=_gather_bytes(name, args, outputs))
         self.work = self.work.add(op)
         for tag, hw in HARDWARE.items():
             self.seconds[tag] += op.seconds(hw)
@@ -247,6 +260,56 @@ def fused_panoptic(kept: int) -> Work:
     return work.add(dot_work(2.0 * B * kept * C * hw, "ieee"))
 
 
+# Mask2Former pixel decoder, one deformable-attention call: B=16, levels at strides 32/16/8.
+DEFORM = dict(heads=8, dim=32, levels=3, points=4)
+
+
+def _deform_sizes(size: int):
+    shapes = [(size // s, size // s) for s in (32, 16, 8)]
+    tokens = sum(a * b for a, b in shapes)
+    return shapes, tokens, B * tokens * DEFORM["heads"] * DEFORM["levels"] * DEFORM["points"]
+
+
+def eager_ms_deform_attn(size: int, phase: str):
+    """The official formulation (grid_sample per level), traced on meta tensors, fp32."""
+    from fastmaskformer.ops.ms_deform_attn import ms_deform_attn_grid_sample
+
+    shapes, tokens, _ = _deform_sizes(size)
+    hd, nl, npt = DEFORM["heads"], DEFORM["levels"], DEFORM["points"]
+    grad = phase == "fwd+bwd"
+    value = torch.empty(B, tokens, hd, DEFORM["dim"], device="meta", requires_grad=grad)
+    loc = torch.empty(B, tokens, hd, nl, npt, 2, device="meta", requires_grad=grad)
+    attn = torch.empty(B, tokens, hd, nl, npt, device="meta", requires_grad=grad)
+
+    def run():
+        out = ms_deform_attn_grid_sample(value, shapes, loc, attn)
+        if grad:
+            out.backward(torch.empty_like(out))
+    return trace(run)
+
+
+def fused_ms_deform_attn(size: int, phase: str, official: bool = False) -> Work:
+    """kernels/ms_deform_attn.py (fp32). DRAM: every input and output once (the value maps,
+    88 MB at 512x512, are gathered through L2). L2: the 4 taps x D of every sample, and in the
+    backward the same count of 64-bit fixed-point atomics (``official``: the CUDA extension's
+    32-bit float atomics, no fixed-point passes)."""
+    _, tokens, samples = _deform_sizes(size)
+    d = DEFORM["dim"]
+    value = B * tokens * DEFORM["heads"] * d * 4
+    loc_attn = samples * 3 * 4
+    taps = samples * 4 * d
+    fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * 4 + loc_attn + value,
+               fp32_flops=samples * (10.0 * d + 40), kernels=1)
+    if phase == "fwd":
+        return fwd
+    acc = 4 if official else 8
+    # zero-init of the accumulator, the atomics' write-back, the float conversion pass
+    bwd = Work(bytes=value + value + 2 * loc_attn + 2 * value * acc // 4 + (0 if official else value * 3),
+               l2_bytes=taps * 4 + taps * acc + 2 * loc_attn + value,
+               fp32_flops=samples * (14.0 * d + 60), kernels=2 if official else 8)
+    return fwd.add(bwd)
+
+
 def problems():
     """(part, keys, fused Work, eager Work callable); keys match the benchmarks' row fields."""
     out = []
@@ -267,6 +330,10 @@ def problems():
             out.append(("semantic_inference", dict(batch=B, K=classes, precision=precision),
                         fused_semantic(classes, precision), eager))
     out.append(("panoptic_inference", dict(batch=B, kept=50), fused_panoptic(50), eager_panoptic(50)))
+    for size in (512, 1024):
+        for phase in ("fwd", "fwd+bwd"):
+            out.append(("ms_deform_attn", dict(batch=B, size=size, phase=phase), fused_ms_deform_attn(size, phase),
+                        eager_ms_deform_attn(size, phase)))
     return out
 
 
@@ -280,6 +347,10 @@ def rows() -> list[dict]:
             row[f"fused_ms_{tag}"] = fused.seconds(hw) * 1e3
             row[f"eager_ms_{tag}"] = eager_seconds[tag] * 1e3
             row[f"speedup_{tag}"] = row[f"eager_ms_{tag}"] / row[f"fused_ms_{tag}"]
+            if part == "ms_deform_attn":  # the official CUDA extension, modelled the same way
+                official = fused_ms_deform_attn(keys["size"], keys["phase"], official=True)
+                row[f"official_cuda_ms_{tag}"] = official.seconds(hw) * 1e3
+                row[f"vs_official_{tag}"] = row[f"official_cuda_ms_{tag}"] / row[f"fused_ms_{tag}"]
         result.append(row)
     return result
 
@@ -303,6 +374,7 @@ READINESS_PART = {
     "mask_loss": ("mask_loss", dict(M=16, precision="ieee")),
     "semantic": ("semantic_inference", dict(K=847, precision="tf32")),
     "panoptic": ("panoptic_inference", dict()),
+    "ms_deform_attn": ("ms_deform_attn", dict(size=512, phase="fwd+bwd")),
 }
 
 
@@ -329,9 +401,9 @@ def readiness_table(aot_rows: list[dict], model_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COLUMNS = ["part", "batch", "M", "K", "precision", "fused_gb", "fused_gflop", "fused_gsfu", "fused_ms_H100",
-           "fused_ms_A100", "eager_gb", "eager_gflop", "eager_kernels", "eager_ms_H100", "eager_ms_A100",
-           "speedup_H100", "speedup_A100"]
+COLUMNS = ["part", "batch", "M", "K", "precision", "size", "phase", "fused_gb", "fused_gflop", "fused_gsfu",
+           "fused_ms_H100", "fused_ms_A100", "eager_gb", "eager_gflop", "eager_kernels", "eager_ms_H100",
+           "eager_ms_A100", "speedup_H100", "speedup_A100", "official_cuda_ms_H100", "vs_official_H100"]
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ PARTS = {
     "mask_loss": ("bench_mask_loss.py", ["--quick"], ["--quick"]),
     "semantic_inference": ("bench_semantic_inference.py", ["--quick"], ["--quick"]),
     "panoptic_inference": ("bench_panoptic_inference.py", ["--quick"], ["--quick"]),
+    "ms_deform_attn": ("bench_ms_deform_attn.py", [], ["--quick"]),
     "inference_e2e": ("bench_inference_e2e.py", ["--batch", "16", "--size", "512"],
                       ["--batch", "1", "--size", "128", "--classes", "150", "--repeats", "3"]),
     "solver": ("bench_assignment.py", ["--repeats", "7"], ["--repeats", "3"]),
@@ -82,6 +83,7 @@ ROOFLINE_PARTS = {
     "matching_cost": ("tf32", ("batch", "M", "K")),
     "mask_loss": ("ieee", ("batch", "M")),
     "semantic_inference": ("tf32", ("batch", "K")),
+    "ms_deform_attn": ("fp32", ("batch", "size", "phase")),  # modelled in fp32
 }
 
 
@@ -96,6 +98,8 @@ def versus_roofline(parts: dict, device_name: str) -> list[dict]:
             if not provider.startswith("fused") or row.get("phase", "fwd+bwd") != "fwd+bwd":
                 continue
             if part == "semantic_inference" and row.get("output") != "512x683":
+                continue
+            if part == "ms_deform_attn" and row.get("dtype") != "float32":
                 continue
             precision = provider.split("-", 1)[1] if "-" in provider else default
             model = predicted(part, device_name, precision=precision, **{k: row.get(k) for k in keys})

@@ -36,6 +36,8 @@ class ModelConfig:
     dropout: float = 0.1
     dec_layers: int = 6
     enc_layers: int = 0  # transformer encoder layers in the pixel decoder ("+6 Enc": 6)
+    pixel_decoder: str = "fpn"  # fpn (MaskFormer) | msdeformattn (Mask2Former's deformable-attention decoder)
+    pixel_decoder_kwargs: dict = field(default_factory=dict)  # msdeformattn: overrides of its official defaults
     pre_norm: bool = False
     pixel_mean: tuple = (123.675, 116.28, 103.53)
     pixel_std: tuple = (58.395, 57.12, 57.375)

@@ -119,6 +119,30 @@ def _mask_probs(dtype, out_dtype, sized: bool):
     return run
 
 
+# Mask2Former pixel decoder: levels 1/32, 1/16, 1/8 of the input, H=8 heads, L=3 levels, P=4 points.
+DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS = 8, 3, 4
+
+
+def _ms_deform_attn(size: int, head_dim: int, dtype, loc_dtype=None):
+    """Forward and backward of one deformable-attention layer of the pixel decoder (Lq = S)."""
+    from .ms_deform_attn import ms_deform_attn
+
+    def run():
+        shapes = torch.tensor([[size // s, size // s] for s in (32, 16, 8)], dtype=torch.int64)
+        tokens = int((shapes[:, 0] * shapes[:, 1]).sum())
+        ldt = loc_dtype or dtype
+        value = torch.zeros(B, tokens, DEFORM_HEADS, head_dim, dtype=dtype, requires_grad=True)
+        loc = torch.zeros(B, tokens, DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS, 2, dtype=ldt, requires_grad=True)
+        attn = torch.zeros(B, tokens, DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS, dtype=ldt, requires_grad=True)
+        ms_deform_attn(value, shapes, loc, attn).sum().backward()
+        if dtype == torch.float32:  # the benchmark's float-atomic comparison
+            from .ms_deform_attn import ms_deform_attn_backward_float_atomics
+
+            ms_deform_attn_backward_float_atomics(torch.zeros(B, tokens, DEFORM_HEADS * head_dim), value.detach(),
+                                                  shapes, loc.detach(), attn.detach())
+    return run
+
+
 def cases() -> list[Case]:
     out = []
     for classes in (150, 847):
@@ -143,4 +167,11 @@ def cases() -> list[Case]:
                                     (torch.bfloat16, torch.bfloat16, True)]:
         name = f"mask_probs {str(dtype)[6:]}->{str(out_dtype)[6:]} {'resized' if sized else 'low-res'}"
         out.append(Case(name, _mask_probs(dtype, out_dtype, sized), dtype == torch.float32))
+    for size, head_dim, dtype, loc_dtype in [(512, 32, torch.float32, None), (512, 32, torch.bfloat16, torch.float32),
+                                             (1024, 32, torch.float32, None), (512, 64, torch.float32, None),
+                                             (512, 32, torch.float16, None)]:
+        name = f"ms_deform_attn {size}x{size} D={head_dim} {str(dtype)[6:]}" + (
+            f" (loc {str(loc_dtype)[6:]})" if loc_dtype else "")
+        out.append(Case(name, _ms_deform_attn(size, head_dim, dtype, loc_dtype),
+                        size == 512 and head_dim == 32 and dtype in (torch.float32, torch.bfloat16)))
     return out

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..target import Target, pad_segment_maps, validate_targets
 from .backbone import Backbone, build_backbone
-from .maskformer import SegmentationModel, build_pixel_decoder, build_predictor
+from .maskformer import SegmentationModel, build_pixel_decoder, build_predictor, decoder_memory
 from .pixel_decoder import PixelDecoder
 
 _IGNORE = -1
@@ -117,7 +117,7 @@ class PerPixelBaselinePlus(_PerPixelModel):
         """images: float [B, 3, H, W] -> logits [L, B, K, H/4, W/4]."""
         features = self.backbone(images)
         pixel_embed, encoder_memory = self.pixel_decoder(features)
-        _, mask_embed = self.predictor(encoder_memory if encoder_memory is not None else features["res5"])
+        _, mask_embed = self.predictor(decoder_memory(encoder_memory, features))
         return PerPixelOutput(torch.einsum("lbqc,bchw->lbqhw", mask_embed, pixel_embed))
 
 

@@ -140,20 +140,39 @@ class MaskFormer(SegmentationModel):
         """images: float [B, 3, H, W], normalised and padded (``preprocess``); any H, W."""
         features = self.backbone(images)
         pixel_embed, encoder_memory = self.pixel_decoder(features)
-        memory = encoder_memory if encoder_memory is not None else features["res5"]
-        class_logits, mask_embed = self.predictor(memory)
+        class_logits, mask_embed = self.predictor(decoder_memory(encoder_memory, features))
         return MaskFormerOutput(class_logits, mask_embed, pixel_embed)
 
 
-def build_pixel_decoder(cfg, backbone: Backbone) -> PixelDecoder:
-    """From a ``ModelConfig`` and the backbone's channels."""
-    return PixelDecoder(list(backbone.channels.values()), cfg.conv_dim, cfg.mask_dim, cfg.enc_layers,
-                        cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.pre_norm)
+def decoder_memory(encoder_memory, features) -> Tensor:
+    """What the transformer decoder attends to: the pixel decoder's encoder output (the FPN's
+    "+6 Enc" res5 encoder; the deformable decoder's stride-32 level, the official
+    ``transformer_encoder`` in-feature) or else res5."""
+    if isinstance(encoder_memory, (list, tuple)):
+        return encoder_memory[0]
+    return encoder_memory if encoder_memory is not None else features["res5"]
+
+
+def build_pixel_decoder(cfg, backbone: Backbone) -> nn.Module:
+    """From a ``ModelConfig`` and the backbone's channels: ``pixel_decoder`` "fpn" (MaskFormer's
+    FPN, optionally with ``enc_layers``) or "msdeformattn" (Mask2Former's deformable-attention
+    decoder; ``pixel_decoder_kwargs`` override its official defaults)."""
+    channels = list(backbone.channels.values())
+    kind = getattr(cfg, "pixel_decoder", "fpn")
+    if kind == "msdeformattn":
+        from .msdeformattn import MSDeformAttnPixelDecoder
+
+        return MSDeformAttnPixelDecoder(channels, cfg.conv_dim, cfg.mask_dim, **getattr(cfg, "pixel_decoder_kwargs", {}))
+    if kind != "fpn":
+        raise ValueError(f"unknown pixel_decoder {kind!r}; choose 'fpn' or 'msdeformattn'")
+    return PixelDecoder(channels, cfg.conv_dim, cfg.mask_dim, cfg.enc_layers, cfg.nheads, cfg.dim_feedforward,
+                        cfg.dropout, cfg.pre_norm)
 
 
 def build_predictor(cfg, backbone: Backbone, num_classes: int | None, num_queries: int) -> TransformerPredictor:
     """The decoder reads res5, or the pixel decoder's encoder output when ``enc_layers > 0``."""
-    in_channels = cfg.conv_dim if cfg.enc_layers > 0 else backbone.channels["res5"]
+    encoded = cfg.enc_layers > 0 or getattr(cfg, "pixel_decoder", "fpn") == "msdeformattn"
+    in_channels = cfg.conv_dim if encoded else backbone.channels["res5"]
     return TransformerPredictor(in_channels, num_classes, num_queries, cfg.hidden_dim, cfg.mask_dim, cfg.nheads,
                                 cfg.dim_feedforward, cfg.dropout, cfg.dec_layers, cfg.pre_norm)
 

@@ -1,0 +1,174 @@
+"""Multi-scale deformable attention (issue 18): eager vs compile vs fused, forward and forward +
+backward, time and peak memory.
+
+    # GPU (not yet run on a GPU): Mask2Former pixel-decoder sizes, 512x512 and 1024x1024 inputs
+    python benchmarks/bench_ms_deform_attn.py --device cuda [--quick]
+    # CPU (small sizes; the fused provider is then our plain-torch reference, labelled as such)
+    python benchmarks/bench_ms_deform_attn.py --device cpu
+
+One deformable-attention call of the Mask2Former pixel decoder: B=16, levels at strides 32, 16,
+8 of the input (512x512 -> 16x16, 32x32, 64x64: S = Lq = 5376; 1024x1024 -> S = Lq = 21504),
+H=8 heads, D=32, L=3 levels, P=4 points; locations are the reference points (pixel centres)
+plus offsets of a few pixels, attention weights a softmax over L*P, as in the encoder.
+Providers, side by side in one process on the same inputs:
+- ``eager``: the official ``ms_deform_attn_core_pytorch`` formulation (one ``grid_sample`` per
+  level, stack, weighted sum: ``ops.ms_deform_attn.ms_deform_attn_grid_sample``);
+- ``compile``: ``torch.compile`` of it;
+- ``fused``: ``ops.ms_deform_attn(impl="triton")`` (CUDA; fp32 and bf16 inputs with fp32
+  locations, as under autocast). On a CPU, ``reference`` (``impl="torch"``) stands in.
+- ``fused-float-atomics``: the same kernels with the value gradient summed by float32 atomics
+  (not deterministic; not offered by the op): the price of the deterministic default.
+Phases ``fwd`` (no grad) and ``fwd+bwd`` (gradients of value, locations and weights). Reported:
+median ms (``triton.testing.do_bench`` on CUDA; CPU: round-robin perf_counter), peak memory above
+the inputs (CUDA), speed-up and memory ratio vs eager, the error vs eager, and the roofline
+prediction (``benchmarks/roofline.py``, H100/H200/A100) beside the measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bench_matching_cost import time_providers
+from common import device_facts, report, result_path
+from fastmaskformer import ops
+from fastmaskformer.ops.ms_deform_attn import ms_deform_attn_grid_sample
+
+HEADS, HEAD_DIM, LEVELS, POINTS = 8, 32, 3, 4
+PHASES = ("fwd", "fwd+bwd")
+COLUMNS = ["provider", "phase", "batch", "size", "dtype", "median_ms", "speedup_vs_eager", "peak_mem_mib",
+           "mem_ratio_vs_eager", "rel_err_vs_eager", "predicted_ms", "predicted_speedup"]
+
+
+def make_inputs(batch: int, size: int, device, dtype=torch.float32, loc_dtype=torch.float32, seed=0):
+    """value [B,S,H,D], shapes (list and int64 [L,2]), locations [B,S,H,L,P,2], weights [B,S,H,L,P]."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shapes = [(size // s, size // s) for s in (32, 16, 8)]
+    tokens = sum(h * w for h, w in shapes)
+    ref = torch.cat([torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h,
+                                                indexing="xy"), -1).reshape(-1, 2) for h, w in shapes])
+    scale = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)  # offsets in pixels of each level
+    offsets = torch.randn(batch, tokens, HEADS, LEVELS, POINTS, 2, generator=g) * 2.0 / scale[:, None, :]
+    loc = ref[None, :, None, None, None, :] + offsets
+    weights = torch.randn(batch, tokens, HEADS, LEVELS * POINTS, generator=g).softmax(-1)
+    value = torch.randn(batch, tokens, HEADS, HEAD_DIM, generator=g)
+    return (value.to(device, dtype), shapes, torch.tensor(shapes, dtype=torch.int64, device=device),
+            loc.to(device, loc_dtype), weights.view(batch, tokens, HEADS, LEVELS, POINTS).to(device, loc_dtype))
+
+
+class _FloatAtomics(torch.autograd.Function):
+    """The fused forward with the non-deterministic float32-atomic value gradient (the official
+    extension's scheme; not offered by the op): what the deterministic default costs."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, loc, weights):
+        from fastmaskformer.kernels import ms_deform_attn as kernel
+
+        ctx.save_for_backward(value, spatial_shapes, loc, weights)
+        return kernel.ms_deform_attn_forward(value, spatial_shapes, loc, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from fastmaskformer.kernels import ms_deform_attn as kernel
+
+        value, spatial_shapes, loc, weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_weights = kernel.ms_deform_attn_backward_float_atomics(
+            grad, value, spatial_shapes, loc, weights)
+        return grad_value, None, grad_loc, grad_weights
+
+
+def providers(device) -> dict:
+    """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D]."""
+    def eager(v, shapes, _ss, loc, w):
+        return ms_deform_attn_grid_sample(v, shapes, loc.to(v.dtype), w.to(v.dtype))
+
+    out = {"eager": eager, "compile": torch.compile(eager)}
+    if torch.device(device).type == "cuda":
+        out["fused"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton")
+        out["fused-float-atomics"] = lambda v, _shapes, ss, loc, w: _FloatAtomics.apply(v, ss, loc, w)
+    else:
+        out["reference (CPU stand-in for fused)"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(
+            v, ss, loc, w, impl="torch")
+    return out
+
+
+def phase_run(phase: str, fn, inputs, grad):
+    value, shapes, ss, loc, weights = inputs
+    leaves = [value, loc, weights]
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def both():
+        for t in leaves:
+            t.grad = None
+        fn(*inputs).backward(grad)
+
+    return {"fwd": forward, "fwd+bwd": both}[phase]
+
+
+def errors_vs_eager(funcs: dict, inputs, grad) -> dict:
+    """{name: max over (out, 3 grads) of max|x - eager| / max|eager|}."""
+    value, _, _, loc, weights = inputs
+    results = {}
+    for name, fn in funcs.items():
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, (value, loc, weights), grad)
+        results[name] = [out.detach().float()] + [g.float() for g in grads]
+    eager = results["eager"]
+    return {name: max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, eager))
+            for name, got in results.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="512x512 fp32 only")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--json", default=None,
+                   help="output JSON (default benchmarks/results/<device>-ms-deform-attn-<date>.json)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        configs = [(16, 512, torch.float32)] if args.quick else [
+            (16, 512, torch.float32), (16, 512, torch.bfloat16), (16, 1024, torch.float32), (16, 1024, torch.bfloat16)]
+    else:
+        torch.set_num_threads(args.threads)
+        configs = [(1, 256, torch.float32)]
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from roofline import predicted
+
+    name = device_facts(device).get("name", str(device))
+    funcs = providers(device)
+    rows = []
+    for batch, size, dtype in configs:
+        inputs = make_inputs(batch, size, device, dtype)
+        for t in (inputs[0], inputs[3], inputs[4]):
+            t.requires_grad_()
+        grad = torch.randn(batch, inputs[0].shape[1], HEADS * HEAD_DIM, device=device, dtype=dtype)
+        agreement = errors_vs_eager(funcs, inputs, grad)
+        for phase in PHASES:
+            timings = {}
+            for provider in funcs:  # one at a time: only its graph alive
+                timings.update(time_providers({provider: phase_run(phase, funcs[provider], inputs, grad)}, device))
+            base = timings["eager"]
+            for provider, t in timings.items():
+                row = {"provider": provider, "phase": phase, "batch": batch, "size": size, "dtype": str(dtype)[6:],
+                       "rel_err_vs_eager": agreement[provider], **t,
+                       "speedup_vs_eager": base["median_ms"] / t["median_ms"]}
+                if "peak_mem_mib" in t and base.get("peak_mem_mib"):
+                    row["mem_ratio_vs_eager"] = t["peak_mem_mib"] / base["peak_mem_mib"]
+                pred = predicted("ms_deform_attn", name, size=size, phase=phase) if provider == "fused" else None
+                if pred:
+                    row["predicted_ms"], row["predicted_speedup"] = pred["fused_ms"], pred["speedup"]
+                rows.append(row)
+                print(row, flush=True)
+    report(args.json or result_path("ms-deform-attn", device), rows, device, COLUMNS,
+           {"command": " ".join(sys.argv)})
+
+
+if __name__ == "__main__":
+    main()
