@@ -115,3 +115,11 @@ def test_opcheck_semantic_inference_tta(op):
     if op == "semantic_inference_tta":
         args = args + ("ieee",)
     torch.library.opcheck(getattr(OPS, op), args)
+
+
+def test_opcheck_semantic_inference_reference():
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, 7, 9, generator=g),
+            [25, 30, 28, 36], [19, 41, 28, 36], [28, 36])
+    for return_score in (False, True):
+        torch.library.opcheck(OPS.semantic_inference_reference, args + (return_score,))

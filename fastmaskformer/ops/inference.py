@@ -302,21 +302,34 @@ def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     """
     image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
                                                                   image_sizes, output_sizes, input_size)
+    args = (class_logits, mask_embed, pixel_embed, [v for size in image_sizes for v in size],
+            [v for size in output_sizes for v in size], list(input_size), return_score)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="semantic_inference") == "triton":
         kernel = load_kernel("semantic", "semantic_inference")
-        labels, score = torch.ops.fastmaskformer.semantic_inference(
-            class_logits, mask_embed, pixel_embed, [v for size in image_sizes for v in size],
-            [v for size in output_sizes for v in size], list(input_size), return_score,
-            precision or kernel.DEFAULT_PRECISION)
-        return _split_images(labels, score if return_score else None, output_sizes)
-    results = []
+        labels, score = torch.ops.fastmaskformer.semantic_inference(*args, precision or kernel.DEFAULT_PRECISION)
+    else:
+        labels, score = torch.ops.fastmaskformer.semantic_inference_reference(*args)
+    return _split_images(labels, score if return_score else None, output_sizes)
+
+
+@reference_operator("semantic_inference_reference")
+def semantic_inference_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                                 image_sizes: list[int], output_sizes: list[int], input_size: list[int],
+                                 return_score: bool) -> tuple[Tensor, Tensor]:
+    """The reference of the ``semantic_inference`` operator: per image, labels (and scores) tiled
+    over output rows (no image's [K, H, W] scores are ever alive, none kept across images).
+    Sizes flattened [2B]; returns int64 labels and fp32 scores (empty without ``return_score``),
+    flat [sum H_i W_i] in image order."""
+    labels, scores = [], []
     for b in range(class_logits.shape[0]):
-        # Tiled over output rows: no image's [K, H, W] scores are ever alive (on the CPU).
-        score, labels = semantic_labels_tiled(class_logits[b], mask_embed[b], pixel_embed[b], image_sizes[b],
-                                              output_sizes[b], input_size)
-        results.append((labels, score) if return_score else labels)
-        del score, labels
-    return results
+        score, label = semantic_labels_tiled(class_logits[b], mask_embed[b], pixel_embed[b],
+                                             image_sizes[2 * b:2 * b + 2], output_sizes[2 * b:2 * b + 2], input_size)
+        labels.append(label.flatten())
+        if return_score:
+            scores.append(score.flatten())
+        del score, label
+    flat = torch.cat(labels) if labels else class_logits.new_empty(0, dtype=torch.int64)
+    return flat, torch.cat(scores) if scores else class_logits.new_empty(0, dtype=torch.float32)
 
 
 def semantic_inference_tta(views: Iterable[dict], output_size: Size, precision: str | None = None,
