@@ -379,7 +379,7 @@ READINESS_PART = {
 
 
 def readiness_table(aot_rows: list[dict], model_rows: list[dict]) -> str:
-    """Per kernel, over the compiled configs of the AOT check (kernels/aot.py --json): registers,
+    """Per kernel, over the compiled configs of the AOT check (benchmarks/aot.py --json): registers,
     worst spill, largest shared memory, dot lowering on sm_90 / sm_80, and the predicted speed-up
     over eager on an H100 of the op the kernel belongs to."""
     lines = ["| kernel | configs | regs (sm_90) | spill B/thread (max) | smem KiB (max) | tl.dot on sm_90 / sm_80 |"
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(RESULTS_DIR / "roofline.json"))
     parser.add_argument("--aot", default=None,
-                        help="JSON of python -m fastmaskformer.kernels.aot --json: print the README's GPU "
+                        help="JSON of python benchmarks/aot.py --json: print the README's GPU "
                              "readiness table from it and the committed model, then exit")
     args = parser.parse_args(argv)
     if args.aot:

@@ -139,7 +139,7 @@ def _program_tile(pid, B, LAYERS, Q, NUM_M_TILES, SPLIT, BLOCK_Q: tl.constexpr):
 
 
 # (BLOCK_Q, BLOCK_P, BLOCK_C, num_warps, num_stages) per precision: the configs that compile
-# without heavy spills for sm_90 and sm_80 (python -m fastmaskformer.kernels.aot); tf32x3 keeps
+# without heavy spills for sm_90 and sm_80 (python benchmarks/aot.py); tf32x3 keeps
 # two more [BLOCK_Q, BLOCK_P] operand halves alive, so it gets smaller pixel tiles.
 _GPU_CONFIGS = {
     "ieee": [(64, 64, 32, 8, 3), (128, 32, 32, 8, 3)],

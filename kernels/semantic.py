@@ -64,7 +64,7 @@ CHUNK_Q = 32
 
 
 # (BLOCK_P, BLOCK_K, num_warps, num_stages) per kind of launch, checked for sm_90 / sm_80 with
-# python -m fastmaskformer.kernels.aot. "hoisted": tf32 / bf16, one view, m [BLOCK_P, <= 128
+# python benchmarks/aot.py. "hoisted": tf32 / bf16, one view, m [BLOCK_P, <= 128
 # queries] kept in registers; "chunked":
 # ieee (FMA loops keep both operands in registers), tf32x3 (two operand halves) and TTA stream
 # the queries in CHUNK_Q chunks, m rebuilt per class block. With RESIZE (16 gathers per m

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for H100 (sm_90) and A100 (sm_80), fits and does not spill.
 
-No GPU is needed: ``fastmaskformer.kernels.aot`` records the launches the real launchers make at
+No GPU is needed: ``benchmarks/aot.py`` records the launches the real launchers make at
 the benchmark sizes (B=16 512x512 training crops, Q=100, M in {8,16,32}, K in {150,847};
 512x683 inference outputs, Q in {100,200}, multi-scale + flip TTA) and compiles every autotune
 config they can choose with Triton's bundled ptxas. A config fails when it needs more shared
@@ -14,18 +14,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton.backends.nvidia")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_aot(tmp_path, *args) -> dict:
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # ptxas runs for every config
-    proc = subprocess.run([sys.executable, "-m", "fastmaskformer.kernels.aot", "--jobs", "2", "--json", str(out),
-                           *args], env=env, capture_output=True, text=True, timeout=3000)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "aot.py"), "--jobs", "2", "--json", str(out),
+                           *args], env=env, capture_output=True, text=True, timeout=3000, cwd=REPO)
     print(proc.stdout[-20000:])
     assert out.exists(), proc.stderr[-5000:]
     return json.loads(out.read_text()) | {"returncode": proc.returncode, "stderr": proc.stderr}

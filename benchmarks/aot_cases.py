@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .aot import Case
-from .semantic import SEMANTIC_PRECISIONS
+from aot import Case
+from fastmaskformer.kernels.semantic import SEMANTIC_PRECISIONS
 
 # Training: B=16 images of 512x512, 6 decoder layers, Q=100, C=256 -> 128x128 embeddings.
 B, LAYERS, Q, C, SIZE = 16, 6, 100, 256, 512
@@ -27,7 +27,7 @@ def _labels(segments: int, batch: int = B) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _matching_cost(classes: int, segments: int, dtype, precision: str, batch: int = B):
-    from .matching_cost import matching_cost
+    from fastmaskformer.kernels.matching_cost import matching_cost
 
     def run():
         class_logits = torch.empty(LAYERS * batch, Q, classes + 1)
@@ -41,7 +41,7 @@ def _matching_cost(classes: int, segments: int, dtype, precision: str, batch: in
 
 def _mask_loss(segments: int):
     """Forward and backward of all 6 layers' focal + dice, ``segments`` matches per image."""
-    from .mask_loss import mask_loss
+    from fastmaskformer.kernels.mask_loss import mask_loss
 
     def run():
         mask_embed = torch.zeros(LAYERS, B, Q, C, requires_grad=True)
@@ -59,7 +59,7 @@ def _inference_inputs(queries: int, classes: int, batch: int = B):
 
 
 def _semantic(queries: int, classes: int, resize: bool, precision: str):
-    from .semantic import semantic_inference
+    from fastmaskformer.kernels.semantic import semantic_inference
 
     out = (1024, 1366) if resize else IMAGE
 
@@ -71,7 +71,7 @@ def _semantic(queries: int, classes: int, resize: bool, precision: str):
 
 def _semantic_tta(classes: int):
     """ADE20K TTA: short edges 256..896 step 128 (x1.0 of 512 crops), each plain and flipped."""
-    from .semantic import semantic_inference_tta
+    from fastmaskformer.kernels.semantic import semantic_inference_tta
 
     def run():
         logits, embeds, pixels, image_sizes, input_sizes, flipped = [], [], [], [], [], []
@@ -92,7 +92,7 @@ def _semantic_tta(classes: int):
 
 
 def _panoptic(resize: bool):
-    from .panoptic import panoptic_assign
+    from fastmaskformer.kernels.panoptic import panoptic_assign
 
     kept = 50  # about half of the queries pass the 0.8 threshold
 
@@ -104,7 +104,7 @@ def _panoptic(resize: bool):
 
 
 def _mask_probs(dtype, out_dtype, sized: bool):
-    from .mask_probs import resampled_masks
+    from fastmaskformer.kernels.mask_probs import resampled_masks
 
     def run():
         _, me, pe = _inference_inputs(Q, 150, batch=2)
@@ -125,7 +125,7 @@ DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS = 8, 3, 4
 
 def _ms_deform_attn(size: int, head_dim: int, dtype, loc_dtype=None):
     """Forward and backward of one deformable-attention layer of the pixel decoder (Lq = S)."""
-    from .ms_deform_attn import ms_deform_attn
+    from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn
 
     def run():
         shapes = torch.tensor([[size // s, size // s] for s in (32, 16, 8)], dtype=torch.int64)
@@ -136,7 +136,7 @@ def _ms_deform_attn(size: int, head_dim: int, dtype, loc_dtype=None):
         attn = torch.zeros(B, tokens, DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS, dtype=ldt, requires_grad=True)
         ms_deform_attn(value, shapes, loc, attn).sum().backward()
         if dtype == torch.float32:  # the benchmark's float-atomic comparison
-            from .ms_deform_attn import ms_deform_attn_backward_float_atomics
+            from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn_backward_float_atomics
 
             ms_deform_attn_backward_float_atomics(torch.zeros(B, tokens, DEFORM_HEADS * head_dim), value.detach(),
                                                   shapes, loc.detach(), attn.detach())

@@ -13,9 +13,9 @@ Per compile: registers, spill bytes, shared memory, occupancy, how each tl.dot i
 it cannot launch (shared memory over the per-block limit, compile error) or spills more than
 ``--max-spill`` bytes per thread.
 
-    python -m fastmaskformer.kernels.aot                      # main cases, sm_90 and sm_80
-    python -m fastmaskformer.kernels.aot --all --jobs 2       # every case
-    python -m fastmaskformer.kernels.aot --only semantic --json out.json
+    python benchmarks/aot.py                      # main cases, sm_90 and sm_80
+    python benchmarks/aot.py --all --jobs 2       # every case
+    python benchmarks/aot.py --only semantic --json out.json
 
 Run it without TRITON_INTERPRET (the kernel modules pick their GPU autotune configs at import).
 """
@@ -248,13 +248,13 @@ def cases() -> list[Case]:
     """Representative launches at the benchmark sizes (DESIGN 7): training B=16, 512x512 crops,
     Q=100, C=256, 6 layers, M in {8, 16, 32}, K in {150, 847}; inference 512x683 outputs of a
     512x704 input, Q in {100, 200}, multi-scale + flip TTA."""
-    from . import aot_cases
+    import aot_cases
 
     return aot_cases.cases()
 
 
 def record_all(selected: list[Case]) -> list[Launch]:
-    from .common import assume_multiprocessors
+    from fastmaskformer.kernels.common import assume_multiprocessors
 
     launches: list[Launch] = []
     with assume_multiprocessors(ARCHS[90]["sms"]):
