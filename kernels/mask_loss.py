@@ -294,6 +294,16 @@ def _slots(assignment: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return rows, image, seg_ids, layer
 
 
+def _matched_embeddings(mask_embed: Tensor, assignment: Tensor) -> Tensor:
+    """mask_embed [L,B,Q,C], assignment [L,B,M] -> fp32 [B, L*M, C]: the embedding matched to
+    each (layer, segment) slot of each image, zero rows for unmatched slots."""
+    num_layers, batch, _, channels = mask_embed.shape
+    m = assignment.shape[-1]
+    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
+    embed = mask_embed.float().gather(2, query) * (assignment >= 0)[..., None]  # [L, B, M, C]
+    return embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
+
+
 @triton_operator("mask_loss_forward")
 def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
                       num_masks: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -308,10 +318,7 @@ def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tenso
     m = assignment.shape[-1]
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
-    # Matched embeddings, rows (layer, segment) per image; unmatched slots are zero rows.
-    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
-    embed = mask_embed.float().gather(2, query) * (assignment >= 0)[..., None]  # [L, B, M, C]
-    embed = embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
+    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
     pixel = pixel_embed.float().reshape(batch, channels, h * w)
     with _matmul_precision(precision):
         low = torch.bmm(embed, pixel)  # [B, L*M, hw]
@@ -355,15 +362,14 @@ def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor
         launch(_mask_loss_bwd_kernel, grid, low, grad_low, rows, images, seg_ids, layers, seg_maps, stats, grad_out,
                h, w, H, W, h / H, w / W, H / h, W / w, 1.0, 1.0 / (H * W),
                sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA)
-    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
-    embed = mask_embed.float().gather(2, query) * (assignment >= 0)[..., None]
-    embed = embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
+    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
     pixel = pixel_embed.float().reshape(batch, channels, h * w)
     with _matmul_precision(precision):
         grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2))  # [B, L*M, C]
         grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low).view(batch, channels, h, w)
     # Back to [L,B,Q,C]: matched slots hold distinct queries; unmatched ones add exact zeros.
     grad_embed = grad_embed.view(batch, num_layers, m, channels).permute(1, 0, 2, 3) * (assignment >= 0)[..., None]
+    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
     grad_mask_embed = torch.zeros(num_layers, batch, num_queries, channels, device=low.device,
                                   dtype=torch.float32).scatter_add(2, query, grad_embed)
     return grad_mask_embed, grad_pixel
