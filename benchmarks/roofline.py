@@ -161,38 +161,34 @@ h = w = SIZE // 4
 IMAGE, INPUT = (512, 683), (512, 704)
 
 
-def _meta_targets(segments: int):
-    from fastmaskformer import Target
-
-    target = Target(torch.zeros(segments, dtype=torch.int64), torch.zeros(SIZE, SIZE, dtype=torch.int32))
-    return [target.to("meta")] * B
-
-
 def eager_matching_cost(segments: int, classes: int) -> Work:
     from fastmaskformer.ops.matching_cost import matching_cost_reference
 
-    targets = _meta_targets(segments)
     meta = dict(device="meta")
     return trace(lambda: matching_cost_reference(torch.empty(LAYERS * B, Q, classes + 1, **meta),
                                                  torch.empty(LAYERS * B, Q, C, **meta), torch.empty(B, C, h, w, **meta),
-                                                 targets, (1.0, 20.0, 1.0), (SIZE, SIZE)))
+                                                 torch.empty(B, h, w, dtype=torch.int32, **meta),
+                                                 torch.empty(B, segments, dtype=torch.int64, **meta),
+                                                 torch.full((B,), segments, dtype=torch.int64, **meta),
+                                                 [1.0, 20.0, 1.0]))
 
 
 def eager_mask_loss(segments: int) -> Work:
     """The official per-layer loss of 6 layers, forward and backward."""
     from fastmaskformer.ops.mask_loss import mask_loss_reference
 
-    targets = _meta_targets(segments)
     mask_embed = torch.empty(LAYERS, B, Q, C, device="meta", requires_grad=True)
     pixel_embed = torch.empty(B, C, h, w, device="meta", requires_grad=True)
-    indices = [(torch.arange(segments), torch.arange(segments))] * B
+    assignment = torch.empty(1, B, segments, dtype=torch.int64, device="meta")
+    seg_maps = torch.empty(B, SIZE, SIZE, dtype=torch.int32, device="meta")
+    num_masks = torch.empty((), device="meta")
 
     def step():
         total = 0
-        for layer in range(LAYERS):
-            focal, dice = mask_loss_reference(mask_embed[layer], pixel_embed, indices, targets, B * segments,
-                                              (SIZE, SIZE))
-            total = total + 20 * focal + dice
+        for layer in range(LAYERS):  # the official loop: one layer at a time
+            focal, dice = mask_loss_reference(mask_embed[layer:layer + 1], pixel_embed, assignment, seg_maps,
+                                              num_masks)
+            total = total + 20 * focal.sum() + dice.sum()
         total.backward()
     return trace(step)
 

@@ -142,6 +142,8 @@ def cmd_train(args) -> int:
     _check_solver(cfg)
     if args.amp:
         cfg.solver.amp = True
+    if args.compile:
+        cfg.solver.compile = True
     trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args),
                       skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
                       progress=not args.no_progress, log_period=args.log_period, num_workers=args.num_workers)
@@ -305,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue exactly from a checkpoint: a file, a run folder, or no value for the newest "
                         "checkpoint in --output")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model and the loss (solver.compile; the matcher's one host sync stays)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip the update of an iteration with a NaN/inf loss or gradient instead of stopping")
     p.add_argument("--deterministic", action="store_true",

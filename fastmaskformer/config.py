@@ -96,6 +96,7 @@ class SolverConfig:
     gamma: float = 0.1
     clip_grad_norm: float = 0.01  # full-model clipping (official)
     amp: bool = False  # bf16 autocast (our option)
+    compile: bool = False  # torch.compile the model forward and the criterion's loss region (our option)
     grad_accum: int = 1
     checkpoint_period: int = 5000
     eval_period: int = 5000

@@ -1,16 +1,20 @@
 """Fused focal + dice loss of matched masks, all decoder layers at once, with the bilinear
 upsampling inside (DESIGN 3, 1.1).
 
+The matching arrives as a padded assignment ``[L, B, M]`` (the query of segment j of image b at
+layer l, or -1), so every shape is static: the registered operators trace under
+``torch.compile`` / ``torch.export`` without a host sync. A slot is one (layer, image, segment).
+
 Split of the work:
 1. Low-resolution logits of the matched queries of ALL layers, ``X = E_matched @ P_b``: one
-   ``bmm`` over images, rows (layer, match) padded to ``[B, L * m_max, h*w]`` fp32: the pixel
+   ``bmm`` over images, rows (layer, segment) padded to ``[B, L * M, h*w]`` fp32: the pixel
    embeddings are read once for the 6 layers, and the backward's ``grad P = E^T @ grad X`` is
    one product written once (not 6 accumulations of a [B, C, h, w] gradient).
 2. ``_mask_loss_fwd_kernel``: per (mask, split of full-res tiles) it gathers the 4 bilinear
    taps of every full-resolution pixel (align_corners=False, any scale, PyTorch's rule), forms
    ``s = sigmoid(v)``, the target bit ``segment_map[b] == seg_id`` and accumulates sum(focal),
-   sum(s), sum(t), sum(s t). Partial sums go to ``[M, SPLIT, 4]`` and are added by torch:
-   deterministic, no atomics.
+   sum(s), sum(t), sum(s t). Partial sums go to ``[slots, SPLIT, 4]`` and are added by torch:
+   deterministic, no atomics. Unmatched slots loop over nothing.
 3. ``_mask_loss_bwd_kernel``: the adjoint of the upsampling with its 4 taps. Full-res pixels
    are grouped by *cell*: the low-res (row, column) of their first tap. All pixels of a cell
    share their 4 taps, so a program loads its cells' 4 corner values once, recomputes
@@ -30,19 +34,15 @@ upcast inputs and follow ``torch.backends.cuda.matmul.allow_tf32`` like the refe
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fastmaskformer.shared import FOCAL_ALPHA, FOCAL_GAMMA
-from fastmaskformer.target import Target, pad_segment_maps
 
-from .common import autotune_configs, multiprocessor_count, source_taps
+from .common import autotune_configs, launch, multiprocessor_count, source_taps, triton_operator
 
 assert FOCAL_GAMMA == 2.0, "the kernels square (1-p_t) explicitly"
 
@@ -78,7 +78,7 @@ def _softplus_pair(v):
 @triton.jit
 def _mask_loss_fwd_kernel(
     x_ptr,  # [R, h*w] fp32 contiguous low-res logits
-    row_ptr, img_ptr, sid_ptr,  # [M] int32: row of X, image b, segment id of each matched mask
+    row_ptr, img_ptr, sid_ptr,  # [M] int32 per slot: row of X, image b, segment id (-2: unmatched)
     seg_ptr,  # [B, H, W] int32 contiguous segment maps padded with -1
     partial_ptr,  # [M, SPLIT, 4] fp32: sum focal, sum s, sum t, sum s t
     h, w, H, W, scale_y, scale_x, SPLIT,
@@ -90,13 +90,14 @@ def _mask_loss_fwd_kernel(
     x_row = x_ptr + tl.load(row_ptr + mask_id).to(tl.int64) * h * w
     seg_img = seg_ptr + tl.load(img_ptr + mask_id).to(tl.int64) * H * W
     sid = tl.load(sid_ptr + mask_id)
+    matched = (sid >= 0).to(tl.int32)  # unmatched slots (-2) do no work
 
     acc_focal = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_st = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     tiles_x = tl.cdiv(W, BLOCK_X)
-    for tile in range(split, tl.cdiv(H, BLOCK_Y) * tiles_x, SPLIT):
+    for tile in range(split, tl.cdiv(H, BLOCK_Y) * tiles_x * matched, SPLIT):
         ys = (tile // tiles_x) * BLOCK_Y + tl.arange(0, BLOCK_Y)
         xs = (tile % tiles_x) * BLOCK_X + tl.arange(0, BLOCK_X)
         inside = (ys < H)[:, None] & (xs < W)[None, :]
@@ -163,7 +164,7 @@ def _shift_matrix(N: tl.constexpr, DOWN: tl.constexpr):
 def _mask_loss_bwd_kernel(
     x_ptr,  # [R, h*w] fp32 contiguous low-res logits
     grad_x_ptr,  # [R, h*w] fp32, zero-initialised; rows of matched masks are written here
-    row_ptr, img_ptr, sid_ptr, layer_ptr,  # [M] int32
+    row_ptr, img_ptr, sid_ptr, layer_ptr,  # [M] int32 per slot (segment id -2: unmatched)
     seg_ptr,  # [B, H, W] int32 contiguous
     stats_ptr,  # [M, 4] fp32 from the forward: sum focal, sum s, sum t, sum s t
     grad_out_ptr,  # [L, 2] fp32: dLoss/dfocal_l, dLoss/ddice_l
@@ -181,6 +182,7 @@ def _mask_loss_bwd_kernel(
     seg_img = seg_ptr + tl.load(img_ptr + mask_id).to(tl.int64) * H * W
     sid = tl.load(sid_ptr + mask_id)
     layer = tl.load(layer_ptr + mask_id)
+    matched = (sid >= 0).to(tl.int32)  # unmatched slots (-2) only write zeros
 
     # dice_m = 1 - I/U with I = 2 sum(s t) + 1, U = sum(s) + sum(t) + 1:
     # d dice_m / d s_p = (I - 2 t_p U) / U^2.
@@ -211,7 +213,7 @@ def _mask_loss_bwd_kernel(
     s_lh = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
     s_hl = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
     s_hh = tl.zeros((CELL_Y, CELL_X), dtype=tl.float32)
-    for u in range(SUB_Y):
+    for u in range(SUB_Y * matched):
         ys = y_start + u
         y_ok, wy_lo, wy_hi = _tap_split(ys, cy, scale_y, h, H)
         for k in range(SUB_X):
@@ -273,125 +275,126 @@ def _matmul_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-class _MatchedFocalDice(torch.autograd.Function):
-    """Per-layer (focal [L], dice [L]) of matched masks from their embeddings; the low-res
-    logits bmm, the upsampling and both losses fused (see the module docstring).
-
-    embed: [B, R, C] fp32 matched embeddings (rows: layer * m_max + match, zero padding);
-    pixel: [B, C, h*w] fp32; rows/images/seg_ids/layers: [M] int32 (row of X = b * R + row,
-    image, segment id, layer of each mask); layer_slots: [M] int64 position of each mask in an
-    [L, layer_width] table (layer-major); seg_maps: [B, H, W] int32 padded with -1.
-    """
-
-    @staticmethod
-    def forward(ctx, embed: Tensor, pixel: Tensor, rows: Tensor, images: Tensor, seg_ids: Tensor, layers: Tensor,
-                layer_slots: Tensor, seg_maps: Tensor, h: int, w: int, num_layers: int, layer_width: int,
-                num_masks: float, precision: str):
-        with _matmul_precision(precision):
-            low = torch.bmm(embed, pixel)  # [B, R, hw]
-        num_pairs = rows.numel()
-        H, W = seg_maps.shape[-2:]
-        split = _forward_split(low.device, num_pairs, H * W)
-        partial = torch.empty(num_pairs, split, 4, dtype=torch.float32, device=low.device)
-        _mask_loss_fwd_kernel[(num_pairs * split,)](
-            low, rows, images, seg_ids, seg_maps, partial, h, w, H, W, h / H, w / W, split, ALPHA=FOCAL_ALPHA)
-        stats = partial.sum(1)  # [M, 4]
-        per_mask = torch.stack([stats[:, 0] / (H * W), 1 - (2 * stats[:, 3] + 1) / (stats[:, 1] + stats[:, 2] + 1)])
-        # Per-layer sums without float atomics: scatter to unique slots of an [L, n] table, add rows.
-        table = torch.zeros(2, num_layers * layer_width, device=low.device)
-        table[:, layer_slots] = per_mask
-        focal, dice = table.view(2, num_layers, -1).sum(-1) / num_masks
-        ctx.save_for_backward(embed, pixel, low, rows, images, seg_ids, layers, seg_maps, stats)
-        ctx.sizes = (h, w, num_masks, precision)
-        return focal, dice
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_focal: Tensor, grad_dice: Tensor):
-        embed, pixel, low, rows, images, seg_ids, layers, seg_maps, stats = ctx.saved_tensors
-        h, w, num_masks, precision = ctx.sizes
-        H, W = seg_maps.shape[-2:]
-        grad_out = torch.stack([grad_focal, grad_dice], 1).float().contiguous()  # [L, 2]
-        # Rows of X that belong to no match (padding of the batched matmul) keep a zero gradient.
-        grad_low = torch.zeros_like(low)
-        (sub_y, margin_y), (sub_x, margin_x) = _cell_size(h, H), _cell_size(w, W)
-
-        def grid(meta):
-            return (rows.numel() * triton.cdiv(h, meta["CELL_Y"] - 1) * triton.cdiv(w, meta["CELL_X"] - 1),)
-
-        _mask_loss_bwd_kernel[grid](
-            low, grad_low, rows, images, seg_ids, layers, seg_maps, stats, grad_out,
-            h, w, H, W, h / H, w / W, H / h, W / w, 1.0 / num_masks, 1.0 / (H * W),
-            sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA)
-        with _matmul_precision(precision):
-            grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-            grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low) if ctx.needs_input_grad[1] else None
-        return grad_embed, grad_pixel, *([None] * 12)
-
-
-def _forward_split(device: torch.device, num_pairs: int, pixels: int) -> int:
+def _forward_split(device: torch.device, num_slots: int, pixels: int) -> int:
     """How many programs share one mask's full-res pixels: enough programs to fill the GPU
     (about 4 per SM), never fewer than ~16K pixels each."""
-    wanted = triton.cdiv(4 * multiprocessor_count(device), max(num_pairs, 1))
+    wanted = triton.cdiv(4 * multiprocessor_count(device), max(num_slots, 1))
     return max(1, min(wanted, pixels // 16384))
 
 
-def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices: Sequence[Sequence[tuple[Tensor, Tensor]]],
-              targets: Sequence[Target], num_masks: float, input_size, precision: str = "ieee") -> tuple[Tensor, Tensor]:
-    """Focal and dice loss (fp32 [L] with autograd) of the matched pairs of all layers.
+def _slots(assignment: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per slot (layer l, image b, segment j), layer-major [L*B*M]: the row of X = [B, L*M, hw]
+    holding its logits, its image, its segment id (-2 for an unmatched slot: the kernels skip
+    it) and its layer; int32."""
+    num_layers, batch, m = assignment.shape
+    slot = torch.arange(num_layers * batch * m, device=assignment.device, dtype=torch.int32)
+    layer, image, seg = slot // (batch * m), (slot // max(m, 1)) % batch, slot % max(m, 1)
+    rows = image * (num_layers * m) + layer * m + seg
+    seg_ids = torch.where(assignment.reshape(-1) >= 0, seg, torch.full_like(seg, -2))
+    return rows, image, seg_ids, layer
 
-    mask_embed: [L, B, Q, C]; pixel_embed: [B, C, h, w] (any strides, any float dtype);
-    indices: per layer, per image (query_idx int64 [m], seg_idx int64 [m]) on the CPU; targets:
-    B Targets, segment maps padded with -1 to ``input_size`` (H, W); num_masks: the normaliser;
-    precision: "ieee" (the bmms follow PyTorch's matmul settings) or "tf32" (TF32 forced).
-    Arguments are assumed validated by ``fastmaskformer.ops.mask_loss``.
+
+@triton_operator("mask_loss_forward")
+def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
+                      num_masks: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-layer focal and dice (fp32 [L]) of the matched masks, plus what the backward reads:
+    the matched low-res logits X [B, L*M, h*w] and the per-slot sums [L*B*M, 4].
+
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (any float dtype, any strides); assignment int64
+    [L,B,M]: the query matched to segment j of image b at layer l, or -1; seg_maps int32 [B,H,W]
+    padded with -1; num_masks: 0-d fp32, the normaliser; precision "ieee" | "tf32".
     """
+    num_layers, batch, _, channels = mask_embed.shape
+    m = assignment.shape[-1]
+    h, w = pixel_embed.shape[-2:]
+    H, W = seg_maps.shape[-2:]
+    # Matched embeddings, rows (layer, segment) per image; unmatched slots are zero rows.
+    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
+    embed = mask_embed.float().gather(2, query) * (assignment >= 0)[..., None]  # [L, B, M, C]
+    embed = embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
+    pixel = pixel_embed.float().reshape(batch, channels, h * w)
+    with _matmul_precision(precision):
+        low = torch.bmm(embed, pixel)  # [B, L*M, hw]
+    rows, images, seg_ids, _ = _slots(assignment)
+    num_slots = rows.numel()
+    split = _forward_split(low.device, num_slots, H * W)
+    partial = torch.zeros(num_slots, split, 4, dtype=torch.float32, device=low.device)
+    if num_slots and H * W:
+        launch(_mask_loss_fwd_kernel, (num_slots * split,), low, rows, images, seg_ids, seg_maps, partial,
+               h, w, H, W, h / H, w / W, split, ALPHA=FOCAL_ALPHA)
+    stats = partial.sum(1)  # [L*B*M, 4]
+    focal = stats[:, 0] / (H * W)
+    dice = 1 - (2 * stats[:, 3] + 1) / (stats[:, 1] + stats[:, 2] + 1)
+    matched = (assignment >= 0).reshape(num_layers, batch * m).float()
+    focal = (focal.view(num_layers, batch * m) * matched).sum(-1) / num_masks
+    dice = (dice.view(num_layers, batch * m) * matched).sum(-1) / num_masks
+    return focal, dice, low, stats
+
+
+@triton_operator("mask_loss_backward")
+def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                       assignment: Tensor, seg_maps: Tensor, num_masks: Tensor, low: Tensor, stats: Tensor,
+                       precision: str) -> tuple[Tensor, Tensor]:
+    """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w]) of
+    ``sum_l grad_focal[l] focal[l] + grad_dice[l] dice[l]``; low, stats from the forward."""
+    num_layers, batch, num_queries, channels = mask_embed.shape
+    m = assignment.shape[-1]
+    h, w = pixel_embed.shape[-2:]
+    H, W = seg_maps.shape[-2:]
+    rows, images, seg_ids, layers = _slots(assignment)
+    grad_out = (torch.stack([grad_focal, grad_dice], 1).float() / num_masks).contiguous()  # [L, 2]
+    # Rows of unmatched slots keep a zero gradient (the kernel writes zeros there).
+    grad_low = torch.zeros_like(low)
+    (sub_y, margin_y), (sub_x, margin_x) = _cell_size(h, H), _cell_size(w, W)
+    num_slots = rows.numel()
+
+    def grid(meta):
+        return (num_slots * triton.cdiv(h, meta["CELL_Y"] - 1) * triton.cdiv(w, meta["CELL_X"] - 1),)
+
+    if num_slots and H * W:
+        launch(_mask_loss_bwd_kernel, grid, low, grad_low, rows, images, seg_ids, layers, seg_maps, stats, grad_out,
+               h, w, H, W, h / H, w / W, H / h, W / w, 1.0, 1.0 / (H * W),
+               sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA)
+    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
+    embed = mask_embed.float().gather(2, query) * (assignment >= 0)[..., None]
+    embed = embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
+    pixel = pixel_embed.float().reshape(batch, channels, h * w)
+    with _matmul_precision(precision):
+        grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2))  # [B, L*M, C]
+        grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low).view(batch, channels, h, w)
+    # Back to [L,B,Q,C]: matched slots hold distinct queries; unmatched ones add exact zeros.
+    grad_embed = grad_embed.view(batch, num_layers, m, channels).permute(1, 0, 2, 3) * (assignment >= 0)[..., None]
+    grad_mask_embed = torch.zeros(num_layers, batch, num_queries, channels, device=low.device,
+                                  dtype=torch.float32).scatter_add(2, query, grad_embed)
+    return grad_mask_embed, grad_pixel
+
+
+def _setup_context(ctx, inputs, output):
+    mask_embed, pixel_embed, assignment, seg_maps, num_masks, precision = inputs
+    ctx.save_for_backward(mask_embed, pixel_embed, assignment, seg_maps, num_masks, output[2], output[3])
+    ctx.precision = precision
+    ctx.dtypes = (mask_embed.dtype, pixel_embed.dtype)
+
+
+def _backward(ctx, grad_focal, grad_dice, _grad_low, _grad_stats):
+    mask_embed, pixel_embed, assignment, seg_maps, num_masks, low, stats = ctx.saved_tensors
+    zeros = stats.new_zeros(mask_embed.shape[0])
+    grad_focal = zeros if grad_focal is None else grad_focal
+    grad_dice = zeros if grad_dice is None else grad_dice
+    grad_embed, grad_pixel = mask_loss_backward(grad_focal, grad_dice, mask_embed, pixel_embed, assignment,
+                                                seg_maps, num_masks, low, stats, ctx.precision)
+    return grad_embed.to(ctx.dtypes[0]), grad_pixel.to(ctx.dtypes[1]), None, None, None, None
+
+
+mask_loss_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor, num_masks: Tensor,
+              precision: str = "ieee") -> tuple[Tensor, Tensor]:
+    """Focal and dice loss (fp32 [L], differentiable) of the matched masks of all layers; see
+    :func:`mask_loss_forward` for the arguments (validated by ``fastmaskformer.ops.mask_loss``)."""
     if precision not in LOSS_PRECISIONS:
         raise ValueError(f"mask_loss: precision must be one of {LOSS_PRECISIONS}, got {precision!r}")
-    device = mask_embed.device
-    num_layers, batch, _, channels = mask_embed.shape
-    counts = np.array([[int(qi.numel()) for qi, _ in layer] for layer in indices]).reshape(num_layers, batch)
-    if counts.sum() == 0:
-        zero = (mask_embed.sum() + pixel_embed.sum()).float() * 0.0  # keeps the graph connected
-        return zero.expand(num_layers).clone(), zero.expand(num_layers).clone()
-    m_max = int(counts.max())
-    rows_per_image = num_layers * m_max
-    h, w = pixel_embed.shape[-2:]
-
-    # Slot (layer, j) of image b holds the j-th match of that layer: row l * m_max + j of X[b].
-    gather = torch.zeros(batch, rows_per_image, dtype=torch.int64)  # flat index into [L*B*Q]
-    valid = torch.zeros(batch, rows_per_image, dtype=torch.bool)
-    rows, images, seg_ids, layers, slots = [], [], [], [], []
-    num_queries = mask_embed.shape[2]
-    layer_width = int(counts.sum(1).max())
-    layer_fill = np.zeros(num_layers, dtype=np.int64)
-    for layer, per_image in enumerate(indices):
-        for b, (qi, si) in enumerate(per_image):
-            k = int(qi.numel())
-            start = layer * m_max
-            gather[b, start:start + k] = (layer * batch + b) * num_queries + qi
-            valid[b, start:start + k] = True
-            rows.append(b * rows_per_image + start + torch.arange(k))
-            images.append(torch.full((k,), b))
-            seg_ids.append(si)
-            layers.append(torch.full((k,), layer))
-            slots.append(layer * layer_width + int(layer_fill[layer]) + torch.arange(k))
-            layer_fill[layer] += k
-    total = int(counts.sum())
-    # One packed host->device copy, from page-locked memory and asynchronous: several small
-    # pageable copies would each synchronise the stream.
-    packed = torch.cat([torch.cat(rows), torch.cat(images), torch.cat(seg_ids), torch.cat(layers), torch.cat(slots),
-                        gather.flatten(), valid.flatten().to(torch.int64)])
-    if device.type == "cuda":
-        packed = packed.pin_memory()
-    packed = packed.to(device, non_blocking=True)
-    rows, images, seg_ids, layers = (packed[i * total:(i + 1) * total].to(torch.int32) for i in range(4))
-    layer_slots = packed[4 * total:5 * total]
-    gather = packed[5 * total:5 * total + batch * rows_per_image].view(batch, rows_per_image)
-    valid = packed[5 * total + batch * rows_per_image:].view(batch, rows_per_image).bool()
-
-    embed = mask_embed.float().reshape(-1, channels)[gather] * valid[..., None]  # [B, L*m_max, C], padding 0
-    pixel = pixel_embed.float().reshape(batch, channels, h * w)
-    seg_maps = pad_segment_maps(targets, tuple(input_size)).to(device).contiguous()  # [B, H, W] int32
-    return _MatchedFocalDice.apply(embed, pixel, rows, images, seg_ids, layers, layer_slots, seg_maps, h, w,
-                                   num_layers, layer_width, float(num_masks), precision)
+    focal, dice, _, _ = torch.ops.fastmaskformer.mask_loss_forward(mask_embed, pixel_embed, assignment, seg_maps,
+                                                                   num_masks, precision)
+    return focal, dice

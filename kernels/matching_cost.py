@@ -28,18 +28,15 @@ fp32 products, CUDA cores) are opt-in. bf16/fp16 embeddings feed the first tl.do
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastmaskformer.shared import interpreter_enabled
-from fastmaskformer.shared import FOCAL_ALPHA, FOCAL_GAMMA
-from fastmaskformer.target import Target
+from fastmaskformer.shared import FOCAL_ALPHA, FOCAL_GAMMA, interpreter_enabled
 
-from .common import autotune_configs, check_precision, dot, multiprocessor_count
+from .common import autotune_configs, check_precision, dot, launch, multiprocessor_count, triton_operator
 
 assert FOCAL_GAMMA == 2.0, "the kernel squares (1-s) and s explicitly"
 
@@ -151,26 +148,15 @@ _GPU_CONFIGS = {
 }
 
 
-def _configs() -> list[triton.Config]:
+def _configs(precision: str) -> list[triton.Config]:
     return autotune_configs(
         gpu=[{"BLOCK_Q": bq, "BLOCK_P": bp, "BLOCK_C": bc, "num_warps": nw, "num_stages": ns}
-             for bq, bp, bc, nw, ns in dict.fromkeys(c for cs in _GPU_CONFIGS.values() for c in cs)],
+             for bq, bp, bc, nw, ns in _GPU_CONFIGS[precision]],
         # One config (the interpreter cannot autotune) with big blocks: its cost grows with the
         # number of programs and loop iterations, not with the block size.
         interpreter={"BLOCK_Q": 32, "BLOCK_P": 512, "BLOCK_C": 64})
 
 
-def _precision_configs(configs, named_args, **kwargs):
-    """The configs tuned for the launch's precision (all of them under the interpreter)."""
-    if len(configs) == 1:
-        return configs
-    wanted = set(_GPU_CONFIGS[kwargs["PRECISION"]])
-    return [c for c in configs if (c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"], c.num_warps,
-                                   c.num_stages) in wanted]
-
-
-@triton.autotune(configs=_configs(), key=["Q", "C", "HW", "BLOCK_M", "SPLIT", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _precision_configs})
 @triton.jit
 def _matching_cost_kernel(
     logits_ptr, stride_ln, stride_lq, stride_lk,  # [N, Q, K+1] class logits, any strides/float dtype
@@ -206,6 +192,15 @@ def _matching_cost_kernel(
     else:
         base = out_ptr + _partial_offset(n, split, SPLIT, Q, M_MAX)
         _store_partials(base, acc_ft, acc_st, row_fneg, row_s, count, offs_q, q_ok, offs_m, Q, M_MAX)
+
+
+# One autotuner per precision, each with the configs tuned for it: torch.compile supports
+# triton.autotune with configs and keys only (no pruning hooks).
+_MATCHING_COST_KERNELS = {
+    precision: triton.autotune(configs=_configs(precision), key=["Q", "C", "HW", "BLOCK_M", "SPLIT"])(
+        _matching_cost_kernel)
+    for precision in _GPU_CONFIGS
+}
 
 
 @triton.jit
@@ -264,40 +259,6 @@ def _matching_cost_finish_kernel(
                 Q, M_MAX, HW, NUM_CLASSES, w_class, w_focal, w_dice, BLOCK_Q, BLOCK_K)
 
 
-def _nearest_source_index(out_size: int, in_size: int) -> Tensor:
-    """PyTorch's nearest rule (``F.interpolate(mode="nearest")``): src = min(floor(dst * s), in - 1)
-    with the fp32 scale s = in / out. int64 [out_size], non-decreasing."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
-    src = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long()
-    return src.clamp_max(in_size - 1)
-
-
-def downsample_segment_ids(targets: Sequence[Target], input_size, out_size) -> Tensor:
-    """int32 [B, h, w]: each map padded (-1) to ``input_size`` then nearest-downsampled to
-    ``out_size``; equal to ``ops.matching_cost.downsample_segment_maps`` but built by gathering
-    the sampled rows/columns of each map, without the padded [B, H, W] map or its float copy."""
-    (H, W), (h, w) = input_size, out_size
-    rows, cols = _nearest_source_index(h, H), _nearest_source_index(w, W)
-    device = targets[0].device
-    out = torch.full((len(targets), h, w), -1, dtype=torch.int32, device=device)
-    sizes = {t.image_size for t in targets}
-    if len(sizes) == 1:  # the usual batch (maps padded to one size): a few launches for all images
-        ((map_h, map_w),) = sizes
-        n_rows, n_cols = int((rows < map_h).sum()), int((cols < map_w).sum())
-        maps = torch.stack([t.segment_map for t in targets])
-        sampled = maps.index_select(1, rows[:n_rows].to(device)).index_select(2, cols[:n_cols].to(device))
-        out[:, :n_rows, :n_cols] = sampled
-        return out
-    for b, t in enumerate(targets):
-        # Sampled rows/columns past the map's own size fall in the padding (-1); being
-        # non-decreasing, the ones inside form a prefix.
-        n_rows = int((rows < t.image_size[0]).sum())
-        n_cols = int((cols < t.image_size[1]).sum())
-        sampled = t.segment_map.index_select(0, rows[:n_rows].to(device))
-        out[b, :n_rows, :n_cols] = sampled.index_select(1, cols[:n_cols].to(device))
-    return out
-
-
 def _kernel_dtype(x: Tensor) -> Tensor:
     """fp32 / bf16 / fp16 go to the kernel as they are; fp64 is computed in fp32 like the reference."""
     return x if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.float()
@@ -310,37 +271,28 @@ def pixel_splits(device, base_programs: int, pixels: int) -> int:
     return max(1, min(wanted, pixels // MIN_SPLIT_PIXELS))
 
 
-def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, targets: Sequence[Target],
-                  weights, input_size, precision: str = DEFAULT_PRECISION, num_layers: int = 1) -> Tensor:
+@triton_operator("matching_cost")
+def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_small: Tensor, labels: Tensor,
+                  num_segments: Tensor, weights: list[float], precision: str, num_layers: int) -> Tensor:
     """Fused matching cost of all problems.
 
     class_logits: [N, Q, K+1]; mask_embed: [N, Q, C] (any strides); pixel_embed: [B, C, h, w];
-    problem n = layer * B + b uses image b; targets: B Targets with segment maps at most
-    ``input_size`` (H, W) (padded with -1 to it, then nearest-downsampled to (h, w) like the
-    reference). weights: (w_class, w_focal, w_dice); precision: "tf32" | "tf32x3" | "ieee".
-    Returns costs float32 [N, Q, Mmax], zero past each problem's M_b. Arguments are assumed
-    validated by ``fastmaskformer.ops.matching_cost_padded``.
+    problem n = layer * B + b uses image b; seg_small: int32 [B, h, w], the segment maps at the
+    prediction size (-1 = none); labels: int64 [B, M] (padded); num_segments: int64 [B];
+    weights: (w_class, w_focal, w_dice); precision: "tf32" | "tf32x3" | "ieee"; num_layers: N / B.
+    Returns costs float32 [N, Q, M], zero past each problem's M_b.
     """
     check_precision(precision, "matching_cost")
     n_problems, num_queries, _ = class_logits.shape
     batch, channels, h, w = pixel_embed.shape
-    device = class_logits.device
-    m_max = max((t.num_segments for t in targets), default=0)
-    out = torch.empty(n_problems, num_queries, m_max, dtype=torch.float32, device=device)
+    m_max = labels.shape[1]
+    out = torch.zeros(n_problems, num_queries, m_max, dtype=torch.float32, device=class_logits.device)
     if out.numel() == 0:
-        return out.zero_()
-
-    seg_small = downsample_segment_ids(targets, input_size, (h, w)).reshape(batch, h * w)  # [B, hw] int32
-    # Labels padded to [B, Mmax] in a few launches: the images' labels concatenated on the device,
-    # scattered to slots computed on the host (no host sync).
-    counts = [t.num_segments for t in targets]
-    slots = torch.cat([b * m_max + torch.arange(m) for b, m in enumerate(counts)])
-    host = torch.cat([slots, torch.tensor(counts)]).to(torch.int32)
-    host = (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-    labels = torch.zeros(batch * m_max, dtype=torch.int32, device=device)
-    labels[host[:-batch].long()] = torch.cat([t.labels for t in targets]).to(torch.int32)
-    labels = labels.view(batch, m_max)
-    num_segments = host[-batch:]
+        return out
+    device = class_logits.device
+    seg_small = seg_small.reshape(batch, h * w).to(torch.int32).contiguous()
+    labels = labels.to(torch.int32).contiguous()
+    num_segments = num_segments.to(torch.int32).contiguous()
     num_classes = class_logits.shape[-1]
     # The class softmax runs once per program: small chunks keep its registers low.
     block_k = min(triton.next_power_of_2(num_classes), 1024 if interpreter_enabled() else 32)
@@ -357,32 +309,29 @@ def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
     split = pixel_splits(device, n_problems * triton.cdiv(num_queries, 128) * num_m_tiles, h * w)
     split_len = triton.cdiv(h * w, split)
     w_class, w_focal, w_dice = (float(v) for v in weights)
-    if split > 1:
-        partial = torch.empty(n_problems * split * (2 * num_queries * m_max + 2 * num_queries + m_max),
-                              dtype=torch.float32, device=device)
+    partial = torch.empty(n_problems * split * (2 * num_queries * m_max + 2 * num_queries + m_max) if split > 1 else 0,
+                          dtype=torch.float32, device=device)
 
     def grid(meta):
         return (n_problems * triton.cdiv(num_queries, meta["BLOCK_Q"]) * num_m_tiles * split,)
 
-    _matching_cost_kernel[grid](
-        class_logits, class_logits.stride(0), class_logits.stride(1), class_logits.stride(2),
-        labels, labels.stride(0),
-        num_segments,
-        embed, embed.stride(0), embed.stride(1), embed.stride(2),
-        pixel, pixel.stride(0), pixel.stride(1),
-        seg_small,
-        out if split == 1 else partial,
-        batch, num_layers, num_queries, channels, h * w, m_max, num_m_tiles, num_classes, split_len,
-        w_class, w_focal, w_dice,
-        ALPHA=FOCAL_ALPHA, SPLIT=split, BLOCK_M=block_m, BLOCK_K=block_k,
-        PRECISION=precision, EMULATE=interpreter_enabled(),
-    )
+    launch(_MATCHING_COST_KERNELS[precision], grid,
+           class_logits, class_logits.stride(0), class_logits.stride(1), class_logits.stride(2),
+           labels, labels.stride(0),
+           num_segments,
+           embed, embed.stride(0), embed.stride(1), embed.stride(2),
+           pixel, pixel.stride(0), pixel.stride(1),
+           seg_small,
+           out if split == 1 else partial,
+           batch, num_layers, num_queries, channels, h * w, m_max, num_m_tiles, num_classes, split_len,
+           w_class, w_focal, w_dice,
+           ALPHA=FOCAL_ALPHA, SPLIT=split, BLOCK_M=block_m, BLOCK_K=block_k,
+           PRECISION=precision, EMULATE=interpreter_enabled())
     if split > 1:
         block_q = min(triton.next_power_of_2(num_queries), 64)
-        _matching_cost_finish_kernel[(n_problems * triton.cdiv(num_queries, block_q) * num_m_tiles,)](
-            partial, class_logits, class_logits.stride(0), class_logits.stride(1), class_logits.stride(2),
-            labels, labels.stride(0), num_segments, out,
-            batch, num_queries, m_max, num_m_tiles, h * w, num_classes, w_class, w_focal, w_dice,
-            SPLIT=split, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
-        )
+        launch(_matching_cost_finish_kernel, (n_problems * triton.cdiv(num_queries, block_q) * num_m_tiles,),
+               partial, class_logits, class_logits.stride(0), class_logits.stride(1), class_logits.stride(2),
+               labels, labels.stride(0), num_segments, out,
+               batch, num_queries, m_max, num_m_tiles, h * w, num_classes, w_class, w_focal, w_dice,
+               SPLIT=split, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
     return out

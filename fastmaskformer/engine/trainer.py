@@ -155,9 +155,17 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, solver)
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.ddp = self.model
+        self.forward = self.ddp  # the model forward the step calls (compiled with solver.compile)
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if solver.compile:
+            # The model forward is one graph; the criterion's losses() is one graph around the
+            # matcher's solver operator (its device->host copy is the step's only host sync).
+            # Checkpoints keep reading self.model.
+            self.forward = torch.compile(self.ddp)
+            if self.criterion is not None:
+                self.criterion.losses = torch.compile(self.criterion.losses)
         seed_all(solver.seed + self.dist.rank)  # dropout differs across ranks, as detectron2
 
         self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
@@ -248,7 +256,7 @@ class Trainer:
         no_sync = self.ddp.no_sync() if (not sync and self.ddp is not self.model) else nullcontext()
         with no_sync:
             with autocast:
-                outputs = self.ddp(images)
+                outputs = self.forward(images)
             bad = [name for name, t in zip(_output_names(outputs), outputs.as_tuple()) if not torch.isfinite(t).all()]
             if bad:
                 # a zero backward through every parameter keeps DDP ranks in step; the update is dropped

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._checks import check_targets, default_input_size
+from ..ops._dispatch import preload_kernels
+from ..ops.matching_cost import pack_targets
 from ..target import Target, validate_targets
 from .matcher import HungarianMatcher, build_matcher
 
@@ -64,16 +67,25 @@ class SetCriterion(nn.Module):
         return sum(losses[k] * weights[k] for k in losses if k in weights)
 
     def target_classes(self, matching, targets: Sequence[Target], num_queries: int, device) -> Tensor:
-        """Class target of every query of every matched layer: int64 [L', B, Q] (K = no object),
-        built on the host from the matching and copied to ``device`` in one transfer."""
+        """Class target of every query of every matched layer from index pairs: int64 [L', B, Q]
+        (K = no object)."""
         out = torch.full((len(matching), len(targets), num_queries), self.num_classes, dtype=torch.int64)
-        labels = [t.labels.cpu() for t in targets]  # targets as given: host tensors in training
+        labels = [t.labels.cpu() for t in targets]
         for layer, indices in enumerate(matching):
             for b, (qi, si) in enumerate(indices):
                 out[layer, b, qi] = labels[b][si]
-        if device.type == "cuda":
-            out = out.pin_memory()
-        return out.to(device, non_blocking=True)
+        return out.to(device)
+
+    def assigned_classes(self, assignment: Tensor, labels: Tensor, num_queries: int) -> Tensor:
+        """assignment int64 [L',B,M] (query of each segment, -1 = none), labels int64 [B,M] ->
+        class target of every query int64 [L',B,Q] (K = no object), on the device."""
+        num_layers, batch, m = assignment.shape
+        out = torch.full((num_layers, batch, num_queries + 1), self.num_classes, dtype=torch.int64,
+                         device=assignment.device)
+        # Unmatched segments write into an extra column, dropped.
+        index = torch.where(assignment >= 0, assignment, num_queries)
+        out.scatter_(2, index, labels[None].expand(num_layers, batch, m))
+        return out[..., :num_queries]
 
     def class_loss(self, class_logits: Tensor, target_classes: Tensor) -> Tensor:
         """class_logits [B,Q,K+1], target_classes [B,Q]: weighted mean CE over all B*Q queries."""
@@ -82,23 +94,37 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs, targets: Sequence[Target], input_size=None) -> dict[str, Tensor]:
         """outputs: anything with ``class_logits [L,B,Q,K+1]``, ``mask_embed [L,B,Q,C]``,
-        ``pixel_embed [B,C,h,w]``; targets: B Targets (segment maps at input resolution)."""
+        ``pixel_embed [B,C,h,w]``; targets: B Targets (segment maps at input resolution).
+
+        The host part (label checks, packing the targets, the all-reduced mask count) runs here;
+        the rest is :meth:`losses`, which has no host sync but the solver's one copy."""
         class_logits, mask_embed, pixel_embed = outputs.class_logits, outputs.mask_embed, outputs.pixel_embed
         if class_logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"class_logits has {class_logits.shape[-1]} classes, expected "
                              f"num_classes + 1 = {self.num_classes + 1}")
         validate_targets(targets, self.num_classes)  # on the host, before moving them
-        host_targets = targets
-        targets = [t.to(pixel_embed.device, non_blocking=True) for t in targets]
+        self.matcher.check(targets, class_logits.shape[2])
+        size = default_input_size(pixel_embed, input_size)
+        check_targets(targets, pixel_embed.shape[0], None, size)
+        seg_maps, labels, num_segments = pack_targets(targets, size, pixel_embed.device)
+        num_masks = torch.tensor(count_masks(targets, pixel_embed.device), device=pixel_embed.device)
+        preload_kernels(self.impl, pixel_embed, modules=("matching_cost", "mask_loss"))
+        return self.losses(class_logits, mask_embed, pixel_embed, seg_maps, labels, num_segments, num_masks)
+
+    def losses(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+               labels: Tensor, num_segments: Tensor, num_masks: Tensor) -> dict[str, Tensor]:
+        """The loss terms from the model outputs and packed targets (``ops.matching_cost.
+        pack_targets``: seg_maps int32 [B,H,W], labels int64 [B,M], num_segments int64 [B]) and
+        the normaliser num_masks (0-d). Static shapes throughout: ``torch.compile`` captures it
+        in one graph (the matcher's solve is one opaque operator)."""
         num_layers = class_logits.shape[0]
         layers = list(range(num_layers)) if self.deep_supervision else [num_layers - 1]
-        matching = self.matcher(class_logits[layers].detach(), mask_embed[layers].detach(),
-                                pixel_embed.detach(), targets, input_size)
-        target_classes = self.target_classes(matching, host_targets, class_logits.shape[2], class_logits.device)
-        num_masks = count_masks(targets, pixel_embed.device)
+        assignment = self.matcher.assign(class_logits[layers].detach(), mask_embed[layers].detach(),
+                                         pixel_embed.detach(), seg_maps, labels, num_segments)  # [L',B,M]
+        target_classes = self.assigned_classes(assignment, labels, class_logits.shape[2])
         # All layers' mask losses in one call: the fused path reads pixel_embed once.
-        focal, dice = ops.mask_loss(mask_embed[layers], pixel_embed, matching, targets, num_masks, input_size,
-                                    self.mask_loss_precision, impl=self.impl)
+        focal, dice = ops.mask_loss_assigned(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks,
+                                             self.mask_loss_precision, impl=self.impl)
         losses = {}
         for i, layer in enumerate(layers):
             suffix = "" if layer == num_layers - 1 else f"_{layer}"

@@ -16,27 +16,33 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops._checks import check_targets, default_input_size
+from ..ops.assignment import check_matching_costs
+from ..ops.matching_cost import pack_targets
 from ..target import Target
 
 # Per layer, per image: (query_idx int64 [m], seg_idx int64 [m]), query_idx ascending.
 Matching = list[list[tuple[Tensor, Tensor]]]
 
 
-def _check_finite(costs: np.ndarray, sizes: np.ndarray, batch: int) -> None:
-    for n, m in enumerate(sizes):
-        block = costs[n, :, :m]
-        if not np.isfinite(block).all():
-            kind = "NaN" if np.isnan(block).any() else "infinite"
-            raise ValueError(
-                f"matching cost of layer {n // batch}, image {n % batch} has {kind} entries "
-                "(non-finite model outputs? check the loss scale / learning rate)"
-            )
-
-
 def _solve_scipy_loop(costs: np.ndarray, sizes: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     from scipy.optimize import linear_sum_assignment
 
     return [linear_sum_assignment(costs[n, :, :m]) for n, m in enumerate(sizes)]
+
+
+def assignment_to_indices(assignment: Tensor) -> Matching:
+    """[L, B, M] (query of each segment, -1 = none) -> per layer, per image (query_idx ascending,
+    seg_idx) int64 CPU tensors."""
+    out = []
+    for layer in assignment.cpu():
+        per_image = []
+        for row in layer:
+            seg = torch.nonzero(row >= 0).flatten()
+            order = row[seg].argsort()
+            per_image.append((row[seg][order], seg[order]))
+        out.append(per_image)
+    return out
 
 
 class HungarianMatcher:
@@ -57,6 +63,30 @@ class HungarianMatcher:
         self.impl = impl
         self.precision = precision
 
+    def check(self, targets: Sequence[Target], num_queries: int) -> None:
+        """Host-side checks of the targets before a step (none needed)."""
+
+    @torch.no_grad()
+    def assign(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+               labels: Tensor, num_segments: Tensor) -> Tensor:
+        """class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; packed targets
+        (``ops.matching_cost.pack_targets``) -> assignment int64 [L,B,M] on the device: the query
+        matched to each segment (-1: none). All costs in one launch, ONE device->host copy
+        (inside the solver operator), all problems in one batched solve; no other host sync."""
+        num_layers, batch, num_queries = class_logits.shape[:3]
+        costs = ops.matching_cost_packed(class_logits, mask_embed, pixel_embed, seg_maps, labels, num_segments,
+                                         self.weights, self.precision, impl=self.impl)  # [L*B, Q, M]
+        widths = num_segments.repeat(num_layers)
+        if self.solver == "batched":
+            rows, cols = torch.ops.fastmaskformer.linear_sum_assignment(costs, widths, False, batch)
+        else:
+            rows, cols = _scipy_assignment(costs, widths, batch)
+        m = labels.shape[1]
+        # Scatter query -> segment slot; padding pairs (-1) land in an extra column, dropped.
+        assignment = torch.full((costs.shape[0], m + 1), -1, dtype=torch.int64, device=costs.device)
+        assignment.scatter_(1, torch.where(cols >= 0, cols, m), torch.where(cols >= 0, rows, -1))
+        return assignment[:, :m].reshape(num_layers, batch, m)
+
     @torch.no_grad()
     def __call__(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                  targets: Sequence[Target], input_size=None) -> Matching:
@@ -64,21 +94,23 @@ class HungarianMatcher:
         (L lists of B index pairs, on the CPU)."""
         if class_logits.dim() == 3:
             class_logits, mask_embed = class_logits[None], mask_embed[None]
-        num_layers, batch = class_logits.shape[:2]
-        costs, sizes = ops.matching_cost_padded(class_logits, mask_embed, pixel_embed, targets, self.weights,
-                                                input_size, self.precision, impl=self.impl)
-        costs = costs.cpu().numpy()  # the one device->host transfer of the step
-        sizes = sizes.numpy()
-        _check_finite(costs, sizes, batch)
-        if self.solver == "batched":
-            from ..ops.assignment import linear_sum_assignment_batch
+        size = default_input_size(pixel_embed, input_size)
+        check_targets(targets, pixel_embed.shape[0], class_logits.shape[-1] - 1, size)
+        packed = pack_targets(targets, size, pixel_embed.device)
+        return assignment_to_indices(self.assign(class_logits, mask_embed, pixel_embed, *packed))
 
-            num_queries = costs.shape[1]
-            solved = linear_sum_assignment_batch(costs, sizes=[(num_queries, int(m)) for m in sizes])
-        else:
-            solved = _solve_scipy_loop(costs, sizes)
-        pairs = [(torch.as_tensor(r, dtype=torch.int64), torch.as_tensor(c, dtype=torch.int64)) for r, c in solved]
-        return [pairs[l * batch:(l + 1) * batch] for l in range(num_layers)]
+
+def _scipy_assignment(costs: Tensor, widths: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """The official per-problem scipy loop (the baseline), in the solver operator's format."""
+    host = costs.cpu().numpy()
+    sizes = widths.cpu().numpy()
+    check_matching_costs(host, sizes, batch)
+    rows = torch.full(costs.shape[:1] + (min(costs.shape[1:]),), -1, dtype=torch.int64)
+    cols = rows.clone()
+    for n, (r, c) in enumerate(_solve_scipy_loop(host, sizes)):
+        rows[n, :len(r)] = torch.from_numpy(r)
+        cols[n, :len(c)] = torch.from_numpy(c)
+    return rows.to(costs.device), cols.to(costs.device)
 
 
 class FixedMatcher:
@@ -87,13 +119,8 @@ class FixedMatcher:
     Needs one segment per class per image (semantic targets); a repeated class is an error.
     """
 
-    @torch.no_grad()
-    def __call__(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
-                 targets: Sequence[Target], input_size=None) -> Matching:
-        if class_logits.dim() == 3:
-            class_logits = class_logits[None]
-        num_layers, _, num_queries = class_logits.shape[:3]
-        per_image = []
+    def check(self, targets: Sequence[Target], num_queries: int) -> None:
+        """Q >= K and one segment per class (ValueError naming the image)."""
         for b, t in enumerate(targets):
             labels = t.labels.cpu()
             if labels.numel() and (int(labels.max()) >= num_queries):
@@ -101,9 +128,27 @@ class FixedMatcher:
                                  f"but only {num_queries} queries")
             if labels.unique().numel() != labels.numel():
                 raise ValueError(f"fixed matching needs one segment per class; image {b} repeats a class")
+
+    @torch.no_grad()
+    def assign(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+               labels: Tensor, num_segments: Tensor) -> Tensor:
+        """Segment j of image b -> query labels[b, j] at every layer: int64 [L,B,M]."""
+        segments = torch.arange(labels.shape[1], device=labels.device)
+        per_image = torch.where(segments[None, :] < num_segments[:, None], labels, -1)
+        return per_image[None].expand(class_logits.shape[0], -1, -1).clone()
+
+    @torch.no_grad()
+    def __call__(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
+                 targets: Sequence[Target], input_size=None) -> Matching:
+        if class_logits.dim() == 3:
+            class_logits = class_logits[None]
+        self.check(targets, class_logits.shape[2])
+        per_image = []
+        for t in targets:
+            labels = t.labels.cpu()
             order = labels.argsort()
             per_image.append((labels[order], order))
-        return [list(per_image) for _ in range(num_layers)]
+        return [list(per_image) for _ in range(class_logits.shape[0])]
 
 
 def build_matcher(loss_cfg) -> HungarianMatcher | FixedMatcher:

@@ -8,8 +8,8 @@ from .inference import (
     semantic_inference_tta,
 )
 from .mask_logits import mask_logits
-from .mask_loss import mask_loss
-from .matching_cost import matching_cost, matching_cost_padded
+from .mask_loss import mask_loss, mask_loss_assigned
+from .matching_cost import matching_cost, matching_cost_packed, matching_cost_padded
 from .assignment import linear_sum_assignment_batch
 from .mask_probs import mask_probs
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference

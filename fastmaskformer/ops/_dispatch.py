@@ -41,13 +41,28 @@ def resolve_impl(impl: str, *tensors: torch.Tensor, op: str) -> str:
     return "triton"
 
 
+_LOADED: dict = {}
+
+
 def load_kernel(module: str, op: str):
-    """Import ``fastmaskformer.kernels.<module>``; NotImplementedError if that kernel is absent."""
+    """``fastmaskformer.kernels.<module>``; NotImplementedError if that kernel is absent. Loaded
+    modules are cached in a plain dict, which ``torch.compile`` reads without a graph break (a
+    module must be loaded once outside compiled code: see :func:`preload_kernels`)."""
+    if module in _LOADED:
+        return _LOADED[module]
     import importlib
 
     try:
-        return importlib.import_module(f"fastmaskformer.kernels.{module}")
+        _LOADED[module] = importlib.import_module(f"fastmaskformer.kernels.{module}")
     except ModuleNotFoundError as exc:
         if exc.name != f"fastmaskformer.kernels.{module}":
             raise
         raise NotImplementedError(f"{op}: no Triton kernel yet (kernels/{module}.py); use impl='torch'") from None
+    return _LOADED[module]
+
+
+def preload_kernels(impl: str, *tensors: torch.Tensor, modules: tuple[str, ...]) -> None:
+    """Load the kernel ``modules`` an op will use with these tensors (before compiled code runs)."""
+    if resolve_impl(impl, *tensors, op="preload") == "triton":
+        for module in modules:
+            load_kernel(module, module)

@@ -15,11 +15,11 @@ once. Tests force that path with ``monkeypatch.setattr(assignment, "_native", No
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Sequence
 
 import numpy as np
+import torch
 
 try:
     from .. import _C as _native
@@ -126,9 +126,7 @@ def _is_array_like(x) -> bool:
 
 
 def _is_tensor(x) -> bool:
-    # torch is only consulted when the caller already imported it: numpy users never pay for it.
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    return isinstance(x, torch.Tensor)
 
 
 def _to_numpy(x, what: str) -> np.ndarray:
@@ -211,3 +209,48 @@ def _warn_fallback() -> None:
         _fallback_warned = True
         warnings.warn("fastmaskformer._C is not built: linear_sum_assignment_batch falls back to "
                       "a scipy loop (slower)", RuntimeWarning, stacklevel=4)
+
+
+def check_matching_costs(costs: np.ndarray, widths: np.ndarray, batch: int) -> None:
+    """ValueError naming the layer and image of the first of the matcher's layer-major [L*B]
+    problems (``costs[n, :, :widths[n]]``) with a NaN or infinite cost."""
+    for n, m in enumerate(widths):
+        block = costs[n, :, :m]
+        if not np.isfinite(block).all():
+            kind = "NaN" if np.isnan(block).any() else "infinite"
+            raise ValueError(f"matching cost of layer {n // batch}, image {n % batch} has {kind} entries "
+                             "(non-finite model outputs? check the loss scale / learning rate)")
+
+
+# ---------------------------------------------------------------------------- operator
+@torch.library.custom_op("fastmaskformer::linear_sum_assignment", mutates_args=())
+def linear_sum_assignment_padded(costs: torch.Tensor, num_cols: torch.Tensor, maximize: bool = False,
+                                 batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched solver as an operator (``torch.compile`` / ``torch.export`` see one opaque
+    node; its device->host copy of the costs is the only host sync of a training step).
+
+    costs: [N, R, C] float32/float64 on any device; num_cols: int64 [N], problem n is the
+    ``R x num_cols[n]`` block of costs[n]. Returns row_ind, col_ind: int64 [N, min(R, C)] on the
+    costs' device, scipy's pairs left-aligned and padded with -1. ValueError on NaN/inf costs,
+    naming the problem, or with ``batch`` > 0 (problems are layer-major [L*B]) its layer and image.
+    """
+    n, rows, cols = costs.shape
+    host = costs.detach().cpu().numpy()
+    widths = num_cols.detach().cpu().to(torch.int64)
+    sizes = torch.stack([torch.full_like(widths, rows), widths], 1).numpy()
+    if batch > 0:
+        check_matching_costs(host, sizes[:, 1], batch)
+    solved = linear_sum_assignment_batch(host, sizes=sizes, maximize=maximize)
+    out = torch.full((2, n, min(rows, cols)), -1, dtype=torch.int64)
+    for i, (r, c) in enumerate(solved):
+        out[0, i, :len(r)] = torch.from_numpy(r)
+        out[1, i, :len(c)] = torch.from_numpy(c)
+    out = out.to(costs.device)
+    return out[0].clone(), out[1].clone()
+
+
+@linear_sum_assignment_padded.register_fake
+def _(costs, num_cols, maximize=False, batch=0):
+    n, rows, cols = costs.shape
+    shape = (n, min(rows, cols))
+    return costs.new_empty(shape, dtype=torch.int64), costs.new_empty(shape, dtype=torch.int64)

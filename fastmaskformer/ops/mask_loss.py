@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..target import Target, pad_segment_maps
+from ..shared import FOCAL_ALPHA, FOCAL_GAMMA
 from ._checks import check_embeddings, check_targets, default_input_size
 from ._dispatch import load_kernel, resolve_impl
-from .matching_cost import FOCAL_ALPHA, FOCAL_GAMMA
+from ._library import reference_operator
 
 Indices = Sequence[tuple[Tensor, Tensor]]
 
@@ -56,31 +57,76 @@ def check_indices(indices: Indices, targets: Sequence[Target], num_queries: int)
         m = targets[b].num_segments
         if si.numel() and (int(si.min()) < 0 or int(si.max()) >= m):
             raise ValueError(f"image {b}: segment index out of range [0, {m})")
+        if si.unique().numel() != si.numel():
+            raise ValueError(f"image {b}: a segment is matched more than once")
         out.append((qi, si))
     return out
 
 
-def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, indices: Indices,
-                        targets: Sequence[Target], num_masks: float, input_size) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch: materialises the matched logits at full resolution [M_total, H, W]."""
-    device = mask_embed.device
-    padded = pad_segment_maps(targets, tuple(input_size)).to(device)  # [B, H, W]
-    logits, masks = [], []
-    for b, (qi, si) in enumerate(indices):
-        if qi.numel() == 0:
-            continue
-        emb = mask_embed[b, qi.to(device)].float()  # [m, C]
-        logits.append(torch.einsum("mc,chw->mhw", emb, pixel_embed[b].float()))
-        masks.append(padded[b][None] == si.to(device)[:, None, None])
-    if not logits:
-        zero = (mask_embed.sum() + pixel_embed.sum()).float() * 0.0  # keeps the graph connected
-        return zero, zero.clone()
-    logits = F.interpolate(torch.cat(logits)[:, None], size=tuple(input_size), mode="bilinear",
-                           align_corners=False)[:, 0].flatten(1)  # [M_total, H*W]
-    masks = torch.cat(masks).flatten(1).float()
-    focal = sigmoid_focal_loss_per_mask(logits, masks).sum() / num_masks
-    dice = dice_loss_per_mask(logits, masks).sum() / num_masks
-    return focal, dice
+def assignment_from_indices(layers: Sequence[Sequence[tuple[Tensor, Tensor]]], num_segments: Sequence[int]) -> Tensor:
+    """Per layer, per image (query_idx, seg_idx) -> int64 [L, B, max M_b]: the query matched to
+    each segment, -1 where none (the padded form the mask-loss operators take)."""
+    width = max(num_segments, default=0)
+    out = torch.full((len(layers), len(num_segments), width), -1, dtype=torch.int64)
+    for layer, per_image in enumerate(layers):
+        for b, (qi, si) in enumerate(per_image):
+            out[layer, b, si] = qi
+    return out
+
+
+@reference_operator("mask_loss_reference", differentiable=("mask_embed", "pixel_embed"))
+def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
+                        num_masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch, per layer: the matched logits at full resolution [B, M, H, W].
+
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] (query of segment j of
+    image b at layer l, or -1); seg_maps int32 [B,H,W] padded with -1; num_masks 0-d.
+    Returns focal, dice: fp32 [L].
+    """
+    num_layers, batch, _, channels = mask_embed.shape
+    m = assignment.shape[-1]
+    if m == 0:  # no segment in the batch: zero losses, still connected to the graph
+        zero = (mask_embed.sum() + pixel_embed.sum()).float() * 0.0
+        return zero.expand(num_layers).clone(), zero.expand(num_layers).clone()
+    size = tuple(seg_maps.shape[-2:])
+    segments = torch.arange(m, device=seg_maps.device)
+    targets = (seg_maps[:, None] == segments[None, :, None, None]).flatten(2).float()  # [B, M, H*W]
+    focal, dice = [], []
+    for layer in range(num_layers):
+        query = assignment[layer].clamp_min(0)[..., None].expand(batch, m, channels)
+        embed = mask_embed[layer].float().gather(1, query)  # [B, M, C]
+        logits = torch.einsum("bmc,bchw->bmhw", embed, pixel_embed.float())
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).flatten(2)  # [B, M, H*W]
+        matched = (assignment[layer] >= 0).float().flatten()
+        per_mask = (sigmoid_focal_loss_per_mask(logits.flatten(0, 1), targets.flatten(0, 1)),
+                    dice_loss_per_mask(logits.flatten(0, 1), targets.flatten(0, 1)))
+        focal.append((per_mask[0] * matched).sum() / num_masks)
+        dice.append((per_mask[1] * matched).sum() / num_masks)
+    return torch.stack(focal), torch.stack(dice)
+
+
+def mask_loss_assigned(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
+                       num_masks, precision: str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """:func:`mask_loss` on the padded matching, with no host work: what the criterion calls
+    (``torch.compile`` traces it whole).
+
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] on the device (query
+    of segment j of image b at layer l, -1 = unmatched); seg_maps int32 [B,H,W] at the padded
+    input size, -1 = no segment; num_masks: float or 0-d tensor. Returns fp32 focal, dice [L].
+    """
+    check_embeddings(mask_embed, pixel_embed)
+    if mask_embed.dim() != 4 or assignment.dim() != 3 or assignment.shape[:2] != mask_embed.shape[:2]:
+        raise ValueError(f"assignment {tuple(assignment.shape)} must be [L,B,M] for mask_embed "
+                         f"{tuple(mask_embed.shape)} [L,B,Q,C]")
+    if seg_maps.dim() != 3 or seg_maps.shape[0] != pixel_embed.shape[0]:
+        raise ValueError(f"seg_maps must be [B,H,W] with B={pixel_embed.shape[0]}, got {tuple(seg_maps.shape)}")
+    num_masks = torch.as_tensor(num_masks, dtype=torch.float32, device=pixel_embed.device)
+    assignment = assignment.to(pixel_embed.device, torch.int64)
+    seg_maps = seg_maps.to(pixel_embed.device, torch.int32).contiguous()
+    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_loss") == "triton":
+        return load_kernel("mask_loss", "mask_loss").mask_loss(mask_embed, pixel_embed, assignment, seg_maps,
+                                                               num_masks, precision or "ieee")
+    return torch.ops.fastmaskformer.mask_loss_reference(mask_embed, pixel_embed, assignment, seg_maps, num_masks)
 
 
 def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices, targets: Sequence[Target], num_masks: float,
@@ -106,11 +152,8 @@ def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices, targets: Sequenc
     num_masks = float(num_masks)
     if not num_masks > 0:
         raise ValueError(f"num_masks must be positive, got {num_masks}")
-    embeds = mask_embed if per_layer else mask_embed[None]
-    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_loss") == "triton":
-        kernel = load_kernel("mask_loss", "mask_loss")
-        focal, dice = kernel.mask_loss(embeds, pixel_embed, layers, targets, num_masks, size, precision or "ieee")
-    else:
-        losses = [mask_loss_reference(e, pixel_embed, idx, targets, num_masks, size) for e, idx in zip(embeds, layers)]
-        focal, dice = (torch.stack(t) for t in zip(*losses))
+    assignment = assignment_from_indices(layers, [t.num_segments for t in targets])
+    seg_maps = pad_segment_maps(targets, size)
+    focal, dice = mask_loss_assigned(mask_embed if per_layer else mask_embed[None], pixel_embed, assignment,
+                                     seg_maps, num_masks, precision, impl)
     return (focal, dice) if per_layer else (focal[0], dice[0])

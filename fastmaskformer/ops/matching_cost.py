@@ -23,14 +23,29 @@ from ..target import Target, pad_segment_maps
 from ._checks import check_embeddings, check_float, check_targets, default_input_size
 from ..shared import FOCAL_ALPHA, FOCAL_GAMMA
 from ._dispatch import load_kernel, resolve_impl
+from ._library import reference_operator
+
+
+def nearest_source_index(out_size: int, in_size: int, device=None) -> Tensor:
+    """PyTorch's nearest rule (``F.interpolate(mode="nearest")``): src = min(floor(dst * s), in - 1)
+    with the fp32 scale s = in / out. int64 [out_size], non-decreasing."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    src = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long()
+    return src.clamp_max(in_size - 1).to(device)
+
+
+def downsample_segment_ids(seg_maps: Tensor, out_size) -> Tensor:
+    """Padded segment maps int32 [B, H, W] nearest-downsampled to ``out_size`` (h, w): int32
+    [B, h, w]. Nearest on the map equals nearest on each binary mask, which is what the official
+    matcher does (``F.interpolate(masks, size, mode="nearest")``)."""
+    H, W = seg_maps.shape[-2:]
+    rows = nearest_source_index(out_size[0], H, seg_maps.device)
+    cols = nearest_source_index(out_size[1], W, seg_maps.device)
+    return seg_maps.index_select(1, rows).index_select(2, cols)
 
 
 def downsample_segment_maps(targets: Sequence[Target], input_size, out_size) -> Tensor:
-    """Segment maps padded (-1) to ``input_size`` then nearest-downsampled: int64 [B, h, w].
-
-    Nearest on the map equals nearest on each binary mask, which is what the official matcher
-    does (``F.interpolate(masks, size, mode="nearest")``).
-    """
+    """Segment maps padded (-1) to ``input_size`` then nearest-downsampled: int64 [B, h, w]."""
     padded = pad_segment_maps(targets, tuple(input_size))  # [B, H, W] int32
     small = F.interpolate(padded[:, None].float(), size=tuple(out_size), mode="nearest")
     return small[:, 0].long()
@@ -56,27 +71,70 @@ def _pair_cost(class_logits: Tensor, logits: Tensor, onehot: Tensor, labels: Ten
     return w_class * cost_class + w_focal * cost_focal + w_dice * cost_dice
 
 
-def matching_cost_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
-                            targets: Sequence[Target], weights, input_size) -> Tensor:
-    """Per-image loop as the official matcher. Inputs [N,Q,K+1], [N,Q,C], [B,C,h,w] with
-    problem n using pixel_embed[n % B] and targets[n % B]. Returns [N, Q, Mmax] float32 (0-padded).
-    """
-    n_problems, num_queries = class_logits.shape[:2]
-    batch, _, h, w = pixel_embed.shape
-    seg_small = downsample_segment_maps(targets, input_size, (h, w)).flatten(1)  # [B, hw]
-    m_max = max((t.num_segments for t in targets), default=0)
-    out = torch.zeros(n_problems, num_queries, m_max, dtype=torch.float32, device=class_logits.device)
+@reference_operator("matching_cost_reference")
+def matching_cost_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_small: Tensor,
+                            labels: Tensor, num_segments: Tensor, weights: list[float]) -> Tensor:
+    """Per-problem loop as the official matcher. class_logits [N,Q,K+1], mask_embed [N,Q,C],
+    pixel_embed [B,C,h,w] (problem n uses image n % B); seg_small int32 [B,h,w] (segment maps at
+    the prediction size, -1 = none); labels int64 [B,M] padded; num_segments int64 [B].
+    Returns [N, Q, M] float32, 0 past each problem's M_b."""
+    n_problems = class_logits.shape[0]
+    batch = pixel_embed.shape[0]
+    m = labels.shape[1]
+    segments = torch.arange(m, device=seg_small.device)
+    onehot = (seg_small.flatten(1)[:, None, :] == segments[None, :, None]).float()  # [B, M, hw]
+    costs = []
     for n in range(n_problems):
         b = n % batch
-        t = targets[b]
-        if t.num_segments == 0:
-            continue
         logits = mask_embed[n].float() @ pixel_embed[b].float().flatten(1)  # [Q, hw]
-        ids = torch.arange(t.num_segments, device=seg_small.device)
-        onehot = (seg_small[b][None, :] == ids[:, None]).float()  # [M, hw]
-        labels = t.labels.to(class_logits.device)
-        out[n, :, : t.num_segments] = _pair_cost(class_logits[n], logits, onehot, labels, weights)
-    return out
+        cost = _pair_cost(class_logits[n], logits, onehot[b], labels[b], weights)
+        costs.append(torch.where(segments[None, :] < num_segments[b], cost, 0.0))
+    if not costs:
+        return class_logits.new_zeros(0, class_logits.shape[1], m, dtype=torch.float32)
+    return torch.stack(costs).float()
+
+
+def pack_targets(targets: Sequence[Target], input_size, device) -> tuple[Tensor, Tensor, Tensor]:
+    """B Targets -> (seg_maps int32 [B,H,W] padded with -1 to ``input_size``, labels int64
+    [B, max M_b] padded with 0, num_segments int64 [B]) on ``device``: what the tensor-level ops
+    take. Built on the host (targets stay on the CPU until here) and copied once."""
+    counts = [t.num_segments for t in targets]
+    labels = torch.zeros(len(targets), max(counts, default=0), dtype=torch.int64)
+    for b, t in enumerate(targets):
+        labels[b, :t.num_segments] = t.labels.to("cpu")
+    seg_maps = pad_segment_maps(targets, tuple(input_size))
+    packed = (seg_maps, labels, torch.tensor(counts, dtype=torch.int64))
+    return tuple(x.to(device, non_blocking=True) for x in packed)
+
+
+def matching_cost_packed(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+                         labels: Tensor, num_segments: Tensor, weights=(1.0, 20.0, 1.0), precision: str | None = None,
+                         impl: str = "auto") -> Tensor:
+    """Matching costs of all problems from packed targets (:func:`pack_targets`), with no host
+    work: what the matcher calls (``torch.compile`` traces it whole).
+
+    class_logits [B,Q,K+1] or [L,B,Q,K+1]; mask_embed [B,Q,C] or [L,B,Q,C]; pixel_embed
+    [B,C,h,w]; seg_maps int32 [B,H,W] at the padded input size; labels int64 [B,M];
+    num_segments int64 [B]. Returns costs float32 [N,Q,M] (N = L*B, layer-major, 0 past M_b).
+    """
+    check_float("class_logits", class_logits, class_logits.dim() if class_logits.dim() in (3, 4) else 3)
+    check_embeddings(mask_embed, pixel_embed)
+    if class_logits.shape[:-1] != mask_embed.shape[:-1]:
+        raise ValueError(
+            f"class_logits {tuple(class_logits.shape)} and mask_embed {tuple(mask_embed.shape)} "
+            "disagree on the leading [L,]B,Q dimensions"
+        )
+    flat_logits = class_logits.reshape(-1, *class_logits.shape[-2:])
+    flat_embed = mask_embed.reshape(-1, *mask_embed.shape[-2:])
+    seg_small = downsample_segment_ids(seg_maps, pixel_embed.shape[-2:])
+    weights = [float(v) for v in weights]
+    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="matching_cost") == "triton":
+        kernel = load_kernel("matching_cost", "matching_cost")
+        return kernel.matching_cost(flat_logits, flat_embed, pixel_embed, seg_small, labels, num_segments, weights,
+                                    precision or kernel.DEFAULT_PRECISION, flat_logits.shape[0] // pixel_embed.shape[0])
+    return torch.ops.fastmaskformer.matching_cost_reference(flat_logits.detach(), flat_embed.detach(),
+                                                           pixel_embed.detach(), seg_small, labels, num_segments,
+                                                           weights)
 
 
 def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
@@ -92,26 +150,14 @@ def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
     Returns ``costs [N,Q,Mmax]`` float32 (N = L*B layer-major, entries past M_b are 0) and
     ``num_segments`` int64 [N] (M of each problem).
     """
-    check_float("class_logits", class_logits, class_logits.dim() if class_logits.dim() in (3, 4) else 3)
     check_embeddings(mask_embed, pixel_embed)
-    if class_logits.shape[:-1] != mask_embed.shape[:-1]:
-        raise ValueError(
-            f"class_logits {tuple(class_logits.shape)} and mask_embed {tuple(mask_embed.shape)} "
-            "disagree on the leading [L,]B,Q dimensions"
-        )
     batch = pixel_embed.shape[0]
     size = default_input_size(pixel_embed, input_size)
     check_targets(targets, batch, class_logits.shape[-1] - 1, size)
-    flat_logits = class_logits.reshape(-1, *class_logits.shape[-2:])
-    flat_embed = mask_embed.reshape(-1, *mask_embed.shape[-2:])
-    sizes = torch.tensor([t.num_segments for t in targets] * (flat_logits.shape[0] // batch), dtype=torch.int64)
-    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="matching_cost") == "triton":
-        kernel = load_kernel("matching_cost", "matching_cost")
-        costs = kernel.matching_cost(flat_logits, flat_embed, pixel_embed, targets, weights, size,
-                                     precision or kernel.DEFAULT_PRECISION, flat_logits.shape[0] // batch)
-    else:
-        with torch.no_grad():
-            costs = matching_cost_reference(flat_logits, flat_embed, pixel_embed, targets, weights, size)
+    seg_maps, labels, num_segments = pack_targets(targets, size, pixel_embed.device)
+    costs = matching_cost_packed(class_logits, mask_embed, pixel_embed, seg_maps, labels, num_segments, weights,
+                                 precision, impl)
+    sizes = torch.tensor([t.num_segments for t in targets] * (costs.shape[0] // batch), dtype=torch.int64)
     return costs, sizes
 
 

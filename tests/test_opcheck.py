@@ -1,0 +1,70 @@
+"""torch.library.opcheck on every registered operator (schema, fake implementation, autograd
+registration, AOT dispatch with dynamic shapes), CPU: the references, and the Triton operators
+under the interpreter (registered there as custom ops whose fake skips the launches). Odd
+shapes, an image with no segments, fp32 and bf16 inputs."""
+import pytest
+import torch
+
+import fastmaskformer.kernels.mask_loss  # noqa: F401  registers the Triton operators
+import fastmaskformer.kernels.matching_cost  # noqa: F401
+from fastmaskformer.ops.mask_loss import assignment_from_indices  # registers the references
+from fastmaskformer.ops.matching_cost import downsample_segment_ids  # noqa: F401
+
+OPS = torch.ops.fastmaskformer
+
+
+def _problem(dtype, segments=(3, 0), queries=5, channels=8, low=(7, 9), size=(26, 35), layers=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = len(segments)
+    mask_embed = torch.randn(layers, batch, queries, channels, generator=g).to(dtype)
+    pixel_embed = torch.randn(batch, channels, *low, generator=g).to(dtype)
+    m = max(segments)
+    seg_maps = torch.full((batch, *size), -1, dtype=torch.int32)
+    labels = torch.zeros(batch, m, dtype=torch.int64)
+    for b, count in enumerate(segments):
+        if count:
+            seg_maps[b, : size[0] - 3] = torch.randint(-1, count, (size[0] - 3, size[1]), generator=g, dtype=torch.int32)
+            labels[b, :count] = torch.randint(0, 4, (count,), generator=g)
+    pairs = []
+    for _ in range(layers):
+        pairs.append([(torch.randperm(queries, generator=g)[:count], torch.arange(count)) for count in segments])
+    assignment = assignment_from_indices(pairs, list(segments))
+    return mask_embed, pixel_embed, seg_maps, labels, torch.tensor(segments, dtype=torch.int64), assignment
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["mask_loss_reference", "mask_loss_forward"])
+def test_opcheck_mask_loss(op, dtype):
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(dtype)
+    mask_embed.requires_grad_()
+    pixel_embed.requires_grad_()
+    args = (mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(3.0))
+    if op == "mask_loss_forward":
+        args = args + ("ieee",)
+    torch.library.opcheck(getattr(OPS, op), args)
+
+
+def test_opcheck_mask_loss_backward():
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(torch.float32)
+    focal, dice, low, stats = OPS.mask_loss_forward(mask_embed, pixel_embed, assignment, seg_maps,
+                                                    torch.tensor(3.0), "ieee")
+    torch.library.opcheck(OPS.mask_loss_backward, (torch.ones(2), torch.ones(2), mask_embed, pixel_embed, assignment,
+                                                   seg_maps, torch.tensor(3.0), low, stats, "ieee"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["matching_cost_reference", "matching_cost"])
+def test_opcheck_matching_cost(op, dtype):
+    mask_embed, pixel_embed, seg_maps, labels, counts, _ = _problem(dtype)
+    layers, batch, queries, _ = mask_embed.shape
+    class_logits = torch.randn(layers * batch, queries, 5).to(dtype)
+    seg_small = downsample_segment_ids(seg_maps, pixel_embed.shape[-2:])
+    args = (class_logits, mask_embed.flatten(0, 1), pixel_embed, seg_small, labels, counts, [1.0, 20.0, 1.0])
+    if op == "matching_cost":
+        args = args + ("ieee", layers)
+    torch.library.opcheck(getattr(OPS, op), args)
+
+
+def test_opcheck_linear_sum_assignment():
+    costs = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
+    torch.library.opcheck(OPS.linear_sum_assignment, (costs, torch.tensor([3, 0, 2, 3]), False, 2))
