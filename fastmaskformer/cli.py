@@ -96,7 +96,7 @@ def _check_model(cfg: Config) -> None:
     """Reject an unknown architecture or backbone name before building anything."""
     from .modeling.backbone import resolve_backbone_name
 
-    archs = ("maskformer", "per_pixel_baseline", "per_pixel_baseline_plus")
+    archs = ("maskformer", "mask2former", "per_pixel_baseline", "per_pixel_baseline_plus")
     if cfg.model.meta_arch not in archs:
         raise UserError(f"unknown model.meta_arch {cfg.model.meta_arch!r}; choose one of {', '.join(archs)}")
     try:
