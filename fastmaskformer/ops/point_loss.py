@@ -29,8 +29,9 @@ def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tens
     """coords [..., 2] in [0, 1] (x, y) on a height x width grid, ``align_corners=False`` ->
     (flat indices int64 [..., 4] into height*width, clamped in range; weights [..., 4], zero for
     taps outside the grid: ``grid_sample``'s zero padding)."""
-    x = coords[..., 0].float() * width - 0.5
-    y = coords[..., 1].float() * height - 0.5
+    coords = coords.to(torch.promote_types(coords.dtype, torch.float32))
+    x = coords[..., 0] * width - 0.5
+    y = coords[..., 1] * height - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
@@ -50,7 +51,7 @@ def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) ->
     index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
     taps = torch.gather(seg_maps.reshape(b, 1, h * w).expand(b, index.shape[1], h * w).long(), 2,
                         index.flatten(2)).view_as(index)
-    return (weight * (taps == segment[:, :, None, None]).float()).sum(-1)
+    return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
 
 
 def sample_logits(logit_maps: Tensor, coords: Tensor) -> Tensor:
