@@ -224,7 +224,7 @@ def cmd_demo(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     run_demo(args.output, quick=args.quick, device=_device(args.device), progress=not args.no_progress,
-             overrides=tuple(args.overrides))
+             overrides=tuple(args.overrides), arch=args.arch)
     return 0
 
 
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluates mIoU and PQ against a trivial baseline, writes overlays and curves.")
     p.add_argument("--output", metavar="DIR", default="demo_output", help="output folder (default: ./demo_output)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
+    p.add_argument("--arch", choices=("maskformer", "mask2former"), default="maskformer",
+                   help="the architecture to train (default: maskformer)")
     p.add_argument("--device", metavar="DEV", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the demo config, e.g. --set solver.max_iter=600")

@@ -120,6 +120,7 @@ class TestConfig:
     instance_on: bool = False
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
+    instance_topk: int = 100  # instance inference: top (query, class) pairs per image (official 100)
     aug_scales: tuple = ()  # multi-scale TTA shortest edges, e.g. (256, 384, ..., 896)
     aug_flip: bool = False
     aug_max_size: int = 3584

@@ -124,7 +124,9 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
         for r, p in zip(results, pan):
             r["panoptic"] = p
     if "instance" in tasks:
-        for r, inst in zip(results, ops.instance_inference(*args, input_size=input_size)):
+        # Official Mask2Former: the top 100 (query, class) pairs per image (TEST.DETECTIONS_PER_IMAGE).
+        topk = getattr(test_cfg, "instance_topk", None)
+        for r, inst in zip(results, ops.instance_inference(*args, topk=topk, input_size=input_size)):
             r["instance"] = inst
     return results
 

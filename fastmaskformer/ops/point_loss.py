@@ -49,8 +49,7 @@ def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) ->
     sampled bilinearly at the points (``point_sample`` of the 0/1 mask)."""
     b, h, w = seg_maps.shape
     index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
-    taps = torch.gather(seg_maps.reshape(b, 1, h * w).expand(b, index.shape[1], h * w).long(), 2,
-                        index.flatten(2)).view_as(index)
+    taps = torch.gather(seg_maps.reshape(b, h * w), 1, index.reshape(b, -1)).view_as(index)
     return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
 
 
