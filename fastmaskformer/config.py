@@ -57,9 +57,10 @@ class LossConfig:
     # feeds the assignment) | tf32x3 | ieee. Mask loss: ieee (default, exact) | tf32 (fast).
     matching_precision: str | None = None
     mask_loss_precision: str | None = None
-    # Mask term: focal (MaskFormer) | bce (Mask2Former: sigmoid BCE). Where it is computed:
-    # full (every pixel, the fused mask-loss op) | points (Mask2Former: matching on num_points
-    # uniform points, loss on num_points importance-sampled points per matched mask).
+    # Mask term: focal (MaskFormer) | bce (Mask2Former: sigmoid BCE, matching on num_points
+    # uniform points). Where the loss is computed: full (every pixel, the fused mask-loss op;
+    # with bce: the exact value of Mask2Former's loss) | points (bce only: Mask2Former's
+    # num_points importance-sampled points per matched mask).
     mask_loss: str = "focal"
     mask_sampling: str = "full"
     num_points: int = 12544

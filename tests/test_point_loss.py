@@ -254,3 +254,26 @@ def test_bad_point_settings_are_rejected():
         PointSampledCriterion(5, num_points=0)
     with pytest.raises(ValueError, match="point sampling"):
         PointSampledCriterion(5, importance_sample_ratio=1.5)
+
+
+def test_full_sampling_uses_the_exact_full_resolution_loss():
+    """mask_sampling=full: same matching as points, BCE + dice on every pixel."""
+    from fastmaskformer.ops import mask_loss_assigned
+
+    class_logits, mask_embed, pixel_embed, targets, size = make_case(seed=5, layers=2)
+    out = Out(class_logits.float(), mask_embed.float(), pixel_embed.float())
+    points = PointSampledCriterion(5, num_points=40, impl="torch")
+    full = PointSampledCriterion(5, num_points=40, impl="torch", mask_sampling="full")
+    pts = full.draw_points(2, 2, max(t.num_segments for t in targets), "cpu")
+    assert pts["candidates"].shape[-2] == 0 and pts["extra"].shape[-2] == 0
+    losses = full(out, targets, size, points=pts)
+    args = full.prepare(out, targets, size)
+    assignment = full.matcher.assign(*args[:6], pts["match"])
+    bce, dice = mask_loss_assigned(out.mask_embed, out.pixel_embed, assignment, args[3], args[6], impl="torch",
+                                   loss="bce")
+    torch.testing.assert_close(losses["loss_mask"], bce[-1])
+    torch.testing.assert_close(losses["loss_dice_0"], dice[0])
+    sampled = points(out, targets, size)
+    assert set(sampled) == set(losses)
+    with pytest.raises(ValueError, match="mask_sampling"):
+        PointSampledCriterion(5, mask_sampling="grid")

@@ -161,18 +161,26 @@ class PointSampledCriterion(SetCriterion):
     :meth:`losses`; its state is in ``state_dict()`` (extra state), so a resumed run draws the
     same points. ``forward(..., points=...)`` replays given draws instead (:meth:`draw_points`
     documents the shapes).
+
+    mask_sampling "full": the same matching (on points), the BCE + dice loss on every pixel of
+    the padded input (``ops.mask_loss_assigned(loss="bce")``: the fused kernel on CUDA), the
+    exact value the official 12544 points estimate.
     """
 
     def __init__(self, num_classes: int, matcher=None, class_weight: float = 2.0, mask_weight: float = 5.0,
                  dice_weight: float = 5.0, no_object_weight: float = 0.1, deep_supervision: bool = True,
                  impl: str = "auto", num_points: int = 12544, oversample_ratio: float = 3.0,
-                 importance_sample_ratio: float = 0.75, seed: int = 0):
+                 importance_sample_ratio: float = 0.75, seed: int = 0, mask_sampling: str = "points",
+                 mask_loss_precision: str | None = None):
         from .matcher import PointMatcher
 
         if matcher is None:
             matcher = PointMatcher(class_weight, mask_weight, dice_weight, impl=impl)
         super().__init__(num_classes, matcher, class_weight, mask_weight, dice_weight, no_object_weight,
-                         deep_supervision, impl)
+                         deep_supervision, impl, mask_loss_precision)
+        if mask_sampling not in ("points", "full"):
+            raise ValueError(f"mask_sampling must be 'points' or 'full', got {mask_sampling!r}")
+        self.mask_sampling = mask_sampling
         if num_points < 1 or oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
             raise ValueError("point sampling needs num_points >= 1, oversample_ratio >= 1 and "
                              f"0 <= importance_sample_ratio <= 1, got {num_points}, {oversample_ratio}, "
@@ -211,6 +219,8 @@ class PointSampledCriterion(SetCriterion):
         (R = P - importance * P)."""
         g = self._generator_on(device)
         p, s, r = self.num_points, self.num_candidates, self.num_points - self.num_uncertain
+        if self.mask_sampling == "full":  # the loss reads every pixel: only the matcher samples
+            s = r = 0
         match = torch.rand(num_layers, batch, p, 2, generator=g, device=device)
         candidates = torch.rand(num_layers, batch, max_segments, s, 2, generator=g, device=device)
         extra = torch.rand(num_layers, batch, max_segments, r, 2, generator=g, device=device)
@@ -238,8 +248,13 @@ class PointSampledCriterion(SetCriterion):
         layers = self.supervised_layers(class_logits.shape[0])
         assignment = self.matcher.assign(class_logits[layers].detach(), mask_embed[layers].detach(),
                                          pixel_embed.detach(), seg_maps, labels, num_segments, match_points)
-        bce, dice = point_mask_loss(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks, candidates,
-                                    extra, self.num_uncertain)
+        if self.mask_sampling == "full":
+            # The exact full-resolution BCE + dice through the fused mask loss (no [M, H, W] logits).
+            bce, dice = ops.mask_loss_assigned(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks,
+                                               self.mask_loss_precision, impl=self.impl, loss="bce")
+        else:
+            bce, dice = point_mask_loss(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks,
+                                        candidates, extra, self.num_uncertain)
         return self.collect(class_logits, assignment, labels, bce, dice)
 
 
@@ -248,18 +263,21 @@ def build_criterion(cfg) -> SetCriterion:
     (MaskFormer's full-resolution focal + dice) or points (Mask2Former's point-sampled BCE + dice)."""
     loss = cfg.loss
     sampling, mask_loss = getattr(loss, "mask_sampling", "full"), getattr(loss, "mask_loss", "focal")
-    if sampling == "points":
-        if mask_loss != "bce":
-            raise ValueError(f"loss.mask_sampling=points supports loss.mask_loss=bce (Mask2Former), got {mask_loss!r}")
-        return PointSampledCriterion(cfg.model.num_classes, build_matcher(loss), loss.class_weight, loss.mask_weight,
-                                     loss.dice_weight, loss.no_object_weight, loss.deep_supervision, loss.impl,
-                                     loss.num_points, loss.oversample_ratio, loss.importance_sample_ratio,
-                                     loss.point_seed)
-    if sampling != "full":
+    if sampling not in ("full", "points"):
         raise ValueError(f"loss.mask_sampling must be 'full' or 'points', got {sampling!r}")
-    if mask_loss != "focal":
-        raise NotImplementedError(f"loss.mask_loss={mask_loss!r} with mask_sampling=full is not implemented yet "
-                                  "(the full-resolution BCE variant of the fused mask loss)")
+    if mask_loss not in ("focal", "bce"):
+        raise ValueError(f"loss.mask_loss must be 'focal' or 'bce', got {mask_loss!r}")
+    if mask_loss == "bce":  # Mask2Former: point-sampled matching; loss on points or every pixel
+        from .matcher import PointMatcher
+
+        return PointSampledCriterion(cfg.model.num_classes, PointMatcher(loss.class_weight, loss.mask_weight,
+                                                                         loss.dice_weight, impl=loss.impl),
+                                     loss.class_weight, loss.mask_weight, loss.dice_weight, loss.no_object_weight,
+                                     loss.deep_supervision, loss.impl, loss.num_points, loss.oversample_ratio,
+                                     loss.importance_sample_ratio, loss.point_seed, sampling,
+                                     loss.mask_loss_precision)
+    if sampling == "points":
+        raise ValueError("loss.mask_sampling=points needs loss.mask_loss=bce (Mask2Former's point-sampled loss)")
     return SetCriterion(cfg.model.num_classes, build_matcher(loss), loss.class_weight, loss.mask_weight,
                         loss.dice_weight, loss.no_object_weight, loss.deep_supervision, loss.impl,
                         loss.mask_loss_precision)

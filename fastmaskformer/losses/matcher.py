@@ -179,7 +179,7 @@ def build_matcher(loss_cfg) -> HungarianMatcher | FixedMatcher:
         return FixedMatcher()
     if loss_cfg.matching != "hungarian":
         raise ValueError(f"matching must be 'hungarian' or 'fixed', got {loss_cfg.matching!r}")
-    if getattr(loss_cfg, "mask_sampling", None) == "points":
+    if getattr(loss_cfg, "mask_loss", "focal") == "bce":  # Mask2Former: matching on sampled points
         return PointMatcher(loss_cfg.class_weight, loss_cfg.mask_weight, loss_cfg.dice_weight, impl=loss_cfg.impl)
     return HungarianMatcher(loss_cfg.class_weight, loss_cfg.mask_weight, loss_cfg.dice_weight,
                             impl=loss_cfg.impl, precision=loss_cfg.matching_precision)
