@@ -191,3 +191,26 @@ def test_lsj_augmentation_gives_fixed_crops():
     for _ in range(5):
         im, sg = aug(image, seg, rng)
         assert im.shape == (64, 64, 3) and sg.shape == (64, 64)
+
+
+@pytest.mark.slow  # about a minute of tracing on 2 shared cores
+def test_mask2former_forward_and_point_losses_have_no_graph_break():
+    import torch._dynamo
+
+    from fastmaskformer.losses import build_criterion
+
+    cfg = tiny_mask2former_config()
+    cfg.loss.impl = "torch"
+    torch.manual_seed(0)
+    model = fmf.build_model(cfg.model).eval()
+    images = torch.randn(2, 3, 64, 96)
+    explained = torch._dynamo.explain(model)(images)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    out = model(images)
+    targets = [fmf.Target.from_semantic(torch.randint(0, 5, (64, 96))),
+               fmf.Target.from_semantic(torch.randint(0, 3, (50, 70)))]
+    crit = build_criterion(cfg)
+    args = crit.prepare(out, targets, images.shape[-2:])
+    pts = crit.draw_points(out.class_logits.shape[0], 2, args[4].shape[1], "cpu")
+    explained = torch._dynamo.explain(crit.losses)(*args, pts["match"], pts["candidates"], pts["extra"])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
