@@ -298,7 +298,7 @@ def _convert(hf_config: Mapping[str, Any], hf_state: Mapping[str, Tensor],
 # ----------------------------------------------------------------------------- public API
 def from_hf(hf_model) -> MaskFormer:
     """A ``transformers.MaskFormerForInstanceSegmentation`` (in memory) -> our ``MaskFormer``, or a
-    ``Mask2FormerForUniversalSegmentation`` (ResNet backbone) -> our ``Mask2Former``, with the
+    ``Mask2FormerForUniversalSegmentation`` (ResNet or Swin backbone) -> our ``Mask2Former``, with the
     same weights, in eval mode on the CPU, float32."""
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in hf_model.state_dict().items()}

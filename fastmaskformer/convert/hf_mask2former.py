@@ -5,8 +5,8 @@
 ``prefix="model.pixel_level_module.decoder."``) to our ``MSDeformAttnPixelDecoder``;
 ``pixel_decoder_kwargs_from_hf(config)`` gives the matching constructor arguments.
 ``mask2former_state_from_hf`` / ``mask2former_config_from_hf`` convert a whole
-``Mask2FormerForUniversalSegmentation`` (ResNet backbone: the rules of ``hf.py``; the
-masked-attention decoder: below); ``fastmaskformer.convert.from_hf`` dispatches here.
+``Mask2FormerForUniversalSegmentation`` (ResNet backbone: the rules of ``hf.py``; Swin: the
+``SwinBackbone`` names below; the masked-attention decoder: below); ``fastmaskformer.convert.from_hf`` dispatches here.
 
 The two decoders compute the same function: HF's port follows the official code (input
 projections res5 -> res3, level embedding added to the sine encoding, post-norm deformable
@@ -93,16 +93,45 @@ _DECODER_RULES = [
 _SKIP = re.compile(r"criterion\.empty_weight|.*num_batches_tracked")
 
 
+_SWIN_BACKBONE_BLOCK = [  # transformers 5 SwinBackbone block names -> timm
+    (r"attention\.([qkv])_proj\.(weight|bias)", r"attn.qkv.\2#\1"),
+    (r"attention\.o_proj\.(.+)", r"attn.proj.\1"),
+    (r"attention\.relative_position_bias\.relative_position_bias_table", r"attn.relative_position_bias_table"),
+    (r"layernorm_before\.(.+)", r"norm1.\1"),
+    (r"layernorm_after\.(.+)", r"norm2.\1"),
+    (r"mlp\.(fc[12])\.(.+)", r"mlp.\1.\2"),
+]
+
+
+def _swin_backbone_key(rest: str) -> str | None:
+    """``rest`` follows "model.pixel_level_module.encoder." (HF ``SwinBackbone``) -> timm Swin;
+    "" for entries with no counterpart (the unused final norm, fixed index buffers)."""
+    from .hf import _swin_key
+
+    m = re.fullmatch(r"hidden_states_norms\.stage(\d)\.(.+)", rest)
+    if m:
+        return f"backbone.norms.{int(m.group(1)) - 1}.{m.group(2)}"
+    if re.fullmatch(r"swin\.layernorm\..+|.*relative_position_index", rest):
+        return ""
+    m = re.fullmatch(r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", rest)
+    if m:
+        for pattern, target in _SWIN_BACKBONE_BLOCK:
+            if re.fullmatch(pattern, m.group(3)):
+                return f"backbone.body.layers_{m.group(1)}.blocks.{m.group(2)}." + re.sub(pattern, target, m.group(3))
+    if rest.startswith("swin."):  # embeddings and patch merging: the MaskFormer-Swin rules apply
+        return _swin_key("model." + rest[len("swin."):])
+    return None
+
+
 def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str = "resnet") -> dict[str, Tensor]:
     """A ``Mask2FormerForUniversalSegmentation`` state dict -> our ``Mask2Former``'s. Raises a
     ValueError naming HF tensors with no destination (nothing is dropped silently)."""
     import torch
 
-    from .hf import _canonical, _resnet_key, _swin_key
+    from .hf import _canonical, _resnet_key
 
-    if backbone_kind != "resnet":
-        raise ValueError("Mask2Former conversion from HF supports ResNet backbones so far (SwinBackbone's key "
-                         "layout is not mapped yet)")
+    if backbone_kind not in ("resnet", "swin"):
+        raise ValueError(f"backbone_kind must be 'resnet' or 'swin', got {backbone_kind!r}")
     enc, dec, tm = "model.pixel_level_module.encoder.", "model.pixel_level_module.decoder.", "model.transformer_module."
     out: dict[str, Tensor] = {}
     packed: dict[str, dict[str, Tensor]] = {}
@@ -110,13 +139,15 @@ def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str
     pixel = {k: v for k, v in hf_state.items() if k.startswith(dec)}
     out.update({"pixel_decoder." + k: v for k, v in pixel_decoder_state_from_hf(pixel, prefix=dec).items()})
     for raw_key, value in hf_state.items():
-        key = _canonical(raw_key)
+        key = raw_key if raw_key.startswith(enc) else _canonical(raw_key)  # backbone rules take raw names
         if raw_key in pixel or _SKIP.fullmatch(key):
             continue
         ours = None
         if key.startswith(enc):
             rest = key[len(enc):]
-            ours = _resnet_key(rest) if backbone_kind == "resnet" else _swin_key(rest)
+            ours = _resnet_key(rest) if backbone_kind == "resnet" else _swin_backbone_key(rest)
+            if ours == "":
+                continue
         elif key.startswith("class_predictor."):
             ours = "predictor.class_embed." + key[len("class_predictor."):]
         elif key.startswith(tm):
