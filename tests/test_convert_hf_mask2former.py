@@ -1,5 +1,6 @@
-"""transformers' Mask2FormerForUniversalSegmentation (ResNet and Swin backbones) -> our Mask2Former: every
-layer's class and mask logits equal (random weights, non-trivial norms, odd input size)."""
+"""transformers' Mask2FormerForUniversalSegmentation (ResNet and Swin backbones) -> our
+Mask2Former: every layer's class and mask logits equal (random weights, non-trivial norms, odd
+input size)."""
 import pytest
 import torch
 

@@ -251,7 +251,8 @@ _M2F_HEAD: list[_Rule] = [
      lambda m: _M2F_PREDICTOR + f"transformer_self_attention_layers.{m[1]}.norm.{m[2]}"),
     (r"predictor\.ffn_layers\.(\d+)\.ffn\.(linear\d)\.(.+)",
      lambda m: _M2F_PREDICTOR + f"transformer_ffn_layers.{m[1]}.{m[2]}.{m[3]}"),
-    (r"predictor\.ffn_layers\.(\d+)\.norm\.(.+)", lambda m: _M2F_PREDICTOR + f"transformer_ffn_layers.{m[1]}.norm.{m[2]}"),
+    (r"predictor\.ffn_layers\.(\d+)\.norm\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_ffn_layers.{m[1]}.norm.{m[2]}"),
     (r"predictor\.(decoder_norm|query_feat|query_embed|level_embed|input_proj|class_embed|mask_embed)\.(.+)",
      lambda m: _M2F_PREDICTOR + f"{m[1]}.{m[2]}"),
 ]

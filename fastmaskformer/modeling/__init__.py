@@ -44,7 +44,8 @@ def build_model(model_cfg) -> nn.Module:
 
 
 __all__ = [
-    "Backbone", "Mask2Former", "MaskFormer", "MaskedAttentionDecoder", "MaskFormerOutput", "PerPixelBaseline", "PerPixelBaselinePlus", "PerPixelOutput",
+    "Backbone", "Mask2Former", "MaskFormer", "MaskedAttentionDecoder", "MaskFormerOutput", "PerPixelBaseline",
+    "PerPixelBaselinePlus", "PerPixelOutput",
     "PixelDecoder", "PositionEmbeddingSine", "TransformerDecoder", "TransformerEncoder", "TransformerPredictor",
-    "build_backbone", "build_model",
+    "build_backbone", "build_mask2former", "build_model",
 ]
