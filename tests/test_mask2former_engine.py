@@ -45,5 +45,10 @@ def test_train_resume_exact_and_infer(tmp_path):
     assert results[1]["semantic"].shape == (50, 70)
     assert results[0]["panoptic"][0].shape == (64, 80)
     assert results[0]["instance"]["masks"].shape[0] == 5
+    cfg.test.panoptic_on = True  # official: with panoptic on, instances are thing classes only
+    results = infer(model, images, [(64, 80), (50, 70)], cfg.test, tasks=("instance",), thing_classes=range(3))
+    for r in results:
+        inst = r["instance"]
+        assert bool((inst["labels"] < 3).all()) and inst["masks"].shape[0] == inst["scores"].shape[0] <= 5
     cfg.test.aug_scales, cfg.test.aug_flip = (48, 64), True
     assert semantic_tta(model, images[0], (64, 80), cfg.test).shape == (64, 80)
