@@ -214,3 +214,18 @@ def test_mask2former_forward_and_point_losses_have_no_graph_break():
     pts = crit.draw_points(out.class_logits.shape[0], 2, args[4].shape[1], "cpu")
     explained = torch._dynamo.explain(crit.losses)(*args, pts["match"], pts["candidates"], pts["extra"])
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_recipe_queries_and_level_embeddings_have_no_weight_decay():
+    from fastmaskformer.engine.optim import build_param_groups
+
+    cfg = tiny_mask2former_config()
+    model = fmf.build_model(cfg.model)
+    groups = build_param_groups(model, cfg.solver)
+    decay_of = {id(p): (g["weight_decay"], g["lr"]) for g in groups for p in g["params"]}
+    for p in (model.predictor.query_feat.weight, model.predictor.query_embed.weight, model.predictor.level_embed.weight,
+              model.predictor.decoder_norm.weight):
+        assert decay_of[id(p)] == (0.0, 1e-4)
+    assert decay_of[id(model.predictor.class_embed.weight)] == (0.05, 1e-4)
+    backbone_lrs = {decay_of[id(p)][1] for p in model.backbone.parameters() if p.requires_grad}
+    assert backbone_lrs == {1e-5}
