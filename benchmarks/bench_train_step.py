@@ -3,8 +3,9 @@
 ``--arch mask2former`` runs the ``mask2former-<preset>`` config (10 predictions, point-sampled
 criterion) with the providers eager (point sampling, scipy loop), compile, batched (point
 sampling, batched solver) and fused-full (``loss.mask_sampling: full``: the exact
-full-resolution BCE + dice through the fused mask-loss kernels; CUDA only). The fused
-point-sampled kernels are not written yet, so "fused" (points) is the batched provider.
+full-resolution BCE + dice through the fused mask-loss kernels; CUDA only); "fused" runs the
+fused point-sampled matching cost with the plain-PyTorch point-sampled loss (its fused kernels
+are not written yet).
 
 Providers (same weights, same batch, one process):
 - eager:   reference torch ops + the official per-image scipy matcher loop;

@@ -277,3 +277,40 @@ def test_full_sampling_uses_the_exact_full_resolution_loss():
     assert set(sampled) == set(losses)
     with pytest.raises(ValueError, match="mask_sampling"):
         PointSampledCriterion(5, mask_sampling="grid")
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fused_point_matching_cost_equals_reference(precision):
+    """The Triton kernel (interpreter on CPU) samples the pixel embedding itself."""
+    class_logits, mask_embed, pixel_embed, targets, size = make_case(seed=2, q=19, c=24, h=9, w=13)
+    class_logits, mask_embed, pixel_embed = class_logits.float(), mask_embed.float(), pixel_embed.float()
+    seg_maps, labels, num_segments = pack_targets(targets, size, "cpu")
+    coords = coords_like(2, 2, 70).float()
+    ref = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, impl="torch")
+    out = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, precision=precision,
+                              impl="triton")
+    tol = 1e-5 if precision == "ieee" else 3e-2
+    for n in range(4):
+        m = int(num_segments[n % 2])
+        torch.testing.assert_close(out[n, :, :m], ref[n, :, :m], rtol=tol, atol=tol)
+
+
+def test_fused_point_matching_cost_opcheck_and_exactness():
+    from fastmaskformer.ops._dispatch import load_kernel
+
+    class_logits, mask_embed, pixel_embed, targets, size = make_case(seed=4, q=5, c=8, h=7, w=6)
+    mask_embed, pixel_embed = mask_embed.float(), pixel_embed.float()
+    seg_maps, labels, _ = pack_targets(targets, size, "cpu")
+    coords = coords_like(2, 2, 33).float()
+    segs = torch.arange(labels.shape[1])[None].expand(2, -1)
+    tgt = torch.stack([sample_segment_targets(seg_maps, segs, coords[i][:, None].expand(2, segs.shape[1], 33, 2))
+                       for i in range(2)])
+    load_kernel("point_matching_cost", "test")
+    op = torch.ops.fastmaskformer.point_matching_sums
+    torch.library.opcheck(op, (mask_embed, pixel_embed, coords, tgt, "ieee"))
+    xt, st, sp, ss = op(mask_embed, pixel_embed, coords, tgt, "ieee")
+    maps = torch.einsum("lbqc,bchw->lbqhw", mask_embed, pixel_embed).flatten(0, 1)
+    x = torch.stack([point_sample(maps[n][:, None], coords.flatten(0, 1)[n][None].expand(5, 33, 2))[:, 0]
+                     for n in range(4)])  # (n, q, p)
+    torch.testing.assert_close(xt, x @ tgt.flatten(0, 1).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sp, F.softplus(x).sum(-1), rtol=1e-5, atol=1e-5)

@@ -118,7 +118,8 @@ class PointMatcher(HungarianMatcher):
         """As ``HungarianMatcher.assign`` plus coords [L,B,P,2] -> assignment int64 [L,B,M]."""
         from ..ops.point_loss import point_matching_cost
 
-        costs = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, self.weights)
+        costs = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, self.weights,
+                                    self.precision, impl=self.impl)
         return self.solve(costs, num_segments, class_logits.shape[0])
 
 

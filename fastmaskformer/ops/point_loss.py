@@ -16,13 +16,16 @@ The lazy outputs make sampling cheap: a logit at a point is the bilinear blend o
 ``<mask_embed, pixel_embed>`` products, and a target value the blend of 4 segment-map taps equal
 to the segment id, so no ``[M, H, W]`` target masks are built. These references are plain
 PyTorch (autograd differentiates them); they form per-mask logit maps at stride 4 (the official
-memory), the fused kernels of the issue (never building them) are not written yet.
+memory). The matching cost also has a fused Triton kernel that never forms them; the
+point-sampled loss's fused kernels are not written yet.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._dispatch import load_kernel, resolve_impl
 
 
 def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -62,18 +65,33 @@ def sample_logits(logit_maps: Tensor, coords: Tensor) -> Tensor:
 
 
 def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
-                        labels: Tensor, coords: Tensor, weights=(2.0, 5.0, 5.0)) -> Tensor:
+                        labels: Tensor, coords: Tensor, weights=(2.0, 5.0, 5.0), precision: str | None = None,
+                        impl: str = "auto") -> Tensor:
     """Matching costs on shared uniform points (official Mask2Former ``HungarianMatcher``).
 
     class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; seg_maps int32 [B,H,W];
     labels int64 [B,M] (padded: padded columns get finite costs the solver ignores); coords
     [L,B,P,2] (one draw per layer and image); weights (class, BCE, dice) -> costs float32
-    [L*B, Q, M] (the layout of ``matching_cost_packed``). Computed in float32, one layer at a time.
+    [L*B, Q, M] (the layout of ``matching_cost_packed``). Computed in float32, one layer at a time
+    (reference) or by the fused kernel (``kernels/point_matching_cost.py``: samples the pixel
+    embedding itself, never forms logit maps; precision "tf32" by default, "tf32x3" | "ieee").
     """
     num_layers, b, q = class_logits.shape[:3]
     m = labels.shape[1]
     w_class, w_mask, w_dice = weights
     segments = torch.arange(m, device=labels.device)[None].expand(b, m)
+    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="point_matching_cost") == "triton":
+        p = coords.shape[2]
+        prob = class_logits.float().softmax(-1).reshape(num_layers * b, q, -1)
+        cost_class = -torch.gather(prob, 2, labels.repeat(num_layers, 1)[:, None, :].expand(-1, q, m))
+        target = torch.stack([sample_segment_targets(seg_maps, segments,
+                                                     coords[layer].float()[:, None].expand(b, m, p, 2))
+                              for layer in range(num_layers)])  # (l, b, m, p)
+        xt, st, sp, ss = load_kernel("point_matching_cost", "point_matching_cost").point_matching_sums(
+            mask_embed, pixel_embed, coords, target, precision or "tf32")
+        cost_mask = (sp[:, :, None] - xt) / p
+        cost_dice = 1 - (2 * st + 1) / (ss[:, :, None] + target.sum(-1).reshape(num_layers * b, 1, m) + 1)
+        return w_class * cost_class + w_mask * cost_mask + w_dice * cost_dice
     out = []
     for layer in range(num_layers):
         pts = coords[layer].float()  # (b, p, 2)
