@@ -10,8 +10,8 @@ sampled targets ``t_mp`` (computed by torch: ``B x M x P`` values):
     sp[n, q]    = sum_p softplus(x_qp)   ss[n, q]    = sum_p sigmoid(x_qp)
 
 so that ``BCE cost = (sp - xt) / P`` (``BCE(x, 1) - BCE(x, 0) = -x``) and ``dice cost =
-1 - (2 st + 1) / (ss + sum_p t + 1)``. One program per (problem, query block, segment block):
-it loops over point blocks, gathers the taps of ``BLOCK_C`` channels at a time into a
+1 - (2 st + 1) / (ss + sum_p t + 1)``. One program per (problem, query block, segment block,
+split of the points): it loops over its point blocks, gathers the taps of ``BLOCK_C`` channels at a time into a
 ``[BLOCK_C, BLOCK_P]`` tile, forms the logits with ``tl.dot`` and reduces them against the
 target tile. Exact fp32 products (``"ieee"``) by default; ``"tf32"`` is the matching cost's
 usual fast mode (the costs only feed the assignment).
@@ -24,30 +24,32 @@ import triton.language as tl
 
 from fastmaskformer.shared import interpreter_enabled
 
-from .common import autotune_configs, dot, launch, triton_operator
+from .common import autotune_configs, dot, launch, multiprocessor_count, triton_operator
 
 
 @triton.autotune(
     configs=autotune_configs(
-        [{"BLOCK_Q": 64, "BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 4},
-         {"BLOCK_Q": 128, "BLOCK_M": 32, "BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 8}],
+        [{"BLOCK_Q": 32, "BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 4},
+         {"BLOCK_Q": 64, "BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 4}],
         interpreter={"BLOCK_Q": 16, "BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_C": 16}),
-    key=["Q", "M", "C", "P"])
+    key=["Q", "M", "C", "P", "SPLIT"])
 @triton.jit
 def _point_cost_kernel(
     emb_ptr,  # [N, Q, C] fp32 contiguous mask embeddings, problem n = layer * B + b
     pix_ptr,  # [B, C, h*w] fp32 contiguous pixel embedding
     pts_ptr,  # [N, P, 2] fp32 contiguous points (x, y) in [0, 1]
     tgt_ptr,  # [N, M, P] fp32 contiguous sampled targets
-    xt_ptr, st_ptr,  # [N, Q, M] fp32
-    sp_ptr, ss_ptr,  # [N, Q] fp32
-    B, Q, M, C, P, h, w,
+    xt_ptr, st_ptr,  # [SPLIT, N, Q, M] fp32 partial sums
+    sp_ptr, ss_ptr,  # [SPLIT, N, Q] fp32 partial sums
+    B, Q, M, C, P, h, w, SPLIT,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(0)
     q0 = tl.program_id(1) * BLOCK_Q
-    m0 = tl.program_id(2) * BLOCK_M
+    m_block = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) % SPLIT
+    m0 = m_block * BLOCK_M
     b = n % B
     qs = q0 + tl.arange(0, BLOCK_Q)
     ms = m0 + tl.arange(0, BLOCK_M)
@@ -59,7 +61,7 @@ def _point_cost_kernel(
     acc_st = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
     acc_sp = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc_ss = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(split * BLOCK_P, P, SPLIT * BLOCK_P):  # this program's share of the point blocks
         ps = p0 + tl.arange(0, BLOCK_P)
         p_ok = ps < P
         px = tl.load(pts_ptr + (n.to(tl.int64) * P + ps) * 2, mask=p_ok, other=0.0)
@@ -113,13 +115,15 @@ def _point_cost_kernel(
         tt = tl.trans(t)
         acc_xt = dot(tl.where(valid, x, 0.0), tt, acc_xt, PRECISION, EMULATE)
         acc_st = dot(tl.where(valid, sig, 0.0), tt, acc_st, PRECISION, EMULATE)
-    out = (n.to(tl.int64) * Q + qs[:, None]) * M + ms[None, :]
+    problems = tl.num_programs(0).to(tl.int64)
+    row = split * problems + n  # [SPLIT, N, ...] partial sums, added by torch (no atomics)
+    out = (row * Q + qs[:, None]) * M + ms[None, :]
     ok = q_ok[:, None] & m_ok[None, :]
     tl.store(xt_ptr + out, acc_xt, mask=ok)
     tl.store(st_ptr + out, acc_st, mask=ok)
-    if tl.program_id(2) == 0:
-        tl.store(sp_ptr + n.to(tl.int64) * Q + qs, acc_sp, mask=q_ok)
-        tl.store(ss_ptr + n.to(tl.int64) * Q + qs, acc_ss, mask=q_ok)
+    if m_block == 0:
+        tl.store(sp_ptr + row * Q + qs, acc_sp, mask=q_ok)
+        tl.store(ss_ptr + row * Q + qs, acc_ss, mask=q_ok)
 
 
 @triton_operator("point_matching_sums")
@@ -136,15 +140,19 @@ def point_matching_sums(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, coo
     pix = pixel_embed.float().reshape(batch, c, h * w).contiguous()
     pts = coords.float().reshape(n, p, 2).contiguous()
     tgt = targets.float().reshape(n, m, p).contiguous()
-    xt = torch.zeros(n, q, m, dtype=torch.float32, device=emb.device)
+    # Split the points over programs until the grid fills the GPU about 4 times (few problems:
+    # 10 layers x 2 images per GPU); the partial sums are added here, deterministically.
+    tiles = n * triton.cdiv(q, 32) * max(triton.cdiv(m, 32), 1)
+    split = max(1, min(triton.cdiv(p, 32), triton.cdiv(4 * multiprocessor_count(emb.device), max(tiles, 1))))
+    xt = torch.zeros(split, n, q, m, dtype=torch.float32, device=emb.device)
     st = torch.zeros_like(xt)
-    sp = torch.zeros(n, q, dtype=torch.float32, device=emb.device)
+    sp = torch.zeros(split, n, q, dtype=torch.float32, device=emb.device)
     ss = torch.zeros_like(sp)
 
     def grid(meta):
-        return (n, triton.cdiv(q, meta["BLOCK_Q"]), max(triton.cdiv(m, meta["BLOCK_M"]), 1))
+        return (n, triton.cdiv(q, meta["BLOCK_Q"]), max(triton.cdiv(m, meta["BLOCK_M"]), 1) * split)
 
     if n and q and p:
-        launch(_point_cost_kernel, grid, emb, pix, pts, tgt, xt, st, sp, ss, batch, q, m, c, p, h, w,
+        launch(_point_cost_kernel, grid, emb, pix, pts, tgt, xt, st, sp, ss, batch, q, m, c, p, h, w, split,
                PRECISION=precision, EMULATE=interpreter_enabled())
-    return xt, st, sp, ss
+    return xt.sum(0), st.sum(0), sp.sum(0), ss.sum(0)

@@ -314,3 +314,20 @@ def test_fused_point_matching_cost_opcheck_and_exactness():
                      for n in range(4)])  # (n, q, p)
     torch.testing.assert_close(xt, x @ tgt.flatten(0, 1).transpose(1, 2), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sp, F.softplus(x).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_point_matching_cost_split_over_points():
+    """Many SMs and few problems: the points are split over programs; the partial sums add up."""
+    from fastmaskformer.kernels.common import assume_multiprocessors
+
+    class_logits, mask_embed, pixel_embed, targets, size = make_case(seed=6, q=7, c=8, h=9, w=11)
+    class_logits, mask_embed, pixel_embed = class_logits.float(), mask_embed.float(), pixel_embed.float()
+    seg_maps, labels, num_segments = pack_targets(targets, size, "cpu")
+    coords = coords_like(2, 2, 200).float()
+    ref = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, impl="torch")
+    with assume_multiprocessors(64):
+        out = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, precision="ieee",
+                                  impl="triton")
+    for n in range(4):
+        m = int(num_segments[n % 2])
+        torch.testing.assert_close(out[n, :, :m], ref[n, :, :m], rtol=1e-5, atol=1e-5)
