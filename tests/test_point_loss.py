@@ -211,10 +211,15 @@ def official_criterion(out, targets, size, points, num_uncertain, k):
     return losses
 
 
-def test_criterion_end_to_end_equals_the_official_loop():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_criterion_end_to_end_equals_the_official_loop(impl):
+    from fastmaskformer.losses import PointMatcher
+
     class_logits, mask_embed, pixel_embed, targets, size = make_case(seed=11, layers=3)
     out = Out(*(x.float().requires_grad_() for x in (class_logits, mask_embed, pixel_embed)))
-    crit = PointSampledCriterion(5, num_points=40, oversample_ratio=3.0, importance_sample_ratio=0.75, impl="torch")
+    matcher = PointMatcher(2.0, 5.0, 5.0, impl=impl, precision="ieee")  # triton: the fused matching cost
+    crit = PointSampledCriterion(5, matcher, num_points=40, oversample_ratio=3.0, importance_sample_ratio=0.75,
+                                 impl=impl)
     pts = crit.draw_points(3, 2, max(t.num_segments for t in targets), "cpu")
     assert pts["match"].shape == (3, 2, 40, 2) and pts["candidates"].shape[-2] == 120
     assert pts["extra"].shape[-2] == 10

@@ -233,6 +233,7 @@ class PointSampledCriterion(SetCriterion):
         to draw from the criterion's generator."""
         args = self.prepare(outputs, targets, input_size)
         class_logits, labels = args[0], args[4]
+        preload_kernels(self.impl, args[2], modules=("point_matching_cost",))  # outside compiled code
         if points is None:
             points = self.draw_points(len(self.supervised_layers(class_logits.shape[0])), labels.shape[0],
                                       labels.shape[1], class_logits.device)
