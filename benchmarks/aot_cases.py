@@ -39,6 +39,35 @@ def _matching_cost(classes: int, segments: int, dtype, precision: str, batch: in
     return run
 
 
+def _point_matching_cost(precision: str, segments: int = 32):
+    """Mask2Former's matcher: 10 predictions, 2 images per GPU (the official batch 16 over 8),
+    12544 points, Q=100, C=256."""
+    from fastmaskformer.kernels.point_matching_cost import point_matching_sums
+
+    def run():
+        layers, batch, points = 10, 2, 12544
+        point_matching_sums(torch.empty(layers, batch, Q, C), torch.empty(batch, C, SIZE // 4, SIZE // 4),
+                            torch.empty(layers, batch, points, 2), torch.empty(layers, batch, segments, points),
+                            precision)
+    return run
+
+
+def _mask_loss_bce(segments: int = 32):
+    """Mask2Former's ``mask_sampling: full``: the BCE variant, 10 predictions, 2 images."""
+    from fastmaskformer.kernels.mask_loss import mask_loss
+
+    def run():
+        layers, batch = 10, 2
+        mask_embed = torch.zeros(layers, batch, Q, C, requires_grad=True)
+        pixel_embed = torch.zeros(batch, C, SIZE // 4, SIZE // 4, requires_grad=True)
+        assignment = torch.arange(segments).repeat(layers, batch, 1)
+        seg_maps = _segment_maps(segments, batch=batch)
+        bce, dice = mask_loss(mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(float(batch * segments)),
+                              "ieee", "bce")
+        (bce.sum() + dice.sum()).backward()
+    return run
+
+
 def _mask_loss(segments: int):
     """Forward and backward of all 6 layers' focal + dice, ``segments`` matches per image."""
     from fastmaskformer.kernels.mask_loss import mask_loss
@@ -154,6 +183,9 @@ def cases() -> list[Case]:
                     out.append(Case(name, _matching_cost(classes, segments, dtype, precision), main))
     out.append(Case("matching_cost B=2 (pixel split)", _matching_cost(150, 16, torch.float32, "tf32", batch=2), True))
     out += [Case(f"mask_loss 6 layers M={m}", _mask_loss(m), m == 16) for m in (8, 16, 32)]
+    out.append(Case("mask_loss bce 10 layers B=2 M=32 (Mask2Former full)", _mask_loss_bce(), True))
+    out += [Case(f"point_matching_cost 10 layers B=2 P=12544 M=32 {p}", _point_matching_cost(p), p == "tf32")
+            for p in ("tf32", "ieee")]
     for queries in (100, 200):
         for classes in (150, 847):
             for resize in (False, True):

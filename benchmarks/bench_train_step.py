@@ -1,4 +1,11 @@
-"""End-to-end MaskFormer training step: eager vs torch.compile vs fused, side by side.
+"""End-to-end MaskFormer / Mask2Former training step: eager vs torch.compile vs fused, side by side.
+
+``--arch mask2former`` runs the ``mask2former-<preset>`` config (10 predictions, point-sampled
+criterion) with the providers eager (point sampling, scipy loop), compile, batched (point
+sampling, batched solver) and fused-full (``loss.mask_sampling: full``: the exact
+full-resolution BCE + dice through the fused mask-loss kernels; CUDA only); "fused" runs the
+fused point-sampled matching cost with the plain-PyTorch point-sampled loss (its fused kernels
+are not written yet).
 
 Providers (same weights, same batch, one process):
 - eager:   reference torch ops + the official per-image scipy matcher loop;
@@ -29,7 +36,12 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import measure, result_path, write_results  # noqa: E402
 
 import fastmaskformer as fmf  # noqa: E402
-from fastmaskformer.losses import HungarianMatcher, SetCriterion  # noqa: E402
+from fastmaskformer.losses import (  # noqa: E402
+    HungarianMatcher,
+    PointMatcher,
+    PointSampledCriterion,
+    SetCriterion,
+)
 
 PROVIDERS = {
     # name: (loss impl, solver, compiled)
@@ -38,6 +50,7 @@ PROVIDERS = {
     "batched": ("torch", "batched", False),
     "fused": ("triton", "batched", False),
     "fused+compile": ("triton", "batched", True),
+    "fused-full": ("triton", "batched", False),  # Mask2Former only: full-resolution BCE + dice
 }
 
 
@@ -73,7 +86,14 @@ def make_step(model, criterion, optimizer, images, targets, amp: bool, device):
 def build(cfg, provider: str, device, base_model):
     impl, solver, compiled = PROVIDERS[provider]
     model = copy.deepcopy(base_model).to(device).train()
-    criterion = SetCriterion(cfg.model.num_classes, HungarianMatcher(solver=solver, impl=impl), impl=impl).to(device)
+    if cfg.model.meta_arch == "mask2former":
+        loss = cfg.loss
+        matcher = PointMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, solver=solver, impl=impl)
+        criterion = PointSampledCriterion(cfg.model.num_classes, matcher, impl=impl, num_points=loss.num_points,
+                                          mask_sampling="full" if provider == "fused-full" else "points").to(device)
+    else:
+        criterion = SetCriterion(cfg.model.num_classes, HungarianMatcher(solver=solver, impl=impl),
+                                 impl=impl).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
     if compiled:  # as training with solver.compile: the model and the criterion's loss region
         model = torch.compile(model)
@@ -87,18 +107,29 @@ def available(provider: str, device) -> str | None:
     return None
 
 
-def run(args) -> list[dict]:
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    cfg = fmf.get_config(args.preset)
+def config_for(args):
+    """The preset (``mask2former-`` prefixed for ``--arch mask2former``) with the CLI's sizes."""
+    name = args.preset
+    if getattr(args, "arch", "maskformer") == "mask2former" and not name.startswith("mask2former-"):
+        name = "mask2former-" + name
+    cfg = fmf.get_config(name)
     cfg.model.num_queries = args.queries
     cfg.model.num_classes = args.classes or cfg.model.num_classes
     cfg.model.backbone.img_size = args.size
+    return cfg
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    cfg = config_for(args)
     base_model = fmf.build_model(cfg.model)
     images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, args.segments, device)
     rows, first_losses = [], {}
     for amp in ([False, True] if args.amp == "both" else [args.amp == "bf16"]):
         for provider in args.providers:
+            if provider == "fused-full" and cfg.model.meta_arch != "mask2former":
+                continue
             row = {"provider": provider, "precision": "bf16" if amp else "fp32", "batch": args.batch,
                    "size": args.size, "K": cfg.model.num_classes, "backbone": cfg.model.backbone.name}
             reason = available(provider, device)
@@ -135,9 +166,7 @@ def loss_agreement(args) -> dict:
     """Eager vs ``other`` provider: losses at step 0 and after ``--steps`` identical-data steps."""
     device = torch.device(args.device)
     other = "fused" if device.type == "cuda" else "batched"
-    cfg = fmf.get_config(args.preset)
-    cfg.model.num_queries = args.queries
-    cfg.model.num_classes = args.classes or cfg.model.num_classes
+    cfg = config_for(args)
     torch.manual_seed(0)
     base_model = fmf.build_model(cfg.model)
     curves = {}
@@ -183,6 +212,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="ade20k-150-r50", help="model preset (backbone, K)")
+    p.add_argument("--arch", choices=["maskformer", "mask2former"], default="maskformer",
+                   help="mask2former: the mask2former-<preset> config and point-sampled criterion")
     p.add_argument("--classes", type=int, default=None, help="override K (e.g. 847)")
     p.add_argument("--size", type=int, default=512, help="square crop size")
     p.add_argument("--batch", type=int, default=16)

@@ -109,7 +109,7 @@ def _check_model(cfg: Config) -> None:
     """Reject an unknown architecture or backbone name before building anything."""
     from .modeling.backbone import resolve_backbone_name
 
-    archs = ("maskformer", "per_pixel_baseline", "per_pixel_baseline_plus")
+    archs = ("maskformer", "mask2former", "per_pixel_baseline", "per_pixel_baseline_plus")
     if cfg.model.meta_arch not in archs:
         raise UserError(f"unknown model.meta_arch {cfg.model.meta_arch!r}; choose one of {', '.join(archs)}")
     try:
@@ -249,7 +249,7 @@ def cmd_demo(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     run_demo(args.output, quick=args.quick, device=_device(args.device), progress=not args.no_progress,
-             overrides=tuple(args.overrides))
+             overrides=tuple(args.overrides), arch=args.arch)
     return 0
 
 
@@ -427,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "evaluates mIoU and PQ against a trivial baseline, writes overlays and curves.")
     p.add_argument("--output", metavar="DIR", default="demo_output", help="output folder (default: ./demo_output)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
+    p.add_argument("--arch", choices=("maskformer", "mask2former"), default="maskformer",
+                   help="the architecture to train (default: maskformer)")
     p.add_argument("--device", metavar="DEV", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the demo config, e.g. --set solver.max_iter=600")

@@ -24,7 +24,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    meta_arch: str = "maskformer"  # maskformer | per_pixel_baseline | per_pixel_baseline_plus
+    meta_arch: str = "maskformer"  # maskformer | mask2former | per_pixel_baseline | per_pixel_baseline_plus
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_classes: int = 150
     num_queries: int = 100
@@ -57,6 +57,16 @@ class LossConfig:
     # feeds the assignment) | tf32x3 | ieee. Mask loss: ieee (default, exact) | tf32 (fast).
     matching_precision: str | None = None
     mask_loss_precision: str | None = None
+    # Mask term: focal (MaskFormer) | bce (Mask2Former: sigmoid BCE, matching on num_points
+    # uniform points). Where the loss is computed: full (every pixel, the fused mask-loss op;
+    # with bce: the exact value of Mask2Former's loss) | points (bce only: Mask2Former's
+    # num_points importance-sampled points per matched mask).
+    mask_loss: str = "focal"
+    mask_sampling: str = "full"
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    point_seed: int = 0  # seed of the criterion's point generator (its state is checkpointed)
 
 
 @dataclass
@@ -74,7 +84,7 @@ class DataConfig:
     max_size_test: int = 2048
     single_category_max_area: float = 1.0
     color_jitter: bool = True
-    augmentation: str | None = None  # training pipeline: semantic | detr; None: detr for COCO panoptic only
+    augmentation: str | None = None  # training pipeline: semantic | detr | lsj; None: detr for COCO panoptic only
     num_workers: int = 4
     task: str = "semantic"  # semantic | panoptic
     on_bad_sample: str = "error"  # error: stop at an unreadable training sample | skip: replace it (logged once)
@@ -113,6 +123,7 @@ class TestConfig:
     instance_on: bool = False
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
+    instance_topk: int = 100  # instance inference: top (query, class) pairs per image (official 100)
     aug_scales: tuple = ()  # multi-scale TTA shortest edges, e.g. (256, 384, ..., 896)
     aug_flip: bool = False
     aug_max_size: int = 3584
@@ -248,6 +259,44 @@ def _coco_panoptic(name, backbone="resnet50", enc_layers=6, max_size_train=1333)
     return cfg
 
 
+def _mask2former(cfg: Config, num_queries: int = 100) -> Config:
+    """A MaskFormer preset turned into the official Mask2Former config of the same task
+    (configs/*/maskformer2_*.yaml of facebookresearch/Mask2Former): MSDeformAttn pixel decoder
+    (res3-res5, 6 encoder layers), masked-attention decoder with 10 predictions (9 layers),
+    dropout 0, class 2 / BCE 5 / dice 5 on 12544 sampled points (oversample 3, importance 0.75);
+    AdamW 1e-4, weight decay 0.05, backbone x0.1, no warmup, full-model clipping 0.01 for every
+    backbone (Swin included); test thresholds 0.8."""
+    cfg.name = "mask2former-" + cfg.name
+    m = cfg.model
+    m.meta_arch, m.pixel_decoder, m.num_queries = "mask2former", "msdeformattn", num_queries
+    m.dec_layers, m.dropout, m.enc_layers, m.pre_norm = 10, 0.0, 0, False
+    loss = cfg.loss
+    loss.class_weight, loss.mask_weight, loss.dice_weight, loss.no_object_weight = 2.0, 5.0, 5.0, 0.1
+    loss.mask_loss, loss.mask_sampling = "bce", "points"
+    loss.num_points, loss.oversample_ratio, loss.importance_sample_ratio = 12544, 3.0, 0.75
+    s = cfg.solver
+    s.lr, s.weight_decay, s.backbone_multiplier, s.clip_grad_norm = 1e-4, 0.05, 0.1, 0.01
+    s.warmup_iters, s.warmup_factor = 0, 1.0
+    cfg.test.object_mask_threshold = cfg.test.overlap_threshold = 0.8
+    return cfg
+
+
+def _m2f_coco(name, task, backbone="resnet50", num_queries=100, epochs=50):
+    """Official configs/coco/{panoptic,instance}-segmentation: batch 16, 50 epochs (368750
+    iterations; Swin-L 100 epochs, 737500) with x0.1 steps at 8/9 and 26/27 of the run, warmup 10
+    at factor 1, large-scale jitter (1024 crops, scale 0.1-2.0, flip), padding to 32."""
+    iters = 368750 * epochs // 50
+    steps = (327778, 355092) if epochs == 50 else (655556, 710184)
+    cfg = _panoptic(name, 133, "coco-panoptic", backbone=backbone, enc_layers=0, crop=1024, batch_size=16,
+                    max_iter=iters, lr_scheduler="step", steps=steps)
+    cfg = _mask2former(cfg, num_queries)
+    cfg.solver.warmup_iters = 10
+    cfg.data.augmentation = "lsj"
+    if task == "instance":
+        cfg.test.panoptic_on, cfg.test.instance_on = False, True
+    return cfg
+
+
 _PRESETS = {
     "ade20k-150-r50": lambda: _semantic("ade20k-150-r50", 150),
     "ade20k-150-r101": lambda: _semantic("ade20k-150-r101", 150, "resnet101"),
@@ -279,6 +328,23 @@ _PRESETS = {
     "ade20k-panoptic-r50": lambda: _panoptic(
         "ade20k-panoptic-r50", 150, "ade20k-panoptic", threshold=0.7, max_iter=720000
     ),
+    # Mask2Former (configs/*/maskformer2_*.yaml).
+    "mask2former-ade20k-150-r50": lambda: _mask2former(_semantic("ade20k-150-r50", 150)),
+    "mask2former-ade20k-150-r101": lambda: _mask2former(_semantic("ade20k-150-r101", 150, "resnet101")),
+    "mask2former-ade20k-150-swin-t": lambda: _mask2former(_semantic("ade20k-150-swin-t", 150, "swin_tiny")),
+    "mask2former-ade20k-150-swin-s": lambda: _mask2former(_semantic("ade20k-150-swin-s", 150, "swin_small")),
+    "mask2former-ade20k-150-swin-b": lambda: _mask2former(_semantic("ade20k-150-swin-b", 150, "swin_base", crop=640)),
+    "mask2former-ade20k-150-swin-l": lambda: _mask2former(_semantic("ade20k-150-swin-l", 150, "swin_large", crop=640)),
+    "mask2former-ade20k-full-847-r50": lambda: _mask2former(_semantic(
+        "ade20k-full-847-r50", 847, ignore=65535, dataset="ade20k-full-847", max_iter=200000)),
+    "mask2former-ade20k-panoptic-r50": lambda: _mask2former(_panoptic(
+        "ade20k-panoptic-r50", 150, "ade20k-panoptic", enc_layers=0, max_iter=160000)),
+    "mask2former-cityscapes-r50": lambda: _mask2former(_semantic(
+        "cityscapes-r50", 19, crop=(512, 1024), dataset="cityscapes", max_iter=90000)),
+    "mask2former-mapillary-r50": lambda: _mask2former(_semantic(
+        "mapillary-r50", 65, crop=1024, dataset="mapillary", max_iter=300000)),
+    "mask2former-coco-panoptic-r50": lambda: _m2f_coco("coco-panoptic-r50", "panoptic"),
+    "mask2former-coco-panoptic-swin-l": lambda: _m2f_coco("coco-panoptic-swin-l", "panoptic", "swin_large", 200, 100),
 }
 
 

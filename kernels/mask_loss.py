@@ -82,7 +82,7 @@ def _mask_loss_fwd_kernel(
     seg_ptr,  # [B, H, W] int32 contiguous segment maps padded with -1
     partial_ptr,  # [M, SPLIT, 4] fp32: sum focal, sum s, sum t, sum s t
     h, w, H, W, scale_y, scale_x, SPLIT,
-    ALPHA: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    ALPHA: tl.constexpr, BCE: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
     mask_id = pid // SPLIT
@@ -106,8 +106,10 @@ def _mask_loss_fwd_kernel(
         t = ids == sid  # target bit; ignore/padding (-1) is a negative for every mask
         s = tl.sigmoid(v)
         bce_neg, bce_pos = _softplus_pair(v)
-        # alpha_t (1 - p_t)^2 BCE(v, t) with t binary.
-        focal = tl.where(t, ALPHA * (1.0 - s) * (1.0 - s) * bce_pos, (1.0 - ALPHA) * s * s * bce_neg)
+        if BCE:  # sigmoid BCE (Mask2Former)
+            focal = tl.where(t, bce_pos, bce_neg)
+        else:  # alpha_t (1 - p_t)^2 BCE(v, t) with t binary (MaskFormer's focal)
+            focal = tl.where(t, ALPHA * (1.0 - s) * (1.0 - s) * bce_pos, (1.0 - ALPHA) * s * s * bce_neg)
         tf = t.to(tl.float32)
         acc_focal += tl.where(inside, focal, 0.0)
         acc_s += tl.where(inside, s, 0.0)
@@ -170,7 +172,7 @@ def _mask_loss_bwd_kernel(
     grad_out_ptr,  # [L, 2] fp32: dLoss/dfocal_l, dLoss/ddice_l
     h, w, H, W, scale_y, scale_x, inv_scale_y, inv_scale_x, inv_num_masks, inv_pixels,
     SUB_Y, SUB_X, MARGIN_Y: tl.constexpr, MARGIN_X: tl.constexpr,
-    ALPHA: tl.constexpr, CELL_Y: tl.constexpr, CELL_X: tl.constexpr,
+    ALPHA: tl.constexpr, BCE: tl.constexpr, CELL_Y: tl.constexpr, CELL_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_x = tl.cdiv(w, CELL_X - 1)
@@ -229,8 +231,11 @@ def _mask_loss_bwd_kernel(
             bce_neg, bce_pos = _softplus_pair(v)
             # d focal_elem / dv: t=1: -a (1-s)^2 ((1-s) + 2 s BCE(v,1));
             #                    t=0: (1-a) s^2 (s + 2 (1-s) BCE(v,0)).
-            d_focal = tl.where(t, -ALPHA * (1.0 - s) * (1.0 - s) * ((1.0 - s) + 2.0 * s * bce_pos),
-                               (1.0 - ALPHA) * s * s * (s + 2.0 * (1.0 - s) * bce_neg))
+            if BCE:  # d BCE(v, t) / dv = s - t
+                d_focal = tl.where(t, s - 1.0, s)
+            else:
+                d_focal = tl.where(t, -ALPHA * (1.0 - s) * (1.0 - s) * ((1.0 - s) + 2.0 * s * bce_pos),
+                                   (1.0 - ALPHA) * s * s * (s + 2.0 * (1.0 - s) * bce_neg))
             d_dice = (dice_i - 2.0 * t.to(tl.float32) * dice_u) * s * (1.0 - s)
             g = tl.where(ok, coef_focal * d_focal + coef_dice * d_dice, 0.0)
             g_lo = wy_lo[:, None] * g
@@ -306,13 +311,14 @@ def _matched_embeddings(mask_embed: Tensor, assignment: Tensor) -> Tensor:
 
 @triton_operator("mask_loss_forward")
 def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
-                      num_masks: Tensor, precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      num_masks: Tensor, precision: str, loss: str = "focal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-layer focal and dice (fp32 [L]) of the matched masks, plus what the backward reads:
     the matched low-res logits X [B, L*M, h*w] and the per-slot sums [L*B*M, 4].
 
     mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (any float dtype, any strides); assignment int64
     [L,B,M]: the query matched to segment j of image b at layer l, or -1; seg_maps int32 [B,H,W]
-    padded with -1; num_masks: 0-d fp32, the normaliser; precision "ieee" | "tf32".
+    padded with -1; num_masks: 0-d fp32, the normaliser; precision "ieee" | "tf32"; loss "focal"
+    (MaskFormer) | "bce" (Mask2Former's sigmoid BCE in place of the focal term).
     """
     num_layers, batch, _, channels = mask_embed.shape
     m = assignment.shape[-1]
@@ -328,7 +334,7 @@ def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tenso
     partial = torch.zeros(num_slots, split, 4, dtype=torch.float32, device=low.device)
     if num_slots and H * W:
         launch(_mask_loss_fwd_kernel, (num_slots * split,), low, rows, images, seg_ids, seg_maps, partial,
-               h, w, H, W, h / H, w / W, split, ALPHA=FOCAL_ALPHA)
+               h, w, H, W, h / H, w / W, split, ALPHA=FOCAL_ALPHA, BCE=loss == "bce")
     stats = partial.sum(1)  # [L*B*M, 4]
     focal = stats[:, 0] / (H * W)
     dice = 1 - (2 * stats[:, 3] + 1) / (stats[:, 1] + stats[:, 2] + 1)
@@ -341,7 +347,7 @@ def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tenso
 @triton_operator("mask_loss_backward")
 def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        assignment: Tensor, seg_maps: Tensor, num_masks: Tensor, low: Tensor, stats: Tensor,
-                       precision: str) -> tuple[Tensor, Tensor]:
+                       precision: str, loss: str = "focal") -> tuple[Tensor, Tensor]:
     """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w]) of
     ``sum_l grad_focal[l] focal[l] + grad_dice[l] dice[l]``; low, stats from the forward."""
     num_layers, batch, num_queries, channels = mask_embed.shape
@@ -361,7 +367,7 @@ def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor
     if num_slots and H * W:
         launch(_mask_loss_bwd_kernel, grid, low, grad_low, rows, images, seg_ids, layers, seg_maps, stats, grad_out,
                h, w, H, W, h / H, w / W, H / h, W / w, 1.0, 1.0 / (H * W),
-               sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA)
+               sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA, BCE=loss == "bce")
     embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
     pixel = pixel_embed.float().reshape(batch, channels, h * w)
     with _matmul_precision(precision):
@@ -376,9 +382,9 @@ def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor
 
 
 def _setup_context(ctx, inputs, output):
-    mask_embed, pixel_embed, assignment, seg_maps, num_masks, precision = inputs
+    mask_embed, pixel_embed, assignment, seg_maps, num_masks, precision, loss = inputs
     ctx.save_for_backward(mask_embed, pixel_embed, assignment, seg_maps, num_masks, output[2], output[3])
-    ctx.precision = precision
+    ctx.precision, ctx.loss = precision, loss
     ctx.dtypes = (mask_embed.dtype, pixel_embed.dtype)
 
 
@@ -388,19 +394,21 @@ def _backward(ctx, grad_focal, grad_dice, _grad_low, _grad_stats):
     grad_focal = zeros if grad_focal is None else grad_focal
     grad_dice = zeros if grad_dice is None else grad_dice
     grad_embed, grad_pixel = mask_loss_backward(grad_focal, grad_dice, mask_embed, pixel_embed, assignment,
-                                                seg_maps, num_masks, low, stats, ctx.precision)
-    return grad_embed.to(ctx.dtypes[0]), grad_pixel.to(ctx.dtypes[1]), None, None, None, None
+                                                seg_maps, num_masks, low, stats, ctx.precision, ctx.loss)
+    return grad_embed.to(ctx.dtypes[0]), grad_pixel.to(ctx.dtypes[1]), None, None, None, None, None
 
 
 mask_loss_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor, num_masks: Tensor,
-              precision: str = "ieee") -> tuple[Tensor, Tensor]:
+              precision: str = "ieee", loss: str = "focal") -> tuple[Tensor, Tensor]:
     """Focal and dice loss (fp32 [L], differentiable) of the matched masks of all layers; see
     :func:`mask_loss_forward` for the arguments (validated by ``fastmaskformer.ops.mask_loss``)."""
     if precision not in LOSS_PRECISIONS:
         raise ValueError(f"mask_loss: precision must be one of {LOSS_PRECISIONS}, got {precision!r}")
+    if loss not in ("focal", "bce"):
+        raise ValueError(f"mask_loss: loss must be 'focal' or 'bce', got {loss!r}")
     focal, dice, _, _ = torch.ops.fastmaskformer.mask_loss_forward(mask_embed, pixel_embed, assignment, seg_maps,
-                                                                   num_masks, precision)
+                                                                   num_masks, precision, loss)
     return focal, dice

@@ -227,6 +227,36 @@ _HEAD: list[_Rule] = [
      lambda m: f"sem_seg_head.predictor.{m[1]}.{m[2]}"),
 ]
 
+# Mask2Former (mask2former/modeling/pixel_decoder/msdeformattn.py and
+# transformer_decoder/mask2former_transformer_decoder.py): the deformable pixel decoder keeps its
+# encoder under ``transformer.`` and its one FPN level as ``adapter_1`` / ``layer_1`` (res2; conv
+# without bias + ``.norm``); the decoder's layers are three lists of sub-layers.
+_M2F_PREDICTOR = "sem_seg_head.predictor."
+_M2F_HEAD: list[_Rule] = [
+    (r"pixel_decoder\.level_embed", lambda m: _PIXEL_DECODER + "transformer.level_embed"),
+    (r"pixel_decoder\.input_proj\.(.+)", lambda m: _PIXEL_DECODER + f"input_proj.{m[1]}"),
+    (r"pixel_decoder\.encoder\.(\d+)\.(.+)", lambda m: _PIXEL_DECODER + f"transformer.encoder.layers.{m[1]}.{m[2]}"),
+    (r"pixel_decoder\.(lateral|output)_convs\.(\d)\.0\.weight",
+     lambda m: _PIXEL_DECODER + f"{'adapter' if m[1] == 'lateral' else 'layer'}_{int(m[2]) + 1}.weight"),
+    (r"pixel_decoder\.(lateral|output)_convs\.(\d)\.1\.(.+)",
+     lambda m: _PIXEL_DECODER + f"{'adapter' if m[1] == 'lateral' else 'layer'}_{int(m[2]) + 1}.norm.{m[3]}"),
+    (r"pixel_decoder\.mask_features\.(.+)", lambda m: _PIXEL_DECODER + f"mask_features.{m[1]}"),
+    (r"predictor\.cross_attention_layers\.(\d+)\.attn\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_cross_attention_layers.{m[1]}.multihead_attn.{m[2]}"),
+    (r"predictor\.cross_attention_layers\.(\d+)\.norm\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_cross_attention_layers.{m[1]}.norm.{m[2]}"),
+    (r"predictor\.self_attention_layers\.(\d+)\.attn\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_self_attention_layers.{m[1]}.self_attn.{m[2]}"),
+    (r"predictor\.self_attention_layers\.(\d+)\.norm\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_self_attention_layers.{m[1]}.norm.{m[2]}"),
+    (r"predictor\.ffn_layers\.(\d+)\.ffn\.(linear\d)\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_ffn_layers.{m[1]}.{m[2]}.{m[3]}"),
+    (r"predictor\.ffn_layers\.(\d+)\.norm\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"transformer_ffn_layers.{m[1]}.norm.{m[2]}"),
+    (r"predictor\.(decoder_norm|query_feat|query_embed|level_embed|input_proj|class_embed|mask_embed)\.(.+)",
+     lambda m: _M2F_PREDICTOR + f"{m[1]}.{m[2]}"),
+]
+
 # Official entries with no counterpart in our state dict, on purpose.
 _IGNORED = re.compile(
     r"pixel_mean|pixel_std"  # input normalisation: from our config (checked against it)
@@ -243,15 +273,17 @@ def _rules_for(our_keys: set[str]) -> list[_Rule]:
         backbone = _DEEP_STEM + _RESNET_BODY
     else:
         backbone = _BASIC_STEM + _RESNET_BODY
-    return backbone + _HEAD
+    return backbone + (_M2F_HEAD if "predictor.query_feat.weight" in our_keys else _HEAD)
 
 
 def detectron2_name_table(model: MaskFormer) -> dict[str, str]:
     """``{official Detectron2 name: our state-dict name}`` for every entry of ``model``'s state
     dict (BatchNorm step counters excepted: frozen BatchNorm has none, and a training one keeps
     its own). The official names are the current code's (``sem_seg_head.pixel_decoder.*``)."""
-    if not isinstance(model, MaskFormer):
-        raise TypeError(f"Detectron2 conversion targets MaskFormer, got {type(model).__name__}")
+    from ..modeling import Mask2Former
+
+    if not isinstance(model, (MaskFormer, Mask2Former)):
+        raise TypeError(f"Detectron2 conversion targets MaskFormer or Mask2Former, got {type(model).__name__}")
     our_keys = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     rules = _rules_for(our_keys)
     table: dict[str, str] = {}
@@ -286,8 +318,13 @@ def _config_for(state: Mapping[str, Tensor], cfg: Config | str) -> Config:
     queries. Structural differences the checkpoint shows get a targeted error here."""
     cfg = get_config(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)  # never edit the caller's
     model_cfg = cfg.model
-    if model_cfg.meta_arch != "maskformer":
-        raise ValueError(f"Detectron2 conversion builds MaskFormer, config has meta_arch={model_cfg.meta_arch!r}")
+    if model_cfg.meta_arch not in ("maskformer", "mask2former"):
+        raise ValueError(f"Detectron2 conversion builds MaskFormer or Mask2Former, config has "
+                         f"meta_arch={model_cfg.meta_arch!r}")
+    m2f_key = _M2F_PREDICTOR + "query_feat.weight"
+    if (m2f_key in state) != (model_cfg.meta_arch == "mask2former"):
+        raise ValueError(f"checkpoint is a {'Mask2Former' if m2f_key in state else 'MaskFormer'} model, config "
+                         f"{cfg.name!r} has meta_arch={model_cfg.meta_arch!r}")
     for needed in ("sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.query_embed.weight"):
         if needed not in state:
             raise ValueError(f"not a MaskFormer checkpoint: no {needed!r}")
@@ -302,10 +339,18 @@ def _config_for(state: Mapping[str, Tensor], cfg: Config | str) -> Config:
     if is_swin != model_cfg.backbone.name.startswith("swin"):
         raise ValueError(f"checkpoint has a {'Swin' if is_swin else 'ResNet'} backbone, config "
                          f"{cfg.name!r} has backbone {model_cfg.backbone.name!r}")
-    counts = {
-        "model.dec_layers": (_layer_count(state, _TRANSFORMER + "decoder.layers."), model_cfg.dec_layers),
-        "model.enc_layers": (_layer_count(state, _PIXEL_DECODER + "transformer.encoder.layers."), model_cfg.enc_layers),
-    }
+    if model_cfg.meta_arch == "mask2former":
+        # dec_layers counts predictions (layers + 1); the pixel decoder's encoder depth is a kwarg.
+        enc = _layer_count(state, _PIXEL_DECODER + "transformer.encoder.layers.")
+        model_cfg.pixel_decoder_kwargs = {**model_cfg.pixel_decoder_kwargs, "enc_layers": enc}
+        counts = {"model.dec_layers": (_layer_count(state, _M2F_PREDICTOR + "transformer_ffn_layers.") + 1,
+                                       model_cfg.dec_layers)}
+    else:
+        counts = {
+            "model.dec_layers": (_layer_count(state, _TRANSFORMER + "decoder.layers."), model_cfg.dec_layers),
+            "model.enc_layers": (_layer_count(state, _PIXEL_DECODER + "transformer.encoder.layers."),
+                                 model_cfg.enc_layers),
+        }
     for key, (found, configured) in counts.items():
         if found != configured:
             raise ValueError(f"checkpoint has {found} layers where config {cfg.name!r} has {key}={configured}")

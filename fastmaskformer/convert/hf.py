@@ -283,6 +283,12 @@ def _load_into(model: MaskFormer, state: dict[str, Tensor]) -> MaskFormer:
 
 def _convert(hf_config: Mapping[str, Any], hf_state: Mapping[str, Tensor],
              preprocessor: Mapping[str, Any] | None = None) -> tuple[ModelConfig, MaskFormer]:
+    if hf_config.get("model_type") == "mask2former":
+        from .hf_mask2former import mask2former_config_from_hf, mask2former_state_from_hf
+
+        model_cfg = mask2former_config_from_hf(hf_config, preprocessor)
+        kind = "swin" if model_cfg.backbone.name.startswith("swin") else "resnet"
+        return model_cfg, _load_into(build_model(model_cfg), mask2former_state_from_hf(hf_state, kind))
     model_cfg = model_config_from_hf(hf_config, preprocessor)
     kind = "swin" if model_cfg.backbone.name.startswith("swin") else "resnet"
     model = build_model(model_cfg)
@@ -291,8 +297,9 @@ def _convert(hf_config: Mapping[str, Any], hf_state: Mapping[str, Tensor],
 
 # ----------------------------------------------------------------------------- public API
 def from_hf(hf_model) -> MaskFormer:
-    """A ``transformers.MaskFormerForInstanceSegmentation`` (in memory) -> our ``MaskFormer``
-    with the same weights, in eval mode on the CPU, float32."""
+    """A ``transformers.MaskFormerForInstanceSegmentation`` (in memory) -> our ``MaskFormer``, or a
+    ``Mask2FormerForUniversalSegmentation`` (ResNet or Swin backbone) -> our ``Mask2Former``, with the
+    same weights, in eval mode on the CPU, float32."""
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in hf_model.state_dict().items()}
     _, model = _convert(hf_model.config.to_dict(), state)

@@ -188,6 +188,53 @@ class PadTo:
         return f"PadTo({self.size}, image_value={self.image_value}, seg_value={self.seg_value})"
 
 
+class ResizeScale:
+    """Large-scale jitter resize (detectron2 ``ResizeScale``): a scale s uniform in
+    [min_scale, max_scale], then the image resized by ``s * min(target_h / h, target_w / w)``
+    (aspect kept)."""
+
+    def __init__(self, min_scale: float, max_scale: float, target_size):
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.target = (int(target_size[0]), int(target_size[1]))
+
+    def __call__(self, image, seg, rng):
+        h, w = image.shape[:2]
+        s = rng.uniform(self.min_scale, self.max_scale)
+        scale = min(s * self.target[0] / h, s * self.target[1] / w)
+        return resize(image, seg, (max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)))
+
+    def __repr__(self):
+        return f"ResizeScale({self.min_scale}, {self.max_scale}, {self.target})"
+
+
+class FixedSizeCrop:
+    """detectron2 ``FixedSizeCrop``: a ``crop_size`` window at a uniform random offset (clipped
+    to the image), then padding bottom/right to exactly ``crop_size`` (image 128, seg
+    ``seg_value``)."""
+
+    def __init__(self, crop_size, seg_value: int = 255):
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.pad = PadTo(self.crop_size, 128, seg_value)
+
+    def __call__(self, image, seg, rng):
+        h, w = image.shape[:2]
+        ch, cw = self.crop_size
+        y0 = int(round((max(h - ch, 0)) * rng.uniform(0.0, 1.0)))
+        x0 = int(round((max(w - cw, 0)) * rng.uniform(0.0, 1.0)))
+        return self.pad(*_crop(image, seg, y0, x0, min(ch, h), min(cw, w)), rng)
+
+    def __repr__(self):
+        return f"FixedSizeCrop({self.crop_size})"
+
+
+def lsj_train_augmentation(image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
+                           ignore_label: int = 0) -> Compose:
+    """Mask2Former's COCO large-scale jitter (``coco_panoptic_lsj`` mapper): horizontal flip,
+    ``ResizeScale(0.1, 2.0)`` towards image_size x image_size, ``FixedSizeCrop(image_size)``."""
+    size = (image_size, image_size)
+    return Compose([RandomFlip(0.5), ResizeScale(min_scale, max_scale, size), FixedSizeCrop(size, ignore_label)])
+
+
 # ----------------------------------------------------------------------------- photometric
 def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
     # x * alpha + beta on the uint8 range, clipped and truncated back to uint8 (official)
@@ -337,8 +384,9 @@ def test_augmentation(min_size: int, max_size: int) -> Compose:
 
 def build_augmentation(data_cfg, train: bool, ignore_label: int) -> Compose:
     """The pipeline for ``data_cfg`` (a ``DataConfig``), train or test. The training pipeline is
-    ``data_cfg.augmentation``: "semantic" (DESIGN 5; also the official ADE20K panoptic one) or
-    "detr" (the official COCO panoptic one, longest edge <= ``max_size_train``); None picks
+    ``data_cfg.augmentation``: "semantic" (DESIGN 5; also the official ADE20K panoptic one),
+    "detr" (MaskFormer's COCO panoptic one, longest edge <= ``max_size_train``) or "lsj"
+    (Mask2Former's COCO large-scale jitter at ``crop_size``); None picks
     "detr" for COCO panoptic only.
     ``ignore_label``: the seg value of unlabelled pixels (padding, crop statistics): the
     dataset's ignore label for label maps, 0 (void) for panoptic id maps."""
@@ -347,8 +395,10 @@ def build_augmentation(data_cfg, train: bool, ignore_label: int) -> Compose:
     pipeline = data_cfg.augmentation or ("detr" if data_cfg.dataset == "coco-panoptic" else "semantic")
     if pipeline == "detr":
         return panoptic_train_augmentation(max_size=data_cfg.max_size_train)
+    if pipeline == "lsj":
+        return lsj_train_augmentation(max(data_cfg.crop_size), ignore_label=ignore_label)
     if pipeline != "semantic":
-        raise ValueError(f"data.augmentation must be 'semantic' or 'detr', got {pipeline!r}")
+        raise ValueError(f"data.augmentation must be 'semantic', 'detr' or 'lsj', got {pipeline!r}")
     base = data_cfg.base_size_train or max(data_cfg.crop_size)
     return semantic_train_augmentation(
         data_cfg.crop_size,

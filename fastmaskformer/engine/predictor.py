@@ -103,6 +103,7 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
     ``"instance"`` {"masks" bool [N, H, W], "scores" [N], "labels" [N]}.
     """
     tasks = set(tasks)
+    thing_classes = list(thing_classes)  # read twice (panoptic, instance)
     unknown = tasks - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
@@ -125,7 +126,14 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
         for r, p in zip(results, pan):
             r["panoptic"] = p
     if "instance" in tasks:
-        for r, inst in zip(results, ops.instance_inference(*args, input_size=input_size)):
+        # Official Mask2Former: the top 100 (query, class) pairs per image (TEST.DETECTIONS_PER_IMAGE).
+        topk = getattr(test_cfg, "instance_topk", None)
+        things = torch.tensor(sorted(set(int(c) for c in thing_classes)), dtype=torch.int64)
+        for r, inst in zip(results, ops.instance_inference(*args, topk=topk, input_size=input_size)):
+            if getattr(test_cfg, "panoptic_on", False) and things.numel():
+                # Official Mask2Former: with panoptic on, instances are thing classes only.
+                keep = torch.isin(inst["labels"].cpu(), things)
+                inst = {k: v[keep.to(v.device)] for k, v in inst.items()}
             r["instance"] = inst
     return results
 

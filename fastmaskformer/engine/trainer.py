@@ -163,6 +163,8 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         self.model.train()
         self.criterion = None if hasattr(self.model, "losses") else build_criterion(cfg).to(self.device)
+        if self.criterion is not None and hasattr(self.criterion, "seed"):
+            self.criterion.seed += self.dist.rank  # each rank draws its own points (as the official global RNG)
         self.optimizer = build_optimizer(self.model, solver)
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.ddp = self.model
@@ -233,11 +235,21 @@ class Trainer:
         bad = state.get("bad_samples") or {}
         self.bad_samples, self.bad_files = int(bad.get("count", 0)), dict(bad.get("files", {}))
         restore_rng_state(state["rng"][self.dist.rank])
+        if self.criterion is not None and "criterion" in state["rng"][self.dist.rank]:
+            # The criterion's own point generator (Mask2Former), per rank like the global RNGs.
+            self.criterion.load_state_dict(state["rng"][self.dist.rank]["criterion"])
+
+    def capture_rng(self) -> dict:
+        """This rank's global RNG states plus the criterion's state (its point generator)."""
+        rng = capture_rng_state()
+        if self.criterion is not None and self.criterion.state_dict():
+            rng["criterion"] = self.criterion.state_dict()
+        return rng
 
     def save(self) -> Path | None:
         """Checkpoint the current iteration (every rank sends its RNG state, rank 0 writes, every
         rank waits)."""
-        rng = du.gather_to_main(capture_rng_state())
+        rng = du.gather_to_main(self.capture_rng())
         path = None
         if self.dist.is_main:
             bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]

@@ -73,15 +73,20 @@ class HungarianMatcher:
         (``ops.matching_cost.pack_targets``) -> assignment int64 [L,B,M] on the device: the query
         matched to each segment (-1: none). All costs in one launch, ONE device->host copy
         (inside the solver operator), all problems in one batched solve; no other host sync."""
-        num_layers, batch, num_queries = class_logits.shape[:3]
         costs = ops.matching_cost_packed(class_logits, mask_embed, pixel_embed, seg_maps, labels, num_segments,
                                          self.weights, self.precision, impl=self.impl)  # [L*B, Q, M]
+        return self.solve(costs, num_segments, class_logits.shape[0])
+
+    def solve(self, costs: Tensor, num_segments: Tensor, num_layers: int) -> Tensor:
+        """costs float [L*B, Q, M] (columns past num_segments[b] ignored) -> assignment int64
+        [L, B, M] (query of each segment, -1: none), with ONE device->host copy."""
+        batch = num_segments.shape[0]
         widths = num_segments.repeat(num_layers)
         if self.solver == "batched":
             rows, cols = torch.ops.fastmaskformer.linear_sum_assignment(costs, widths, False, batch)
         else:
             rows, cols = _scipy_assignment(costs, widths, batch)
-        m = labels.shape[1]
+        m = costs.shape[2]
         # Scatter query -> segment slot; padding pairs (-1) land in an extra column, dropped.
         assignment = torch.full((costs.shape[0], m + 1), -1, dtype=torch.int64, device=costs.device)
         assignment.scatter_(1, torch.where(cols >= 0, cols, m), torch.where(cols >= 0, rows, -1))
@@ -98,6 +103,24 @@ class HungarianMatcher:
         check_targets(targets, pixel_embed.shape[0], class_logits.shape[-1] - 1, size)
         packed = pack_targets(targets, size, pixel_embed.device)
         return assignment_to_indices(self.assign(class_logits, mask_embed, pixel_embed, *packed))
+
+
+class PointMatcher(HungarianMatcher):
+    """Mask2Former's matcher: the same solve, costs on uniformly sampled points
+    (``ops.point_loss.point_matching_cost``: class 2, sigmoid BCE 5, dice 5 by default).
+
+    ``assign`` takes the points explicitly (``coords [L,B,P,2]`` in [0, 1], x then y): the
+    criterion draws them from its own generator, tests replay the official draws."""
+
+    @torch.no_grad()
+    def assign(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+               labels: Tensor, num_segments: Tensor, coords: Tensor) -> Tensor:
+        """As ``HungarianMatcher.assign`` plus coords [L,B,P,2] -> assignment int64 [L,B,M]."""
+        from ..ops.point_loss import point_matching_cost
+
+        costs = point_matching_cost(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords, self.weights,
+                                    self.precision, impl=self.impl)
+        return self.solve(costs, num_segments, class_logits.shape[0])
 
 
 def _scipy_assignment(costs: Tensor, widths: Tensor, batch: int) -> tuple[Tensor, Tensor]:
@@ -152,10 +175,12 @@ class FixedMatcher:
 
 
 def build_matcher(loss_cfg) -> HungarianMatcher | FixedMatcher:
-    """From a ``LossConfig``."""
+    """From a ``LossConfig``; ``mask_sampling: points`` gives the point-sampled matcher."""
     if loss_cfg.matching == "fixed":
         return FixedMatcher()
     if loss_cfg.matching != "hungarian":
         raise ValueError(f"matching must be 'hungarian' or 'fixed', got {loss_cfg.matching!r}")
+    if getattr(loss_cfg, "mask_loss", "focal") == "bce":  # Mask2Former: matching on sampled points
+        return PointMatcher(loss_cfg.class_weight, loss_cfg.mask_weight, loss_cfg.dice_weight, impl=loss_cfg.impl)
     return HungarianMatcher(loss_cfg.class_weight, loss_cfg.mask_weight, loss_cfg.dice_weight,
                             impl=loss_cfg.impl, precision=loss_cfg.matching_precision)

@@ -1,7 +1,13 @@
 """Models: MaskFormer and the per-pixel baselines, built from a ``ModelConfig``.
 
 ``build_model(cfg.model)`` picks the architecture from ``meta_arch``:
-``maskformer`` | ``per_pixel_baseline`` | ``per_pixel_baseline_plus``.
+``maskformer`` | ``mask2former`` | ``per_pixel_baseline`` | ``per_pixel_baseline_plus``.
+
+Shared by both architectures: backbones (``backbone.py``), input handling and outputs
+(``maskformer.SegmentationModel``, ``MaskFormerOutput``). Pixel decoders: ``pixel_decoder.py``
+(MaskFormer's FPN, optionally "+6 Enc") and ``msdeformattn.py`` (Mask2Former's deformable one).
+Transformer decoders: ``transformer.py`` (DETR, MaskFormer) and ``masked_attention_decoder.py``
+(multi-scale masked attention, Mask2Former).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from .baselines import (
     build_per_pixel_baseline,
     build_per_pixel_baseline_plus,
 )
+from .mask2former import Mask2Former, build_mask2former
+from .masked_attention_decoder import MaskedAttentionDecoder
 from .maskformer import MaskFormer, MaskFormerOutput, TransformerPredictor, build_maskformer
 from .pixel_decoder import PixelDecoder
 from .position_encoding import PositionEmbeddingSine
@@ -22,6 +30,7 @@ from .transformer import TransformerDecoder, TransformerEncoder
 
 _BUILDERS = {
     "maskformer": build_maskformer,
+    "mask2former": build_mask2former,
     "per_pixel_baseline": build_per_pixel_baseline,
     "per_pixel_baseline_plus": build_per_pixel_baseline_plus,
 }
@@ -35,7 +44,8 @@ def build_model(model_cfg) -> nn.Module:
 
 
 __all__ = [
-    "Backbone", "MaskFormer", "MaskFormerOutput", "PerPixelBaseline", "PerPixelBaselinePlus", "PerPixelOutput",
+    "Backbone", "Mask2Former", "MaskFormer", "MaskedAttentionDecoder", "MaskFormerOutput", "PerPixelBaseline",
+    "PerPixelBaselinePlus", "PerPixelOutput",
     "PixelDecoder", "PositionEmbeddingSine", "TransformerDecoder", "TransformerEncoder", "TransformerPredictor",
-    "build_backbone", "build_model",
+    "build_backbone", "build_mask2former", "build_model",
 ]

@@ -34,6 +34,11 @@ def sigmoid_focal_loss_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
     return (alpha_t * ce * (1 - p_t) ** FOCAL_GAMMA).mean(1)
 
 
+def sigmoid_bce_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits, targets [m, P] -> per-mask mean sigmoid BCE [m] (Mask2Former's mask term)."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1)
+
+
 def dice_loss_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
     """logits, targets [m, P] -> per-mask dice loss [m]."""
     s = logits.sigmoid()
@@ -76,12 +81,13 @@ def assignment_from_indices(layers: Sequence[Sequence[tuple[Tensor, Tensor]]], n
 
 @reference_operator("mask_loss_reference", differentiable=("mask_embed", "pixel_embed"))
 def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
-                        num_masks: Tensor) -> tuple[Tensor, Tensor]:
+                        num_masks: Tensor, loss: str = "focal") -> tuple[Tensor, Tensor]:
     """Plain PyTorch, per layer: the matched logits at full resolution [B, M, H, W].
 
     mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] (query of segment j of
-    image b at layer l, or -1); seg_maps int32 [B,H,W] padded with -1; num_masks 0-d.
-    Returns focal, dice: fp32 [L].
+    image b at layer l, or -1); seg_maps int32 [B,H,W] padded with -1; num_masks 0-d; loss
+    "focal" (MaskFormer) or "bce" (Mask2Former's sigmoid BCE in the first term).
+    Returns (focal or BCE), dice: fp32 [L].
     """
     num_layers, batch, _, channels = mask_embed.shape
     m = assignment.shape[-1]
@@ -98,7 +104,8 @@ def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Ten
         logits = torch.einsum("bmc,bchw->bmhw", embed, pixel_embed.float())
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).flatten(2)  # [B, M, H*W]
         matched = (assignment[layer] >= 0).float().flatten()
-        per_mask = (sigmoid_focal_loss_per_mask(logits.flatten(0, 1), targets.flatten(0, 1)),
+        first = sigmoid_bce_per_mask if loss == "bce" else sigmoid_focal_loss_per_mask
+        per_mask = (first(logits.flatten(0, 1), targets.flatten(0, 1)),
                     dice_loss_per_mask(logits.flatten(0, 1), targets.flatten(0, 1)))
         focal.append((per_mask[0] * matched).sum() / num_masks)
         dice.append((per_mask[1] * matched).sum() / num_masks)
@@ -106,15 +113,20 @@ def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Ten
 
 
 def mask_loss_assigned(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
-                       num_masks, precision: str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
+                       num_masks, precision: str | None = None, impl: str = "auto",
+                       loss: str = "focal") -> tuple[Tensor, Tensor]:
     """:func:`mask_loss` on the padded matching, with no host work: what the criterion calls
     (``torch.compile`` traces it whole).
 
     mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] on the device (query
     of segment j of image b at layer l, -1 = unmatched); seg_maps int32 [B,H,W] at the padded
-    input size, -1 = no segment; num_masks: float or 0-d tensor. Returns fp32 focal, dice [L].
+    input size, -1 = no segment; num_masks: float or 0-d tensor; loss: "focal" (MaskFormer) or
+    "bce" (Mask2Former's sigmoid BCE, the exact full-resolution form of its point-sampled loss).
+    Returns fp32 (focal or BCE), dice [L].
     """
     check_embeddings(mask_embed, pixel_embed)
+    if loss not in ("focal", "bce"):
+        raise ValueError(f"mask loss must be 'focal' or 'bce', got {loss!r}")
     if mask_embed.dim() != 4 or assignment.dim() != 3 or assignment.shape[:2] != mask_embed.shape[:2]:
         raise ValueError(f"assignment {tuple(assignment.shape)} must be [L,B,M] for mask_embed "
                          f"{tuple(mask_embed.shape)} [L,B,Q,C]")
@@ -125,8 +137,9 @@ def mask_loss_assigned(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tens
     seg_maps = seg_maps.to(pixel_embed.device, torch.int32).contiguous()
     if resolve_impl(impl, mask_embed, pixel_embed, op="mask_loss") == "triton":
         return load_kernel("mask_loss", "mask_loss").mask_loss(mask_embed, pixel_embed, assignment, seg_maps,
-                                                               num_masks, precision or "ieee")
-    return torch.ops.fastmaskformer.mask_loss_reference(mask_embed, pixel_embed, assignment, seg_maps, num_masks)
+                                                               num_masks, precision or "ieee", loss)
+    return torch.ops.fastmaskformer.mask_loss_reference(mask_embed, pixel_embed, assignment, seg_maps, num_masks,
+                                                        loss)
 
 
 def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices, targets: Sequence[Target], num_masks: float,

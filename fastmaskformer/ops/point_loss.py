@@ -1,0 +1,153 @@
+"""Point-sampled matching cost and mask loss (Mask2Former; Kirillov et al.'s PointRend sampling).
+
+Mask2Former matches and supervises masks on sampled points instead of full masks:
+- matching: per decoder layer and image, P = 12544 points uniform in the image, shared by all
+  queries and segments; cost = w_class * (-softmax prob of the segment's class)
+  + w_mask * mean-over-points sigmoid BCE + w_dice * dice (official ``HungarianMatcher``);
+- loss: per matched mask, ``oversample`` * P uniform candidates, the ``importance_ratio`` * P
+  most uncertain of them (uncertainty ``-|logit|``) plus (1 - importance_ratio) * P fresh uniform
+  points; BCE averaged over the points and dice, each summed over masks / num_masks.
+
+Coordinates are ``[..., P, 2]`` in [0, 1], x then y, relative to the padded input (the official
+``point_sample``: ``grid_sample(input, 2 * coords - 1, align_corners=False)``, zeros outside).
+Predictions are sampled on the stride-4 logits, targets on the full-resolution segment maps.
+
+The lazy outputs make sampling cheap: a logit at a point is the bilinear blend of 4 neighbouring
+``<mask_embed, pixel_embed>`` products, and a target value the blend of 4 segment-map taps equal
+to the segment id, so no ``[M, H, W]`` target masks are built. These references are plain
+PyTorch (autograd differentiates them); they form per-mask logit maps at stride 4 (the official
+memory). The matching cost also has a fused Triton kernel that never forms them; the
+point-sampled loss's fused kernels are not written yet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import load_kernel, resolve_impl
+
+
+def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """coords [..., 2] in [0, 1] (x, y) on a height x width grid, ``align_corners=False`` ->
+    (flat indices int64 [..., 4] into height*width, clamped in range; weights [..., 4], zero for
+    taps outside the grid: ``grid_sample``'s zero padding)."""
+    coords = coords.to(torch.promote_types(coords.dtype, torch.float32))
+    x = coords[..., 0] * width - 0.5
+    y = coords[..., 1] * height - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    index = ys.clamp(0, height - 1) * width + xs.clamp(0, width - 1)
+    return index, torch.where(inside, w, torch.zeros_like(w))
+
+
+def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) -> Tensor:
+    """seg_maps int32 [B, H, W] (-1: no segment); segment int64 [B, N] (segment ids, any value for
+    unused rows); coords [B, N, P, 2] -> float32 [B, N, P]: the binary mask of each segment
+    sampled bilinearly at the points (``point_sample`` of the 0/1 mask)."""
+    b, h, w = seg_maps.shape
+    index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
+    taps = torch.gather(seg_maps.reshape(b, h * w), 1, index.reshape(b, -1)).view_as(index)
+    return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
+
+
+def sample_logits(logit_maps: Tensor, coords: Tensor) -> Tensor:
+    """logit_maps [B, N, h, w]; coords [B, N, P, 2] -> [B, N, P] (bilinear, zeros outside)."""
+    b, n, h, w = logit_maps.shape
+    index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
+    taps = torch.gather(logit_maps.reshape(b, n, h * w), 2, index.flatten(2)).view_as(index)
+    return (weight.to(taps.dtype) * taps).sum(-1)
+
+
+def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+                        labels: Tensor, coords: Tensor, weights=(2.0, 5.0, 5.0), precision: str | None = None,
+                        impl: str = "auto") -> Tensor:
+    """Matching costs on shared uniform points (official Mask2Former ``HungarianMatcher``).
+
+    class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; seg_maps int32 [B,H,W];
+    labels int64 [B,M] (padded: padded columns get finite costs the solver ignores); coords
+    [L,B,P,2] (one draw per layer and image); weights (class, BCE, dice) -> costs float32
+    [L*B, Q, M] (the layout of ``matching_cost_packed``). Computed in float32, one layer at a time
+    (reference) or by the fused kernel (``kernels/point_matching_cost.py``: samples the pixel
+    embedding itself, never forms logit maps; precision "tf32" by default, "tf32x3" | "ieee").
+    """
+    num_layers, b, q = class_logits.shape[:3]
+    m = labels.shape[1]
+    w_class, w_mask, w_dice = weights
+    segments = torch.arange(m, device=labels.device)[None].expand(b, m)
+    if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="point_matching_cost") == "triton":
+        p = coords.shape[2]
+        prob = class_logits.float().softmax(-1).reshape(num_layers * b, q, -1)
+        cost_class = -torch.gather(prob, 2, labels.repeat(num_layers, 1)[:, None, :].expand(-1, q, m))
+        target = torch.stack([sample_segment_targets(seg_maps, segments,
+                                                     coords[layer].float()[:, None].expand(b, m, p, 2))
+                              for layer in range(num_layers)])  # (l, b, m, p)
+        xt, st, sp, ss = load_kernel("point_matching_cost", "point_matching_cost").point_matching_sums(
+            mask_embed, pixel_embed, coords, target, precision or "tf32")
+        cost_mask = (sp[:, :, None] - xt) / p
+        cost_dice = 1 - (2 * st + 1) / (ss[:, :, None] + target.sum(-1).reshape(num_layers * b, 1, m) + 1)
+        return w_class * cost_class + w_mask * cost_mask + w_dice * cost_dice
+    out = []
+    for layer in range(num_layers):
+        pts = coords[layer].float()  # (b, p, 2)
+        p = pts.shape[1]
+        prob = class_logits[layer].float().softmax(-1)  # (b, q, k+1)
+        cost_class = -torch.gather(prob, 2, labels[:, None, :].expand(b, q, m))  # (b, q, m)
+        target = sample_segment_targets(seg_maps, segments, pts[:, None].expand(b, m, p, 2))  # (b, m, p)
+        logit_maps = torch.einsum("bqc,bchw->bqhw", mask_embed[layer].float(), pixel_embed.float())
+        logits = sample_logits(logit_maps, pts[:, None].expand(b, q, p, 2))  # (b, q, p)
+        pos = F.softplus(-logits)  # BCE against 1
+        neg = F.softplus(logits)  # BCE against 0
+        cost_mask = (torch.einsum("bqp,bmp->bqm", pos, target) + torch.einsum("bqp,bmp->bqm", neg, 1 - target)) / p
+        sig = logits.sigmoid()
+        numer = 2 * torch.einsum("bqp,bmp->bqm", sig, target)
+        denom = sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :]
+        cost_dice = 1 - (numer + 1) / (denom + 1)
+        out.append(w_class * cost_class + w_mask * cost_mask + w_dice * cost_dice)
+    return torch.stack(out).reshape(num_layers * b, q, m)
+
+
+def importance_points(logit_maps: Tensor, candidates: Tensor, extra: Tensor, num_uncertain: int) -> Tensor:
+    """PointRend's ``get_uncertain_point_coords_with_randomness`` on given draws.
+
+    logit_maps [B, N, h, w]; candidates [B, N, S, 2] (uniform, S = oversample * P); extra
+    [B, N, R, 2] (uniform, R = P - num_uncertain) -> [B, N, num_uncertain + R, 2]: the
+    num_uncertain candidates of highest uncertainty ``-|logit|`` (top-k order), then extra."""
+    with torch.no_grad():
+        uncertainty = -sample_logits(logit_maps, candidates).abs()  # (b, n, s)
+        top = uncertainty.topk(num_uncertain, dim=-1).indices  # (b, n, u)
+        chosen = torch.gather(candidates, 2, top[..., None].expand(*top.shape, 2))
+    return torch.cat([chosen, extra.to(chosen.dtype)], 2)
+
+
+def point_mask_loss(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
+                    num_masks: Tensor, candidates: Tensor, extra: Tensor, num_uncertain: int) -> tuple[Tensor, Tensor]:
+    """Importance-sampled sigmoid BCE + dice of the matched masks (official Mask2Former loss).
+
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] (query of each segment,
+    -1 none); seg_maps int32 [B,H,W]; num_masks 0-d; candidates [L,B,M,S,2] and extra
+    [L,B,M,R,2] uniform draws per segment slot (only matched slots are used) -> (bce [L], dice [L]),
+    each sum over matched masks / num_masks."""
+    num_layers, b, m = assignment.shape
+    segments = torch.arange(m, device=assignment.device)[None].expand(b, m)
+    bce_out, dice_out = [], []
+    for layer in range(num_layers):
+        matched = assignment[layer] >= 0  # (b, m)
+        query = assignment[layer].clamp(min=0)
+        emb = torch.gather(mask_embed[layer], 1, query[..., None].expand(b, m, mask_embed.shape[-1]))  # (b, m, c)
+        logit_maps = torch.einsum("bmc,bchw->bmhw", emb.float(), pixel_embed.float())
+        pts = importance_points(logit_maps.detach(), candidates[layer], extra[layer], num_uncertain)
+        logits = sample_logits(logit_maps, pts)  # (b, m, p)
+        target = sample_segment_targets(seg_maps, segments, pts)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+        sig = logits.sigmoid()
+        dice = 1 - (2 * (sig * target).sum(-1) + 1) / (sig.sum(-1) + target.sum(-1) + 1)
+        zero = torch.zeros_like(bce)
+        bce_out.append(torch.where(matched, bce, zero).sum() / num_masks)
+        dice_out.append(torch.where(matched, dice, zero).sum() / num_masks)
+    return torch.stack(bce_out), torch.stack(dice_out)
