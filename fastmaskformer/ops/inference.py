@@ -116,7 +116,9 @@ def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_em
 # the whole [K, H, W] fits the tile budget, the untiled reference is used.
 SEMANTIC_TILE_BYTES = 64 * 2**20  # default tile: about this many bytes of [K, band, W] scores
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: element-wise ops run single-threaded below it
-_VEC_STEP = {"AVX512": 32, "AVX2": 16}  # elements per vectorised step (2 x Vectorized<float>)
+# Elements per vectorised step of ATen's element-wise loops (2 x Vectorized<float>::size());
+# DEFAULT's Vectorized<float> computes each lane with the scalar functions: no tail differs.
+_VEC_STEP = {"AVX512": 32, "AVX2": 16, "DEFAULT": 16}
 _MIN_BAND_PIXELS, _MIN_QUERIES, _MIN_CLASSES = 4096, 16, 8
 
 
