@@ -19,6 +19,20 @@ or 4e-3 of the top score for tf32):
   written to stream the classes in blocks of 64 with a running argmax (``[Q,Hp,Wp]`` masks and a
   ``[64,H,W]`` block alive, never ``[K,H,W]``) - a stand-in for the memory behaviour, labelled.
 
+CPU memory (``--cpu-memory``, issue 17): K=847, Q=100, C=256, 512x683 images (input 512x704),
+batch 1, 2, 4; each (provider, batch) in a fresh child process, which reports its peak RSS
+(``VmHWM``; ``ru_maxrss`` would start at the parent's peak after exec) above the RSS once the
+inputs exist, and the median time of a few calls:
+- ``official``: the official MaskFormer post-processing (mask logits of the batch upsampled to
+  the padded input, then per image softmax x sigmoid einsum into [K,Hp,Wp] and
+  ``sem_seg_postprocess``; the list of [K,H,W] results is what the official model returns,
+  argmax afterwards);
+- ``untiled``: the previous ``impl="torch"`` loop (``semantic_scores_reference`` per image, the
+  previous image's [K,H,W] scores still alive while the next is computed);
+- ``eager``: ``ops.semantic_inference(impl="torch")``, now tiled over output rows
+  (``semantic_labels_tiled``: O(K x tile x W) scores, bit-identical labels).
+Labels of every provider are checked equal to the official's (batch 1) before measuring.
+
 Sizes: Q=100, C=256, outputs 512x512, 512x683 (ADE20K-like), 1024x2048 (Cityscapes), the
 image at its original size inside a /32-padded input; K in {19, 150, 847}; batch 1 and 16 on a
 GPU (``--quick``: K in {150, 847}, batch 1 and 16, 512x683 and 1024x2048). On a CPU: outputs
@@ -120,13 +134,129 @@ def check_labels(labels, inputs, name):
             raise AssertionError(f"{name}: labels differ from the reference on decided pixels")
 
 
+@torch.no_grad()
+def official_postprocess(class_logits, mask_embed, pixel_embed, image_sizes, output_sizes):
+    """The official MaskFormer semantic post-processing (``MaskFormer.forward`` at inference):
+    returns the list of [K, H, W] scores (``sem_seg``), argmax-ed by the caller."""
+    import torch.nn.functional as F
+
+    mask_pred = torch.einsum("bqc,bchw->bqhw", mask_embed, pixel_embed)  # the model's pred_masks
+    padded = (4 * pixel_embed.shape[-2], 4 * pixel_embed.shape[-1])
+    mask_pred = F.interpolate(mask_pred, size=padded, mode="bilinear", align_corners=False)
+    processed = []
+    for mask_cls, mask_pred_b, image_size, (height, width) in zip(class_logits, mask_pred, image_sizes, output_sizes):
+        r = torch.einsum("qc,qhw->chw", F.softmax(mask_cls, dim=-1)[..., :-1], mask_pred_b.sigmoid())
+        r = r[:, : image_size[0], : image_size[1]].expand(1, -1, -1, -1)  # sem_seg_postprocess
+        processed.append(F.interpolate(r, size=(height, width), mode="bilinear", align_corners=False)[0])
+    return processed
+
+
+@torch.no_grad()
+def untiled_loop(class_logits, mask_embed, pixel_embed, image_sizes, output_sizes):
+    """The previous ``impl="torch"`` loop: the reference's [K, H, W] per image, max over K."""
+    results = []
+    for b in range(class_logits.shape[0]):
+        scores = semantic_scores_reference(class_logits[b], mask_embed[b], pixel_embed[b], image_sizes[b],
+                                           output_sizes[b])
+        results.append(scores.max(0)[1])
+    return results
+
+
+MEMORY_PROVIDERS = {
+    "official": lambda *a: [r.argmax(0) for r in official_postprocess(*a)],
+    "untiled": untiled_loop,
+    "eager": lambda *a: ops.semantic_inference(*a, impl="torch"),
+}
+
+
+def memory_inputs(batch, k=847, queries=100, channels=256, size=(512, 683)):
+    torch.manual_seed(0)
+    h, w = -(-size[0] // 32) * 8, -(-size[1] // 32) * 8
+    class_logits = torch.randn(batch, queries, k + 1) * 3
+    mask_embed = torch.randn(batch, queries, channels) / channels ** 0.5 * 3
+    pixel_embed = torch.randn(batch, channels, h, w)
+    return class_logits, mask_embed, pixel_embed, [size] * batch, [size] * batch
+
+
+def _rss_mib(field="VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def memory_child(provider, batch, repeats):
+    """In a fresh process: peak RSS above the RSS with the inputs alive, then the median time."""
+    import json
+    import statistics
+    import time
+
+    inputs = memory_inputs(batch)
+    fn = MEMORY_PROVIDERS[provider]
+    base = _rss_mib()
+    peak_before = _rss_mib("VmHWM")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        labels = fn(*inputs)
+        times.append((time.perf_counter() - start) * 1e3)
+        if len(times) == 1:
+            peak = _rss_mib("VmHWM")  # not ru_maxrss: after exec it starts at the parent's peak
+        del labels
+    print(json.dumps({"peak_rss_mib": peak - base, "median_ms": statistics.median(times), "repeats": repeats,
+                      "rss_inputs_mib": base, "peak_rss_before_mib": peak_before}))
+
+
+def check_memory_labels():
+    one = memory_inputs(1)
+    ref = MEMORY_PROVIDERS["official"](*one)
+    for name, fn in MEMORY_PROVIDERS.items():
+        if not all(torch.equal(a, b) for a, b in zip(fn(*one), ref)):
+            raise AssertionError(f"{name}: labels differ from the official post-processing")
+
+
+def cpu_memory_sweep(batches, repeats, json_path):
+    import json
+    import subprocess
+
+    check_memory_labels()
+    rows = []
+    for batch in batches:
+        for name in MEMORY_PROVIDERS:
+            child = subprocess.run([sys.executable, __file__, "--_memory-child", name, str(batch), str(repeats)],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                raise RuntimeError(f"{name} batch {batch}: child exited {child.returncode}:\n{child.stderr[-3000:]}")
+            out = child.stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            row = {"provider": name, "batch": batch, "K": 847, "output": "512x683", "Q": 100, "C": 256, **result,
+                   "images_per_s": batch / (result["median_ms"] * 1e-3)}
+            base = next((r for r in rows if r["provider"] == "official" and r["batch"] == batch), row)
+            row["speedup_vs_official"] = base["median_ms"] / row["median_ms"]
+            row["mem_ratio_vs_official"] = base["peak_rss_mib"] / max(row["peak_rss_mib"], 1e-3)
+            rows.append(row)
+            print(row, flush=True)
+    columns = ["provider", "batch", "K", "output", "median_ms", "speedup_vs_official", "peak_rss_mib",
+               "mem_ratio_vs_official", "images_per_s"]
+    report(json_path or result_path("semantic-inference-memory", "cpu"), rows, "cpu", columns,
+           {"command": " ".join(sys.argv)})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer configurations")
     p.add_argument("--json", default=None,
                    help="output JSON (default benchmarks/results/<device>-semantic-inference-<date>.json)")
+    p.add_argument("--cpu-memory", action="store_true",
+                   help="CPU peak RSS and time beside the official post-processing (K=847, 512x683, batch 1, 2, 4)")
+    p.add_argument("--batches", default="1,2,4", help="batch sizes of --cpu-memory")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per --cpu-memory child")
+    p.add_argument("--_memory-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._memory_child:
+        name, batch, repeats = args._memory_child
+        return memory_child(name, int(batch), int(repeats))
+    if args.cpu_memory:
+        return cpu_memory_sweep([int(b) for b in args.batches.split(",")], args.repeats, args.json)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # eager/compile in true fp32, like the fused default

@@ -148,17 +148,19 @@ def _tiled_problem(queries, channels, classes, low, seed=0):
 
 @pytest.mark.parametrize("case", range(len(TILED_CASES)))
 def test_semantic_tiled_is_bit_identical_to_the_reference(case):
-    from fastmaskformer.ops.inference import _tileable, semantic_labels_tiled, semantic_scores_reference
+    from fastmaskformer.ops.inference import _VEC_STEP, _tileable, semantic_labels_tiled, semantic_scores_reference
 
+    if torch.backends.cpu.get_cpu_capability() not in _VEC_STEP:
+        pytest.skip(f"tiling not modelled for {torch.backends.cpu.get_cpu_capability()} (untiled reference used)")
     queries, channels, classes, low, input_size, image_size, output_size, tile = TILED_CASES[case]
     args = _tiled_problem(queries, channels, classes, low, case)
     sizes = (input_size or (4 * low[0], 4 * low[1]), low, image_size, output_size)
     assert _tileable(queries, classes, *sizes) is not None  # really tiled here, no fallback
-    ref_score, ref_labels = semantic_scores_reference(*args, image_size, output_size, input_size).max(0)
     threads = torch.get_num_threads()
     try:
         for num_threads, t in ((threads, tile), (threads, 3 * tile + 1), (1, tile)):
             torch.set_num_threads(num_threads)  # the sigmoid's scalar tails move with the threads
+            ref_score, ref_labels = semantic_scores_reference(*args, image_size, output_size, input_size).max(0)
             score, labels = semantic_labels_tiled(*args, image_size, output_size, input_size, tile=t)
             assert torch.equal(score, ref_score) and torch.equal(labels, ref_labels), (num_threads, t)
     finally:
@@ -171,13 +173,14 @@ def test_semantic_inference_torch_is_tiled_and_unchanged(monkeypatch):
     cl, me, pe = (torch.stack(t) for t in zip(_tiled_problem(20, 8, 30, (24, 32), 1), _tiled_problem(20, 8, 30, (24, 32), 2)))
     sizes, outs = [(90, 120), (96, 101)], [(135, 180), (70, 150)]
     expected = [inference.semantic_scores_reference(cl[b], me[b], pe[b], sizes[b], outs[b]).max(0) for b in range(2)]
-    # A budget of ~2 output rows of scores: many tiles per image.
-    monkeypatch.setattr(inference, "SEMANTIC_TILE_BYTES", 4 * 30 * 180 * 8)
+    # A budget of ~24 rows of scores: several tiles per image.
+    monkeypatch.setattr(inference, "SEMANTIC_TILE_BYTES", 4 * 30 * 180 * 24)
     calls = []
     tiled = inference.semantic_labels_tiled
     monkeypatch.setattr(inference, "semantic_labels_tiled", lambda *a, **k: calls.append(a) or tiled(*a, **k))
     got = ops.semantic_inference(cl, me, pe, sizes, outs, return_score=True, impl="torch")
     assert len(calls) == 2
+    assert inference._tileable(20, 30, (96, 128), (24, 32), sizes[0], outs[0]) is not None  # no fallback
     for (labels, score), (ref_score, ref_labels) in zip(got, expected):
         assert torch.equal(labels, ref_labels) and torch.equal(score, ref_score)
 
@@ -195,7 +198,10 @@ def test_semantic_tiled_sigmoid_rounds_each_element_as_the_whole_map_does():
     pool = torch.randn(8192, generator=g) * 4
     scalar = torch.cat([v.sigmoid() for v in pool.split(1)])
     differ = pool[scalar != pool.sigmoid()]
-    assert len(differ) > 0
+    if capability in ("AVX512", "AVX2"):
+        assert len(differ) > 0  # Sleef's vector exp vs std::exp
+    if len(differ) == 0:  # e.g. DEFAULT: every lane computed the scalar way
+        differ = pool
     threads = torch.get_num_threads()
     try:
         for num_threads, shape in ((1, (7, 33, 45)), (2, (7, 83, 131))):  # one chunk / two chunks, with tails

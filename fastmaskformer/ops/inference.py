@@ -106,7 +106,8 @@ def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_em
 # - bilinear resize: ATen's generic CPU kernel (used when out_h + out_w > 128 and the input is
 #   not channels-last): lambdas from src = scale * (dst + 0.5) - 0.5 with the fp32 scale
 #   in / out, t_row = a * w0 + b * w1 along the width, then t0 * h0 + t1 * h1; with the
-#   multiply-adds fused (FMA) or not as this PyTorch build computes them (probed once);
+#   multiply-adds fused (FMA) or not as this PyTorch build computes them (probed once); the
+#   default 4x mask upsampling runs ATen's own kernel on a band (exact source coordinates);
 # - sigmoid: ATen's vectorised kernel, whose scalar tail (the last elements of each thread's
 #   chunk, here computed the scalar way) rounds differently;
 # - the class sum: the same einsum, whose result per pixel does not depend on the pixel count
@@ -117,7 +118,9 @@ def semantic_scores_reference(class_logits: Tensor, mask_embed: Tensor, pixel_em
 # the whole [K, H, W] fits the tile budget, the untiled reference is used.
 SEMANTIC_TILE_BYTES = 64 * 2**20  # default tile: about this many bytes of [K, band, W] scores
 _GRAIN = 32768  # at::internal::GRAIN_SIZE: element-wise ops run single-threaded below it
-_VEC_STEP = {"AVX512": 32, "AVX2": 16}  # elements per vectorised step (2 x Vectorized<float>)
+# Elements per vectorised step of ATen's element-wise loops (2 x Vectorized<float>::size());
+# DEFAULT's Vectorized<float> computes each lane with the scalar functions: no tail differs.
+_VEC_STEP = {"AVX512": 32, "AVX2": 16, "DEFAULT": 16}
 _MIN_BAND_PIXELS, _MIN_QUERIES, _MIN_CLASSES = 4096, 16, 8
 
 
@@ -192,6 +195,21 @@ def _sigmoid_as_in(x: Tensor, start: int, shape: tuple[int, int, int], total: in
             q, row, col = q[inside], row[inside], col[inside]
             out[q, row, col] = x[q, row, col].sigmoid()
     return out
+
+
+def _upsample4_rows(logits: Tensor, rows: tuple[int, int], cols: int) -> Tensor | None:
+    """Rows ``rows``, columns [0, cols) of ``logits`` [Q, h, w] upsampled 4x (the default
+    input size), with ATen's own kernel on a band of low-res rows: at scale 1/4 every source
+    coordinate is exact, so the band's coordinates are the full map's shifted by a whole row.
+    The band's first two and last two output rows (clamped differently) are never used. None
+    where the band would take ATen's channels-last kernel (out_h + out_w <= 128)."""
+    (r0, r1), (h, w) = rows, logits.shape[-2:]
+    s0, s1 = max(0, r0 // 4 - 1), min(h, (r1 - 1) // 4 + 2)
+    if 4 * (s1 - s0) + 4 * w <= 128:
+        return None
+    band = logits[None, :, s0:s1].contiguous()
+    up = F.interpolate(band, size=(4 * (s1 - s0), 4 * w), mode="bilinear", align_corners=False)[0]
+    return up[:, r0 - 4 * s0:r1 - 4 * s0, :cols]
 
 
 _FUSED_RESIZE: list = []
@@ -270,9 +288,12 @@ def semantic_labels_tiled(class_logits: Tensor, mask_embed: Tensor, pixel_embed:
         if r1 - r0 < want:
             r1 = min(ih, r0 + want)
             r0 = max(0, r1 - want)
+        up = None
         if logits_size == tuple(input_size):
             up = logits[:, r0:r1, :iw]
-        else:
+        elif tuple(input_size) == (4 * logits_size[0], 4 * logits_size[1]):
+            up = _upsample4_rows(logits, (r0, r1), iw)
+        if up is None:
             up = _resize_rows(logits, 0, logits_size, input_size, (r0, r1), iw, fused)  # [Q, band, iw]
         masks = _sigmoid_as_in(up, r0, (num_queries, *input_size), total, step)
         scores = torch.einsum("qk,qhw->khw", probs, masks)  # [K, band, iw]
