@@ -5,7 +5,14 @@ file that runs without fastmaskformer (README "Deploy").
   the test size (uint8 ``[3, h, w]`` RGB) and the output size (int64 ``[2]``, the original
   ``H, W``). It normalises, pads to the model's size divisibility, runs the model and the
   post-processing of ``fastmaskformer predict`` (DESIGN 4) in plain torch (aten) ops, so the
-  exported graph holds no fastmaskformer operator. Outputs:
+  exported graph holds no fastmaskformer operator. The post-processing restates the references
+  of ``fastmaskformer.ops.inference`` (``semantic_scores_reference``, ``crop_and_resize``,
+  ``panoptic_assign_reference``, ``assemble_panoptic``) without what export cannot trace:
+  ``int()`` of sizes (specialises ``h, w``), the early return of ``crop_and_resize`` when the
+  sizes match (a guard on data; the bilinear resize to the same size is the identity exactly),
+  slicing the padding off (a guard on ``h == padded h``: a gather instead) and boolean
+  indexing of the kept queries (masks over all Q instead). ``tests/test_export.py`` holds the
+  eager program to the references. Outputs:
 
   - semantic: int64 labels ``[H, W]``;
   - panoptic: int32 id map ``[H, W]`` (0 = void) and four per-query tables of static size Q:
