@@ -239,6 +239,8 @@ def cmd_export(args) -> int:
         if suffix not in ("pt2", "onnx"):
             raise UserError(f"--format is needed: cannot tell it from the suffix of {args.output} (.pt2 or .onnx)")
         args.format = suffix
+    if Path(args.output).suffix.lower() != f".{args.format}":  # predict --model tells the format by it
+        raise UserError(f"--output {args.output} must end in .{args.format} for --format {args.format}")
     if args.format == "onnx":
         try:
             import onnx  # noqa: F401

@@ -264,6 +264,9 @@ def test_predict_model_writes_the_files_of_predict_checkpoint(checkpoint, coco_s
     assert main(["predict", str(images), "--checkpoint", str(checkpoint[0]), "--batch-size", "1",
                  "--task", task, "--output", str(tmp_path / "ckpt"), "--device", "cpu"]) == 0
     assert main(["predict", str(images), "--model", str(model_file), "--output", str(tmp_path / "model")]) == 0
+    other = "panoptic" if task == "semantic" else "semantic"
+    assert main(["predict", str(images), "--model", str(model_file), "--task", other,
+                 "--output", str(tmp_path / "other")]) == 2  # one line: the file's task is fixed
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "model").iterdir())
     for name in names:
@@ -288,6 +291,7 @@ def test_predict_model_writes_the_files_of_predict_checkpoint(checkpoint, coco_s
     (["--task", "instance", "--format", "onnx"], "unknown task 'instance'"),
     (["--task", "semantic", "--format", "torchscript"], "unsupported format 'torchscript'"),
     (["--task", "semantic"], "--format is needed"),
+    (["--task", "semantic", "--format", "pt2"], "must end in .pt2"),
 ])
 def test_export_bad_arguments_are_one_line(checkpoint, argv, message, tmp_path, capsys):
     rc = main(["export", "--checkpoint", str(checkpoint[0]), *argv, "--output", str(tmp_path / "m.bin")])
