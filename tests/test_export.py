@@ -230,6 +230,36 @@ def test_eager_program_equals_predict(checkpoint, task):
         _compare(task, got if isinstance(got, tuple) else (got,), ref, gap, f"eager {task} {size}")
 
 
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_eager_program_equals_predict_without_padding(task):
+    """size_divisibility 0 (the official COCO panoptic configs): no padding, input size = image."""
+    cfg = tiny_cfg()
+    cfg.model.size_divisibility = 0
+    model = build_model(cfg.model).eval()
+    program = InferenceProgram(model, task, 0.0, 0.3, THINGS).eval()
+    for image, size in _cases(model, cfg, None):
+        with torch.no_grad():
+            got = program(image, torch.tensor(size))
+        ref, gap = _reference(model, cfg, image, size, task)
+        _compare(task, got if isinstance(got, tuple) else (got,), ref, gap, f"unpadded {task} {size}")
+
+
+@pytest.mark.slow
+def test_unpadded_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fastmaskformer.engine.export import ExportedModel, export_program
+
+    cfg = tiny_cfg()
+    cfg.model.size_divisibility = 0
+    model = build_model(cfg.model).eval()
+    for task in ("semantic", "panoptic"):
+        exported_model = ExportedModel(export_program(model, cfg, get_metadata("coco-panoptic"), task, "onnx",
+                                                      tmp_path / f"{task}.onnx"))
+        for image, size in _cases(model, cfg, None):
+            ref, gap = _reference(model, cfg, image, size, task)
+            _compare(task, exported_model(image, size), ref, gap, f"unpadded onnx {task} {size}")
+
+
 # ----------------------------------------------------------------------------- exported files
 @pytest.mark.parametrize("fmt,task", [
     ("onnx", "semantic"), ("onnx", "panoptic"), ("pt2", "panoptic"),

@@ -199,8 +199,12 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
             aoti_compile_and_package(ep, package_path=str(output),
                                      inductor_configs={"aot_inductor.metadata": {METADATA_KEY: info}})
         else:
+            import logging
+
             import onnx
 
+            # the optimiser warns once per Split it leaves unfolded (harmless): keep the CLI quiet
+            logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
             onnx_program = torch.onnx.export(program, args, dynamo=True, dynamic_shapes=_dynamic_shapes(cfg),
                                              input_names=["image", "output_size"],
                                              output_names=_output_names(task), opset_version=ONNX_OPSET,
