@@ -125,7 +125,9 @@ class InferenceProgram(nn.Module):
         weighted = torch.where(keep[:, None, None], scores[:, None, None] * masks, -1.0)
         ids = weighted.argmax(0)  # [H, W]
         query = torch.arange(q, device=ids.device)
-        assigned = (ids[None] == query[:, None, None]).flatten(1).sum(1)  # [Q] pixels won
+        flat = ids.flatten()  # a histogram, not Q comparisons of the whole map (which Inductor
+        # fuses with the argmax above and recomputes per query)
+        assigned = torch.zeros(q, dtype=torch.int64, device=ids.device).scatter_add(0, flat, torch.ones_like(flat))
         full = (masks >= 0.5).flatten(1).sum(1)  # [Q] confident pixels
         ratio = assigned.double() / full.clamp(min=1).double()  # python's area / full
         valid = keep & (assigned > 0) & (full > 0) & (ratio >= self.overlap_threshold)
