@@ -334,8 +334,11 @@ def test_export_other_architecture_and_missing_file_are_one_line(tmp_path, capsy
     cfg.model.meta_arch = "per_pixel_baseline"
     path = tmp_path / "baseline.pt"
     save_checkpoint(path, {"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()})
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"not a checkpoint at all")
     for ckpt, message in ((path, "only MaskFormer checkpoints can be exported"),
-                          (tmp_path / "missing.pt", "not found")):
+                          (tmp_path / "missing.pt", "not found"),
+                          (foreign, "not a PyTorch checkpoint")):
         rc = main(["export", "--checkpoint", str(ckpt), "--task", "semantic", "--output", str(tmp_path / "m.onnx")])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and err.count("\n") == 1, err
