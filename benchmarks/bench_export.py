@@ -104,7 +104,7 @@ def main(argv=None):
     columns = ["task", "runtime", "input", "output", "median_ms", "p20_ms", "p80_ms", "x_eager"]
     path = args.json or result_path("export", "cpu")
     report(path, rows, "cpu", columns, {"model": "demo ResNet-18 MaskFormer, 133 classes, random weights",
-                                        "threads": args.threads, "image": str(args.image),
+                                        "threads": args.threads, "image": pathlib.Path(args.image).name,
                                         "object_mask_threshold": args.object_mask_threshold})
 
 
