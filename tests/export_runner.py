@@ -32,7 +32,8 @@ def main(model_path: str, inputs_path: str, outputs_path: str) -> None:
         metadata = runner.get_metadata()["fastmaskformer"]
 
         def run(image, size):
-            return [t.numpy() for t in runner(torch.from_numpy(image), torch.from_numpy(size))]
+            out = runner(torch.from_numpy(image), torch.from_numpy(size))  # semantic: one tensor
+            return [t.numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
     else:
         import onnxruntime as ort
 
