@@ -60,6 +60,8 @@ def extensions():
     ]
 
 
+EXPORT = ["onnx>=1.16,<=1.23.2", "onnxruntime>=1.17,<=1.32.0", "onnxscript>=0.2,<=0.7.2"]
+
 setup(
     name="fastmaskformer",
     version="0.1.0",
@@ -87,9 +89,13 @@ setup(
     extras_require={
         # the Hugging Face peer capped at the release CI tests: a new transformers can change
         # the model it converts from, or what it imports (5.25 brought the PyPI "kernels")
-        "test": ["pytest", "hypothesis", "transformers<=5.25.0", "torchmetrics", "opencv-python-headless", "h5py"],
+        "test": ["pytest", "hypothesis", "transformers<=5.25.0", "torchmetrics", "opencv-python-headless", "h5py",
+                 *EXPORT],
         # fastmaskformer prepare: the official ADE20K-Full resize (OpenCV), COCO-Stuff v7.3 .mat files
         "prepare": ["opencv-python-headless", "h5py"],
+        # fastmaskformer export --format onnx and predict --model FILE.onnx (torch.onnx's dynamo
+        # exporter needs onnxscript); capped at the releases the export tests ran with
+        "export": EXPORT,
         # benchmarks/: the lapjv peer, pytest-benchmark timings, GPU clocks, the mIoU peer
         "bench": ["lap", "pytest-benchmark", "nvidia-ml-py", "torchmetrics"],
     },

@@ -1,4 +1,4 @@
-"""The ``fastmaskformer`` command: train, eval, predict, demo, bench, convert, weights, prepare, plot.
+"""The ``fastmaskformer`` command: train, eval, predict, export, demo, bench, convert, weights, prepare, plot.
 
 Configs are the presets of ``fastmaskformer.config`` (``--preset``) or YAML files (``--config``,
 optionally ``preset: NAME`` plus overrides), then ``--set section.key=value`` (YAML values).
@@ -221,13 +221,28 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from .engine.predictor import Predictor
 
-    device = _device(args.device)
-    model, cfg = _load_model(args.checkpoint, args, device)
+    if (args.checkpoint is None) == (args.model is None):
+        raise UserError("give either --checkpoint CKPT or --model FILE.pt2|FILE.onnx")
+    if args.model is not None:  # an exported program: task, sizes and metadata come from the file
+        from .engine.export import ExportedModel, ExportedPredictor, ExportError
+
+        try:
+            predictor = ExportedPredictor(ExportedModel(args.model), sem_ids=args.sem_ids)
+        except (ExportError, ValueError) as exc:
+            raise UserError(str(exc)) from exc
+        tasks = args.task or [predictor.exported.task]
+    else:
+        device = _device(args.device)
+        model, cfg = _load_model(args.checkpoint, args, device)
+        try:
+            predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size,
+                                  amp=args.amp, sem_ids=args.sem_ids)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        tasks = args.task or ["semantic"]
     try:
-        predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size, amp=args.amp,
-                              sem_ids=args.sem_ids)
-        written = predictor.predict_files(args.inputs, args.output, tasks=args.task)
-    except (FileNotFoundError, ValueError) as exc:
+        written = predictor.predict_files(args.inputs, args.output, tasks=tasks)
+    except (FileNotFoundError, ValueError) as exc:  # ValueError: an exported file asked for another task
         raise UserError(str(exc)) from exc
     failed = len(predictor.failures)
     if written:
@@ -237,6 +252,39 @@ def cmd_predict(args) -> int:
         print(f"fastmaskformer predict: {failed} image(s) could not be read ({done}): "
               + ", ".join(str(p) for p, _ in predictor.failures[:5]) + (" ..." if failed > 5 else ""), file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .engine.export import FORMATS, TASKS, ExportError, export_program
+
+    if args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
+    if args.format is not None and args.format not in FORMATS:
+        raise UserError(f"unsupported format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    if args.format is None:
+        suffix = Path(args.output).suffix.lower().lstrip(".")
+        if suffix not in ("pt2", "onnx"):
+            raise UserError(f"--format is needed: cannot tell it from the suffix of {args.output} (.pt2 or .onnx)")
+        args.format = suffix
+    if Path(args.output).suffix.lower() != f".{args.format}":  # predict --model tells the format by it
+        raise UserError(f"--output {args.output} must end in .{args.format} for --format {args.format}")
+    if args.format == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as exc:
+            raise UserError(f"--format onnx needs the export extra ({exc.name} missing): "
+                            "pip install 'fastmaskformer[export]'") from exc
+    model, cfg = _load_model(args.checkpoint, args, "cpu")
+    if cfg.model.meta_arch != "maskformer":
+        raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only MaskFormer "
+                        "checkpoints can be exported")
+    try:
+        out = export_program(model, cfg, _metadata(cfg), args.task, args.format, args.output)
+    except ExportError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"wrote {out} ({args.format}, {args.task})")
     return 0
 
 
@@ -410,10 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(RGB-encoded ids) + panoptic.json; <stem>_instances.npz.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (.pt)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint file (.pt)")
+    p.add_argument("--model", metavar="FILE", help="an exported program (.pt2 or .onnx from 'fastmaskformer export') "
+                                                   "in place of --checkpoint; same output files")
     common_runtime(p, "output", "folder for the predictions (default: ./output)")
-    p.add_argument("--task", nargs="+", choices=("semantic", "panoptic", "instance"), default=["semantic"],
-                   help="what to predict (default: semantic)")
+    p.add_argument("--task", nargs="+", choices=("semantic", "panoptic", "instance"), default=None,
+                   help="what to predict (default: semantic; with --model the file's task)")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
     p.add_argument("--sem-ids", choices=("dataset", "contiguous", "cityscapes-ids"), default="dataset",
                    help="ids in <stem>_sem.png: 'dataset' (default) as the dataset's ground truth stores them: "
@@ -421,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "COCO-Stuff, Mapillary their training ids; 'contiguous': the model's class 0..K-1; "
                         "'cityscapes-ids': Cityscapes label ids (7 = road ... 33 = bicycle)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint as a .pt2 (AOTInductor) or .onnx inference program",
+                       description="One image (uint8 [3,h,w], test-resized) + its output size (int64 [2]) -> semantic "
+                                   "labels or a panoptic id map and segment tables; runs without fastmaskformer "
+                                   "(README 'Deploy'). Traced on the CPU.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (.pt) of a MaskFormer")
+    p.add_argument("--task", required=True, help="semantic or panoptic")
+    p.add_argument("--format", default=None, help="pt2 or onnx (default: from the --output suffix)")
+    p.add_argument("--output", required=True, metavar="FILE", help="output file (.pt2 or .onnx)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synthetic data -> train a small MaskFormer on the CPU -> mIoU/PQ summary",
                        description="Writes a synthetic dataset, trains a small MaskFormer for a few minutes, "

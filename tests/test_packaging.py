@@ -72,6 +72,11 @@ def test_wheel_carries_kernels_and_runtime_requirements(tmp_path):
     runtime = {re.match(r"[A-Za-z0-9_.-]+", r).group().lower(): r for r in requires if "extra ==" not in r}
     assert "matplotlib" in runtime
     assert not {"pybind11", "pytest", "pytest-benchmark", "nvidia-ml-py", "lap"} & set(runtime)
+    # ONNX export tools: the export extra (and the test extra), never the default install
+    assert not {"onnx", "onnxruntime", "onnxscript"} & set(runtime)
+    for extra in ("export", "test"):
+        names = {re.match(r"[A-Za-z0-9_.-]+", r).group().lower() for r in requires if f'extra == "{extra}"' in r}
+        assert {"onnx", "onnxruntime", "onnxscript"} <= names, (extra, names)
     for name in ("torch", "torchvision", "triton", "timm"):
         assert f"<={version(name)}" in runtime[name], (runtime[name], version(name))
 

@@ -1,0 +1,312 @@
+"""Exported inference: one image -> semantic labels or a panoptic id map, as a self-contained
+file that runs without fastmaskformer (README "Deploy").
+
+- :class:`InferenceProgram`: the program that is exported. Inputs: the image already resized to
+  the test size (uint8 ``[3, h, w]`` RGB) and the output size (int64 ``[2]``, the original
+  ``H, W``). It normalises, pads to the model's size divisibility, runs the model and the
+  post-processing of ``fastmaskformer predict`` (DESIGN 4) in plain torch (aten) ops, so the
+  exported graph holds no fastmaskformer operator. The post-processing restates the references
+  of ``fastmaskformer.ops.inference`` (``semantic_scores_reference``, ``crop_and_resize``,
+  ``panoptic_assign_reference``, ``assemble_panoptic``) without what export cannot trace:
+  ``int()`` of sizes (specialises ``h, w``), the early return of ``crop_and_resize`` when the
+  sizes match (a guard on data; the bilinear resize to the same size is the identity exactly),
+  slicing the padding off (a guard on ``h == padded h``: a gather instead) and boolean
+  indexing of the kept queries (masks over all Q instead). ``tests/test_export.py`` holds the
+  eager program to the references. Outputs:
+
+  - semantic: int64 labels ``[H, W]``;
+  - panoptic: int32 id map ``[H, W]`` (0 = void) and four per-query tables of static size Q:
+    ``segment_id`` int32 ``[Q]`` (the segment a query starts; 0: the query starts none),
+    ``category_id`` int64 ``[Q]`` (contiguous class), ``isthing`` bool ``[Q]``, ``score``
+    float32 ``[Q]``. The rows with ``segment_id > 0``, in query order, are ``segments_info``
+    (ids 1, 2, ... in that order), exactly as ``ops.panoptic_inference`` lists them.
+
+- :func:`export_program`: checkpoint model -> ``.pt2`` (``torch.export`` + AOTInductor
+  package) or ``.onnx`` (``torch.onnx.export(dynamo=True)``), dynamic ``h, w``, with the task,
+  thresholds, test sizes and label-space metadata embedded as JSON (``fastmaskformer`` key).
+- :class:`ExportedModel` / :class:`ExportedPredictor`: load such a file and write the files of
+  ``fastmaskformer predict`` (``predict --model``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .predictor import Predictor, resize_image
+
+FORMATS = ("pt2", "onnx")
+TASKS = ("semantic", "panoptic")
+METADATA_KEY = "fastmaskformer"
+ONNX_OPSET = 18
+MIN_SIDE = 33  # smallest exported image side: res5 (stride 32) must be >= 2 pixels, or export specialises it
+
+
+class ExportError(ValueError):
+    """A bad export request (unknown task or format, unsupported model): one line for the CLI."""
+
+
+# ----------------------------------------------------------------------------- the program
+def _resize(x: Tensor, size) -> Tensor:
+    """x [N, h, w] -> [N, *size], bilinear, align_corners=False. Always resamples: at the same
+    size this is the identity exactly (weights 1 and 0), so no data-dependent branch."""
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _crop(x: Tensor, h, w) -> Tensor:
+    """x [N, Hp, Wp] -> x[:, :h, :w] as a gather: a slice would guard on h == Hp (a multiple
+    of the size divisibility or not), which export must not specialise."""
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    return x.index_select(1, rows).index_select(2, cols)
+
+
+class InferenceProgram(nn.Module):
+    """uint8 image ``[3, h, w]`` (test size) + int64 ``[2]`` output size -> the task's outputs
+    (module docstring). ``model``: a MaskFormer in eval mode; ``thing_classes``: contiguous
+    thing ids (panoptic)."""
+
+    def __init__(self, model: nn.Module, task: str, object_mask_threshold: float = 0.8,
+                 overlap_threshold: float = 0.8, thing_classes: Iterable[int] = ()):
+        super().__init__()
+        if task not in TASKS:
+            raise ExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        if not hasattr(model, "predictor") or getattr(model.predictor, "class_embed", None) is None:
+            raise ExportError(f"{type(model).__name__} is not a MaskFormer (mask classification with a class head); "
+                              "only MaskFormer checkpoints can be exported")
+        self.model = model.eval()
+        self.task = task
+        self.size_divisibility = int(model.size_divisibility)
+        self.object_mask_threshold = float(object_mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        num_classes = model.predictor.class_embed.out_features - 1
+        isthing = torch.zeros(num_classes + 1, dtype=torch.bool)  # index K ("no object"): never kept
+        for c in thing_classes:
+            isthing[int(c)] = True
+        self.register_buffer("isthing_table", isthing, persistent=False)
+
+    def forward(self, image: Tensor, output_size: Tensor):
+        h, w = image.shape[-2], image.shape[-1]
+        out_h = output_size[0].item()
+        out_w = output_size[1].item()
+        torch._check(out_h > 0)
+        torch._check(out_w > 0)
+        x = (image.float() - self.model.pixel_mean) / self.model.pixel_std
+        if self.size_divisibility > 1:  # zero padding after normalisation, bottom / right
+            d = self.size_divisibility
+            x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d))
+        input_size = (x.shape[-2], x.shape[-1])
+        out = self.model(x[None])
+        class_logits = out.class_logits[-1, 0].float()  # [Q, K+1]
+        mask_embed = out.mask_embed[-1, 0].float()  # [Q, C]
+        pixel_embed = out.pixel_embed[0].float()  # [C, h/4, w/4]
+        logits = torch.einsum("bqc,bchw->bqhw", mask_embed[None], pixel_embed[None])
+        logits = F.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)[0]  # [Q, Hp, Wp]
+        if self.task == "semantic":
+            probs = class_logits.softmax(-1)[:, :-1]  # [Q, K]
+            scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
+            return _resize(_crop(scores, h, w), (out_h, out_w)).argmax(0)
+        masks = _resize(_crop(logits, h, w), (out_h, out_w)).sigmoid()  # [Q, H, W]
+        return self._panoptic(class_logits, masks)
+
+    def _panoptic(self, class_logits: Tensor, masks: Tensor):
+        """``panoptic_assign_reference`` + ``assemble_panoptic`` over all Q queries with static
+        shapes: dropped queries are masked, not removed."""
+        q = class_logits.shape[0]
+        num_classes = class_logits.shape[1] - 1
+        scores, labels = class_logits.softmax(-1).max(-1)
+        keep = (labels != num_classes) & (scores > self.object_mask_threshold)  # [Q]
+        # products of kept queries are >= 0: -1 never wins; ties go to the first query
+        weighted = torch.where(keep[:, None, None], scores[:, None, None] * masks, -1.0)
+        ids = weighted.argmax(0)  # [H, W]
+        query = torch.arange(q, device=ids.device)
+        flat = ids.flatten()  # a histogram, not Q comparisons of the whole map (which Inductor
+        # fuses with the argmax above and recomputes per query)
+        assigned = torch.zeros(q, dtype=torch.int64, device=ids.device).scatter_add(0, flat, torch.ones_like(flat))
+        full = (masks >= 0.5).flatten(1).sum(1)  # [Q] confident pixels
+        ratio = assigned.double() / full.clamp(min=1).double()  # python's area / full
+        valid = keep & (assigned > 0) & (full > 0) & (ratio >= self.overlap_threshold)
+        isthing = self.isthing_table[labels]
+        stuff = valid & ~isthing
+        same = labels[:, None] == labels[None, :]  # [q, p]
+        owners = same & stuff[None, :]  # valid stuff queries p of q's class
+        earlier = query[None, :] < query[:, None]  # p < q
+        new = valid & (isthing | ~(owners & earlier).any(1))  # queries that start a segment
+        segment_id = torch.cumsum(new.int(), 0) * new.int()  # ids 1, 2, ... in query order
+        first_owner = owners.int().argmax(1)  # a stuff query joins the first of its class
+        lut = torch.where(stuff, segment_id[first_owner], segment_id).int()  # [Q]: 0 = void
+        id_map = lut[ids]
+        return id_map, segment_id.int(), labels, isthing & new, scores
+
+
+# ----------------------------------------------------------------------------- export
+def dynamic_range(cfg) -> tuple[int, int]:
+    """(min, max) of the exported image sides: any test-resized image of the preset (longest
+    side <= ``max_size_test``, shortest = ``min_size_test`` unless the longest cap shrinks it)."""
+    top = max(int(cfg.data.max_size_test), int(cfg.data.min_size_test))
+    return MIN_SIDE, top
+
+
+def export_metadata(cfg, metadata, task: str, fmt: str) -> dict:
+    """What ``predict --model`` needs besides the program: task, test sizes, label space."""
+    return {"format": fmt, "task": task, "preset": cfg.name, "dataset": cfg.data.dataset,
+            "min_size_test": int(cfg.data.min_size_test), "max_size_test": int(cfg.data.max_size_test),
+            "size_range": list(dynamic_range(cfg)), "num_queries": int(cfg.model.num_queries),
+            "object_mask_threshold": float(cfg.test.object_mask_threshold),
+            "overlap_threshold": float(cfg.test.overlap_threshold),
+            "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
+            "metadata": metadata.to_dict()}
+
+
+def build_program(model: nn.Module, cfg, metadata, task: str) -> InferenceProgram:
+    return InferenceProgram(model, task, cfg.test.object_mask_threshold, cfg.test.overlap_threshold,
+                            metadata.thing_classes)
+
+
+def example_inputs(cfg) -> tuple[Tensor, Tensor]:
+    """A test-size image (not square, not a multiple of 32) and its output size, for tracing."""
+    lo, hi = dynamic_range(cfg)
+    h = max(lo + 1, min(hi - 1, int(cfg.data.min_size_test) + 1))
+    w = max(lo + 1, min(hi - 1, h * 4 // 3 + 3))
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    return image, torch.tensor([2 * h + 1, 2 * w - 1], dtype=torch.int64)
+
+
+def _dynamic_shapes(cfg):
+    lo, hi = dynamic_range(cfg)
+    dim = torch.export.Dim
+    return ({1: dim("h", min=lo, max=hi), 2: dim("w", min=lo, max=hi)}, None)
+
+
+def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output: str | Path) -> Path:
+    """Export ``model`` (eval mode, CPU) for ``task`` as ``fmt`` ("pt2" | "onnx") to ``output``."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unsupported format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    program = build_program(model.cpu().eval(), cfg, metadata, task).eval()
+    info = json.dumps(export_metadata(cfg, metadata, task, fmt))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = example_inputs(cfg)
+    with torch.no_grad():
+        if fmt == "pt2":
+            ep = torch.export.export(program, args, dynamic_shapes=_dynamic_shapes(cfg), strict=False)
+            from torch._inductor import aoti_compile_and_package
+
+            aoti_compile_and_package(ep, package_path=str(output),
+                                     inductor_configs={"aot_inductor.metadata": {METADATA_KEY: info}})
+        else:
+            import logging
+
+            import onnx
+
+            # the optimiser warns once per Split it leaves unfolded (harmless): keep the CLI quiet
+            logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
+            onnx_program = torch.onnx.export(program, args, dynamo=True, dynamic_shapes=_dynamic_shapes(cfg),
+                                             input_names=["image", "output_size"],
+                                             output_names=_output_names(task), opset_version=ONNX_OPSET,
+                                             verbose=False)
+            proto = onnx_program.model_proto
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = METADATA_KEY, info
+            onnx.save(proto, str(output))
+            onnx.checker.check_model(str(output), full_check=True)
+    return output
+
+
+def _output_names(task: str) -> list[str]:
+    if task == "semantic":
+        return ["labels"]
+    return ["id_map", "segment_id", "category_id", "isthing", "score"]
+
+
+# ----------------------------------------------------------------------------- running a file
+class ExportedModel:
+    """A ``.pt2`` or ``.onnx`` file from :func:`export_program`: ``model(image, (H, W))`` returns
+    the program's outputs as torch tensors; ``info`` holds the embedded metadata."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportError(f"exported model {self.path} not found")
+        suffix = self.path.suffix.lower()
+        if suffix == ".pt2":
+            self.format = "pt2"
+            try:
+                self._runner = torch._inductor.aoti_load_package(str(self.path))
+                raw = self._runner.get_metadata().get(METADATA_KEY)
+            except Exception as exc:  # noqa: BLE001 - any load failure is a bad file
+                raise ExportError(f"{self.path} is not a loadable AOTInductor package ({exc})") from exc
+        elif suffix == ".onnx":
+            self.format = "onnx"
+            try:
+                import onnxruntime as ort
+            except ImportError as exc:
+                raise ExportError("running .onnx files needs onnxruntime: pip install 'fastmaskformer[export]'") from exc
+            try:
+                self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+                raw = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"{self.path} is not a loadable ONNX model ({exc})") from exc
+        else:
+            raise ExportError(f"exported model {self.path}: unknown suffix {suffix!r} (expected .pt2 or .onnx)")
+        if raw is None:
+            raise ExportError(f"{self.path} carries no fastmaskformer metadata (not written by fastmaskformer export)")
+        self.info = json.loads(raw)
+        self.task = self.info["task"]
+
+    def __call__(self, image: Tensor, output_size: Sequence[int]) -> tuple[Tensor, ...]:
+        size = torch.tensor([int(output_size[0]), int(output_size[1])], dtype=torch.int64)
+        image = image.contiguous()
+        if self.format == "pt2":
+            out = self._runner(image, size)
+            return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+        outs = self._session.run(None, {"image": image.numpy(), "output_size": size.numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)
+
+    def predict(self, image: Tensor, output_size: Sequence[int]) -> dict:
+        """The :func:`fastmaskformer.engine.predictor.infer` result of this file's task."""
+        outs = self(image, output_size)
+        if self.task == "semantic":
+            return {"semantic": outs[0].long()}
+        id_map, segment_id, category_id, isthing, score = outs
+        segments = [{"id": int(s), "category_id": int(c), "isthing": bool(t), "score": float(p)}
+                    for s, c, t, p in zip(segment_id.tolist(), category_id.tolist(), isthing.tolist(),
+                                          score.tolist()) if s > 0]
+        return {"panoptic": (id_map.int(), segments)}
+
+
+def load_metadata(info: dict):
+    from ..data.metadata import Metadata
+
+    return Metadata.from_dict(info["metadata"], source="exported model")
+
+
+class ExportedPredictor(Predictor):
+    """:class:`~fastmaskformer.engine.predictor.Predictor` with an exported file as the model:
+    the same test resize and output files, one image at a time (``--batch-size 1``: a batch
+    pads its images to the largest, which changes the predictions)."""
+
+    def __init__(self, exported: ExportedModel, sem_ids: str = "dataset"):
+        info = exported.info
+        self.exported = exported
+        cfg = SimpleNamespace(data=SimpleNamespace(min_size_test=info["min_size_test"],
+                                                   max_size_test=info["max_size_test"],
+                                                   dataset=info.get("dataset", "")))
+        super().__init__(nn.Identity(), cfg, load_metadata(info), batch_size=1, sem_ids=sem_ids)
+
+    def predict(self, images: Sequence[Tensor], tasks: Iterable[str] = ("semantic",)) -> list[dict]:
+        tasks = tuple(tasks)
+        if set(tasks) != {self.exported.task}:
+            raise ExportError(f"{self.exported.path} was exported for --task {self.exported.task}, "
+                              f"not {' '.join(tasks)}")
+        results = []
+        for image in images:
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            results.append(self.exported.predict(resize_image(image, self._test_size(*size)), size))
+        return results

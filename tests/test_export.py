@@ -1,0 +1,347 @@
+"""``fastmaskformer export`` (README "Deploy"): the exported program reproduces ``predict``.
+
+A tiny MaskFormer (tests/engine_tiny.py widths, COCO panoptic label space, 20 queries) is
+exported through the CLI as ``.pt2`` (torch.export + AOTInductor) and ``.onnx``; each file runs
+in a fresh process that cannot import fastmaskformer (``export_runner.py``) on the real COCO
+photos and on random odd sizes. Labels must equal ``predict --checkpoint``; a pixel may differ
+only where the reference's top two scores tie to within ``TIE`` (the compiled model rounds
+differently), and such pixels are counted and bounded. Panoptic segments must be identical.
+The pt2 semantic export is marked slow (each AOTInductor compile takes 1-2 minutes on 2 cores).
+"""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from engine_tiny import REPO, TINY, cli_env, run_cli
+from fastmaskformer.cli import main
+from fastmaskformer.config import Config
+from fastmaskformer.data import get_metadata
+from fastmaskformer.engine.checkpoint import save_checkpoint
+from fastmaskformer.engine.export import InferenceProgram
+from fastmaskformer.engine.predictor import Predictor, infer, load_image, resize_image, run_model
+from fastmaskformer.modeling import build_model
+from fastmaskformer.ops.inference import (assemble_panoptic, panoptic_assign_reference,
+                                          resized_mask_logits_reference, semantic_scores_reference)
+
+TIE = 1e-4  # a differing pixel's top two reference scores are at most this far apart
+MAX_TIE_FRACTION = 1e-3  # and at most this fraction of an image's pixels differ
+# test-resized (h, w) within the exported range [33, 256] -> output (H, W): odd, /32, same size
+THINGS = get_metadata("coco-panoptic").thing_classes
+ODD_CASES = [((33, 57), (91, 45)), ((64, 96), (64, 96)), ((121, 64), (240, 127)), ((256, 47), (257, 47))]
+
+
+def tiny_cfg() -> Config:
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    data["model"] = dict(data["model"], num_classes=133, num_queries=20)
+    data["data"] = dict(data["data"], dataset="coco-panoptic")
+    cfg = Config.from_yaml(yaml.safe_dump(data))
+    cfg.test.object_mask_threshold, cfg.test.overlap_threshold = 0.0, 0.3
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny model whose queries prefer a thing (person) and a stuff class, so the
+    panoptic output has several segments; saved as a checkpoint with its config."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        head = model.predictor
+        head.class_embed.weight.mul_(3.0)
+        head.class_embed.bias.fill_(-20.0)
+        head.class_embed.bias[[0, 110]] = 10.0
+    path = tmp_path_factory.mktemp("export") / "tiny.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": cfg.to_dict()})
+    return path, cfg, model
+
+
+_EXPORTED = {}
+
+
+def exported(checkpoint, fmt: str, task: str):
+    """Export through the CLI once per (format, task)."""
+    key = (fmt, task)
+    if key not in _EXPORTED:
+        path = checkpoint[0].parent / f"tiny_{task}.{fmt}"
+        result = run_cli("export", "--checkpoint", checkpoint[0], "--task", task, "--format", fmt,
+                         "--output", path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert path.is_file()
+        _EXPORTED[key] = path
+    return _EXPORTED[key]
+
+
+def _cases(model, cfg, coco):
+    """(test-resized image, output size) pairs: the real photos resized as predict does, then
+    random images of odd sizes."""
+    cases = []
+    predictor = Predictor(model, cfg, None, batch_size=1)
+    if coco is not None:
+        for path in sorted((coco / "input_images").glob("*.jpg")):
+            image = load_image(path)
+            size = (int(image.shape[1]), int(image.shape[2]))
+            cases.append((resize_image(image, predictor._test_size(*size)), size))
+    g = torch.Generator().manual_seed(1)
+    for (h, w), out in ODD_CASES:
+        cases.append((torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g), out))
+    return cases
+
+
+def _run_fresh(path, cases, tmp_path):
+    """Run the exported file in a process without fastmaskformer: list of output tuples."""
+    import subprocess
+
+    inputs = {"n": np.array(len(cases))}
+    for i, (image, size) in enumerate(cases):
+        inputs[f"image{i}"] = image.numpy()
+        inputs[f"size{i}"] = np.array(size, dtype=np.int64)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "export_runner.py"), str(path),
+                             str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
+                            capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = np.load(tmp_path / "outputs.npz")
+    outs = []
+    for i in range(len(cases)):
+        outs.append(tuple(torch.from_numpy(data[f"out{i}_{j}"]) for j in range(5) if f"out{i}_{j}" in data))
+    return outs, json.loads(str(data["metadata"]))
+
+
+def _top2_gap(scores):
+    """scores [N, H, W] -> the gap between the best and second-best score per pixel."""
+    if scores.shape[0] < 2:
+        return torch.full(scores.shape[1:], float("inf"))
+    top = scores.topk(2, dim=0).values
+    return top[0] - top[1]
+
+
+def _reference(model, cfg, image, size, task):
+    """What predict computes for one test-resized image, and the scores its argmax took."""
+    result = infer(model, [image], [size], cfg.test, (task,), THINGS)[0]
+    outputs, sizes, input_size = run_model(model, [image])
+    cls, me, pe = outputs.class_logits[-1, 0], outputs.mask_embed[-1, 0], outputs.pixel_embed[0]
+    if task == "semantic":
+        scores = semantic_scores_reference(cls, me, pe, sizes[0], size, input_size)
+    else:
+        probs, labels = cls.softmax(-1).max(-1)
+        keep = (labels != 133) & (probs > cfg.test.object_mask_threshold)
+        masks = resized_mask_logits_reference(me[keep], pe, sizes[0], size, input_size).sigmoid()
+        scores = probs[keep][:, None, None] * masks
+    return result[task], _top2_gap(scores)
+
+
+def _compare(task, got, ref, gap, label):
+    """Assert ``got`` (the exported program's outputs) equals ``ref`` up to counted tie pixels."""
+    if task == "semantic":
+        labels, ref_labels = got[0], ref
+    else:
+        labels, ref_labels = got[0], ref[0]
+        segments = [(int(s), int(c), bool(t)) for s, c, t in zip(*(x.tolist() for x in got[1:4])) if s > 0]
+        assert segments == [(s["id"], s["category_id"], s["isthing"]) for s in ref[1]], label
+        scores = [float(p) for s, p in zip(got[1].tolist(), got[4].tolist()) if s > 0]
+        assert scores == pytest.approx([s["score"] for s in ref[1]], abs=1e-5), label
+    assert tuple(labels.shape) == tuple(ref_labels.shape), label
+    differ = labels.to(ref_labels.dtype) != ref_labels
+    count = int(differ.sum())
+    assert count <= MAX_TIE_FRACTION * differ.numel(), f"{label}: {count} pixels differ"
+    if count:
+        assert float(gap[differ].max()) <= TIE, f"{label}: a differing pixel is not a tie"
+    return count
+
+
+# ----------------------------------------------------------------------------- static-shape logic
+def _panoptic_reference(scores_all, labels_all, masks, object_mask_threshold, overlap_threshold, things):
+    keep = (labels_all != K) & (scores_all > object_mask_threshold)
+    h, w = masks.shape[-2:]
+    if not bool(keep.any()):
+        return torch.zeros(h, w, dtype=torch.int32), []
+    weighted = scores_all[keep][:, None, None] * masks[keep]
+    ids = weighted.argmax(0)
+    assigned = torch.bincount(ids.flatten(), minlength=int(keep.sum()))
+    full = (masks[keep] >= 0.5).flatten(1).sum(1)
+    lut, segments = assemble_panoptic(labels_all[keep].tolist(), scores_all[keep].tolist(), assigned.tolist(),
+                                      full.tolist(), overlap_threshold, set(things))
+    return torch.tensor(lut, dtype=torch.int32)[ids], segments
+
+
+K = 6
+
+
+class _Stub(torch.nn.Module):
+    """Just enough of a MaskFormer for InferenceProgram's constructor."""
+
+    def __init__(self):
+        super().__init__()
+        self.size_divisibility = 32
+        self.predictor = torch.nn.Module()
+        self.predictor.class_embed = torch.nn.Linear(4, K + 1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_static_shape_panoptic_equals_the_reference_assembly(seed):
+    """Masked, vectorised panoptic assembly (merging stuff of one class, the overlap filter,
+    thing instances, dropped queries) = ``panoptic_assign_reference`` + ``assemble_panoptic``."""
+    g = torch.Generator().manual_seed(seed)
+    q = int(torch.randint(1, 12, (1,), generator=g))
+    things = [0, 1, 2]
+    # few classes so stuff classes repeat; sharp logits so queries are kept
+    class_logits = torch.randn(q, K + 1, generator=g) * 4
+    masks = torch.sigmoid(torch.randn(q, 9, 11, generator=g) * 3)
+    if seed % 5 == 0:  # exact score ties between queries
+        class_logits[:] = class_logits[0]
+    thr_obj, thr_ov = [(0.0, 0.0), (0.3, 0.5), (0.5, 0.8), (0.9, 0.8)][seed % 4]
+    program = InferenceProgram(_Stub(), "panoptic", thr_obj, thr_ov, things)
+    id_map, segment_id, category, isthing, score = program._panoptic(class_logits, masks)
+    scores_all, labels_all = class_logits.softmax(-1).max(-1)
+    ref_map, ref_segments = _panoptic_reference(scores_all, labels_all, masks, thr_obj, thr_ov, things)
+    assert torch.equal(id_map, ref_map)
+    rows = [(int(s), int(c), bool(t), float(p)) for s, c, t, p in
+            zip(segment_id.tolist(), category.tolist(), isthing.tolist(), score.tolist()) if s > 0]
+    assert rows == [(s["id"], s["category_id"], s["isthing"], s["score"]) for s in ref_segments]
+
+
+def test_panoptic_reference_assign_is_what_the_program_reproduces():
+    """The reference helper above matches ``panoptic_assign_reference`` (the op's torch path)."""
+    g = torch.Generator().manual_seed(0)
+    me, pe = torch.randn(5, 8, generator=g), torch.randn(8, 6, 7, generator=g)
+    scores = torch.rand(5, generator=g)
+    ids, assigned, full = panoptic_assign_reference(scores, me, pe, (21, 25), (30, 19), (24, 28))
+    masks = resized_mask_logits_reference(me, pe, (21, 25), (30, 19), (24, 28)).sigmoid()
+    assert torch.equal(ids, (scores[:, None, None] * masks).argmax(0))
+    assert torch.equal(full, (masks >= 0.5).flatten(1).sum(1))
+
+
+# ----------------------------------------------------------------------------- eager program
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_eager_program_equals_predict(checkpoint, task):
+    _, cfg, model = checkpoint
+    program = InferenceProgram(model, task, cfg.test.object_mask_threshold, cfg.test.overlap_threshold,
+                               THINGS).eval()
+    for image, size in _cases(model, cfg, None):
+        with torch.no_grad():
+            got = program(image, torch.tensor(size))
+        ref, gap = _reference(model, cfg, image, size, task)
+        _compare(task, got if isinstance(got, tuple) else (got,), ref, gap, f"eager {task} {size}")
+
+
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_eager_program_equals_predict_without_padding(task):
+    """size_divisibility 0 (the official COCO panoptic configs): no padding, input size = image."""
+    cfg = tiny_cfg()
+    cfg.model.size_divisibility = 0
+    model = build_model(cfg.model).eval()
+    program = InferenceProgram(model, task, 0.0, 0.3, THINGS).eval()
+    for image, size in _cases(model, cfg, None):
+        with torch.no_grad():
+            got = program(image, torch.tensor(size))
+        ref, gap = _reference(model, cfg, image, size, task)
+        _compare(task, got if isinstance(got, tuple) else (got,), ref, gap, f"unpadded {task} {size}")
+
+
+@pytest.mark.slow
+def test_unpadded_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fastmaskformer.engine.export import ExportedModel, export_program
+
+    cfg = tiny_cfg()
+    cfg.model.size_divisibility = 0
+    model = build_model(cfg.model).eval()
+    for task in ("semantic", "panoptic"):
+        exported_model = ExportedModel(export_program(model, cfg, get_metadata("coco-panoptic"), task, "onnx",
+                                                      tmp_path / f"{task}.onnx"))
+        for image, size in _cases(model, cfg, None):
+            ref, gap = _reference(model, cfg, image, size, task)
+            _compare(task, exported_model(image, size), ref, gap, f"unpadded onnx {task} {size}")
+
+
+# ----------------------------------------------------------------------------- exported files
+@pytest.mark.parametrize("fmt,task", [
+    ("onnx", "semantic"), ("onnx", "panoptic"), ("pt2", "panoptic"),
+    pytest.param("pt2", "semantic", marks=pytest.mark.slow),
+])
+def test_exported_file_in_a_fresh_process_equals_predict(checkpoint, fmt, task, tmp_path, request):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    _, cfg, model = checkpoint
+    coco = request.getfixturevalue("coco_sample") if _has_coco() else None
+    cases = _cases(model, cfg, coco)
+    outs, metadata = _run_fresh(exported(checkpoint, fmt, task), cases, tmp_path)
+    assert metadata["task"] == task and metadata["format"] == fmt and metadata["size_range"] == [33, 256]
+    ties = []
+    for (image, size), got in zip(cases, outs):
+        ref, gap = _reference(model, cfg, image, size, task)
+        ties.append(_compare(task, got, ref, gap, f"{fmt} {task} {tuple(image.shape)} -> {size}"))
+    print(f"{fmt} {task}: tie pixels per image {ties}")
+
+
+def _has_coco():
+    from conftest import COCO_SAMPLE
+
+    return (COCO_SAMPLE / "panoptic_examples.json").exists()
+
+
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_predict_model_writes_the_files_of_predict_checkpoint(checkpoint, coco_sample, task, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model_file = exported(checkpoint, "onnx", task)
+    images = coco_sample / "input_images"
+    assert main(["predict", str(images), "--checkpoint", str(checkpoint[0]), "--batch-size", "1",
+                 "--task", task, "--output", str(tmp_path / "ckpt"), "--device", "cpu"]) == 0
+    assert main(["predict", str(images), "--model", str(model_file), "--output", str(tmp_path / "model")]) == 0
+    other = "panoptic" if task == "semantic" else "semantic"
+    assert main(["predict", str(images), "--model", str(model_file), "--task", other,
+                 "--output", str(tmp_path / "other")]) == 2  # one line: the file's task is fixed
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "model").iterdir())
+    for name in names:
+        a, b = tmp_path / "ckpt" / name, tmp_path / "model" / name
+        if name.endswith(".json"):
+            ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+            assert ja["categories"] == jb["categories"]
+            for x, y in zip(ja["annotations"], jb["annotations"]):  # areas may differ by tie pixels
+                assert [dict(s, score=None, area=None) for s in x["segments_info"]] == \
+                    [dict(s, score=None, area=None) for s in y["segments_info"]]
+                for sx, sy in zip(x["segments_info"], y["segments_info"]):
+                    assert abs(sx["area"] - sy["area"]) <= MAX_TIE_FRACTION * sx["area"] + 1
+                    assert sx["score"] == pytest.approx(sy["score"], abs=1e-5)
+        elif "overlay" not in name:  # label maps: equal up to tie pixels
+            pa, pb = np.asarray(Image.open(a)), np.asarray(Image.open(b))
+            assert pa.shape == pb.shape and pa.dtype == pb.dtype
+            assert (pa != pb).any(-1 if pa.ndim == 3 else None).sum() <= MAX_TIE_FRACTION * pa.shape[0] * pa.shape[1]
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "instance", "--format", "onnx"], "unknown task 'instance'"),
+    (["--task", "semantic", "--format", "torchscript"], "unsupported format 'torchscript'"),
+    (["--task", "semantic"], "--format is needed"),
+    (["--task", "semantic", "--format", "pt2"], "must end in .pt2"),
+])
+def test_export_bad_arguments_are_one_line(checkpoint, argv, message, tmp_path, capsys):
+    rc = main(["export", "--checkpoint", str(checkpoint[0]), *argv, "--output", str(tmp_path / "m.bin")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_export_other_architecture_and_missing_file_are_one_line(tmp_path, capsys):
+    cfg = tiny_cfg()
+    cfg.model.meta_arch = "per_pixel_baseline"
+    path = tmp_path / "baseline.pt"
+    save_checkpoint(path, {"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()})
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"not a checkpoint at all")
+    for ckpt, message in ((path, "only MaskFormer checkpoints can be exported"),
+                          (tmp_path / "missing.pt", "not found"),
+                          (foreign, "not a PyTorch checkpoint")):
+        rc = main(["export", "--checkpoint", str(ckpt), "--task", "semantic", "--output", str(tmp_path / "m.onnx")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+    rc = main(["predict", str(tmp_path), "--model", str(tmp_path / "missing.pt2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err and err.count("\n") == 1
