@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from engine_tiny import REPO, TINY, cli_env, run_cli
-from fastmaskformer.cli import main
+from fastmaskformer.cli import _metadata, main
 from fastmaskformer.config import Config
 from fastmaskformer.data import get_metadata
 from fastmaskformer.engine.checkpoint import save_checkpoint
@@ -81,7 +81,7 @@ def _cases(model, cfg, coco):
     """(test-resized image, output size) pairs: the real photos resized as predict does, then
     random images of odd sizes."""
     cases = []
-    predictor = Predictor(model, cfg, None, batch_size=1)
+    predictor = Predictor(model, cfg, _metadata(cfg), batch_size=1)
     if coco is not None:
         for path in sorted((coco / "input_images").glob("*.jpg")):
             image = load_image(path)
