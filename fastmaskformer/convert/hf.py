@@ -259,13 +259,24 @@ def convert_state_dict(hf_state: Mapping[str, Tensor], backbone_kind: str) -> di
         if ours is None:
             unknown.append(raw_key)
             continue
-        if "#" in ours:
-            target, part = ours.split("#")
-            packed.setdefault(target, {})[part] = value
-        else:
-            out[ours] = value
+        place(out, packed, ours, value)
+    return finish_state(out, packed, unknown, "HF")
+
+
+def place(out: dict, packed: dict, ours: str, value: Tensor) -> None:
+    """Put one converted tensor at our key; ``target#q|k|v`` parts wait in ``packed`` for
+    :func:`finish_state` to join them into one in-projection."""
+    if "#" in ours:
+        target, part = ours.split("#")
+        packed.setdefault(target, {})[part] = value
+    else:
+        out[ours] = value
+
+
+def finish_state(out: dict, packed: dict, unknown: list, source: str) -> dict[str, Tensor]:
+    """ValueError for keys with no destination; q/k/v parts joined; the converted state."""
     if unknown:
-        raise ValueError(f"HF parameters with no fastmaskformer destination: {unknown[:8]}"
+        raise ValueError(f"{source} parameters with no fastmaskformer destination: {unknown[:8]}"
                          + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""))
     for target, parts in packed.items():
         if set(parts) != {"q", "k", "v"}:

@@ -127,9 +127,7 @@ def _swin_backbone_key(rest: str) -> str | None:
 def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str = "resnet") -> dict[str, Tensor]:
     """A ``Mask2FormerForUniversalSegmentation`` state dict -> our ``Mask2Former``'s. Raises a
     ValueError naming HF tensors with no destination (nothing is dropped silently)."""
-    import torch
-
-    from .hf import _canonical, _resnet_key
+    from .hf import _canonical, _resnet_key, finish_state, place
 
     if backbone_kind not in ("resnet", "swin"):
         raise ValueError(f"backbone_kind must be 'resnet' or 'swin', got {backbone_kind!r}")
@@ -159,19 +157,9 @@ def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str
                     break
         if ours is None:
             unknown.append(raw_key)
-        elif "#" in ours:
-            target, part = ours.split("#")
-            packed.setdefault(target, {})[part] = value
         else:
-            out[ours] = value
-    if unknown:
-        raise ValueError(f"HF Mask2Former parameters with no fastmaskformer destination: {unknown[:8]}"
-                         + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else ""))
-    for target, parts in packed.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"incomplete q/k/v projections for {target}: found {sorted(parts)}")
-        out[target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
+            place(out, packed, ours, value)
+    return finish_state(out, packed, unknown, "HF Mask2Former")
 
 
 def mask2former_config_from_hf(hf_config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None):
