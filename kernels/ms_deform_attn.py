@@ -89,6 +89,21 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 
 
 # ---------------------------------------------------------------------------- kernels
+@triton.jit
+def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """This program's head h, image b and BLOCK_Q queries: (query mask, d, d mask, value row
+    stride, value base offset of (b, h), flat (b, q, h) indices [BLOCK_Q]). Heads vary
+    fastest over the programs: the programs of one query block run together and share the
+    location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2."""
+    pid = tl.program_id(0)
+    h = pid % H
+    b = tl.program_id(1).to(tl.int64)
+    q = (pid // H) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    row_stride = H * D
+    return q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
+
+
 @triton.autotune(
     configs=autotune_configs(
         gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=16, num_warps=4), dict(BLOCK_Q=32, num_warps=4),
@@ -100,19 +115,7 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 @triton.jit
 def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                                S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    # Heads vary fastest over the programs: the programs of one query block run together and
-    # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
-    pid = tl.program_id(0)
-    h = pid % H
-    pid_q = pid // H
-    b = tl.program_id(1).to(tl.int64)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    row_stride = H * D
-    vbase = b * S * row_stride + h * D
-    qh = (b * Lq + q) * H + h  # [BLOCK_Q] flat (b, q, h)
+    qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for lvl in range(L):
         h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
@@ -153,19 +156,7 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
                                S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
                                TILE: tl.constexpr):
     BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
-    # Heads vary fastest over the programs: the programs of one query block run together and
-    # share the location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2.
-    pid = tl.program_id(0)
-    h = pid % H
-    pid_q = pid // H
-    b = tl.program_id(1).to(tl.int64)
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    row_stride = H * D
-    vbase = b * S * row_stride + h * D
-    qh = (b * Lq + q) * H + h
+    qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr)
