@@ -48,7 +48,7 @@ import sys
 
 import torch
 
-from common import compare_to_baseline, measure, report, result_path
+from common import compare_to_baseline, measure, report, result_path, status_mib
 from fastmaskformer import ops
 from fastmaskformer.ops.inference import crop_and_resize, semantic_scores_reference
 from fastmaskformer.ops.mask_logits import mask_logits_reference
@@ -178,11 +178,6 @@ def memory_inputs(batch, k=847, queries=100, channels=256, size=(512, 683)):
     return class_logits, mask_embed, pixel_embed, [size] * batch, [size] * batch
 
 
-def _rss_mib(field="VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
 def memory_child(provider, batch, repeats):
     """In a fresh process: peak RSS above the RSS with the inputs alive, then the median time."""
     import json
@@ -191,15 +186,15 @@ def memory_child(provider, batch, repeats):
 
     inputs = memory_inputs(batch)
     fn = MEMORY_PROVIDERS[provider]
-    base = _rss_mib()
-    peak_before = _rss_mib("VmHWM")
+    base = status_mib("VmRSS")
+    peak_before = status_mib("VmHWM")
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         labels = fn(*inputs)
         times.append((time.perf_counter() - start) * 1e3)
         if len(times) == 1:
-            peak = _rss_mib("VmHWM")  # not ru_maxrss: after exec it starts at the parent's peak
+            peak = status_mib("VmHWM")  # not ru_maxrss: after exec it starts at the parent's peak
         del labels
     print(json.dumps({"peak_rss_mib": peak - base, "median_ms": statistics.median(times), "repeats": repeats,
                       "rss_inputs_mib": base, "peak_rss_before_mib": peak_before}))

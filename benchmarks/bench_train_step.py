@@ -2,10 +2,11 @@
 
 ``--arch mask2former`` runs the ``mask2former-<preset>`` config (10 predictions, point-sampled
 criterion) with the providers eager (point sampling, scipy loop), compile, batched (point
-sampling, batched solver) and fused-full (``loss.mask_sampling: full``: the exact
-full-resolution BCE + dice through the fused mask-loss kernels; CUDA only); "fused" runs the
-fused point-sampled matching cost with the plain-PyTorch point-sampled loss (its fused kernels
-are not written yet).
+sampling, batched solver), fused (the fused point-sampled matching cost and loss) and
+fused-full (``loss.mask_sampling: full``: the exact full-resolution BCE + dice through the
+fused mask-loss kernels; CUDA only), beside ``transformers``: Hugging Face's
+``Mask2FormerForUniversalSegmentation`` and its own loss (point sampling, scipy matcher) with the
+same weights (ResNet presets; every provider then starts from the converted HF model).
 
 Providers (same weights, same batch, one process):
 - eager:   reference torch ops + the official per-image scipy matcher loop;
@@ -15,7 +16,9 @@ Providers (same weights, same batch, one process):
 - fused+compile: the fused path with ``torch.compile`` on the model and the criterion's loss
   region (``solver.compile`` in training: the Triton operators and the solver's one host sync
   inside one graph; CUDA only).
-Each in fp32 and bf16 autocast. A step = forward + criterion (6 layers) + backward + AdamW step.
+Each in fp32 and bf16 autocast. A step = forward + criterion (all layers) + backward + AdamW step.
+Peak memory: on CUDA the allocator's peak, on the CPU the peak resident set above the set held
+between steps (``common.track_cpu_memory``).
 Also checks that eager and fused losses agree at step 0 and stay close after ``--steps`` steps,
 and (``--headroom``) finds the largest batch that fits for eager vs fused.
 
@@ -23,6 +26,7 @@ GPU (one ~8-minute device call):
     python benchmarks/bench_train_step.py --device cuda --preset ade20k-150-r50 --size 512 --batch 16
 CPU (small, committed under benchmarks/results/):
     python benchmarks/bench_train_step.py --device cpu --size 128 --batch 2 --queries 100
+    python benchmarks/bench_train_step.py --device cpu --arch mask2former --size 256 --batch 2 --amp fp32
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import measure, result_path, write_results  # noqa: E402
+from common import measure, result_path, track_cpu_memory, write_results  # noqa: E402
 
 import fastmaskformer as fmf  # noqa: E402
 from fastmaskformer.losses import (  # noqa: E402
@@ -51,7 +55,10 @@ PROVIDERS = {
     "fused": ("triton", "batched", False),
     "fused+compile": ("triton", "batched", True),
     "fused-full": ("triton", "batched", False),  # Mask2Former only: full-resolution BCE + dice
+    "transformers": (None, None, False),  # Mask2Former only: HF's model and loss, same weights
 }
+MASK2FORMER_ONLY = ("fused-full", "transformers")
+_HF_RESNET_DEPTHS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
 
 
 def random_batch(batch: int, size: int, num_classes: int, segments: int, device, seed: int = 0):
@@ -83,8 +90,67 @@ def make_step(model, criterion, optimizer, images, targets, amp: bool, device):
     return step
 
 
+def hf_mask2former(cfg):
+    """transformers' ``Mask2FormerForUniversalSegmentation`` shaped like ``cfg`` (model and loss
+    weights, point counts), random weights, or None when transformers is not installed."""
+    try:
+        from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+    except ImportError:
+        return None
+    m, loss = cfg.model, cfg.loss
+    decoder = {"enc_layers": 6, "dim_feedforward": 1024, **m.pixel_decoder_kwargs}
+    backbone = ResNetConfig(depths=_HF_RESNET_DEPTHS[m.backbone.name], hidden_sizes=[256, 512, 1024, 2048],
+                            embedding_size=64, layer_type="bottleneck",
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(
+        backbone_config=backbone, use_pretrained_backbone=False, feature_size=m.conv_dim,
+        mask_feature_size=m.mask_dim, hidden_dim=m.hidden_dim, encoder_layers=decoder["enc_layers"],
+        encoder_feedforward_dim=decoder["dim_feedforward"], decoder_layers=m.dec_layers,
+        num_attention_heads=m.nheads, dim_feedforward=m.dim_feedforward, dropout=m.dropout,
+        num_queries=m.num_queries, num_labels=m.num_classes, output_auxiliary_logits=True,
+        train_num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio, class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight, dice_weight=loss.dice_weight, no_object_weight=loss.no_object_weight)
+    torch.manual_seed(0)
+    return Mask2FormerForUniversalSegmentation(config)
+
+
+def base_models(cfg):
+    """(our model, the HF twin or None): for Mask2Former with a ResNet backbone and transformers
+    installed, ours is the converted HF model (the same weights); otherwise a seeded build."""
+    hf = None
+    if cfg.model.meta_arch == "mask2former" and cfg.model.backbone.name in _HF_RESNET_DEPTHS:
+        hf = hf_mask2former(cfg)
+    if hf is None:
+        torch.manual_seed(0)
+        return fmf.build_model(cfg.model), None
+    from fastmaskformer.convert import from_hf
+
+    return from_hf(hf), hf
+
+
+def make_hf_step(model, optimizer, images, targets, amp: bool, device):
+    """A transformers training step: its forward computes its own (point-sampled) loss."""
+    masks = [(t.segment_map[None] == torch.arange(t.num_segments, device=device)[:, None, None]).float()
+             for t in targets]
+    classes = [t.labels for t in targets]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(pixel_values=images, mask_labels=masks, class_labels=classes).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
 def build(cfg, provider: str, device, base_model):
     impl, solver, compiled = PROVIDERS[provider]
+    if provider == "transformers":  # base_model is the HF model
+        model = copy.deepcopy(base_model).to(device).train()
+        return model, None, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
     model = copy.deepcopy(base_model).to(device).train()
     if cfg.model.meta_arch == "mask2former":
         loss = cfg.loss
@@ -101,9 +167,11 @@ def build(cfg, provider: str, device, base_model):
     return model, criterion, optimizer
 
 
-def available(provider: str, device) -> str | None:
+def available(provider: str, device, hf_model) -> str | None:
     if provider.startswith("fused") and device.type != "cuda":
         return "needs CUDA (the Triton interpreter is not a performance path)"
+    if provider == "transformers" and hf_model is None:
+        return "needs transformers and a ResNet-50/101 Mask2Former preset"
     return None
 
 
@@ -121,23 +189,26 @@ def config_for(args):
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
-    torch.manual_seed(0)
     cfg = config_for(args)
-    base_model = fmf.build_model(cfg.model)
+    base_model, hf_model = base_models(cfg)
     images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, args.segments, device)
     rows, first_losses = [], {}
     for amp in ([False, True] if args.amp == "both" else [args.amp == "bf16"]):
         for provider in args.providers:
-            if provider == "fused-full" and cfg.model.meta_arch != "mask2former":
+            if provider in MASK2FORMER_ONLY and cfg.model.meta_arch != "mask2former":
                 continue
             row = {"provider": provider, "precision": "bf16" if amp else "fp32", "batch": args.batch,
                    "size": args.size, "K": cfg.model.num_classes, "backbone": cfg.model.backbone.name}
-            reason = available(provider, device)
+            reason = available(provider, device, hf_model)
             if reason:
                 rows.append({**row, "skipped": reason})
                 continue
-            model, criterion, optimizer = build(cfg, provider, device, base_model)
-            step = make_step(model, criterion, optimizer, images, targets, amp, device)
+            if provider == "transformers":
+                model, criterion, optimizer = build(cfg, provider, device, hf_model)
+                step = make_hf_step(model, optimizer, images, targets, amp, device)
+            else:
+                model, criterion, optimizer = build(cfg, provider, device, base_model)
+                step = make_step(model, criterion, optimizer, images, targets, amp, device)
             try:
                 # step 0 loss on fresh weights; the same seed gives every provider the same
                 # dropout masks, so the losses are comparable
@@ -167,8 +238,7 @@ def loss_agreement(args) -> dict:
     device = torch.device(args.device)
     other = "fused" if device.type == "cuda" else "batched"
     cfg = config_for(args)
-    torch.manual_seed(0)
-    base_model = fmf.build_model(cfg.model)
+    base_model, _ = base_models(cfg)
     curves = {}
     for provider in ("eager", other):
         model, criterion, optimizer = build(cfg, provider, device, base_model)
@@ -228,6 +298,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
     if args.device == "cpu":
+        track_cpu_memory()
         torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run(args)
     extra = {"args": vars(args)}

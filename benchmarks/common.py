@@ -12,6 +12,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Iterable
 
@@ -25,17 +26,52 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+
+
+def track_cpu_memory() -> None:
+    """On Linux, re-execute this script with glibc's mmap threshold fixed at 128 KiB (once): every
+    large tensor is then its own mapping, returned to the OS when freed, so the resident set
+    follows the live tensors and :func:`measure` can report a CPU peak from the kernel's ``VmHWM``.
+    Call it first thing in ``main`` of a CPU benchmark."""
+    if platform.system() == "Linux" and _MMAP_THRESHOLD not in os.environ:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, _MMAP_THRESHOLD: "131072"})
+
+
+def status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _reset_cpu_peak() -> float | None:
+    """Reset the kernel's peak-RSS counter; the RSS now (MiB), or None where peaks cannot be
+    measured (not Linux, or the process was not started by :func:`track_cpu_memory`)."""
+    if _MMAP_THRESHOLD not in os.environ:
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return status_mib("VmRSS")
+
+
 def measure(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 5) -> dict:
-    """Median / p20 / p80 wall time in ms over ``repeats`` calls after ``warmup`` calls, and on
-    CUDA the peak allocated memory above what was allocated before the first call (MiB)."""
+    """Median / p20 / p80 wall time in ms over ``repeats`` calls after ``warmup`` calls, and the
+    peak memory above what was held before the first timed call (MiB): on CUDA the allocator's
+    peak, on the CPU the peak resident set (only under :func:`track_cpu_memory`)."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     synchronize(device)
+    cpu_base = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        cpu_base = _reset_cpu_peak()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -50,6 +86,8 @@ def measure(fn: Callable[[], object], device, warmup: int = 2, repeats: int = 5)
     }
     if device.type == "cuda":
         result["peak_mem_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    elif cpu_base is not None:
+        result["peak_mem_mib"] = status_mib("VmHWM") - cpu_base
     return result
 
 
