@@ -15,9 +15,9 @@ Split of the work:
    images x 32 masks, and 8G scattered gradient atomics); sampling X gathers 4 scalars per
    point. X is 42 MB there (the official loss forms the same per-layer maps); no ``[M, H, W]``
    target or logit map is ever formed.
-2. ``_point_logits_kernel`` (no grad): the logits at the S candidates of every slot, 4 taps of
-   its X row -> ``[L*B*M, S]``; torch's top-k on ``-|logit|`` picks ``num_uncertain`` of them,
-   exactly as ``importance_points`` (top-k order, then the ``extra`` points).
+2. ``_point_uncertainty_kernel`` (no grad): the uncertainty ``-|logit|`` at the S candidates of
+   every slot, 4 taps of its X row -> ``[L*B*M, S]``; torch's top-k picks ``num_uncertain`` of
+   them, exactly as ``importance_points`` (top-k order, then the ``extra`` points).
 3. ``_point_loss_fwd_kernel``: per (slot, split of the points) the sums over the points of
    BCE-with-logits, sigmoid, target and sigmoid * target. Targets are sampled in the kernel from
    the int32 segment maps by the 4-tap rule of ``sample_segment_targets`` (weight of each tap
@@ -75,11 +75,11 @@ def _target(seg_img, pts, ps, p_ok, H, W, sid):
                              interpreter={"BLOCK_P": 1024}),
     key=["S", "h", "w"])
 @triton.jit
-def _point_logits_kernel(
+def _point_uncertainty_kernel(
     x_ptr,  # [R, h*w] fp32 contiguous low-res logits
     row_ptr,  # [N] int32 row of X of each slot
     pts_ptr,  # [N, S, 2] fp32 contiguous candidate points
-    out_ptr,  # [N, S] fp32 logits at the candidates
+    out_ptr,  # [N, S] fp32 uncertainty -|logit| at the candidates
     S, h, w, BLOCK_P: tl.constexpr,
 ):
     slot = tl.program_id(0)
@@ -88,8 +88,8 @@ def _point_logits_kernel(
     x_row = x_ptr + tl.load(row_ptr + slot).to(tl.int64) * h * w
     pts = pts_ptr + slot.to(tl.int64) * S * 2
     i00, i01, i10, i11, w00, w01, w10, w11 = point_taps(pts, ps, p_ok, h, w)
-    tl.store(out_ptr + slot.to(tl.int64) * S + ps, _sampled(x_row, i00, i01, i10, i11, w00, w01, w10, w11),
-             mask=p_ok)
+    x = _sampled(x_row, i00, i01, i10, i11, w00, w01, w10, w11)
+    tl.store(out_ptr + slot.to(tl.int64) * S + ps, -tl.abs(x), mask=p_ok)
 
 
 @triton.autotune(
@@ -197,8 +197,10 @@ def _point_loss_bwd_kernel(
 
 # ---------------------------------------------------------------------------- launchers
 def _split(device: torch.device, num_slots: int, points: int) -> int:
-    """Programs per slot: enough to fill the GPU (about 4 per SM), at least 2048 points each."""
-    wanted = triton.cdiv(4 * multiprocessor_count(device), max(num_slots, 1))
+    """Programs per slot: about 16 per SM (the loops are bound by the latency of their gathers
+    and atomics: many resident programs hide it), at least 2048 points each. At the official
+    sizes (640 slots, 12544 points, 132 SMs): 4 programs per slot."""
+    wanted = triton.cdiv(16 * multiprocessor_count(device), max(num_slots, 1))
     return max(1, min(wanted, triton.cdiv(points, 2048)))
 
 
@@ -215,13 +217,13 @@ def importance_points(low: Tensor, size: tuple[int, int], assignment: Tensor, ca
     if num_uncertain == 0:
         return rest.contiguous().clone()  # an output: never an alias of the input
     rows, _, _, _ = _slots(assignment)
-    logits = torch.zeros(n, s, dtype=torch.float32, device=low.device)
+    uncertainty = torch.zeros(n, s, dtype=torch.float32, device=low.device)
     if n and s and h * w:
         def grid(meta):
             return (n, triton.cdiv(s, meta["BLOCK_P"]))
 
-        launch(_point_logits_kernel, grid, low, rows, cand, logits, s, h, w)
-    top = (-logits.abs()).topk(num_uncertain, dim=-1).indices  # [N, num_uncertain], top-k order
+        launch(_point_uncertainty_kernel, grid, low, rows, cand, uncertainty, s, h, w)
+    top = uncertainty.topk(num_uncertain, dim=-1).indices  # [N, num_uncertain], top-k order
     chosen = torch.gather(cand, 1, top[..., None].expand(n, num_uncertain, 2))
     return torch.cat([chosen, rest], 1).contiguous()
 

@@ -209,3 +209,18 @@ def test_criterion_triton_equals_torch_with_the_same_points():
         torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
     for a, b in zip(out_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_point_targets_equal_per_segment_sampling():
+    """The fused matching cost's targets: taps once per shared point, the same values as
+    sample_segment_targets with the points repeated for every segment."""
+    from fastmaskformer.ops.point_loss import sample_segment_targets, sample_shared_point_targets
+
+    g = torch.Generator().manual_seed(10)
+    seg = torch.randint(-1, 5, (2, 17, 23), generator=g, dtype=torch.int32)
+    coords = torch.rand(3, 2, 50, 2, generator=g) * 1.2 - 0.1
+    ours = sample_shared_point_targets(seg, 5, coords)
+    segments = torch.arange(5)[None].expand(2, 5)
+    for layer in range(3):
+        ref = sample_segment_targets(seg, segments, coords[layer][:, None].expand(2, 5, 50, 2))
+        assert torch.equal(ours[layer], ref)

@@ -66,6 +66,19 @@ def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) ->
     return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
 
 
+def sample_shared_point_targets(seg_maps: Tensor, num_segments: int, coords: Tensor) -> Tensor:
+    """:func:`sample_segment_targets` of segments 0..num_segments-1 at points shared by all of
+    them: seg_maps int32 [B, H, W]; coords [L, B, P, 2] -> float32 [L, B, M, P], the same values.
+    The taps are computed and gathered once per point ([L, B, P, 4]), not once per segment."""
+    b, h, w = seg_maps.shape
+    layers = coords.shape[0]
+    index, weight = bilinear_taps(coords, h, w)  # [L, B, P, 4]
+    taps = torch.gather(seg_maps.reshape(1, b, h * w).expand(layers, b, h * w), 2, index.flatten(2)).view_as(index)
+    segments = torch.arange(num_segments, device=seg_maps.device, dtype=taps.dtype)[:, None, None]
+    hit = (taps[:, :, None] == segments).float()  # [L, B, M, P, 4]
+    return (weight.float()[:, :, None] * hit).sum(-1)
+
+
 def sample_logits(logit_maps: Tensor, coords: Tensor) -> Tensor:
     """logit_maps [B, N, h, w]; coords [B, N, P, 2] -> [B, N, P] (bilinear, zeros outside)."""
     b, n, h, w = logit_maps.shape
@@ -94,9 +107,7 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
         p = coords.shape[2]
         prob = class_logits.float().softmax(-1).reshape(num_layers * b, q, -1)
         cost_class = -torch.gather(prob, 2, labels.repeat(num_layers, 1)[:, None, :].expand(-1, q, m))
-        target = torch.stack([sample_segment_targets(seg_maps, segments,
-                                                     coords[layer].float()[:, None].expand(b, m, p, 2))
-                              for layer in range(num_layers)])  # (l, b, m, p)
+        target = sample_shared_point_targets(seg_maps, m, coords.float())  # (l, b, m, p)
         xt, st, sp, ss = load_kernel("point_matching_cost", "point_matching_cost").point_matching_sums(
             mask_embed, pixel_embed, coords, target, precision or "tf32")
         cost_mask = (sp[:, :, None] - xt) / p
