@@ -159,7 +159,7 @@ def _point_loss_bwd_kernel(
     stats_ptr,  # [N, 4] fp32 forward sums: BCE, s, t, s t
     grad_ptr,  # [L, 2] fp32 (d total / d bce[l], d total / d dice[l]) / num_masks
     scale_ptr,  # [1] fp32 fixed-point scale
-    P, h, w, H, W, SPLIT, BLOCK_P: tl.constexpr,
+    P, inv_p, h, w, H, W, SPLIT, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slot = pid // SPLIT
@@ -171,7 +171,7 @@ def _point_loss_bwd_kernel(
     sid = tl.load(sid_ptr + slot)
     matched = (sid >= 0).to(tl.int32)
     layer = tl.load(layer_ptr + slot)
-    g_bce = tl.load(grad_ptr + 2 * layer) / P.to(tl.float32)  # BCE is a mean over the points
+    g_bce = tl.load(grad_ptr + 2 * layer) * inv_p  # BCE is a mean over the points
     g_dice = tl.load(grad_ptr + 2 * layer + 1)
     sum_s = tl.load(stats_ptr + slot.to(tl.int64) * 4 + 1)
     sum_t = tl.load(stats_ptr + slot.to(tl.int64) * 4 + 2)
@@ -281,7 +281,7 @@ def point_loss_backward(grad_bce: Tensor, grad_dice: Tensor, mask_embed: Tensor,
     split = _split(low.device, n, p)
     if n and p:
         launch(_point_loss_bwd_kernel, (n * split,), low, acc, rows, images, seg_ids, layers,
-               points.reshape(n, p, 2), seg_maps, stats, grad_out, scale, p, h, w, H, W, split)
+               points.reshape(n, p, 2), seg_maps, stats, grad_out, scale, p, 1.0 / p, h, w, H, W, split)
     grad_low = torch.where(finite, acc.to(torch.float32) * inv_scale, float("nan"))
     return matched_logits_backward(grad_low, mask_embed, pixel_embed, assignment, precision)
 

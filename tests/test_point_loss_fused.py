@@ -224,3 +224,20 @@ def test_shared_point_targets_equal_per_segment_sampling():
     for layer in range(3):
         ref = sample_segment_targets(seg, segments, coords[layer][:, None].expand(2, 5, 50, 2))
         assert torch.equal(ours[layer], ref)
+
+
+def test_fused_loss_traces_as_one_graph():
+    """The public op on the fused path has no graph break: torch.compile sees the operators."""
+    import torch._dynamo
+
+    from fastmaskformer.ops._dispatch import load_kernel
+
+    load_kernel("point_loss", "test")  # outside compiled code, as the criterion's preload does
+    problem = make_problem(seed=11, layers=2, candidates=20, extra=6)
+
+    def loss(*args):
+        bce, dice = point_mask_loss(*args, 8, impl="triton")
+        return bce.sum() + dice.sum()
+
+    explained = torch._dynamo.explain(loss)(*problem)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
