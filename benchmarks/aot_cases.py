@@ -68,6 +68,26 @@ def _mask_loss_bce(segments: int = 32):
     return run
 
 
+def _point_loss(precision: str, segments: int = 32):
+    """Mask2Former's point-sampled loss, forward and backward: 10 predictions, 2 images per GPU,
+    M=32 matched masks, 12544 points (3 x 12544 candidates, 75% importance-sampled)."""
+    from fastmaskformer.kernels.point_loss import point_mask_loss
+
+    def run():
+        layers, batch, points = 10, 2, 12544
+        uncertain = int(0.75 * points)
+        mask_embed = torch.zeros(layers, batch, Q, C, requires_grad=True)
+        pixel_embed = torch.zeros(batch, C, SIZE // 4, SIZE // 4, requires_grad=True)
+        assignment = torch.arange(segments).repeat(layers, batch, 1)
+        seg_maps = _segment_maps(segments, batch=batch)
+        candidates = torch.rand(layers, batch, segments, 3 * points, 2)
+        extra = torch.rand(layers, batch, segments, points - uncertain, 2)
+        bce, dice = point_mask_loss(mask_embed, pixel_embed, assignment, seg_maps,
+                                    torch.tensor(float(batch * segments)), candidates, extra, uncertain, precision)
+        (bce.sum() + dice.sum()).backward()
+    return run
+
+
 def _mask_loss(segments: int):
     """Forward and backward of all 6 layers' focal + dice, ``segments`` matches per image."""
     from fastmaskformer.kernels.mask_loss import mask_loss
@@ -186,6 +206,7 @@ def cases() -> list[Case]:
     out.append(Case("mask_loss bce 10 layers B=2 M=32 (Mask2Former full)", _mask_loss_bce(), True))
     out += [Case(f"point_matching_cost 10 layers B=2 P=12544 M=32 {p}", _point_matching_cost(p), p == "tf32")
             for p in ("tf32", "ieee")]
+    out += [Case(f"point_loss 10 layers B=2 P=12544 M=32 {p}", _point_loss(p), p == "ieee") for p in ("ieee", "tf32")]
     for queries in (100, 200):
         for classes in (150, 847):
             for resize in (False, True):

@@ -173,23 +173,68 @@ def eager_matching_cost(segments: int, classes: int) -> Work:
                                                  [1.0, 20.0, 1.0]))
 
 
-def eager_mask_loss(segments: int) -> Work:
-    """The official per-layer loss of 6 layers, forward and backward."""
+def eager_mask_loss(segments: int, batch: int = B, layers: int = LAYERS, loss: str = "focal") -> Work:
+    """The official per-layer loss of ``layers`` layers, forward and backward (loss "focal":
+    MaskFormer, 20 focal + dice; "bce": Mask2Former's ``mask_sampling: full``, 5 BCE + 5 dice)."""
     from fastmaskformer.ops.mask_loss import mask_loss_reference
 
-    mask_embed = torch.empty(LAYERS, B, Q, C, device="meta", requires_grad=True)
-    pixel_embed = torch.empty(B, C, h, w, device="meta", requires_grad=True)
-    assignment = torch.empty(1, B, segments, dtype=torch.int64, device="meta")
-    seg_maps = torch.empty(B, SIZE, SIZE, dtype=torch.int32, device="meta")
+    mask_embed = torch.empty(layers, batch, Q, C, device="meta", requires_grad=True)
+    pixel_embed = torch.empty(batch, C, h, w, device="meta", requires_grad=True)
+    assignment = torch.empty(1, batch, segments, dtype=torch.int64, device="meta")
+    seg_maps = torch.empty(batch, SIZE, SIZE, dtype=torch.int32, device="meta")
     num_masks = torch.empty((), device="meta")
+    first_weight = 20 if loss == "focal" else 5
 
     def step():
         total = 0
-        for layer in range(LAYERS):  # the official loop: one layer at a time
-            focal, dice = mask_loss_reference(mask_embed[layer:layer + 1], pixel_embed, assignment, seg_maps,
-                                              num_masks)
-            total = total + 20 * focal.sum() + dice.sum()
+        for layer in range(layers):  # the official loop: one layer at a time
+            first, dice = mask_loss_reference(mask_embed[layer:layer + 1], pixel_embed, assignment, seg_maps,
+                                              num_masks, loss)
+            dice = dice.sum() if loss == "focal" else 5 * dice.sum()  # MaskFormer's dice weight is 1
+            total = total + first_weight * first.sum() + dice
         total.backward()
+    return trace(step)
+
+
+# Mask2Former per GPU (the official batch 16 over 8 GPUs): 10 predictions (9 decoder layers and the
+# one before them), 2 images, M = 32 matched masks per image, 12544 points (3 x as candidates, 75%
+# of the loss points importance-sampled), K = 150 (ADE20K).
+M2F = dict(batch=2, layers=10, segments=32, points=12544, oversample=3, importance=0.75, classes=150)
+
+
+def eager_point_matching_cost() -> Work:
+    """``ops.point_loss.point_matching_cost(impl="torch")``: per layer the [B, Q, h, w] logit
+    maps of every query, sampled at the shared points, and the BCE / dice cost products."""
+    from fastmaskformer.ops.point_loss import point_matching_cost
+
+    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
+    meta = dict(device="meta")
+    return trace(lambda: point_matching_cost(
+        torch.empty(n, b, Q, M2F["classes"] + 1, **meta), torch.empty(n, b, Q, C, **meta),
+        torch.empty(b, C, h, w, **meta), torch.empty(b, SIZE, SIZE, dtype=torch.int32, **meta),
+        torch.empty(b, m, dtype=torch.int64, **meta), torch.empty(n, b, p, 2, **meta), impl="torch"))
+
+
+def eager_point_loss() -> Work:
+    """``ops.point_loss.point_mask_loss_reference``, forward and backward, 5 BCE + 5 dice: per layer
+    the [B, M, h, w] logit maps of the matched queries, the uncertainty at the candidates, top-k,
+    the logits and targets at the points (the official loss's work, with the targets sampled from
+    the segment maps instead of [M, H, W] float masks: fewer bytes than the official code)."""
+    from fastmaskformer.ops.point_loss import point_mask_loss_reference
+
+    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
+    uncertain = int(M2F["importance"] * p)
+    meta = dict(device="meta")
+    mask_embed = torch.empty(n, b, Q, C, requires_grad=True, **meta)
+    pixel_embed = torch.empty(b, C, h, w, requires_grad=True, **meta)
+
+    def step():
+        bce, dice = point_mask_loss_reference(
+            mask_embed, pixel_embed, torch.empty(n, b, m, dtype=torch.int64, **meta),
+            torch.empty(b, SIZE, SIZE, dtype=torch.int32, **meta), torch.empty((), **meta),
+            torch.empty(n, b, m, M2F["oversample"] * p, 2, **meta), torch.empty(n, b, m, p - uncertain, 2, **meta),
+            uncertain)
+        (5 * bce.sum() + 5 * dice.sum()).backward()
     return trace(step)
 
 
@@ -231,14 +276,79 @@ def fused_matching_cost(segments: int, classes: int, precision: str) -> Work:
     return work.add(dot_work(4.0 * n * qp * hw * mp, precision))  # the two one-hot products
 
 
-def fused_mask_loss(segments: int, precision: str) -> Work:
+def fused_mask_loss(segments: int, precision: str, batch: int = B, layers: int = LAYERS) -> Work:
     """kernels/mask_loss.py, forward + backward of all layers: one bmm (and its two backward
-    bmms), the forward sums and the 4-tap adjoint over every (mask, full-res pixel)."""
-    rows, masks, hw, pixels = LAYERS * segments, LAYERS * B * segments, h * w, SIZE * SIZE
-    bmm = 2.0 * B * rows * C * hw
-    work = Work(bytes=4 * (3 * B * C * hw + 3 * B * rows * C + 5 * B * rows * hw + 2 * B * pixels),
+    bmms), the forward sums and the 4-tap adjoint over every (mask, full-res pixel). The BCE
+    variant (``loss="bce"``) is the same kernels with a constexpr switch: the same model."""
+    rows, masks, hw, pixels = layers * segments, layers * batch * segments, h * w, SIZE * SIZE
+    bmm = 2.0 * batch * rows * C * hw
+    work = Work(bytes=4 * (3 * batch * C * hw + 3 * batch * rows * C + 5 * batch * rows * hw + 2 * batch * pixels),
                 fp32_flops=(35.0 + 55.0) * masks * pixels, sfu=(4.0 + 4.0) * masks * pixels, kernels=12)
     return work.add(dot_work(3 * bmm, "tf32" if precision == "tf32" else "ieee"))
+
+
+def fused_point_matching_cost(precision: str) -> Work:
+    """kernels/point_matching_cost.py at the Mask2Former sizes, plus the torch around it (traced:
+    class probabilities, the targets sampled per layer from the segment maps, the cost sums).
+    Kernel: per (problem, query tile of 64) the 4 taps x C channels of every point gathered
+    through L2 (Q padded to 128), the logits and the two target products as dots."""
+    from fastmaskformer.ops.point_loss import sample_shared_point_targets
+
+    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
+    problems, qp, mp = n * b, _pad(Q, 64), max(16, 1 << (m - 1).bit_length())
+    meta = dict(device="meta")
+
+    def torch_side():
+        prob = torch.empty(n, b, Q, M2F["classes"] + 1, **meta).softmax(-1).reshape(problems, Q, -1)
+        labels = torch.empty(b, m, dtype=torch.int64, **meta)
+        cost_class = -torch.gather(prob, 2, labels.repeat(n, 1)[:, None, :].expand(-1, Q, m))
+        seg, coords = torch.empty(b, SIZE, SIZE, dtype=torch.int32, **meta), torch.empty(n, b, p, 2, **meta)
+        target = sample_shared_point_targets(seg, m, coords)
+        xt, st, sp, ss = (torch.empty(problems, Q, m, **meta), torch.empty(problems, Q, m, **meta),
+                          torch.empty(problems, Q, **meta), torch.empty(problems, Q, **meta))
+        cost_mask = (sp[:, :, None] - xt) / p
+        cost_dice = 1 - (2 * st + 1) / (ss[:, :, None] + target.sum(-1).reshape(problems, 1, m) + 1)
+        return 2 * cost_class + 5 * cost_mask + 5 * cost_dice
+
+    work, _ = trace(torch_side)
+    tiles = problems * (qp // 64)
+    kernel = Work(bytes=4 * (b * C * h * w + problems * (Q * C + 2 * p + m * p) + 4 * problems * Q * m),
+                  l2_bytes=4.0 * tiles * p * (4 * C + m), fp32_flops=tiles * p * (8.0 * C + 64 * 12),
+                  sfu=4.0 * problems * qp * p, kernels=1)
+    kernel = kernel.add(dot_work(2.0 * problems * qp * p * (C + 2 * mp), precision))
+    return work.add(kernel)
+
+
+def fused_point_loss(precision: str) -> Work:
+    """kernels/point_loss.py, forward + backward of all layers at the Mask2Former sizes: the
+    matched logits X (one bmm) and its two backward bmms, the uncertainty kernel over the
+    candidates, the torch top-k / gather / concatenation (traced), the forward sums and the
+    backward's fixed-point scatter (4 int64 atomics per point through L2, the accumulator
+    zeroed, converted and read by the bmms)."""
+    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
+    s, uncertain = M2F["oversample"] * p, int(M2F["importance"] * p)
+    slots, rows, hw = n * b * m, n * m, h * w
+    meta = dict(device="meta")
+
+    def topk_side():
+        uncertainty = torch.empty(slots, s, **meta)
+        cand, extra = torch.empty(slots, s, 2, **meta), torch.empty(slots, p - uncertain, 2, **meta)
+        top = uncertainty.topk(uncertain, dim=-1).indices
+        chosen = torch.gather(cand, 1, top[..., None].expand(slots, uncertain, 2))
+        return torch.cat([chosen, extra], 1).contiguous()
+
+    work, _ = trace(topk_side)
+    x_bytes = 4.0 * b * rows * hw
+    bmm = 2.0 * b * rows * C * hw
+    matmuls = Work(bytes=4.0 * 3 * b * C * hw + 3 * x_bytes + 4.0 * 3 * b * rows * C + 4.0 * n * b * Q * C * 2,
+                   kernels=6).add(dot_work(3 * bmm, "tf32" if precision == "tf32" else "ieee"))
+    uncertainty = Work(bytes=slots * s * (8.0 + 4.0), l2_bytes=slots * s * 16.0, fp32_flops=slots * s * 30.0,
+                       kernels=1)
+    # forward and backward kernels: points (8 B) read, 4 X taps + 4 segment-map taps from L2
+    per_point = Work(bytes=2 * slots * p * 8.0 + 4.0 * b * SIZE * SIZE, l2_bytes=2 * slots * p * 32.0,
+                     fp32_flops=slots * p * (70.0 + 90.0), sfu=slots * p * (4.0 + 3.0), kernels=2)
+    scatter = Work(bytes=3 * 2 * x_bytes + x_bytes, l2_bytes=slots * p * 4 * 8.0, kernels=3)
+    return work.add(matmuls).add(uncertainty).add(per_point).add(scatter)
 
 
 def fused_semantic(classes: int, precision: str) -> Work:
@@ -324,6 +434,19 @@ def problems():
         for precision in ("ieee", "tf32"):
             out.append(("mask_loss", dict(batch=B, M=segments, precision=precision, phase="fwd+bwd"),
                         fused_mask_loss(segments, precision), eager))
+    eager = eager_mask_loss(M2F["segments"], M2F["batch"], M2F["layers"], "bce")
+    for precision in ("ieee", "tf32"):
+        out.append(("mask_loss_bce", dict(batch=M2F["batch"], M=M2F["segments"], precision=precision,
+                                          phase="fwd+bwd"),
+                    fused_mask_loss(M2F["segments"], precision, M2F["batch"], M2F["layers"]), eager))
+    eager = eager_point_matching_cost()
+    for precision in ("tf32", "tf32x3", "ieee"):
+        out.append(("point_matching_cost", dict(batch=M2F["batch"], M=M2F["segments"], K=M2F["classes"],
+                                                precision=precision), fused_point_matching_cost(precision), eager))
+    eager = eager_point_loss()
+    for precision in ("ieee", "tf32"):
+        out.append(("point_loss", dict(batch=M2F["batch"], M=M2F["segments"], precision=precision, phase="fwd+bwd"),
+                    fused_point_loss(precision), eager))
     for classes in (150, 847):
         eager = eager_semantic(classes)
         for precision in ("tf32", "tf32x3", "ieee", "bf16"):
@@ -372,6 +495,8 @@ def predicted(part: str, device_name: str, **keys) -> dict | None:
 READINESS_PART = {
     "matching_cost": ("matching_cost", dict(M=16, K=150, precision="tf32")),
     "mask_loss": ("mask_loss", dict(M=16, precision="ieee")),
+    "point_matching_cost": ("point_matching_cost", dict(precision="tf32")),
+    "point_loss": ("point_loss", dict(precision="ieee")),
     "semantic": ("semantic_inference", dict(K=847, precision="tf32")),
     "panoptic": ("panoptic_inference", dict()),
     "ms_deform_attn": ("ms_deform_attn", dict(size=512, phase="fwd+bwd")),

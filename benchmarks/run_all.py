@@ -36,6 +36,7 @@ PARTS = {
                         "batched", "--steps", "0", "--repeats", "3"]),
     "matching_cost": ("bench_matching_cost.py", ["--quick"], ["--quick"]),
     "mask_loss": ("bench_mask_loss.py", ["--quick"], ["--quick"]),
+    "point_loss": ("bench_point_loss.py", [], ["--no-compile"]),
     "semantic_inference": ("bench_semantic_inference.py", ["--quick"], ["--quick"]),
     "panoptic_inference": ("bench_panoptic_inference.py", ["--quick"], ["--quick"]),
     "ms_deform_attn": ("bench_ms_deform_attn.py", [], ["--quick"]),
@@ -82,6 +83,7 @@ def run_part(name: str, device: str, quick: bool, workdir: pathlib.Path, timeout
 ROOFLINE_PARTS = {
     "matching_cost": ("tf32", ("batch", "M", "K")),
     "mask_loss": ("ieee", ("batch", "M")),
+    "point_loss": ("ieee", ("batch", "M")),
     "semantic_inference": ("tf32", ("batch", "K")),
     "ms_deform_attn": ("fp32", ("batch", "size", "phase")),  # modelled in fp32
 }

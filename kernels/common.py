@@ -1,5 +1,6 @@
-"""Pieces shared by the kernels: autotune config lists, the precision-aware ``tl.dot``, and the
-bilinear resampling rule (taps and weights) every resampling kernel uses.
+"""Pieces shared by the kernels: autotune config lists, the precision-aware ``tl.dot``, the
+bilinear resampling rule (taps and weights) every resampling kernel uses, the 4-tap rule of
+sampling at points (``point_sample``), and the fixed-point scale of deterministic atomics.
 
 Resampling follows PyTorch's ``upsample_bilinear2d`` with ``align_corners=False`` and no explicit
 scale factor: ``src = max(scale * (dst + 0.5) - 0.5, 0)`` with ``scale = in / out`` rounded to
@@ -194,6 +195,56 @@ def resampled(x_ptr, oy, ox, scale_y, scale_x, up_y, up_x, h, w, crop_h, crop_w,
         if SIGMOID_FIRST:
             v = tl.sigmoid(v)
         return v
+
+
+@triton.jit
+def point_taps(pts_ptr, ps, p_ok, h, w):
+    """detectron2's ``point_sample`` (``grid_sample``, align_corners=False, zeros outside) at the
+    points ``ps`` [P] of ``pts_ptr`` ([*, 2] fp32, x then y in [0, 1]) on an h x w grid: the 4
+    flat tap indices (clamped inside the grid) and weights (zero outside the grid and for masked
+    points), in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1) of ``ops.point_loss.bilinear_taps``."""
+    px = tl.load(pts_ptr + ps * 2, mask=p_ok, other=0.0)
+    py = tl.load(pts_ptr + ps * 2 + 1, mask=p_ok, other=0.0)
+    fx = px * w - 0.5
+    fy = py * h - 0.5
+    x0f = tl.floor(fx)
+    y0f = tl.floor(fy)
+    ax = fx - x0f
+    ay = fy - y0f
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    x1 = x0 + 1
+    y1 = y0 + 1
+    okx0 = (x0 >= 0) & (x0 < w)
+    okx1 = (x1 >= 0) & (x1 < w)
+    oky0 = (y0 >= 0) & (y0 < h)
+    oky1 = (y1 >= 0) & (y1 < h)
+    w00 = tl.where(oky0 & okx0 & p_ok, (1.0 - ax) * (1.0 - ay), 0.0)
+    w01 = tl.where(oky0 & okx1 & p_ok, ax * (1.0 - ay), 0.0)
+    w10 = tl.where(oky1 & okx0 & p_ok, (1.0 - ax) * ay, 0.0)
+    w11 = tl.where(oky1 & okx1 & p_ok, ax * ay, 0.0)
+    cx0 = tl.minimum(tl.maximum(x0, 0), w - 1)
+    cx1 = tl.minimum(tl.maximum(x1, 0), w - 1)
+    cy0 = tl.minimum(tl.maximum(y0, 0), h - 1)
+    cy1 = tl.minimum(tl.maximum(y1, 0), h - 1)
+    return cy0 * w + cx0, cy0 * w + cx1, cy1 * w + cx0, cy1 * w + cx1, w00, w01, w10, w11
+
+
+# ---------------------------------------------------------------------------- deterministic atomics
+# Fixed-point headroom: partial sums stay below 2^FIXED_POINT_BITS <= 2^61 < 2^63.
+FIXED_POINT_BITS = 61
+
+
+def fixed_point_scales(bound: torch.Tensor):
+    """Scale of a 64-bit fixed-point accumulation whose every partial sum is at most ``bound``
+    (0-d tensor) in absolute value: (scale, 1/scale) as float32 [1] tensors, powers of two
+    (``2^61 / bound`` rounded down: no overflow, resolution ``2^-60 bound``), and whether the bound
+    is finite. Contributions ``(v * scale).to(int64)`` added with integer atomics give the same
+    sum in any order: bit-identical results run to run. Computed on the device (no host sync)."""
+    finite = torch.isfinite(bound)
+    exponent = FIXED_POINT_BITS - torch.floor(torch.log2(bound)) - 1  # bound < 2^(floor(log2)+1)
+    exponent = torch.where(finite, exponent, 0.0).clamp(-120.0, 120.0)
+    return torch.exp2(exponent).reshape(1), torch.exp2(-exponent).reshape(1), finite
 
 
 # ---------------------------------------------------------------------------- launch sizing

@@ -309,6 +309,39 @@ def _matched_embeddings(mask_embed: Tensor, assignment: Tensor) -> Tensor:
     return embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
 
 
+def matched_logits(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, precision: str) -> Tensor:
+    """Low-res logits of the matched queries of all layers, ``X = E_matched @ P_b``: fp32
+    [B, L*M, h*w] (row l*M + j of image b: segment j at layer l; zero rows for unmatched slots).
+    One bmm over images: the pixel embeddings are read once for all layers. Shared by the
+    full-resolution mask loss and the point-sampled loss (kernels/point_loss.py)."""
+    batch, channels = pixel_embed.shape[:2]
+    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
+    pixel = pixel_embed.float().reshape(batch, channels, -1)
+    with _matmul_precision(precision):
+        return torch.bmm(embed, pixel)  # [B, L*M, hw]
+
+
+def matched_logits_backward(grad_low: Tensor, mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor,
+                            precision: str) -> tuple[Tensor, Tensor]:
+    """The adjoint of :func:`matched_logits`: grad_low fp32 [B, L*M, h*w] -> fp32 gradients shaped
+    like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w] (``grad P = E^T @ grad X``: one product
+    written once for all layers)."""
+    num_layers, batch, num_queries, channels = mask_embed.shape
+    m = assignment.shape[-1]
+    h, w = pixel_embed.shape[-2:]
+    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
+    pixel = pixel_embed.float().reshape(batch, channels, h * w)
+    with _matmul_precision(precision):
+        grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2))  # [B, L*M, C]
+        grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low).view(batch, channels, h, w)
+    # Back to [L,B,Q,C]: matched slots hold distinct queries; unmatched ones add exact zeros.
+    grad_embed = grad_embed.view(batch, num_layers, m, channels).permute(1, 0, 2, 3) * (assignment >= 0)[..., None]
+    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
+    grad_mask_embed = torch.zeros(num_layers, batch, num_queries, channels, device=grad_low.device,
+                                  dtype=torch.float32).scatter_add(2, query, grad_embed)
+    return grad_mask_embed, grad_pixel
+
+
 @triton_operator("mask_loss_forward")
 def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
                       num_masks: Tensor, precision: str, loss: str = "focal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -320,14 +353,11 @@ def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tenso
     padded with -1; num_masks: 0-d fp32, the normaliser; precision "ieee" | "tf32"; loss "focal"
     (MaskFormer) | "bce" (Mask2Former's sigmoid BCE in place of the focal term).
     """
-    num_layers, batch, _, channels = mask_embed.shape
+    num_layers, batch = mask_embed.shape[:2]
     m = assignment.shape[-1]
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
-    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
-    pixel = pixel_embed.float().reshape(batch, channels, h * w)
-    with _matmul_precision(precision):
-        low = torch.bmm(embed, pixel)  # [B, L*M, hw]
+    low = matched_logits(mask_embed, pixel_embed, assignment, precision)  # [B, L*M, hw]
     rows, images, seg_ids, _ = _slots(assignment)
     num_slots = rows.numel()
     split = _forward_split(low.device, num_slots, H * W)
@@ -350,8 +380,6 @@ def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor
                        precision: str, loss: str = "focal") -> tuple[Tensor, Tensor]:
     """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w]) of
     ``sum_l grad_focal[l] focal[l] + grad_dice[l] dice[l]``; low, stats from the forward."""
-    num_layers, batch, num_queries, channels = mask_embed.shape
-    m = assignment.shape[-1]
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
     rows, images, seg_ids, layers = _slots(assignment)
@@ -368,17 +396,7 @@ def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor
         launch(_mask_loss_bwd_kernel, grid, low, grad_low, rows, images, seg_ids, layers, seg_maps, stats, grad_out,
                h, w, H, W, h / H, w / W, H / h, W / w, 1.0, 1.0 / (H * W),
                sub_y, sub_x, MARGIN_Y=margin_y, MARGIN_X=margin_x, ALPHA=FOCAL_ALPHA, BCE=loss == "bce")
-    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
-    pixel = pixel_embed.float().reshape(batch, channels, h * w)
-    with _matmul_precision(precision):
-        grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2))  # [B, L*M, C]
-        grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low).view(batch, channels, h, w)
-    # Back to [L,B,Q,C]: matched slots hold distinct queries; unmatched ones add exact zeros.
-    grad_embed = grad_embed.view(batch, num_layers, m, channels).permute(1, 0, 2, 3) * (assignment >= 0)[..., None]
-    query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
-    grad_mask_embed = torch.zeros(num_layers, batch, num_queries, channels, device=low.device,
-                                  dtype=torch.float32).scatter_add(2, query, grad_embed)
-    return grad_mask_embed, grad_pixel
+    return matched_logits_backward(grad_low, mask_embed, pixel_embed, assignment, precision)
 
 
 def _setup_context(ctx, inputs, output):

@@ -38,10 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, launch, triton_operator
+from .common import autotune_configs, fixed_point_scales, launch, triton_operator
 
-# Fixed-point headroom: partial sums stay below 2^FIXED_POINT_BITS <= 2^61 < 2^63.
-FIXED_POINT_BITS = 61
 # The backward kernel issues atomics, which an autotuner's benchmark runs would add up more than
 # once: it has ONE config (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
 # elements per program on 4 warps: 2 per thread, ~80 registers, 38% occupancy on sm_90 / sm_80 for
@@ -227,12 +225,7 @@ def fixed_point_scale(grad_out: torch.Tensor, attention_weights: torch.Tensor):
     Every partial sum of a value gradient is at most ``max|grad_out| * max_(b,h) sum |a|``."""
     g_max = grad_out.detach().abs().amax().float()
     a_mass = attention_weights.detach().abs().float().sum(dim=(1, 3, 4)).amax()
-    bound = g_max * a_mass
-    finite = torch.isfinite(bound)
-    exponent = FIXED_POINT_BITS - torch.floor(torch.log2(bound)) - 1  # bound < 2^(floor(log2)+1)
-    exponent = torch.where(finite, exponent, 0.0).clamp(-120.0, 120.0)
-    scale = torch.exp2(exponent).reshape(1)
-    return scale, torch.exp2(-exponent).reshape(1), finite
+    return fixed_point_scales(g_max * a_mass)
 
 
 def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, fixed_point: bool):

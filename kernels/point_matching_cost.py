@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fastmaskformer.shared import interpreter_enabled
 
-from .common import autotune_configs, dot, launch, multiprocessor_count, triton_operator
+from .common import autotune_configs, dot, launch, multiprocessor_count, point_taps, triton_operator
 
 
 @triton.autotune(
@@ -64,34 +64,7 @@ def _point_cost_kernel(
     for p0 in range(split * BLOCK_P, P, SPLIT * BLOCK_P):  # this program's share of the point blocks
         ps = p0 + tl.arange(0, BLOCK_P)
         p_ok = ps < P
-        px = tl.load(pts_ptr + (n.to(tl.int64) * P + ps) * 2, mask=p_ok, other=0.0)
-        py = tl.load(pts_ptr + (n.to(tl.int64) * P + ps) * 2 + 1, mask=p_ok, other=0.0)
-        fx = px * w - 0.5
-        fy = py * h - 0.5
-        x0f = tl.floor(fx)
-        y0f = tl.floor(fy)
-        ax = fx - x0f
-        ay = fy - y0f
-        x0 = x0f.to(tl.int32)
-        y0 = y0f.to(tl.int32)
-        x1 = x0 + 1
-        y1 = y0 + 1
-        okx0 = (x0 >= 0) & (x0 < w)
-        okx1 = (x1 >= 0) & (x1 < w)
-        oky0 = (y0 >= 0) & (y0 < h)
-        oky1 = (y1 >= 0) & (y1 < h)
-        w00 = tl.where(oky0 & okx0 & p_ok, (1.0 - ax) * (1.0 - ay), 0.0)
-        w01 = tl.where(oky0 & okx1 & p_ok, ax * (1.0 - ay), 0.0)
-        w10 = tl.where(oky1 & okx0 & p_ok, (1.0 - ax) * ay, 0.0)
-        w11 = tl.where(oky1 & okx1 & p_ok, ax * ay, 0.0)
-        cx0 = tl.minimum(tl.maximum(x0, 0), w - 1)
-        cx1 = tl.minimum(tl.maximum(x1, 0), w - 1)
-        cy0 = tl.minimum(tl.maximum(y0, 0), h - 1)
-        cy1 = tl.minimum(tl.maximum(y1, 0), h - 1)
-        i00 = cy0 * w + cx0
-        i01 = cy0 * w + cx1
-        i10 = cy1 * w + cx0
-        i11 = cy1 * w + cx1
+        i00, i01, i10, i11, w00, w01, w10, w11 = point_taps(pts_ptr + n.to(tl.int64) * P * 2, ps, p_ok, h, w)
         x = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)

@@ -7,6 +7,7 @@ import torch
 
 import fastmaskformer.kernels.mask_loss  # noqa: F401  registers the Triton operators
 import fastmaskformer.kernels.matching_cost  # noqa: F401
+import fastmaskformer.kernels.point_loss  # noqa: F401
 from fastmaskformer.ops.mask_loss import assignment_from_indices  # registers the references
 from fastmaskformer.ops.matching_cost import downsample_segment_ids  # noqa: F401
 
@@ -50,6 +51,33 @@ def test_opcheck_mask_loss_backward():
                                                     torch.tensor(3.0), "ieee")
     torch.library.opcheck(OPS.mask_loss_backward, (torch.ones(2), torch.ones(2), mask_embed, pixel_embed, assignment,
                                                    seg_maps, torch.tensor(3.0), low, stats, "ieee"))
+
+
+def _point_draws(assignment, candidates=12, extra=5, seed=1):
+    """Uniform candidates [L,B,M,S,2] and extra points [L,B,M,R,2], some outside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(assignment.shape)
+    return (torch.rand(*shape, candidates, 2, generator=g) * 1.1 - 0.05,
+            torch.rand(*shape, extra, 2, generator=g) * 1.1 - 0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_point_loss(dtype):
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(dtype, low=(5, 7), size=(18, 27))
+    mask_embed.requires_grad_()
+    pixel_embed.requires_grad_()
+    candidates, extra = _point_draws(assignment)
+    torch.library.opcheck(OPS.point_loss_forward, (mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(3.0),
+                                                   candidates, extra, 6, "ieee"))
+
+
+def test_opcheck_point_loss_backward():
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(torch.float32, low=(5, 7), size=(18, 27))
+    candidates, extra = _point_draws(assignment)
+    _, _, low, points, stats = OPS.point_loss_forward(mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(3.0),
+                                                      candidates, extra, 6, "ieee")
+    torch.library.opcheck(OPS.point_loss_backward, (torch.ones(2), torch.ones(2), mask_embed, pixel_embed, assignment,
+                                                    seg_maps, torch.tensor(3.0), low, points, stats, "ieee"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -233,7 +233,7 @@ class PointSampledCriterion(SetCriterion):
         to draw from the criterion's generator."""
         args = self.prepare(outputs, targets, input_size)
         class_logits, labels = args[0], args[4]
-        preload_kernels(self.impl, args[2], modules=("point_matching_cost",))  # outside compiled code
+        preload_kernels(self.impl, args[2], modules=("point_matching_cost", "point_loss"))  # outside compiled code
         if points is None:
             points = self.draw_points(len(self.supervised_layers(class_logits.shape[0])), labels.shape[0],
                                       labels.shape[1], class_logits.device)
@@ -254,8 +254,10 @@ class PointSampledCriterion(SetCriterion):
             bce, dice = ops.mask_loss_assigned(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks,
                                                self.mask_loss_precision, impl=self.impl, loss="bce")
         else:
+            # The fused kernels on CUDA (impl="auto"): no per-layer logit maps, deterministic grads.
             bce, dice = point_mask_loss(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks,
-                                        candidates, extra, self.num_uncertain)
+                                        candidates, extra, self.num_uncertain, self.mask_loss_precision,
+                                        impl=self.impl)
         return self.collect(class_logits, assignment, labels, bce, dice)
 
 

@@ -16,8 +16,17 @@ The lazy outputs make sampling cheap: a logit at a point is the bilinear blend o
 ``<mask_embed, pixel_embed>`` products, and a target value the blend of 4 segment-map taps equal
 to the segment id, so no ``[M, H, W]`` target masks are built. These references are plain
 PyTorch (autograd differentiates them); they form per-mask logit maps at stride 4 (the official
-memory). The matching cost also has a fused Triton kernel that never forms them; the
-point-sampled loss's fused kernels are not written yet.
+memory). Both also have fused Triton paths (``impl="triton"``, the default on CUDA):
+- the matching cost (``kernels/point_matching_cost.py``) samples the pixel embedding at the
+  shared points itself and never forms the logit maps;
+- the loss (``kernels/point_loss.py``: forward and backward operators with autograd) forms the
+  matched queries' low-res logits of all layers in one product, samples them at the candidates
+  in a kernel (top-k in torch, the same selection), sums BCE, sigmoid, target and their product
+  over the points in one kernel with the targets sampled from the segment maps in-kernel, and
+  scatters the gradient of each point to its 4 taps with deterministic fixed-point atomics.
+  Unlike the matching cost it does not sample the pixel embedding per point: every mask has its
+  own 4 x 12544 points, which would gather ~12x the channel vectors of the map product (the
+  module docstring has the numbers).
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_embeddings
 from ._dispatch import load_kernel, resolve_impl
 
 
@@ -56,6 +66,19 @@ def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) ->
     return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
 
 
+def sample_shared_point_targets(seg_maps: Tensor, num_segments: int, coords: Tensor) -> Tensor:
+    """:func:`sample_segment_targets` of segments 0..num_segments-1 at points shared by all of
+    them: seg_maps int32 [B, H, W]; coords [L, B, P, 2] -> float32 [L, B, M, P], the same values.
+    The taps are computed and gathered once per point ([L, B, P, 4]), not once per segment."""
+    b, h, w = seg_maps.shape
+    layers = coords.shape[0]
+    index, weight = bilinear_taps(coords, h, w)  # [L, B, P, 4]
+    taps = torch.gather(seg_maps.reshape(1, b, h * w).expand(layers, b, h * w), 2, index.flatten(2)).view_as(index)
+    segments = torch.arange(num_segments, device=seg_maps.device, dtype=taps.dtype)[:, None, None]
+    hit = (taps[:, :, None] == segments).float()  # [L, B, M, P, 4]
+    return (weight.float()[:, :, None] * hit).sum(-1)
+
+
 def sample_logits(logit_maps: Tensor, coords: Tensor) -> Tensor:
     """logit_maps [B, N, h, w]; coords [B, N, P, 2] -> [B, N, P] (bilinear, zeros outside)."""
     b, n, h, w = logit_maps.shape
@@ -84,9 +107,7 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
         p = coords.shape[2]
         prob = class_logits.float().softmax(-1).reshape(num_layers * b, q, -1)
         cost_class = -torch.gather(prob, 2, labels.repeat(num_layers, 1)[:, None, :].expand(-1, q, m))
-        target = torch.stack([sample_segment_targets(seg_maps, segments,
-                                                     coords[layer].float()[:, None].expand(b, m, p, 2))
-                              for layer in range(num_layers)])  # (l, b, m, p)
+        target = sample_shared_point_targets(seg_maps, m, coords.float())  # (l, b, m, p)
         xt, st, sp, ss = load_kernel("point_matching_cost", "point_matching_cost").point_matching_sums(
             mask_embed, pixel_embed, coords, target, precision or "tf32")
         cost_mask = (sp[:, :, None] - xt) / p
@@ -125,14 +146,77 @@ def importance_points(logit_maps: Tensor, candidates: Tensor, extra: Tensor, num
     return torch.cat([chosen, extra.to(chosen.dtype)], 2)
 
 
+def check_point_loss_inputs(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
+                            candidates: Tensor, extra: Tensor, num_uncertain: int) -> None:
+    """Clear errors for the arguments of :func:`point_mask_loss` (shapes, dtypes, devices; the
+    assignment's range when it is on the CPU: on a GPU that check would sync, and the gather of
+    the matched embeddings bounds-checks on the device)."""
+    check_embeddings(mask_embed, pixel_embed)
+    if mask_embed.dim() != 4:
+        raise ValueError(f"mask_embed must be [L,B,Q,C], got shape {tuple(mask_embed.shape)}")
+    if not isinstance(assignment, Tensor) or assignment.dtype != torch.int64 or assignment.dim() != 3 \
+            or assignment.shape[:2] != mask_embed.shape[:2]:
+        raise ValueError(f"assignment must be int64 [L,B,M] for mask_embed {tuple(mask_embed.shape)} [L,B,Q,C], got "
+                         f"{getattr(assignment, 'dtype', type(assignment).__name__)} "
+                         f"{tuple(getattr(assignment, 'shape', ()))}")
+    if not isinstance(seg_maps, Tensor) or seg_maps.dim() != 3 or seg_maps.shape[0] != pixel_embed.shape[0] \
+            or seg_maps.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"seg_maps must be int32 [B,H,W] with B={pixel_embed.shape[0]}, got "
+                         f"{getattr(seg_maps, 'dtype', None)} {tuple(getattr(seg_maps, 'shape', ()))}")
+    num_layers, batch, m = assignment.shape
+    for name, pts in (("candidates", candidates), ("extra", extra)):
+        if not isinstance(pts, Tensor) or not pts.is_floating_point() or pts.dim() != 5 \
+                or pts.shape[:3] != (num_layers, batch, m) or pts.shape[-1] != 2:
+            raise ValueError(f"{name} must be floating [L,B,M,*,2] = [{num_layers},{batch},{m},*,2], got "
+                             f"{getattr(pts, 'dtype', None)} {tuple(getattr(pts, 'shape', ()))}")
+    if not 0 <= int(num_uncertain) <= candidates.shape[3]:
+        raise ValueError(f"num_uncertain must be in [0, {candidates.shape[3]}] (the candidates per slot), "
+                         f"got {num_uncertain}")
+    if int(num_uncertain) + extra.shape[3] == 0:
+        raise ValueError("point_mask_loss needs at least one point per mask (num_uncertain + extra points)")
+    for name, x in (("assignment", assignment), ("seg_maps", seg_maps), ("candidates", candidates),
+                    ("extra", extra)):
+        if x.device != pixel_embed.device:
+            raise ValueError(f"{name} on {x.device} but pixel_embed on {pixel_embed.device}")
+    if assignment.device.type == "cpu" and assignment.numel() and not torch.compiler.is_compiling():
+        low, high = int(assignment.min()), int(assignment.max())
+        if low < -1 or high >= mask_embed.shape[2]:
+            raise ValueError(f"assignment values must be -1 (unmatched) or query indices in [0, "
+                             f"{mask_embed.shape[2]}), got range [{low}, {high}]")
+
+
 def point_mask_loss(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
-                    num_masks: Tensor, candidates: Tensor, extra: Tensor, num_uncertain: int) -> tuple[Tensor, Tensor]:
+                    num_masks: Tensor, candidates: Tensor, extra: Tensor, num_uncertain: int,
+                    precision: str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Importance-sampled sigmoid BCE + dice of the matched masks (official Mask2Former loss).
 
     mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] (query of each segment,
     -1 none); seg_maps int32 [B,H,W]; num_masks 0-d; candidates [L,B,M,S,2] and extra
     [L,B,M,R,2] uniform draws per segment slot (only matched slots are used) -> (bce [L], dice [L]),
-    each sum over matched masks / num_masks."""
+    each sum over matched masks / num_masks. With num_uncertain = 0 (and S = 0) the loss is taken
+    at exactly the ``extra`` points (explicit points).
+
+    impl "triton" (default on CUDA): ``kernels/point_loss.py``, fp32 kernels on any float input
+    dtype, deterministic gradients; precision "ieee" (default: its two low-res products follow
+    PyTorch's fp32 matmul settings, like the reference) or "tf32" (TF32 tensor cores for them).
+    Its points are fp32 (the criterion's draws are); the reference samples in the coordinates'
+    own dtype.
+    """
+    check_point_loss_inputs(mask_embed, pixel_embed, assignment, seg_maps, candidates, extra, num_uncertain)
+    if resolve_impl(impl, mask_embed, pixel_embed, op="point_mask_loss") == "triton":
+        num_masks = torch.as_tensor(num_masks, dtype=torch.float32, device=pixel_embed.device)
+        return load_kernel("point_loss", "point_mask_loss").point_mask_loss(
+            mask_embed, pixel_embed, assignment, seg_maps.to(torch.int32).contiguous(), num_masks, candidates, extra,
+            int(num_uncertain), precision or "ieee")
+    return point_mask_loss_reference(mask_embed, pixel_embed, assignment, seg_maps, num_masks, candidates, extra,
+                                     num_uncertain)
+
+
+def point_mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
+                              num_masks: Tensor, candidates: Tensor, extra: Tensor,
+                              num_uncertain: int) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch :func:`point_mask_loss` (unchecked), layer by layer as the official loss:
+    per-layer logit maps of the matched queries [B, M, h, w], sampled at the points."""
     num_layers, b, m = assignment.shape
     segments = torch.arange(m, device=assignment.device)[None].expand(b, m)
     bce_out, dice_out = [], []
