@@ -92,3 +92,19 @@ def test_layout_errors_are_one_line(tmp_path):
     (root / "coco/annotations/instances_val2017.json").write_text('{"images": [{"id": 1}], "annotations": [')
     with pytest.raises(DatasetError, match="malformed"):
         build_dataset(cfg.data, "val", train=False)
+
+
+def test_decode_segmentation_formats():
+    from coco_instance_tiny import _rle_uncompressed
+
+    from fastmaskformer.data.datasets import decode_segmentation
+
+    mask = crowd_mask()
+    np.testing.assert_array_equal(decode_segmentation(_rle_uncompressed(mask), H, W), mask)  # uncompressed RLE
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    np.testing.assert_array_equal(decode_segmentation(dict(rle, counts=rle["counts"].decode()), H, W), mask)
+    np.testing.assert_array_equal(decode_segmentation(rle, H, W), mask)  # counts as bytes
+    two = decode_segmentation([[0, 0, 4, 0, 4, 4, 0, 4], [10, 10, 14, 10, 14, 14, 10, 14]], H, W)
+    assert two[1, 1] and two[11, 11] and not two[7, 7] and two.sum() == 32  # polygons unioned
+    with pytest.raises(DatasetError, match="does not fit"):
+        decode_segmentation(_rle_uncompressed(mask), H + 1, W)
