@@ -280,6 +280,8 @@ class InstanceSegmentation(_SegmentationDataset):
     instance (padding 0).
     """
 
+    task = "instance"
+
     def __init__(
         self,
         json_file,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import InstanceSegmentation, build_test_loader
+from ..data import build_test_loader
 from ..evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 from . import distributed as du
 from .predictor import infer, semantic_tta
@@ -46,7 +46,7 @@ def evaluate_dataset(model: nn.Module, dataset, cfg, device: str | torch.device 
     ``cfg.test`` enables and the dataset supports (instance datasets: ``segm`` only).
     Semantic TTA (``cfg.test.aug_scales`` / ``aug_flip``) evaluates one image at a time."""
     metadata = dataset.metadata
-    instance_data = isinstance(dataset, InstanceSegmentation)
+    instance_data = getattr(dataset, "task", None) == "instance"  # InstanceSegmentation (or a wrapper saying so)
     panoptic_data = hasattr(dataset, "records") and not instance_data
     queries = hasattr(model, "predictor") and getattr(model.predictor, "class_embed", None) is not None
     do_semantic = cfg.test.semantic_on and not instance_data
