@@ -60,6 +60,9 @@ def extensions():
     ]
 
 
+# pycocotools: the reference COCO mask codec and AP (binary manylinux wheels; needs only numpy);
+# capped at the release the instance tests ran with, lower bound untested (APIs unchanged since 2.0)
+INSTANCE = ["pycocotools>=2.0,<=2.0.11"]
 EXPORT = ["onnx>=1.16,<=1.23.2", "onnxruntime>=1.17,<=1.32.0", "onnxscript>=0.2,<=0.7.2"]
 
 setup(
@@ -90,7 +93,9 @@ setup(
         # the Hugging Face peer capped at the release CI tests: a new transformers can change
         # the model it converts from, or what it imports (5.25 brought the PyPI "kernels")
         "test": ["pytest", "hypothesis", "transformers<=5.25.0", "torchmetrics", "opencv-python-headless", "h5py",
-                 *EXPORT],
+                 *INSTANCE, *EXPORT],
+        # COCO instance data (polygon / RLE decoding) and its mask AP (COCOeval)
+        "instance": INSTANCE,
         # fastmaskformer prepare: the official ADE20K-Full resize (OpenCV), COCO-Stuff v7.3 .mat files
         "prepare": ["opencv-python-headless", "h5py"],
         # fastmaskformer export --format onnx and predict --model FILE.onnx (torch.onnx's dynamo

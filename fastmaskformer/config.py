@@ -86,7 +86,7 @@ class DataConfig:
     color_jitter: bool = True
     augmentation: str | None = None  # training pipeline: semantic | detr | lsj; None: detr for COCO panoptic only
     num_workers: int = 4
-    task: str = "semantic"  # semantic | panoptic
+    task: str = "semantic"  # semantic | panoptic | instance
     on_bad_sample: str = "error"  # error: stop at an unreadable training sample | skip: replace it (logged once)
     max_bad_fraction: float = 0.01  # skip: stop once more than this fraction of training files is unreadable
 
@@ -284,16 +284,32 @@ def _mask2former(cfg: Config, num_queries: int = 100) -> Config:
 def _m2f_coco(name, task, backbone="resnet50", num_queries=100, epochs=50):
     """Official configs/coco/{panoptic,instance}-segmentation: batch 16, 50 epochs (368750
     iterations; Swin-L 100 epochs, 737500) with x0.1 steps at 8/9 and 26/27 of the run, warmup 10
-    at factor 1, large-scale jitter (1024 crops, scale 0.1-2.0, flip), padding to 32."""
+    at factor 1, large-scale jitter (1024 crops, scale 0.1-2.0, flip), padding to 32. Instance
+    (maskformer2_R50_bs16_50ep.yaml): the 80 thing classes of ``coco_2017_train`` (crowd objects
+    dropped from the targets, images without annotations skipped), instance inference only."""
     iters = 368750 * epochs // 50
     steps = (327778, 355092) if epochs == 50 else (655556, 710184)
-    cfg = _panoptic(name, 133, "coco-panoptic", backbone=backbone, enc_layers=0, crop=1024, batch_size=16,
+    classes, dataset = (80, "coco-instance") if task == "instance" else (133, "coco-panoptic")
+    cfg = _panoptic(name, classes, dataset, backbone=backbone, enc_layers=0, crop=1024, batch_size=16,
                     max_iter=iters, lr_scheduler="step", steps=steps)
     cfg = _mask2former(cfg, num_queries)
     cfg.solver.warmup_iters = 10
     cfg.data.augmentation = "lsj"
     if task == "instance":
-        cfg.test.panoptic_on, cfg.test.instance_on = False, True
+        cfg.data.task = "instance"
+        cfg.test.semantic_on, cfg.test.panoptic_on, cfg.test.instance_on = False, False, True
+    return cfg
+
+
+def _m2f_cityscapes_panoptic(name, backbone="resnet50"):
+    """Official configs/cityscapes/panoptic-segmentation (Base-Cityscapes-PanopticSegmentation.yaml,
+    maskformer2_R50_bs16_90k.yaml): ``cityscapes_fine_panoptic_train`` (19 classes, 8 things),
+    batch 16, 90k iterations, poly schedule, no warmup, the semantic pipeline (shortest edge
+    0.5-2.0 x 1024, max 4096, 512x1024 crops, SSD colour jitter, flip), 100 queries, test at
+    1024 (max 2048) with semantic, instance and panoptic inference all on (thresholds 0.8)."""
+    cfg = _mask2former(_panoptic(name, 19, "cityscapes-panoptic", backbone=backbone, enc_layers=0, crop=(512, 1024),
+                                 max_iter=90000))
+    cfg.test.semantic_on = cfg.test.instance_on = cfg.test.panoptic_on = True
     return cfg
 
 
@@ -345,6 +361,8 @@ _PRESETS = {
         "mapillary-r50", 65, crop=1024, dataset="mapillary", max_iter=300000)),
     "mask2former-coco-panoptic-r50": lambda: _m2f_coco("coco-panoptic-r50", "panoptic"),
     "mask2former-coco-panoptic-swin-l": lambda: _m2f_coco("coco-panoptic-swin-l", "panoptic", "swin_large", 200, 100),
+    "mask2former-coco-instance-r50": lambda: _m2f_coco("coco-instance-r50", "instance"),
+    "mask2former-cityscapes-panoptic-r50": lambda: _m2f_cityscapes_panoptic("cityscapes-panoptic-r50"),
 }
 
 
@@ -358,8 +376,8 @@ def _meta(cfg: Config, meta_arch: str) -> Config:
 def _apply_dataset_defaults(cfg: Config) -> Config:
     # Official per-dataset input sizes: Cityscapes trains up to 4096 and tests on the whole
     # image; COCO-Stuff trains up to 2560; Mapillary scales from a 2048 base up to 8192, tests
-    # with the longer side 2048 and ignores label 65; COCO panoptic tests at 800/1333.
-    if cfg.data.dataset == "cityscapes":
+    # with the longer side 2048 and ignores label 65; COCO panoptic and instance test at 800/1333.
+    if cfg.data.dataset in ("cityscapes", "cityscapes-panoptic"):
         cfg.data.max_size_train = 4096
         cfg.data.min_size_test, cfg.data.max_size_test = 1024, 2048
     if cfg.data.dataset == "coco-stuff-10k":
@@ -368,7 +386,7 @@ def _apply_dataset_defaults(cfg: Config) -> Config:
         cfg.data.base_size_train, cfg.data.max_size_train = 2048, 8192
         cfg.data.min_size_test, cfg.data.max_size_test = 2048, 2048
         cfg.data.ignore_label = 65
-    if cfg.data.dataset == "coco-panoptic":
+    if cfg.data.dataset in ("coco-panoptic", "coco-instance"):
         cfg.data.min_size_test, cfg.data.max_size_test = 800, 1333
     if cfg.data.dataset == "ade20k-panoptic":  # the semantic pipeline at 640 crops
         cfg.data.max_size_train = 2560

@@ -36,3 +36,38 @@ def test_other_presets_keep_padding_and_poly():
         assert cfg.model.size_divisibility == 32 and cfg.solver.lr_scheduler == "poly", name
     cfg = fmf.get_config("ade20k-150-r50").override("solver.steps=[100, 200]")
     assert cfg.solver.steps == (100, 200)
+
+
+def test_mask2former_coco_instance_preset_matches_official():
+    """configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml (+ its Base-COCO-...)."""
+    cfg = fmf.get_config("mask2former-coco-instance-r50")
+    s, m, d, t = cfg.solver, cfg.model, cfg.data, cfg.test
+    assert (m.meta_arch, m.num_classes, m.num_queries, m.dec_layers, m.size_divisibility) == ("mask2former", 80, 100, 10, 32)
+    # IMS_PER_BATCH 16, MAX_ITER 368750, STEPS (327778, 355092), WARMUP 10 at 1.0, AdamW 1e-4 wd 0.05
+    assert (s.batch_size, s.max_iter, s.lr_scheduler, s.steps, s.gamma) == (16, 368750, "step", (327778, 355092), 0.1)
+    assert (s.warmup_iters, s.warmup_factor, s.lr, s.weight_decay, s.clip_grad_norm) == (10, 1.0, 1e-4, 0.05, 0.01)
+    # coco_instance_lsj: IMAGE_SIZE 1024, scale 0.1-2.0; detectron2's default test size 800 / 1333
+    assert (d.dataset, d.task, d.augmentation, d.crop_size) == ("coco-instance", "instance", "lsj", (1024, 1024))
+    assert (d.min_size_test, d.max_size_test) == (800, 1333)
+    assert (t.semantic_on, t.instance_on, t.panoptic_on, t.instance_topk) == (False, True, False, 100)
+    assert (t.object_mask_threshold, t.overlap_threshold) == (0.8, 0.8)
+    assert Config.from_yaml(cfg.to_yaml()).to_dict() == cfg.to_dict()
+    fmf.build_model(cfg.model)  # the preset builds
+
+
+def test_mask2former_cityscapes_panoptic_preset_matches_official():
+    """configs/cityscapes/panoptic-segmentation/maskformer2_R50_bs16_90k.yaml (+ its Base-...)."""
+    cfg = fmf.get_config("mask2former-cityscapes-panoptic-r50")
+    s, m, d, t = cfg.solver, cfg.model, cfg.data, cfg.test
+    assert (m.meta_arch, m.num_classes, m.num_queries, m.dec_layers) == ("mask2former", 19, 100, 10)
+    assert (s.batch_size, s.max_iter, s.lr_scheduler, s.warmup_iters) == (16, 90000, "poly", 0)
+    assert (s.lr, s.weight_decay, s.backbone_multiplier, s.clip_grad_norm) == (1e-4, 0.05, 0.1, 0.01)
+    # MIN_SIZE_TRAIN int(x * 0.1 * 1024) for x in 5..20, MAX 4096, crop 512x1024, SSD colour, test 1024/2048
+    assert (d.dataset, d.task, d.crop_size, d.max_size_train) == ("cityscapes-panoptic", "panoptic", (512, 1024), 4096)
+    assert (d.min_size_test, d.max_size_test, d.color_jitter, d.ignore_label) == (1024, 2048, True, 255)
+    pipeline = build_augmentation(d, True, 0)
+    assert "Crop" in repr(pipeline) or any("Crop" in type(tr).__name__ for tr in pipeline.transforms)
+    assert (t.semantic_on, t.instance_on, t.panoptic_on) == (True, True, True)
+    assert (t.object_mask_threshold, t.overlap_threshold) == (0.8, 0.8)
+    assert Config.from_yaml(cfg.to_yaml()).to_dict() == cfg.to_dict()
+    fmf.build_model(cfg.model)

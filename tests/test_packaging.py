@@ -77,6 +77,10 @@ def test_wheel_carries_kernels_and_runtime_requirements(tmp_path):
     for extra in ("export", "test"):
         names = {re.match(r"[A-Za-z0-9_.-]+", r).group().lower() for r in requires if f'extra == "{extra}"' in r}
         assert {"onnx", "onnxruntime", "onnxscript"} <= names, (extra, names)
+    # pycocotools (COCO instance data and mask AP): the instance extra (and the test extra) only
+    assert "pycocotools" not in runtime
+    for extra in ("instance", "test"):
+        assert any(r.startswith("pycocotools") and f'extra == "{extra}"' in r for r in requires), extra
     for name in ("torch", "torchvision", "triton", "timm"):
         assert f"<={version(name)}" in runtime[name], (runtime[name], version(name))
 

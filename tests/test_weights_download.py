@@ -88,11 +88,13 @@ def _zoo_name(data: bytes) -> str:
 
 def test_table_covers_presets_and_is_honest():
     presets = set(list_presets())
-    assert {w.preset for w in weights.WEIGHTS} <= presets and len(weights.WEIGHTS) == 16
+    assert {w.preset for w in weights.WEIGHTS} <= presets and len(weights.WEIGHTS) == 18
     for w in weights.WEIGHTS:
         assert w.url.startswith("https://dl.fbaipublicfiles.com/maskformer/") and len(w.md5_prefix) == 6
         assert w.sha256 is None and w.size is None  # not published: never invented
     assert weights.weights_for("ade20k-150-swin-b").hf == "facebook/maskformer-swin-base-ade"
+    assert weights.weights_for("mask2former-coco-instance-r50").md5_prefix == "3c8ec9"  # Mask2Former MODEL_ZOO.md
+    assert weights.weights_for("mask2former-cityscapes-panoptic-r50").md5_prefix == "4ab90c"
     text = weights.weights_table()
     assert "model_final_d8dbeb.pkl" in text and "not published" in text
     assert weights.weights_table(markdown=True).count("\n") == len(weights.WEIGHTS) + 1

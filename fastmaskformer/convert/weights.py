@@ -1,7 +1,8 @@
 """The official model zoo per preset, and downloads into a local cache.
 
 ``WEIGHTS`` lists, for every preset with a published checkpoint, the Detectron2 ``.pkl`` of the
-official MaskFormer model zoo (MODEL_ZOO.md) and, where one exists, the Hugging Face port.
+official MaskFormer model zoo (MODEL_ZOO.md; Mask2Former's MODEL_ZOO.md for the ``mask2former-``
+rows listed so far) and, where one exists, the Hugging Face port.
 Integrity: the zoo publishes the first 6 hex digits of each file's md5 in its name
 (``model_final_d8dbeb.pkl``), which every download is checked against; sizes and sha256 are not
 published and cannot be looked up offline, so they are ``None`` here: the first download records
@@ -85,6 +86,11 @@ WEIGHTS = [
     _zoo("coco-panoptic-swin-l", "panoptic-coco/maskformer_panoptic_swin_large_IN21k_384_bs64_554k/model_final_7505c4.pkl",
          "facebook/maskformer-swin-large-coco"),
     _zoo("ade20k-panoptic-r50", "panoptic-ade20k/maskformer_panoptic_R50_bs16_720k/model_final_7aa977.pkl"),
+    # Mask2Former's model zoo (facebookresearch/Mask2Former MODEL_ZOO.md); no Hugging Face port of
+    # these R50 models is known here
+    _zoo("mask2former-coco-instance-r50", "mask2former/coco/instance/maskformer2_R50_bs16_50ep/model_final_3c8ec9.pkl"),
+    _zoo("mask2former-cityscapes-panoptic-r50",
+         "mask2former/cityscapes/panoptic/maskformer2_R50_bs16_90k/model_final_4ab90c.pkl"),
 ]
 
 

@@ -6,7 +6,7 @@
 """
 from . import synthetic
 from .catalog import DATASETS, DatasetSpec, build_dataset
-from .datasets import PanopticSegmentation, SemanticSegmentation, pair_files
+from .datasets import InstanceSegmentation, PanopticSegmentation, SemanticSegmentation, pair_files
 from .errors import DatasetError
 from .loader import (
     InferenceSampler,
@@ -21,7 +21,7 @@ from .metadata import Metadata, get_metadata, list_metadata, load_metadata
 from .transforms import build_augmentation
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "DatasetError", "InferenceSampler", "Metadata", "PanopticSegmentation",
+    "DATASETS", "DatasetSpec", "DatasetError", "InferenceSampler", "InstanceSegmentation", "Metadata", "PanopticSegmentation",
     "SemanticSegmentation", "TrainingSampler", "build_augmentation", "build_dataset", "build_test_loader",
     "build_train_loader", "collate", "get_metadata", "list_metadata", "load_metadata", "pad_images",
     "pair_files", "synthetic", "worker_init_fn",

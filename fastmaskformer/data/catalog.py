@@ -9,9 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .datasets import PanopticSegmentation, SemanticSegmentation, decode_ade20k, decode_identity, pair_files
+from .datasets import (
+    InstanceSegmentation,
+    PanopticSegmentation,
+    SemanticSegmentation,
+    cityscapes_image_file,
+    decode_ade20k,
+    decode_identity,
+    pair_files,
+)
 from .errors import DatasetError
-from .files import resolve_root
+from .files import require_dir, resolve_root
 from .metadata import get_metadata
 from .transforms import build_augmentation
 
@@ -21,7 +29,7 @@ _SPLITS = {"train": "train", "training": "train", "train2017": "train",
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """name: registry key; task: "semantic" | "panoptic"; splits: canonical split ("train" /
+    """name: registry key; task: "semantic" | "panoptic" | "instance"; splits: canonical split ("train" /
     "val") -> the folder word the layout uses (plus "image_<word>" where the image folders use
     another word); layout: the expected tree, for error messages;
     make(root, split_word, spec, metadata, augment, train, seed) -> Dataset."""
@@ -42,7 +50,7 @@ def _semantic(image_dir, label_dir, label_suffixes, decode, image_suffix=None, r
     return make
 
 
-def _panoptic(json_file, png_dir, image_dir):
+def _panoptic(json_file, png_dir, image_dir, city_folders=False):
     def make(root, split, spec, metadata, augment, train, seed):
         # ADE20K panoptic names its JSON/PNGs "train"/"val" but its image folders "training"/...
         image_split = spec.splits.get("image_" + split, split)
@@ -52,7 +60,17 @@ def _panoptic(json_file, png_dir, image_dir):
             paths[0] = released
         if not paths[0].is_file():
             raise DatasetError(f"panoptic JSON {paths[0]} not found; expected layout: {spec.layout}")
-        return PanopticSegmentation(*paths, metadata, augment, train, seed)
+        image_file = cityscapes_image_file(require_dir(paths[2], spec.layout)) if city_folders else None
+        return PanopticSegmentation(*paths, metadata, augment, train, seed, image_file=image_file)
+    return make
+
+
+def _instance(json_file, image_dir):
+    def make(root, split, spec, metadata, augment, train, seed):
+        json_path, images = root / json_file.format(split=split), root / image_dir.format(split=split)
+        if not json_path.is_file():
+            raise DatasetError(f"instance JSON {json_path} not found; expected layout: {spec.layout}")
+        return InstanceSegmentation(json_path, images, metadata, augment, train, seed)
     return make
 
 
@@ -60,6 +78,11 @@ _ADE = "ADEChallengeData2016"
 _ADE_LAYOUT = f"{_ADE}/images/{{training,validation}}/*.jpg + {_ADE}/annotations/{{training,validation}}/*.png"
 _COCO_PAN_LAYOUT = ("coco/panoptic_{train,val}2017.json (or coco/annotations/, as released) + "
                     "coco/panoptic_{train,val}2017/*.png + coco/{train,val}2017/*.jpg")
+
+_CITYSCAPES_PAN_LAYOUT = ("cityscapes/gtFine/cityscapes_panoptic_{train,val}.json + "
+                          "cityscapes/gtFine/cityscapes_panoptic_{train,val}/*_gtFine_panoptic.png + "
+                          "cityscapes/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png "
+                          "(fastmaskformer prepare cityscapes, or cityscapesScripts' createPanopticImgs)")
 
 DATASETS = {
     spec.name: spec
@@ -99,6 +122,16 @@ DATASETS = {
             _panoptic("coco/panoptic_{split}2017.json", "coco/panoptic_{split}2017", "coco/{split}2017"),
         ),
         DatasetSpec(
+            "coco-instance", "instance", {"train": "train", "val": "val"},
+            "coco/annotations/instances_{train,val}2017.json + coco/{train,val}2017/*.jpg",
+            _instance("coco/annotations/instances_{split}2017.json", "coco/{split}2017"),
+        ),
+        DatasetSpec(
+            "cityscapes-panoptic", "panoptic", {"train": "train", "val": "val"}, _CITYSCAPES_PAN_LAYOUT,
+            _panoptic("cityscapes/gtFine/cityscapes_panoptic_{split}.json", "cityscapes/gtFine/cityscapes_panoptic_{split}",
+                      "cityscapes/leftImg8bit/{split}", city_folders=True),
+        ),
+        DatasetSpec(
             "ade20k-panoptic", "panoptic",
             {"train": "train", "val": "val", "image_train": "training", "image_val": "validation"},
             f"{_ADE}/ade20k_panoptic_{{train,val}}.json + {_ADE}/ade20k_panoptic_{{train,val}}/*.png + "
@@ -136,6 +169,6 @@ def build_dataset(data_cfg, split: str, train: bool, augment: Callable | None = 
     spec = DATASETS[name]
     root = resolve_root(data_cfg.root)
     metadata = get_metadata(name, root)
-    if augment is None:  # padding: the ignore label in label maps, void (0) in panoptic id maps
-        augment = build_augmentation(data_cfg, train, 0 if spec.task == "panoptic" else metadata.ignore_label)
+    if augment is None:  # padding: the ignore label in label maps, void (0) in panoptic / instance id maps
+        augment = build_augmentation(data_cfg, train, metadata.ignore_label if spec.task == "semantic" else 0)
     return spec.make(Path(root), spec.splits[_SPLITS[split]], spec, metadata, augment, train, seed)

@@ -13,7 +13,10 @@ the same schema in ``<root>/synthetic_metadata.json`` (see ``fastmaskformer.data
 Sources: class names, ids, flags and colours as in the MaskFormer/detectron2 registrations.
 ADE20K-150 semantic carries the ADE20K panoptic thing/stuff split; ADE20K-Full-847 has no
 split (all stuff) and, like the 91 COCO-Stuff stuff classes, no official colours: theirs are
-a fixed generated palette. Mapillary's ignore label is 65 ("unlabeled").
+a fixed generated palette. Mapillary's ignore label is 65 ("unlabeled"). COCO instance: the 80
+thing classes of COCO panoptic (detectron2's order = ascending COCO category id). Cityscapes
+panoptic: the 19 train classes (contiguous id = train id) with their Cityscapes label ids
+(7..33, what ``createPanopticImgs`` writes as ``category_id``), things = person ... bicycle.
 """
 from __future__ import annotations
 
@@ -42,6 +45,10 @@ _LABEL_SPACES = {
     "coco-panoptic-133": "coco-panoptic-133",
     "ade20k-panoptic": "ade20k-panoptic-150",
     "ade20k-panoptic-150": "ade20k-panoptic-150",
+    "coco-instance": "coco-instance-80",
+    "coco-instance-80": "coco-instance-80",
+    "cityscapes-panoptic": "cityscapes-panoptic-19",
+    "cityscapes-panoptic-19": "cityscapes-panoptic-19",
 }
 SYNTHETIC_NAMES = ("synthetic-semantic", "synthetic-panoptic")
 

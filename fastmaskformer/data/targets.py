@@ -45,3 +45,16 @@ def panoptic_target(ids: np.ndarray, segments_info: Sequence[Mapping], category_
     pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
     index = np.where(sorted_ids[pos] == ids, order[pos], IGNORE_SEGMENT).astype(np.int32)
     return Target(labels, torch.from_numpy(index))
+
+
+def instance_target(ids: np.ndarray, labels: np.ndarray) -> Target:
+    """ids: int ``[H, W]``, 0 = no instance, ``k + 1`` = instance k; labels: int64 ``[N]``.
+
+    One segment per instance that has pixels in ``ids`` (an augmentation may crop one away: the
+    official instance mapper drops those), in instance order; every other pixel -> -1.
+    """
+    counts = np.bincount(ids.reshape(-1), minlength=labels.shape[0] + 1)[: labels.shape[0] + 1]
+    present = np.flatnonzero(counts[1:])
+    lut = np.full(labels.shape[0] + 1, IGNORE_SEGMENT, np.int32)
+    lut[present + 1] = np.arange(present.size, dtype=np.int32)
+    return Target(torch.from_numpy(np.asarray(labels, np.int64)[present]), torch.from_numpy(lut[ids]))

@@ -1,9 +1,11 @@
-"""Evaluate a model over a test dataset: semantic mIoU & co. (percent, detectron2) and panoptic
-quality (COCO rules), sharded over ranks when a process group is running.
+"""Evaluate a model over a test dataset: semantic mIoU & co. (percent, detectron2), panoptic
+quality (COCO rules) and COCO mask AP (detectron2's COCOEvaluator "segm"), sharded over ranks
+when a process group is running.
 
 Items come from ``build_dataset(cfg.data, split, train=False)``: test-resized images plus the
 original ground truth (``sem_seg`` or ``pan_seg`` + ``segments_info``). A panoptic dataset also
-gets mIoU, from the semantic map its panoptic ground truth implies (void -> ignore).
+gets mIoU, from the semantic map its panoptic ground truth implies (void -> ignore). An instance
+dataset (COCO instances JSON) is scored against its JSON, as detectron2 does.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from ..data import build_test_loader
-from ..evaluation import PanopticEvaluator, SemanticEvaluator
+from ..evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 from . import distributed as du
 from .predictor import infer, semantic_tta
 
@@ -39,23 +41,29 @@ def summarize_pq(result: dict) -> dict:
 def evaluate_dataset(model: nn.Module, dataset, cfg, device: str | torch.device = "cpu", num_workers: int = 0,
                      batch_size: int = 1, amp: bool = False, progress: bool = True) -> dict:
     """Run ``model`` over ``dataset`` (this rank's shard) and return
-    ``{"sem_seg": {"mIoU", "fwIoU", "mACC", "pAcc", "IoU"}, "panoptic": {"PQ", "SQ", "RQ", ...}}``
-    with the tasks that ``cfg.test`` enables and the dataset supports.
+    ``{"sem_seg": {"mIoU", "fwIoU", "mACC", "pAcc", "IoU"}, "panoptic": {"PQ", "SQ", "RQ", ...},
+    "segm": {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}}`` with the tasks that
+    ``cfg.test`` enables and the dataset supports (instance datasets: ``segm`` only).
     Semantic TTA (``cfg.test.aug_scales`` / ``aug_flip``) evaluates one image at a time."""
     metadata = dataset.metadata
-    panoptic_data = hasattr(dataset, "records")
-    do_semantic = cfg.test.semantic_on
-    do_panoptic = cfg.test.panoptic_on and panoptic_data and hasattr(model, "predictor") \
-        and getattr(model.predictor, "class_embed", None) is not None
-    if not (do_semantic or do_panoptic):
-        raise ValueError("nothing to evaluate: enable test.semantic_on, or test.panoptic_on on a panoptic dataset")
+    instance_data = getattr(dataset, "task", None) == "instance"  # InstanceSegmentation (or a wrapper saying so)
+    panoptic_data = hasattr(dataset, "records") and not instance_data
+    queries = hasattr(model, "predictor") and getattr(model.predictor, "class_embed", None) is not None
+    do_semantic = cfg.test.semantic_on and not instance_data
+    do_panoptic = cfg.test.panoptic_on and panoptic_data and queries
+    do_instance = cfg.test.instance_on and instance_data and queries
+    if not (do_semantic or do_panoptic or do_instance):
+        raise ValueError("nothing to evaluate: enable test.semantic_on, test.panoptic_on on a panoptic dataset "
+                         "or test.instance_on on an instance dataset (with a mask-classification model)")
     use_tta = bool(cfg.test.aug_scales) or cfg.test.aug_flip
     model.eval()
     loader = build_test_loader(cfg, dataset=dataset, batch_size=1 if use_tta else batch_size, num_workers=num_workers)
     sem_eval = SemanticEvaluator(metadata.num_classes, metadata.ignore_label) if do_semantic else None
     categories = [{"id": i, "isthing": int(t)} for i, t in zip(metadata.dataset_ids, metadata.isthing)]
     pan_eval = PanopticEvaluator(categories) if do_panoptic else None
-    tasks = [t for t, on in (("semantic", do_semantic and not use_tta), ("panoptic", do_panoptic)) if on]
+    ins_eval = InstanceEvaluator(dataset.json_file, metadata.dataset_ids, metadata.class_names) if do_instance else None
+    tasks = [t for t, on in (("semantic", do_semantic and not use_tta), ("panoptic", do_panoptic),
+                             ("instance", do_instance)) if on]
     iterator = loader
     if progress and du.is_main_process():
         from tqdm import tqdm
@@ -80,10 +88,15 @@ def evaluate_dataset(model: nn.Module, dataset, cfg, device: str | torch.device 
                 segments = [dict(s, category_id=metadata.dataset_ids[s["category_id"]]) for s in segments]
                 pan_eval.update(ids.cpu().numpy(), segments, np.asarray(batch["pan_segs"][i]),
                                 batch["segments_infos"][i], image_id=batch["image_ids"][i])
+            if ins_eval is not None:
+                inst = result["instance"]
+                ins_eval.update(batch["image_ids"][i], inst["masks"], inst["scores"], inst["labels"])
     distributed = du.get_world_size() > 1
     out = {}
     if sem_eval is not None:
         out["sem_seg"] = sem_eval.compute(distributed=distributed)
     if pan_eval is not None:
         out["panoptic"] = summarize_pq(pan_eval.compute(distributed=distributed))
+    if ins_eval is not None:
+        out["segm"] = ins_eval.compute(distributed=distributed)
     return out

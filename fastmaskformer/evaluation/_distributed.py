@@ -28,3 +28,12 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     buffer = tensor.to(backend_device, copy=True)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.to(tensor.device)
+
+
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects; ``[obj]`` without a group)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -23,6 +23,7 @@ PREPARERS = {
     "ade20k-panoptic": ade20k_panoptic.prepare,
     "coco-stuff-10k": coco_stuff.prepare,
     "cityscapes": cityscapes.prepare,
+    "cityscapes-panoptic": cityscapes.prepare,  # the same run: train ids and the panoptic ground truth
 }
 
 # the release folder each preparer expects under --src
@@ -31,12 +32,14 @@ RELEASE_DIRS = {
     "ade20k-panoptic": ade20k_panoptic.NAME,
     "coco-stuff-10k": coco_stuff.NAME,
     "cityscapes": cityscapes.NAME,
+    "cityscapes-panoptic": cityscapes.NAME,
 }
 
 # datasets the loaders read as released, and why
 NOT_NEEDED = {
     "ade20k-150": "reads ADEChallengeData2016/annotations as released (class - 1 while loading, 0 -> 255)",
     "coco-panoptic": "reads the released coco/annotations/panoptic_{train,val}2017.json and PNGs",
+    "coco-instance": "reads the released coco/annotations/instances_{train,val}2017.json (polygons, RLE)",
     "mapillary": "reads mapillary_vistas/{training,validation}/labels as released (65 = unlabeled)",
 }
 
