@@ -2,9 +2,9 @@
 
 ``--arch mask2former`` runs the ``mask2former-<preset>`` config (10 predictions, point-sampled
 criterion) with the providers eager (point sampling, scipy loop), compile, batched (point
-sampling, batched solver), fused (the fused point-sampled matching cost and loss) and
-fused-full (``loss.mask_sampling: full``: the exact full-resolution BCE + dice through the
-fused mask-loss kernels; CUDA only), beside ``transformers``: Hugging Face's
+sampling, batched solver), fused (the fused point-sampled matching cost and loss),
+eager-full and fused-full (``loss.mask_sampling: full``: the exact full-resolution BCE + dice,
+by the plain-PyTorch reference or through the fused mask-loss kernels, CUDA only), beside ``transformers``: Hugging Face's
 ``Mask2FormerForUniversalSegmentation`` and its own loss (point sampling, scipy matcher) with the
 same weights (ResNet presets; every provider then starts from the converted HF model).
 
@@ -54,10 +54,11 @@ PROVIDERS = {
     "batched": ("torch", "batched", False),
     "fused": ("triton", "batched", False),
     "fused+compile": ("triton", "batched", True),
-    "fused-full": ("triton", "batched", False),  # Mask2Former only: full-resolution BCE + dice
+    "eager-full": ("torch", "batched", False),  # Mask2Former only: full-resolution BCE + dice
+    "fused-full": ("triton", "batched", False),
     "transformers": (None, None, False),  # Mask2Former only: HF's model and loss, same weights
 }
-MASK2FORMER_ONLY = ("fused-full", "transformers")
+MASK2FORMER_ONLY = ("eager-full", "fused-full", "transformers")
 _HF_RESNET_DEPTHS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
 
 
@@ -156,7 +157,7 @@ def build(cfg, provider: str, device, base_model):
         loss = cfg.loss
         matcher = PointMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, solver=solver, impl=impl)
         criterion = PointSampledCriterion(cfg.model.num_classes, matcher, impl=impl, num_points=loss.num_points,
-                                          mask_sampling="full" if provider == "fused-full" else "points").to(device)
+                                          mask_sampling="full" if provider.endswith("-full") else "points").to(device)
     else:
         criterion = SetCriterion(cfg.model.num_classes, HungarianMatcher(solver=solver, impl=impl),
                                  impl=impl).to(device)

@@ -36,7 +36,7 @@ def track_cpu_memory() -> None:
     Call it first thing in ``main`` of a CPU benchmark."""
     if platform.system() == "Linux" and _MMAP_THRESHOLD not in os.environ:
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, _MMAP_THRESHOLD: "131072"})
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, _MMAP_THRESHOLD: "131072"})
 
 
 def status_mib(field: str) -> float:

@@ -1,0 +1,71 @@
+"""benchmarks/bench_train_step.py --arch mask2former: the transformers provider is the same
+model as ours (same weights: ours is converted from it), its step runs HF's own loss, and the
+CPU peak-memory measurement follows the live tensors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+transformers = pytest.importorskip("transformers")
+
+
+def _small_config():
+    import bench_train_step as bench
+
+    args = SimpleNamespace(preset="ade20k-150-r50", arch="mask2former", queries=6, classes=5, size=64)
+    cfg = bench.config_for(args)
+    m = cfg.model
+    m.hidden_dim = m.conv_dim = m.mask_dim = 32
+    m.nheads, m.dim_feedforward, m.dec_layers = 4, 64, 3
+    m.pixel_decoder_kwargs = {"enc_layers": 1, "dim_feedforward": 64}
+    cfg.loss.num_points = 256
+    return bench, cfg
+
+
+def test_transformers_twin_has_our_weights():
+    bench, cfg = _small_config()
+    ours, hf = bench.base_models(cfg)
+    images, targets = bench.random_batch(2, 64, cfg.model.num_classes, 3, torch.device("cpu"))
+    ours.eval(), hf.eval()
+    with torch.no_grad():
+        out = ours(images)
+        ref = hf(pixel_values=images)
+    torch.testing.assert_close(out.class_logits[-1], ref.class_queries_logits, rtol=1e-4, atol=1e-4)
+    masks = torch.einsum("bqc,bchw->bqhw", out.mask_embed[-1], out.pixel_embed)
+    torch.testing.assert_close(masks, ref.masks_queries_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_step_uses_its_loss():
+    bench, cfg = _small_config()
+    ours, hf = bench.base_models(cfg)
+    device = torch.device("cpu")
+    images, targets = bench.random_batch(2, 64, cfg.model.num_classes, 3, device)
+    model, criterion, optimizer = bench.build(cfg, "transformers", device, hf)
+    assert criterion is None and model is not hf
+    before = [p.detach().clone() for p in model.parameters()]
+    hf_loss = float(bench.make_hf_step(model, optimizer, images, targets, False, device)())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
+    model, criterion, optimizer = bench.build(cfg, "eager", device, ours)
+    our_loss = float(bench.make_step(model, criterion, optimizer, images, targets, False, device)())
+    # the same weights and formulas; only the random points differ (256 per mask here)
+    assert abs(hf_loss - our_loss) / our_loss < 0.1, (hf_loss, our_loss)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_cpu_peak_memory_follows_live_tensors():
+    code = (
+        "import sys, torch; sys.path.insert(0, %r); import common; common.track_cpu_memory();"
+        "x = common.measure(lambda: torch.ones(16 * 2**20).sum(), 'cpu', 1, 2);"
+        "y = common.measure(lambda: torch.ones(2**10).sum(), 'cpu', 1, 2);"
+        "print(x['peak_mem_mib'], y['peak_mem_mib'])" % str(BENCH))
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    big, small = map(float, out.stdout.split())
+    assert 60 <= big <= 80, out.stdout  # the 64 MiB float32 tensor (and a little more)
+    assert small < 8, out.stdout
