@@ -187,6 +187,14 @@ def _plain(x):
     return x
 
 
+def _yaml11_float(text: str, path: str) -> float:
+    """A float written the way people write them (``1e-4``, ``5E-4``) that YAML 1.1 leaves a string."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"config key {path!r} expects float, got {text!r}") from None
+
+
 def _update(node, values: dict, prefix: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(node)}
     for key, value in values.items():
@@ -205,6 +213,8 @@ def _update(node, values: dict, prefix: str) -> None:
             raise ValueError(f"config key {path!r} expects true/false, got {value!r}")
         elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif isinstance(current, float) and isinstance(value, str):
+            value = _yaml11_float(value, path)  # YAML 1.1 reads "1e-4" (no dot) as a string
         elif current is not None and value is not None and not isinstance(value, type(current)):
             raise ValueError(
                 f"config key {path!r} expects {type(current).__name__}, got {value!r}"

@@ -38,6 +38,16 @@ def test_other_presets_keep_padding_and_poly():
     assert cfg.solver.steps == (100, 200)
 
 
+def test_floats_written_without_a_dot():
+    """YAML 1.1 reads 1e-4 as a string; a float key takes it as the number it means."""
+    cfg = fmf.get_config("ade20k-150-r50").override("solver.lr=5e-4")
+    assert cfg.solver.lr == 5e-4
+    again = fmf.Config.from_yaml("solver:\n  lr: 2E-5\n  weight_decay: 1e-2\n")
+    assert (again.solver.lr, again.solver.weight_decay) == (2e-5, 1e-2)
+    with pytest.raises(ValueError, match="solver.lr.*expects float.*'fast'"):
+        cfg.override("solver.lr=fast")
+
+
 def test_mask2former_coco_instance_preset_matches_official():
     """configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml (+ its Base-COCO-...)."""
     cfg = fmf.get_config("mask2former-coco-instance-r50")
