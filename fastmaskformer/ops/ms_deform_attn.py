@@ -17,7 +17,9 @@ which this op replaces).
 ``impl="triton"`` runs the fused kernels of ``kernels/ms_deform_attn.py`` (registered as the
 operators ``fastmaskformer::ms_deform_attn_forward`` / ``_backward``); ``impl="torch"`` the
 reference below, registered as ``fastmaskformer::ms_deform_attn_reference`` (opaque to
-``torch.compile``, differentiable: its backward is the vjp of the plain function, recomputed).
+``torch.compile``, differentiable: its backward is the vjp of the plain function, recomputed;
+on real tensors it evaluates the definition through the official ``grid_sample`` formulation,
+which the tests hold equal to ``ms_deform_attn_plain``).
 """
 from __future__ import annotations
 
@@ -95,10 +97,28 @@ def ms_deform_attn_grid_sample(value: Tensor, shapes: list[tuple[int, int]], sam
     return out.view(b, nh * d, lq).transpose(1, 2).contiguous()
 
 
+def _reference_eager(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
+                     attention_weights: Tensor) -> Tensor:
+    """The operator's real-tensor body: the official ``grid_sample`` formulation (native
+    kernels; about 4x faster than :func:`ms_deform_attn_plain` on the CPU in a Mask2Former step), in the compute
+    dtype of ``ms_deform_attn_plain`` (float32, float64 if any input is), cast back to value's.
+    Traced (fake ``spatial_shapes``, e.g. the backward under AOT autograd): the plain code."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(spatial_shapes):
+        return ms_deform_attn_plain(value, spatial_shapes, sampling_locations, attention_weights)
+    ctype = torch.float64 if torch.float64 in (value.dtype, sampling_locations.dtype,
+                                               attention_weights.dtype) else torch.float32
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    out = ms_deform_attn_grid_sample(value.to(ctype), shapes, sampling_locations.to(ctype),
+                                     attention_weights.to(ctype))
+    return out.to(value.dtype)
+
+
 @torch.library.custom_op("fastmaskformer::ms_deform_attn_reference", mutates_args=())
 def _reference_op(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                   attention_weights: Tensor) -> Tensor:
-    return ms_deform_attn_plain(value, spatial_shapes, sampling_locations, attention_weights)
+    return _reference_eager(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 @_reference_op.register_fake
@@ -114,7 +134,7 @@ def _reference_setup(ctx, inputs, output):
 
 def _reference_backward(ctx, grad):
     value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
-    _, vjp = torch.func.vjp(lambda v, loc, a: ms_deform_attn_plain(v, spatial_shapes, loc, a),
+    _, vjp = torch.func.vjp(lambda v, loc, a: _reference_eager(v, spatial_shapes, loc, a),
                             value, sampling_locations, attention_weights)
     grad_value, grad_loc, grad_attn = vjp(grad)
     return grad_value, None, grad_loc, grad_attn

@@ -79,12 +79,22 @@ def sample_shared_point_targets(seg_maps: Tensor, num_segments: int, coords: Ten
     return (weight.float()[:, :, None] * hit).sum(-1)
 
 
+def _point_sample(maps: Tensor, coords: Tensor) -> Tensor:
+    """detectron2's ``point_sample``: maps [N, C, h, w], coords [N, P, 2] -> [N, C, P]."""
+    grid = (2 * coords.to(maps.dtype) - 1)[:, None]  # (n, 1, p, 2)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, :, 0]
+
+
 def sample_logits(logit_maps: Tensor, coords: Tensor) -> Tensor:
-    """logit_maps [B, N, h, w]; coords [B, N, P, 2] -> [B, N, P] (bilinear, zeros outside)."""
+    """logit_maps [B, N, h, w]; coords [B, N, P, 2] (each map its own points) -> [B, N, P]
+    (bilinear, zeros outside: ``grid_sample``, native forward and backward)."""
     b, n, h, w = logit_maps.shape
-    index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
-    taps = torch.gather(logit_maps.reshape(b, n, h * w), 2, index.flatten(2)).view_as(index)
-    return (weight.to(taps.dtype) * taps).sum(-1)
+    return _point_sample(logit_maps.reshape(b * n, 1, h, w), coords.reshape(b * n, -1, 2)).view(b, n, -1)
+
+
+def sample_logits_shared(logit_maps: Tensor, coords: Tensor) -> Tensor:
+    """logit_maps [B, N, h, w]; coords [B, P, 2] shared by the N maps of an image -> [B, N, P]."""
+    return _point_sample(logit_maps, coords)
 
 
 def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
@@ -102,7 +112,6 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
     num_layers, b, q = class_logits.shape[:3]
     m = labels.shape[1]
     w_class, w_mask, w_dice = weights
-    segments = torch.arange(m, device=labels.device)[None].expand(b, m)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="point_matching_cost") == "triton":
         p = coords.shape[2]
         prob = class_logits.float().softmax(-1).reshape(num_layers * b, q, -1)
@@ -119,9 +128,9 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
         p = pts.shape[1]
         prob = class_logits[layer].float().softmax(-1)  # (b, q, k+1)
         cost_class = -torch.gather(prob, 2, labels[:, None, :].expand(b, q, m))  # (b, q, m)
-        target = sample_segment_targets(seg_maps, segments, pts[:, None].expand(b, m, p, 2))  # (b, m, p)
+        target = sample_shared_point_targets(seg_maps, m, pts[None])[0]  # (b, m, p)
         logit_maps = torch.einsum("bqc,bchw->bqhw", mask_embed[layer].float(), pixel_embed.float())
-        logits = sample_logits(logit_maps, pts[:, None].expand(b, q, p, 2))  # (b, q, p)
+        logits = sample_logits_shared(logit_maps, pts)  # (b, q, p)
         pos = F.softplus(-logits)  # BCE against 1
         neg = F.softplus(logits)  # BCE against 0
         cost_mask = (torch.einsum("bqp,bmp->bqm", pos, target) + torch.einsum("bqp,bmp->bqm", neg, 1 - target)) / p
