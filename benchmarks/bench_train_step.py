@@ -4,7 +4,8 @@
 criterion) with the providers eager (point sampling, scipy loop), compile, batched (point
 sampling, batched solver), fused (the fused point-sampled matching cost and loss),
 eager-full and fused-full (``loss.mask_sampling: full``: the exact full-resolution BCE + dice,
-by the plain-PyTorch reference or through the fused mask-loss kernels, CUDA only), beside ``transformers``: Hugging Face's
+by the plain-PyTorch reference or through the fused mask-loss kernels, CUDA only), beside
+``transformers``: Hugging Face's
 ``Mask2FormerForUniversalSegmentation`` and its own loss (point sampling, scipy matcher) with the
 same weights (ResNet presets; every provider then starts from the converted HF model).
 
@@ -17,8 +18,9 @@ Providers (same weights, same batch, one process):
   region (``solver.compile`` in training: the Triton operators and the solver's one host sync
   inside one graph; CUDA only).
 Each in fp32 and bf16 autocast. A step = forward + criterion (all layers) + backward + AdamW step.
-Peak memory: on CUDA the allocator's peak, on the CPU the peak resident set above the set held
-between steps (``common.track_cpu_memory``).
+Peak memory: on CUDA the allocator's peak, on the CPU (``--cpu-memory``) the peak resident set
+above the set held between steps (``common.track_cpu_memory``; that mode slows allocation, so
+CPU times come from a run without it).
 Also checks that eager and fused losses agree at step 0 and stay close after ``--steps`` steps,
 and (``--headroom``) finds the largest batch that fits for eager vs fused.
 
@@ -26,7 +28,8 @@ GPU (one ~8-minute device call):
     python benchmarks/bench_train_step.py --device cuda --preset ade20k-150-r50 --size 512 --batch 16
 CPU (small, committed under benchmarks/results/):
     python benchmarks/bench_train_step.py --device cpu --size 128 --batch 2 --queries 100
-    python benchmarks/bench_train_step.py --device cpu --arch mask2former --size 256 --batch 2 --amp fp32
+    python benchmarks/bench_train_step.py --device cpu --arch mask2former --size 256 --batch 2 --amp fp32 \
+        --providers eager batched eager-full transformers --steps 0 [--cpu-memory]
 """
 from __future__ import annotations
 
@@ -296,9 +299,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=50, help="steps for the loss-agreement check (0: skip)")
     p.add_argument("--headroom", action="store_true", help="also search the largest batch that fits (CUDA)")
+    p.add_argument("--cpu-memory", action="store_true",
+                   help="CPU: also report peak memory (runs with a fixed glibc mmap threshold, which makes "
+                        "every large allocation a system call: time such a run separately)")
     p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
-    if args.device == "cpu":
+    if args.device == "cpu" and args.cpu_memory:
         track_cpu_memory()
         torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run(args)
@@ -309,7 +315,9 @@ def main(argv=None):
         extra["headroom"] = headroom(args)
     columns = ["provider", "precision", "backbone", "K", "batch", "size", "median_ms", "images_per_s",
                "peak_mem_mib", "speedup_vs_eager", "mem_ratio_vs_eager", "loss_step0", "skipped"]
-    path = args.json or result_path("train-step", args.device)
+    name = ("train-step" + ("-mask2former" if args.arch == "mask2former" else "")
+            + ("-memory" if args.cpu_memory else ""))
+    path = args.json or result_path(name, args.device)
     print(write_results(path, rows, args.device, columns, extra))
     for key in ("loss_agreement", "headroom"):
         if key in extra:

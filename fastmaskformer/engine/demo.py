@@ -33,7 +33,7 @@ ARCHS = ("maskformer", "mask2former")
 def demo_config(data_root: str | Path, quick: bool = False, arch: str = "maskformer") -> Config:
     """The demo's small MaskFormer (or Mask2Former) on ``synthetic-panoptic`` under ``data_root``.
 
-    Mask2Former: the same backbone, widths, queries and schedule; its deformable pixel decoder
+    Mask2Former: the same backbone, widths, queries and schedule at lr 1e-3; its deformable pixel decoder
     with 1 encoder layer, 4 predictions (3 masked-attention layers), the official point-sampled
     losses (class 2, BCE 5, dice 5, no-object 0.1) on 1024 points (12544 is 112^2, the official
     count for 512 crops; the demo's 128 px images have 32 x 32 stride-4 logits)."""
@@ -52,15 +52,18 @@ def demo_config(data_root: str | Path, quick: bool = False, arch: str = "maskfor
     d.train_split, d.val_split = "train", "val"
     d.min_size_test, d.max_size_test, d.num_workers = IMAGE_SIZE, 4 * IMAGE_SIZE, 0
     s = cfg.solver
-    s.batch_size, s.lr, s.backbone_multiplier, s.weight_decay = 8, 1e-3, 1.0, 1e-4
+    # lr 3e-4: at 1e-3 the run was still in its noisy phase at the end (mIoU 37-47 across CPU
+    # kernels); at 3e-4 every class is learned and the band is several times narrower (README)
+    s.batch_size, s.lr, s.backbone_multiplier, s.weight_decay = 8, 3e-4, 1.0, 1e-4
     s.warmup_iters, s.warmup_factor, s.clip_grad_norm = 20, 0.01, 1.0
     s.lr_scheduler = "poly"  # the COCO preset's step schedule would never decay in 450 iterations
     s.max_iter = 60 if quick else 450
-    s.eval_period = 30 if quick else 75
+    s.eval_period = 30 if quick else 150
     s.checkpoint_period, s.keep_checkpoints = s.max_iter, 1
     t = cfg.test
     t.semantic_on, t.panoptic_on, t.object_mask_threshold = True, True, 0.5
     if arch == "mask2former":
+        s.lr = 1e-3  # the recipe its README numbers were measured with
         m.meta_arch, m.pixel_decoder, m.dec_layers = "mask2former", "msdeformattn", 4
         m.pixel_decoder_kwargs = {"enc_layers": 1, "nheads": 4, "dim_feedforward": 128}
         loss = cfg.loss
@@ -100,7 +103,7 @@ def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, device
     start = time.perf_counter()
     out = Path(output_dir)
     data_root = out / "data"
-    num_train, num_val = (64, 8) if quick else (400, 40)
+    num_train, num_val = (64, 8) if quick else (400, 100)  # 100: PQ not decided by a few segments
     print(f"[1/5] writing {num_train}+{num_val} synthetic images ({IMAGE_SIZE}px) to {data_root}")
     synthetic.generate(data_root, num_train=num_train, num_val=num_val, size=IMAGE_SIZE, seed=0)
     cfg = demo_config(data_root, quick, arch)
