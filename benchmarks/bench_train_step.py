@@ -152,10 +152,9 @@ def make_hf_step(model, optimizer, images, targets, amp: bool, device):
 
 def build(cfg, provider: str, device, base_model):
     impl, solver, compiled = PROVIDERS[provider]
-    if provider == "transformers":  # base_model is the HF model
-        model = copy.deepcopy(base_model).to(device).train()
-        return model, None, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
     model = copy.deepcopy(base_model).to(device).train()
+    if provider == "transformers":  # base_model is the HF model, whose forward computes its loss
+        return model, None, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
     if cfg.model.meta_arch == "mask2former":
         loss = cfg.loss
         matcher = PointMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, solver=solver, impl=impl)

@@ -50,6 +50,17 @@ LOSS_PRECISIONS = ("ieee", "tf32")
 
 
 @triton.jit
+def slot_offsets(slot, row_ptr, img_ptr, sid_ptr, hw, HW):
+    """Of matched-mask slot ``slot`` (the :func:`_slots` tables): the offset of its row of X
+    (int64, row * h*w), of its image's segment map (int64, b * H*W), its segment id (-2:
+    unmatched) and ``matched`` (1 or 0: loop bounds multiplied by it do no work when unmatched)."""
+    row = tl.load(row_ptr + slot).to(tl.int64) * hw
+    img = tl.load(img_ptr + slot).to(tl.int64) * HW
+    sid = tl.load(sid_ptr + slot)
+    return row, img, sid, (sid >= 0).to(tl.int32)
+
+
+@triton.jit
 def _upsampled_logits(x_row, ys, xs, h, w, scale_y, scale_x):
     """Logits at full-res pixels (ys [BY], xs [BX]) of one low-res map ``x_row [h, w]`` -> [BY, BX]."""
     y0, y1, ly0, ly1 = source_taps(ys, scale_y, h)
@@ -87,10 +98,9 @@ def _mask_loss_fwd_kernel(
     pid = tl.program_id(0)
     mask_id = pid // SPLIT
     split = pid % SPLIT
-    x_row = x_ptr + tl.load(row_ptr + mask_id).to(tl.int64) * h * w
-    seg_img = seg_ptr + tl.load(img_ptr + mask_id).to(tl.int64) * H * W
-    sid = tl.load(sid_ptr + mask_id)
-    matched = (sid >= 0).to(tl.int32)  # unmatched slots (-2) do no work
+    row, img, sid, matched = slot_offsets(mask_id, row_ptr, img_ptr, sid_ptr, h * w, H * W)
+    x_row = x_ptr + row
+    seg_img = seg_ptr + img
 
     acc_focal = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
@@ -179,12 +189,10 @@ def _mask_loss_bwd_kernel(
     tiles_per_mask = tl.cdiv(h, CELL_Y - 1) * tiles_x
     mask_id = pid // tiles_per_mask
     tile = pid % tiles_per_mask
-    row = tl.load(row_ptr + mask_id).to(tl.int64)
-    x_row = x_ptr + row * h * w
-    seg_img = seg_ptr + tl.load(img_ptr + mask_id).to(tl.int64) * H * W
-    sid = tl.load(sid_ptr + mask_id)
+    row, img, sid, matched = slot_offsets(mask_id, row_ptr, img_ptr, sid_ptr, h * w, H * W)
+    x_row = x_ptr + row
+    seg_img = seg_ptr + img
     layer = tl.load(layer_ptr + mask_id)
-    matched = (sid >= 0).to(tl.int32)  # unmatched slots (-2) only write zeros
 
     # dice_m = 1 - I/U with I = 2 sum(s t) + 1, U = sum(s) + sum(t) + 1:
     # d dice_m / d s_p = (I - 2 t_p U) / U^2.
@@ -254,7 +262,7 @@ def _mask_loss_bwd_kernel(
     iy = cy[:, None]
     ix = cx[None, :]
     out_ok = (tl.arange(0, CELL_Y) >= 1)[:, None] & (tl.arange(0, CELL_X) >= 1)[None, :] & (iy < h) & (ix < w)
-    tl.store(grad_x_ptr + row * h * w + iy * w + ix, grad, mask=out_ok)
+    tl.store(grad_x_ptr + row + iy * w + ix, grad, mask=out_ok)  # unmatched slots write zeros
 
 
 def _cell_size(n_low: int, n_full: int) -> tuple[int, int]:

@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import autotune_configs, fixed_point_scales, launch, multiprocessor_count, point_taps, triton_operator
-from .mask_loss import LOSS_PRECISIONS, _slots, matched_logits, matched_logits_backward
+from .mask_loss import LOSS_PRECISIONS, _slots, matched_logits, matched_logits_backward, slot_offsets
 
 
 @triton.jit
@@ -68,6 +68,16 @@ def _target(seg_img, pts, ps, p_ok, H, W, sid):
     t += tl.where(tl.load(seg_img + j10) == sid, u10, 0.0)
     t += tl.where(tl.load(seg_img + j11) == sid, u11, 0.0)
     return t
+
+
+@triton.jit
+def _logit_and_target(x_row, seg_img, pts, ps, p_ok, h, w, H, W, sid):
+    """At points ``ps`` of one slot: its logit (4 taps of its X row) and its sampled target, with
+    the taps (indices, weights) the backward scatters to."""
+    i00, i01, i10, i11, w00, w01, w10, w11 = point_taps(pts, ps, p_ok, h, w)
+    x = _sampled(x_row, i00, i01, i10, i11, w00, w01, w10, w11)
+    t = _target(seg_img, pts, ps, p_ok, H, W, sid)
+    return x, t, i00, i01, i10, i11, w00, w01, w10, w11
 
 
 @triton.autotune(
@@ -109,10 +119,9 @@ def _point_loss_fwd_kernel(
     pid = tl.program_id(0)
     slot = pid // SPLIT
     split = pid % SPLIT
-    x_row = x_ptr + tl.load(row_ptr + slot).to(tl.int64) * h * w
-    seg_img = seg_ptr + tl.load(img_ptr + slot).to(tl.int64) * H * W
-    sid = tl.load(sid_ptr + slot)
-    matched = (sid >= 0).to(tl.int32)  # unmatched slots (-2) loop over nothing
+    row, img, sid, matched = slot_offsets(slot, row_ptr, img_ptr, sid_ptr, h * w, H * W)
+    x_row = x_ptr + row
+    seg_img = seg_ptr + img
     pts = pts_ptr + slot.to(tl.int64) * P * 2
     acc_bce = tl.zeros((BLOCK_P,), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -121,9 +130,8 @@ def _point_loss_fwd_kernel(
     for p0 in range(split * BLOCK_P, P * matched, SPLIT * BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         p_ok = ps < P
-        i00, i01, i10, i11, w00, w01, w10, w11 = point_taps(pts, ps, p_ok, h, w)
-        x = _sampled(x_row, i00, i01, i10, i11, w00, w01, w10, w11)
-        t = _target(seg_img, pts, ps, p_ok, H, W, sid)
+        x, t, i00, i01, i10, i11, w00, w01, w10, w11 = _logit_and_target(x_row, seg_img, pts, ps, p_ok, h, w,
+                                                                            H, W, sid)
         s = tl.sigmoid(x)
         # BCE with logits, soft target: max(x, 0) - x t + log(1 + exp(-|x|)).
         bce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + tl.exp(-tl.abs(x)))
@@ -164,12 +172,10 @@ def _point_loss_bwd_kernel(
     pid = tl.program_id(0)
     slot = pid // SPLIT
     split = pid % SPLIT
-    row = tl.load(row_ptr + slot).to(tl.int64) * h * w
+    row, img, sid, matched = slot_offsets(slot, row_ptr, img_ptr, sid_ptr, h * w, H * W)
     x_row = x_ptr + row
     acc_row = acc_ptr + row
-    seg_img = seg_ptr + tl.load(img_ptr + slot).to(tl.int64) * H * W
-    sid = tl.load(sid_ptr + slot)
-    matched = (sid >= 0).to(tl.int32)
+    seg_img = seg_ptr + img
     layer = tl.load(layer_ptr + slot)
     g_bce = tl.load(grad_ptr + 2 * layer) * inv_p  # BCE is a mean over the points
     g_dice = tl.load(grad_ptr + 2 * layer + 1)
@@ -183,9 +189,8 @@ def _point_loss_bwd_kernel(
     for p0 in range(split * BLOCK_P, P * matched, SPLIT * BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         p_ok = ps < P
-        i00, i01, i10, i11, w00, w01, w10, w11 = point_taps(pts, ps, p_ok, h, w)
-        x = _sampled(x_row, i00, i01, i10, i11, w00, w01, w10, w11)
-        t = _target(seg_img, pts, ps, p_ok, H, W, sid)
+        x, t, i00, i01, i10, i11, w00, w01, w10, w11 = _logit_and_target(x_row, seg_img, pts, ps, p_ok, h, w,
+                                                                            H, W, sid)
         s = tl.sigmoid(x)
         # d BCE / dx = (s - t) / P; d dice / dx = s (1 - s) (N - 2 t D) / D^2 (dice = 1 - N / D).
         g = g_bce * (s - t) + g_dice * (s * (1.0 - s)) * (numer - 2.0 * t * denom) / (denom * denom)

@@ -142,20 +142,14 @@ def cache_path(url: str, cache: Path | None = None) -> Path:
     return (cache or cache_dir()).joinpath("downloads", *parts)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+def _digests(path: Path, algorithms: tuple[str, ...]) -> dict[str, str]:
+    """Hex digests of the file for each ``hashlib`` algorithm, in one read."""
+    hashes = {name: hashlib.new(name) for name in algorithms}
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {name: h.hexdigest() for name, h in hashes.items()}
 
 
 def _verify(path: Path, what: str, size: int | None, sha256: str | None, md5_prefix: str | None) -> str:
@@ -163,9 +157,10 @@ def _verify(path: Path, what: str, size: int | None, sha256: str | None, md5_pre
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         raise DownloadError(f"{what}: size {actual_size} bytes, expected {size}")
-    if md5_prefix is not None and not _md5_of(path).startswith(md5_prefix):
-        raise DownloadError(f"{what}: md5 {_md5_of(path)} does not start with {md5_prefix} (the prefix in its name)")
-    digest = sha256_of(path)
+    digests = _digests(path, ("sha256",) if md5_prefix is None else ("sha256", "md5"))
+    if md5_prefix is not None and not digests["md5"].startswith(md5_prefix):
+        raise DownloadError(f"{what}: md5 {digests['md5']} does not start with {md5_prefix} (the prefix in its name)")
+    digest = digests["sha256"]
     if sha256 is not None and digest != sha256.lower():
         raise DownloadError(f"{what}: sha256 {digest}, expected {sha256}")
     return digest
