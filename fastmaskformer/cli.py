@@ -256,7 +256,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.export import FORMATS, TASKS, ExportError, export_program
+    from .engine.export import EXPORTABLE, FORMATS, TASKS, ExportError, export_program
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
@@ -267,6 +267,9 @@ def cmd_export(args) -> int:
         if suffix not in ("pt2", "onnx"):
             raise UserError(f"--format is needed: cannot tell it from the suffix of {args.output} (.pt2 or .onnx)")
         args.format = suffix
+    if args.device not in (None, "cpu") and args.format == "onnx":
+        raise UserError("--device applies to --format pt2 only: an ONNX file is device-independent (export it on the "
+                        "CPU, run it with onnxruntime's CUDA provider)")
     if Path(args.output).suffix.lower() != f".{args.format}":  # predict --model tells the format by it
         raise UserError(f"--output {args.output} must end in .{args.format} for --format {args.format}")
     if args.format == "onnx":
@@ -276,15 +279,16 @@ def cmd_export(args) -> int:
         except ImportError as exc:
             raise UserError(f"--format onnx needs the export extra ({exc.name} missing): "
                             "pip install 'fastmaskformer[export]'") from exc
-    model, cfg = _load_model(args.checkpoint, args, "cpu")
-    if cfg.model.meta_arch != "maskformer":
-        raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only MaskFormer "
-                        "checkpoints can be exported")
+    device = "cpu" if args.device is None else _device(args.device)
+    model, cfg = _load_model(args.checkpoint, args, device)
+    if cfg.model.meta_arch not in EXPORTABLE:
+        raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only "
+                        f"{' and '.join(EXPORTABLE.values())} checkpoints can be exported")
     try:
-        out = export_program(model, cfg, _metadata(cfg), args.task, args.format, args.output)
+        out = export_program(model, cfg, _metadata(cfg), args.task, args.format, args.output, device=device)
     except ExportError as exc:
         raise UserError(str(exc)) from exc
-    print(f"wrote {out} ({args.format}, {args.task})")
+    print(f"wrote {out} ({args.format}, {args.task}, {device})")
     return 0
 
 
@@ -474,11 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint as a .pt2 (AOTInductor) or .onnx inference program",
                        description="One image (uint8 [3,h,w], test-resized) + its output size (int64 [2]) -> semantic "
-                                   "labels or a panoptic id map and segment tables; runs without fastmaskformer "
-                                   "(README 'Deploy'). Traced on the CPU.")
+                                   "labels, a panoptic id map and segment tables, or the top-N instance masks; runs "
+                                   "without fastmaskformer (README 'Deploy'). MaskFormer and Mask2Former checkpoints.")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (.pt) of a MaskFormer")
-    p.add_argument("--task", required=True, help="semantic or panoptic")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint file (.pt) of a MaskFormer or Mask2Former")
+    p.add_argument("--task", required=True, help="semantic, panoptic or instance")
+    p.add_argument("--device", default=None,
+                   help="cpu (default) or cuda: the device a .pt2 is compiled for and runs on (cuda keeps our Triton "
+                        "deformable attention inside the package)")
     p.add_argument("--format", default=None, help="pt2 or onnx (default: from the --output suffix)")
     p.add_argument("--output", required=True, metavar="FILE", help="output file (.pt2 or .onnx)")
     p.set_defaults(func=cmd_export)
