@@ -280,17 +280,18 @@ def test_eager_program_equals_predict(checkpoints, arch, task):
         _compare(task, got if isinstance(got, tuple) else (got,), ref, gap, f"eager {arch} {task} {size}")
 
 
-@pytest.mark.parametrize("topk,panoptic_on", [(100, False), (7, True)])
+@pytest.mark.parametrize("topk,panoptic_on", [(100, False), (40, True)])
 def test_eager_instance_program_follows_topk_and_things_only(checkpoint, topk, panoptic_on):
-    """Fewer pairs than Q*K (top 7), and the official rule with panoptic inference on: only the
-    thing classes' rows are instances (``keep``), as predict drops the others."""
+    """Fewer pairs than Q*K (top 40: the person and the stuff class of each query), and the
+    official rule with panoptic inference on: only the thing classes' rows are instances
+    (``keep``), as predict drops the others."""
     from fastmaskformer.engine.export import build_program
 
     _, cfg, model = checkpoint
     cfg = Config.from_dict(cfg.to_dict())
     cfg.test.instance_topk, cfg.test.panoptic_on = topk, panoptic_on
     program = build_program(model, cfg, get_metadata("coco-panoptic"), "instance").eval()
-    kept = 0
+    kept = dropped = 0
     for image, size in _cases(model, cfg, None):
         with torch.no_grad():
             got = program(image, torch.tensor(size))
@@ -298,10 +299,11 @@ def test_eager_instance_program_follows_topk_and_things_only(checkpoint, topk, p
         ref, logits = _reference(model, cfg, image, size, "instance")
         _compare_instance(got, ref, logits, f"eager instance top {topk} {size}")
         kept += int(got[3].sum())
+        dropped += int((~got[3]).sum())
         if panoptic_on:
             assert all(c in THINGS for c in got[2][got[3]].tolist())
             assert not any(c in THINGS for c in got[2][~got[3]].tolist())
-    assert 0 < kept
+    assert 0 < kept and (dropped > 0) == panoptic_on
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -123,9 +123,15 @@ class InferenceProgram(nn.Module):
         logits = torch.einsum("bqc,bchw->bqhw", mask_embed[None], pixel_embed[None])
         logits = F.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)[0]  # [Q, Hp, Wp]
         if self.task == "semantic":
+            # The class sum and the crop + resize are linear, so they commute: resizing the Q
+            # mask probabilities before the sum gives the reference's scores up to rounding, with
+            # Q maps resized instead of K, and the scores pixel-major ([H*W, K]: one GEMM, then an
+            # argmax over contiguous classes; Inductor's fused resize + argmax over K planes was
+            # the slow part of the program). A product, not an einsum: AOTInductor cannot lower
+            # an einsum over the data-dependent output sides.
             probs = class_logits.softmax(-1)[:, :-1]  # [Q, K]
-            scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
-            return _resize(_crop(scores, h, w), (out_h, out_w)).argmax(0)
+            masks = _resize(_crop(logits.sigmoid(), h, w), (out_h, out_w))  # [Q, H, W]
+            return (masks.flatten(1).t() @ probs).argmax(-1).view(out_h, out_w)
         masks = _resize(_crop(logits, h, w), (out_h, out_w)).sigmoid()  # [Q, H, W]
         return self._panoptic(class_logits, masks)
 
@@ -245,8 +251,9 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
             ep = torch.export.export(program, args, dynamic_shapes=_dynamic_shapes(cfg), strict=False)
             from torch._inductor import aoti_compile_and_package
 
-            aoti_compile_and_package(ep, package_path=str(output),
-                                     inductor_configs={"aot_inductor.metadata": {METADATA_KEY: info}})
+            # no per-load bounds checks on the resampling gathers (their indices are clamped)
+            configs = {"aot_inductor.metadata": {METADATA_KEY: info}, "assert_indirect_indexing": False}
+            aoti_compile_and_package(ep, package_path=str(output), inductor_configs=configs)
         else:
             import logging
 
