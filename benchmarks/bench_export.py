@@ -6,6 +6,11 @@ weights (ours is converted from it, as ``bench_train_step.py`` does).
 
     python benchmarks/bench_export.py [--cases PRESET:TASK[,TASK] ...] [--runtimes ...] [--threads 2]
     python benchmarks/bench_export.py --toy          # the demo's tiny MaskFormer (the old default)
+    python benchmarks/bench_export.py --device cuda --batch 1 8   # GPU: pt2 compiled for CUDA, onnxruntime-gpu
+
+``--batch B`` times B images per call: one batched ``predict`` call in eager, B calls of the
+single-image programs (exported files and transformers' pipeline are per image), reported
+as images/s too.
 
 Default cases: the R50 presets at their real test sizes (shortest edge 512 for ADE20K, 800 for
 COCO): ``ade20k-150-r50:semantic`` (MaskFormer), ``mask2former-ade20k-150-r50:semantic``,
@@ -85,6 +90,8 @@ def main(argv=None):
     p.add_argument("--toy", action="store_true", help="the demo's tiny MaskFormer (133 COCO classes, 128 px test size)")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--image", default=str(PHOTO), help="an image file (default: a real COCO photo)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (pt2 compiled for it; onnxruntime's CUDA provider)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="images per timed call")
     p.add_argument("--threads", type=int, default=2,
                    help="CPU threads for every runtime (default 2: this machine's cores)")
     p.add_argument("--repeats", type=int, default=5)
@@ -109,6 +116,16 @@ def main(argv=None):
     from fastmaskformer.engine.predictor import Predictor, infer, load_image, resize_image
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def synced(fn):
+        def run():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+        return run
+
     image = load_image(args.image)
     size = (int(image.shape[1]), int(image.shape[2]))
     rows, compile_s = [], {}
@@ -127,22 +144,18 @@ def main(argv=None):
         metadata = get_metadata(cfg.data.dataset)
         resized = resize_image(image, Predictor(model, cfg, metadata)._test_size(*size))
         for task in tasks:
-            runs = {}
-            if "eager" in args.runtimes:
-                def eager(task=task):
-                    with torch.no_grad():
-                        return infer(model, [resized], [size], cfg.test, (task,), metadata.thing_classes)
-
-                runs["eager"] = eager
+            single = {}  # runtime -> one image's call
             if "transformers" in args.runtimes and hf_model is not None:
                 batch, _ = model.preprocess([resized])
-                runs["transformers"] = hf_runner(hf_model.eval(), cfg, metadata, task, batch, size)
+                single["transformers"] = hf_runner(hf_model.to(device).eval(), cfg, metadata, task, batch.to(device),
+                                                   size)
             with tempfile.TemporaryDirectory() as tmp:
                 for runtime, fmt in (("onnxruntime", "onnx"), ("pt2", "pt2")):
                     if runtime not in args.runtimes:
                         continue
                     start = time.perf_counter()
-                    path = export_program(model, cfg, metadata, task, fmt, pathlib.Path(tmp) / f"m.{fmt}")
+                    path = export_program(model, cfg, metadata, task, fmt, pathlib.Path(tmp) / f"m.{fmt}",
+                                          device=args.device if fmt == "pt2" else "cpu")
                     compile_s[f"{preset} {task} {fmt}"] = round(time.perf_counter() - start, 1)
                     exported = ExportedModel(path)
                     if fmt == "onnx":
@@ -150,22 +163,41 @@ def main(argv=None):
 
                         options = ort.SessionOptions()
                         options.intra_op_num_threads = options.inter_op_num_threads = args.threads
-                        exported._session = ort.InferenceSession(str(path), options,
-                                                                 providers=["CPUExecutionProvider"])
-                    runs[runtime] = (lambda exported=exported: exported(resized, size))
-                times = interleaved(runs, args.repeats, args.warmup)
-            base = statistics.median(times["eager"]) if "eager" in times else None
-            for name, ts in times.items():
-                rows.append({"preset": preset, "arch": cfg.model.meta_arch, "task": task, "runtime": name,
-                             "input": f"{resized.shape[2]}x{resized.shape[1]}", "output": f"{size[1]}x{size[0]}",
-                             "median_ms": statistics.median(ts), "p20_ms": _quantile(ts, 0.2),
-                             "p80_ms": _quantile(ts, 0.8), "repeats": len(ts),
-                             "x_eager": base / statistics.median(ts) if base else None})
-            print(rows[-len(times):], flush=True)
+                        provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+                        if provider not in ort.get_available_providers():
+                            print(f"onnxruntime has no {provider} (pip install onnxruntime-gpu): skipped")
+                            continue
+                        exported._session = ort.InferenceSession(str(path), options, providers=[provider])
+                    single[runtime] = (lambda exported=exported: exported(resized, size))
+                model.to(device)
+                for batch_size in args.batch:
+                    runs = {}
+                    if "eager" in args.runtimes:
+                        def eager(task=task, n=batch_size):
+                            with torch.no_grad():
+                                return infer(model, [resized] * n, [size] * n, cfg.test, (task,),
+                                             metadata.thing_classes)
+
+                        runs["eager"] = synced(eager)
+                    for name, fn in single.items():
+                        runs[name] = synced(lambda fn=fn, n=batch_size: [fn() for _ in range(n)])
+                    times = interleaved(runs, args.repeats, args.warmup)
+                    base = statistics.median(times["eager"]) if "eager" in times else None
+                    for name, ts in times.items():
+                        median = statistics.median(ts)
+                        rows.append({"preset": preset, "arch": cfg.model.meta_arch, "task": task, "runtime": name,
+                                     "batch": batch_size, "input": f"{resized.shape[2]}x{resized.shape[1]}",
+                                     "output": f"{size[1]}x{size[0]}", "median_ms": median,
+                                     "p20_ms": _quantile(ts, 0.2), "p80_ms": _quantile(ts, 0.8), "repeats": len(ts),
+                                     "images_per_s": batch_size / median * 1e3,
+                                     "x_eager": base / median if base else None})
+                    print(rows[-len(times):], flush=True)
+                model.cpu()
         del model, hf_model
-    columns = ["preset", "task", "runtime", "input", "output", "median_ms", "p20_ms", "p80_ms", "x_eager"]
-    path = args.json or result_path("export", "cpu")
-    report(path, rows, "cpu", columns, {"weights": "random (transformers' Mask2Former converted to ours where present)",
+    columns = ["preset", "task", "runtime", "batch", "input", "output", "median_ms", "p20_ms", "p80_ms",
+               "images_per_s", "x_eager"]
+    path = args.json or result_path("export", device)
+    report(path, rows, device, columns, {"weights": "random (transformers' Mask2Former converted to ours where present)",
                                         "threads": args.threads, "image": pathlib.Path(args.image).name,
                                         "object_mask_threshold": args.object_mask_threshold,
                                         "export_and_compile_s": compile_s})
