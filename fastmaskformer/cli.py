@@ -68,7 +68,7 @@ def build_config(args, base: Config | None = None) -> Config:
 
 def _load_model(checkpoint: str, args, device: str):
     """(model in eval mode, Config) from a checkpoint; the config stored in it is the base."""
-    from .engine.checkpoint import CheckpointError, load_checkpoint
+    from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
     from .modeling import build_model
 
     if not Path(checkpoint).is_file():
@@ -84,12 +84,7 @@ def _load_model(checkpoint: str, args, device: str):
     cfg = build_config(args, base)
     _check_model(cfg)
     model = build_model(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
-        raise UserError(f"checkpoint {checkpoint} does not fit the model config ({detail})") from exc
+    load_model_weights(model, state["model"], checkpoint)
     return model.to(device).eval(), cfg
 
 
@@ -143,6 +138,21 @@ def _metadata(cfg: Config):
         colors = tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(k))
         return Metadata(cfg.data.dataset, tuple(f"class_{i}" for i in range(k)), tuple(range(k)),
                         (False,) * k, colors, cfg.data.ignore_label)
+
+
+def _check_classes(model, cfg: Config, metadata, checkpoint: str) -> None:
+    """One line (LabelSpaceError) when the checkpoint's classes are not the label space's."""
+    from .data.metadata import check_label_space
+    from .modeling import num_classes_of
+
+    check_label_space(num_classes_of(model), metadata, f"checkpoint {checkpoint}", cfg.data.dataset)
+
+
+def _checked_metadata(model, cfg: Config, checkpoint: str):
+    """:func:`_metadata` of ``cfg``, checked against the model's number of classes."""
+    metadata = _metadata(cfg)
+    _check_classes(model, cfg, metadata, checkpoint)
+    return metadata
 
 
 # ----------------------------------------------------------------------------- commands
@@ -203,6 +213,7 @@ def cmd_eval(args) -> int:
         cfg.test.aug_scales = tuple(int(x * cfg.data.min_size_test / 512) for x in range(256, 897, 128))
     cfg.test.aug_flip = cfg.test.aug_flip or args.tta
     dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
+    _check_classes(model, cfg, dataset.metadata, args.checkpoint)
     results = evaluate_dataset(model, dataset, cfg, device=device, num_workers=args.num_workers,
                                batch_size=args.batch_size, amp=args.amp, progress=not args.no_progress)
     if not is_main_process():
@@ -235,7 +246,8 @@ def cmd_predict(args) -> int:
         device = _device(args.device)
         model, cfg = _load_model(args.checkpoint, args, device)
         try:
-            predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size,
+            predictor = Predictor(model, cfg, _checked_metadata(model, cfg, args.checkpoint), device=device,
+                                  batch_size=args.batch_size,
                                   amp=args.amp, sem_ids=args.sem_ids)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
@@ -281,7 +293,8 @@ def cmd_export(args) -> int:
         raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only MaskFormer "
                         "checkpoints can be exported")
     try:
-        out = export_program(model, cfg, _metadata(cfg), args.task, args.format, args.output)
+        out = export_program(model, cfg, _checked_metadata(model, cfg, args.checkpoint), args.task, args.format,
+                             args.output)
     except ExportError as exc:
         raise UserError(str(exc)) from exc
     print(f"wrote {out} ({args.format}, {args.task})")
@@ -336,6 +349,10 @@ def _convert_source(args) -> tuple[Path, str | None]:
         entry = weights.weights_for(source)
         if entry is not None:  # a preset name: its official checkpoint
             source, preset = entry.url, preset or entry.preset
+        elif source in list_presets():
+            raise UserError(f"preset {source} has no official model-zoo checkpoint to download; presets with one: "
+                            f"{', '.join(w.preset for w in weights.WEIGHTS)} (fastmaskformer weights list); for "
+                            f"{source} give a local .pkl/.pth or its URL with --preset {source}")
         if weights.is_url(source):
             entry = next((w for w in weights.WEIGHTS if w.url == source), None)
             preset = preset or (entry.preset if entry else None)
@@ -551,24 +568,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# (module, exception) -> exit status: one line on stderr instead of a traceback. Looked up in
+# sys.modules rather than imported, so parsing stays free of torch (an exception of a module
+# that was never imported cannot have been raised).
+_ONE_LINE_ERRORS = {
+    ("fastmaskformer.data.errors", "DatasetError"): 2,
+    ("fastmaskformer.data.metadata", "LabelSpaceError"): 2,
+    ("fastmaskformer.engine.checkpoint", "CheckpointError"): 2,
+    ("fastmaskformer.engine.trainer", "NonFiniteLossError"): 1,
+}
+
+
+def _exit_status(exc: BaseException) -> int | None:
+    """The exit status of a user-facing error, None for anything else (a bug: a traceback)."""
+    if isinstance(exc, UserError):
+        return 2
+    for (module, name), status in _ONE_LINE_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return status
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the ``fastmaskformer`` console script; returns the exit status."""
-    from .data import DatasetError
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteLossError
-
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # light: --help and argument errors need no torch
     try:
         return args.func(args)
-    except (UserError, DatasetError, CheckpointError) as exc:
-        print(f"fastmaskformer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"fastmaskformer {args.command}: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"fastmaskformer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        print(f"fastmaskformer {args.command}: {'error: ' if status == 2 else ''}{exc}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

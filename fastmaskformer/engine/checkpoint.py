@@ -88,6 +88,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return state
 
 
+def load_model_weights(model: torch.nn.Module, weights: dict, path: str | os.PathLike, hint: str = "") -> None:
+    """``model.load_state_dict(weights)``; a mismatch (another architecture or size) is a
+    CheckpointError naming ``path`` and the first mismatching tensor, plus ``hint``."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
+        raise CheckpointError(f"checkpoint {path} does not fit the model config ({detail}){hint}") from exc
+
+
 # ----------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) global RNG states as tensors / lists / ints."""

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.metadata import check_label_space
+from ..modeling import num_classes_of
 from .predictor import Predictor, resize_image
 
 FORMATS = ("pt2", "onnx")
@@ -188,6 +190,7 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
     """Export ``model`` (eval mode, CPU) for ``task`` as ``fmt`` ("pt2" | "onnx") to ``output``."""
     if fmt not in FORMATS:
         raise ExportError(f"unsupported format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_label_space(num_classes_of(model), metadata, "the model", cfg.data.dataset)
     program = build_program(model.cpu().eval(), cfg, metadata, task).eval()
     info = json.dumps(export_metadata(cfg, metadata, task, fmt))
     output = Path(output)

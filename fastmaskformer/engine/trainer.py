@@ -43,6 +43,7 @@ from ..config import Config
 from ..data import TrainingSampler, build_dataset, collate, worker_init_fn
 from ..data.bad_samples import ON_BAD_SAMPLE, SkipBadSamples
 from ..data.errors import DatasetError
+from ..data.metadata import check_label_space
 from ..losses import build_criterion
 from ..modeling import build_model
 from . import distributed as du
@@ -51,6 +52,7 @@ from .checkpoint import (
     CheckpointManager,
     capture_rng_state,
     load_checkpoint,
+    load_model_weights,
     previous_checkpoint,
     resolve_resume,
     restore_rng_state,
@@ -150,6 +152,10 @@ class Trainer:
             cfg.data, cfg.data.train_split, train=True, seed=solver.seed)
         if cfg.data.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {cfg.data.on_bad_sample!r}")
+        self.metadata = getattr(self.train_dataset, "metadata", None)
+        if self.metadata is not None:
+            check_label_space(cfg.model.num_classes, self.metadata, f"config {cfg.name!r} (model.num_classes)",
+                              cfg.data.dataset)
         if cfg.data.on_bad_sample == "skip":
             self.train_dataset = SkipBadSamples(self.train_dataset)
         self.bad_files: dict[str, str] = {}  # unreadable training file -> reason (skip mode)
@@ -215,6 +221,10 @@ class Trainer:
             prev = previous_checkpoint(path)
             hint = f"; the previous checkpoint {prev} is intact: resume from it" if prev else ""
             raise CheckpointError(f"{exc}{hint}") from exc
+        saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+        if self.metadata is not None:
+            saved_classes = (saved_cfg.get("model") or {}).get("num_classes")
+            check_label_space(saved_classes, self.metadata, f"checkpoint {path}", self.cfg.data.dataset)
         missing = {"optimizer", "scheduler", "iteration", "rng", "data"} - set(state)
         if missing:
             raise CheckpointError(f"checkpoint {path} holds model weights only (no {sorted(missing)}); "
@@ -226,7 +236,8 @@ class Trainer:
         if not isinstance(state["rng"], list) or len(state["rng"]) != world:
             raise CheckpointError(f"checkpoint {path} has no per-rank RNG states (written by an older fastmaskformer); "
                                   "it cannot resume exactly")
-        self.model.load_state_dict(state["model"])
+        load_model_weights(self.model, state["model"], path,
+                           f"; resume with the config it was written with ({path.parent / 'config.yaml'})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
