@@ -158,6 +158,7 @@ def _checked_metadata(model, cfg: Config, checkpoint: str):
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from .engine import Trainer
+    from .engine.checkpoint import claim_run_folder
 
     cfg = build_config(args)
     _check_dataset(cfg)
@@ -167,6 +168,8 @@ def cmd_train(args) -> int:
         cfg.solver.amp = True
     if args.compile:
         cfg.solver.compile = True
+    if args.resume is None and os.environ.get("RANK", "0") == "0":  # rank 0 owns the folder
+        claim_run_folder(args.output, args.force, "pass --resume to continue it, another --output,")
     trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args),
                       skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
                       progress=not args.no_progress, log_period=args.log_period, num_workers=args.num_workers)
@@ -309,8 +312,8 @@ def cmd_demo(args) -> int:
             Config().override(assignment)  # validate before generating data
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    run_demo(args.output, quick=args.quick, device=_device(args.device), progress=not args.no_progress,
-             overrides=tuple(args.overrides), arch=args.arch)
+    run_demo(args.output or Path("demo_output") / args.arch, quick=args.quick, device=_device(args.device),
+             progress=not args.no_progress, overrides=tuple(args.overrides), arch=args.arch, force=args.force)
     return 0
 
 
@@ -455,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (slower; exact reproducibility and resume)")
     p.add_argument("--log-period", type=int, default=20, metavar="N", help="log metrics every N iterations")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in an --output that holds another one (its checkpoints, metrics.jsonl "
+                        "and config.yaml are deleted first; without --force it is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (mIoU, PQ)",
@@ -503,7 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> train a small MaskFormer on the CPU -> mIoU/PQ summary",
                        description="Writes a synthetic dataset, trains a small MaskFormer for a few minutes, "
                                    "evaluates mIoU and PQ against a trivial baseline, writes overlays and curves.")
-    p.add_argument("--output", metavar="DIR", default="demo_output", help="output folder (default: ./demo_output)")
+    p.add_argument("--output", metavar="DIR", default=None,
+                   help="output folder (default: ./demo_output/ARCH, one per architecture)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous demo run in --output (refused without --force)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
     p.add_argument("--arch", choices=("maskformer", "mask2former"), default="maskformer",
                    help="the architecture to train (default: maskformer)")

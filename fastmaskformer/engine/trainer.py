@@ -50,6 +50,7 @@ from . import distributed as du
 from .checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointWriteError,
     capture_rng_state,
     load_checkpoint,
     load_model_weights,
@@ -387,10 +388,14 @@ class Trainer:
         """Train from ``self.iteration`` to ``cfg.solver.max_iter``; returns the logged records."""
         solver = self.cfg.solver
         main = self.dist.is_main
-        logger = _MetricsLogger(self.output_dir, enabled=main)
         if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            except OSError as exc:  # read-only, full, or not a folder: before any iteration is spent
+                raise CheckpointWriteError(f"cannot write to the output folder {self.output_dir} "
+                                           f"({exc.strerror or exc}); choose another --output") from exc
+        logger = _MetricsLogger(self.output_dir, enabled=main)
         data_iter = iter(self._loader())
         bar = _progress(self.iteration, solver.max_iter, enabled=main and self.progress)
         start_time = last_time = time.perf_counter()
