@@ -30,7 +30,8 @@ import sys
 from fastmaskformer.cli import build_parser
 for argv in (["train", "--preset", "ade20k-150-r50"], ["predict", "a.png", "--checkpoint", "c.pt"],
              ["export", "--checkpoint", "c.pt", "--task", "semantic", "--output", "m.pt2"],
-             ["prepare", "cityscapes", "--src", "raw"], ["demo", "--quick"], ["convert", "--from", "hf", "x", "--out", "y"]):
+             ["prepare", "cityscapes", "--src", "raw"], ["demo", "--quick"],
+             ["convert", "--from", "hf", "x", "--out", "y"]):
     build_parser().parse_args(argv)
 heavy = sorted(m for m in ("torch", "numpy", "PIL", "timm", "triton") if m in sys.modules)
 print(",".join(heavy) or "none")

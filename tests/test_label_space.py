@@ -58,7 +58,8 @@ EXPECTED = "has 10 classes but dataset synthetic-semantic (label space synthetic
 
 def test_predict(mismatched, tmp_path, capsys):
     data, ckpt = mismatched
-    rc = main(["predict", str(data / "ADEChallengeData2016" / "images" / "validation"), "--checkpoint", str(ckpt), "--data-root", str(data), "--output", str(tmp_path)])
+    images = data / "ADEChallengeData2016" / "images" / "validation"
+    rc = main(["predict", str(images), "--checkpoint", str(ckpt), "--data-root", str(data), "--output", str(tmp_path)])
     assert f"checkpoint {ckpt} {EXPECTED}" in _one_line(capsys, rc)
     assert not any(tmp_path.iterdir())  # nothing written
 

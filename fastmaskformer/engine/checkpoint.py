@@ -179,7 +179,9 @@ class CheckpointManager:
             why = f"the output folder {self.directory} is read-only"
         else:
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        space = f"it needs about {_megabytes(needed)}" + (f", {_megabytes(free)} free there" if free is not None else "")
+        space = f"it needs about {_megabytes(needed)}"
+        if free is not None:
+            space += f", {_megabytes(free)} free there"
         previous = self.latest()
         if previous is not None and previous != path:
             after = (f"the previous checkpoint {previous} and {self.POINTER} are intact: fastmaskformer train "
