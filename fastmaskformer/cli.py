@@ -170,7 +170,9 @@ def cmd_train(args) -> int:
         cfg.solver.compile = True
     if args.resume is None and os.environ.get("RANK", "0") == "0":  # rank 0 owns the folder
         claim_run_folder(args.output, args.force, "pass --resume to continue it, another --output,")
-    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args),
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights}: no such checkpoint")
+    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args), weights=args.weights,
                       skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
                       progress=not args.no_progress, log_period=args.log_period, num_workers=args.num_workers)
     trainer.train()
@@ -451,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue exactly from a checkpoint: a file, a run folder, or no value for the newest "
                         "checkpoint in --output")
+    p.add_argument("--weights", metavar="CKPT",
+                   help="fine-tune: start from this checkpoint's model weights (e.g. convert's output; its classes "
+                        "must be the dataset's) at iteration 0 with a fresh optimiser; --resume wins over it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model and the loss (solver.compile; the matcher's one host sync stays)")
     p.add_argument("--skip-nonfinite", action="store_true",

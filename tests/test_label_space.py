@@ -147,3 +147,25 @@ def test_converted_hf_model_gets_the_dataset_of_its_classes():
     for classes, dataset in ((133, "coco-panoptic"), (150, "ade20k-150"), (19, "cityscapes"), (7, "ade20k-150")):
         cfg.model.num_classes = classes
         assert fitting_dataset(cfg) == dataset
+
+
+def test_train_weights(mismatched, tmp_path, capsys):
+    """Fine-tuning from a checkpoint's weights: another label space is one line; a fitting one
+    starts the run from those weights at iteration 0."""
+    from fastmaskformer.engine.trainer import Trainer
+    from fastmaskformer.modeling import build_model
+
+    data, ckpt = mismatched
+    args = ["train", "--config", str(write_tiny_yaml(tmp_path / "t.yaml")), "--data-root", str(data),
+            "--output", str(tmp_path / "run")]
+    assert f"checkpoint {ckpt} {EXPECTED}" in _one_line(capsys, main(args + ["--weights", str(ckpt)]))
+    assert "--weights /nonexistent.pt: no such checkpoint" in _one_line(capsys, main(args + ["--weights",
+                                                                                           "/nonexistent.pt"]))
+    cfg = tiny_config(data)
+    torch.manual_seed(123)
+    weights = build_model(cfg.model).state_dict()
+    torch.save({"model": weights, "config": cfg.to_dict()}, tmp_path / "fits.pt")
+    trainer = Trainer(cfg, tmp_path / "run2", weights=tmp_path / "fits.pt", progress=False)
+    assert trainer.iteration == 0
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name

@@ -119,14 +119,16 @@ class Trainer:
     """Builds model, criterion, optimiser, scheduler and data from a ``Config`` and trains.
 
     device: "cpu" | "cuda" | None (auto). resume: None, "auto" (newest checkpoint in
-    output_dir, if any), a checkpoint file or a run folder. skip_nonfinite: drop the update of an iteration
+    output_dir, if any), a checkpoint file or a run folder. weights: a checkpoint whose model weights
+    start a new run (fine-tuning, e.g. ``convert``'s output; a checkpoint to resume wins). skip_nonfinite: drop the update of an iteration
     whose loss or gradient is NaN/inf instead of stopping. train_dataset / eval_dataset:
     override the datasets built from ``cfg.data`` (the demo and tests use this).
     evaluate_fn(model) -> dict of metrics replaces the default evaluation on ``eval_dataset``.
     """
 
     def __init__(self, cfg: Config, output_dir: str | os.PathLike, *, device: str | None = None,
-                 resume: str | os.PathLike | None = None, skip_nonfinite: bool = False,
+                 resume: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
+                 skip_nonfinite: bool = False,
                  deterministic: bool = False, progress: bool = True, log_period: int = 20,
                  num_workers: int | None = None, train_dataset=None, eval_dataset=None,
                  evaluate_fn: Callable[[nn.Module], dict] | None = None):
@@ -197,6 +199,8 @@ class Trainer:
         resume_path = resolve_resume(resume, self.output_dir)
         if resume_path is not None:
             self.load(resume_path)
+        elif weights is not None:
+            self.load_weights(weights)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, rng: list[dict]) -> dict:
@@ -213,6 +217,20 @@ class Trainer:
             "bad_samples": {"count": self.bad_samples, "files": self.bad_files},
         }
 
+    def _check_saved_classes(self, state: dict, path: Path) -> None:
+        """The checkpoint's classes (its stored config) against this run's label space."""
+        saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+        if self.metadata is not None:
+            saved_classes = (saved_cfg.get("model") or {}).get("num_classes")
+            check_label_space(saved_classes, self.metadata, f"checkpoint {path}", self.cfg.data.dataset)
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Start from a checkpoint's model weights only (iteration 0, fresh optimiser and schedule)."""
+        path = Path(path)
+        state = load_checkpoint(path, map_location="cpu")
+        self._check_saved_classes(state, path)
+        load_model_weights(self.model, state["model"], path, "; --weights needs a checkpoint of this architecture")
+
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint written by :meth:`save` (any rank reads the same file)."""
         path = Path(path)
@@ -222,10 +240,7 @@ class Trainer:
             prev = previous_checkpoint(path)
             hint = f"; the previous checkpoint {prev} is intact: resume from it" if prev else ""
             raise CheckpointError(f"{exc}{hint}") from exc
-        saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
-        if self.metadata is not None:
-            saved_classes = (saved_cfg.get("model") or {}).get("num_classes")
-            check_label_space(saved_classes, self.metadata, f"checkpoint {path}", self.cfg.data.dataset)
+        self._check_saved_classes(state, path)
         missing = {"optimizer", "scheduler", "iteration", "rng", "data"} - set(state)
         if missing:
             raise CheckpointError(f"checkpoint {path} holds model weights only (no {sorted(missing)}); "
