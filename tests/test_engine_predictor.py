@@ -258,3 +258,32 @@ def test_predictions_do_not_depend_on_batch_mates(tmp_path, coco_sample):
         torch.testing.assert_close(one["instance"]["scores"], many["instance"]["scores"], atol=1e-5, rtol=0)
     assert same_padding_groups([(50, 61), (60, 64), (37, 70), (64, 64)], 32) == [[0, 1, 3], [2]]
     assert same_padding_groups([(50, 61), (60, 64)], 0) == [[0], [1]]
+
+
+def test_infer_runs_each_padded_size_as_its_own_batch(tmp_path):
+    """infer itself (what eval --batch-size calls) splits a mixed batch by padded size and keeps
+    the order: each result is the image's result alone."""
+    from engine_tiny import tiny_config
+
+    from fastmaskformer import build_model
+    from fastmaskformer.engine.predictor import infer
+
+    cfg = tiny_config(tmp_path)
+    model = build_model(cfg.model).eval()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in ((64, 90), (64, 120),
+                                                                                           (64, 70), (50, 64))]
+    sizes = [(130, 181), (64, 120), (33, 35), (50, 64)]
+    seen = []
+    preprocess = model.preprocess
+
+    def recording_preprocess(batch):
+        seen.append([tuple(im.shape[-2:]) for im in batch])
+        return preprocess(batch)
+
+    model.preprocess = recording_preprocess
+    mixed = infer(model, images, sizes, cfg.test, ("semantic",))
+    assert seen == [[(64, 90), (64, 70)], [(64, 120)], [(50, 64)]]  # pad to 64x96, 64x128, 64x64
+    for image, size, result in zip(images, sizes, mixed):
+        alone = infer(model, [image], [size], cfg.test, ("semantic",))[0]
+        assert (alone["semantic"] != result["semantic"]).float().mean() <= 1e-4
