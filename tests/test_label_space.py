@@ -139,14 +139,15 @@ def test_train_resume_other_architecture(mismatched, tmp_path, capsys):
 
 def test_converted_hf_model_gets_the_dataset_of_its_classes():
     """A Hugging Face config names no dataset: a 133-class model is COCO panoptic's, not the
-    default ADE20K's; a count no packaged label space has keeps the default (predict then says so)."""
+    default ADE20K's; a count no packaged label space has gets the model's own name (predict then
+    writes generic class names instead of refusing)."""
     from fastmaskformer.config import Config
     from fastmaskformer.convert._common import fitting_dataset
 
     cfg = Config()
-    for classes, dataset in ((133, "coco-panoptic"), (150, "ade20k-150"), (19, "cityscapes"), (7, "ade20k-150")):
+    for classes, dataset in ((133, "coco-panoptic"), (150, "ade20k-150"), (19, "cityscapes"), (7, "hf-x")):
         cfg.model.num_classes = classes
-        assert fitting_dataset(cfg) == dataset
+        assert fitting_dataset(cfg, "hf-x") == dataset
 
 
 def test_train_weights(mismatched, tmp_path, capsys):

@@ -40,15 +40,15 @@ def check_converted_classes(cfg: Config, source) -> None:
     check_label_space(cfg.model.num_classes, metadata, f"checkpoint {source}", cfg.data.dataset)
 
 
-def fitting_dataset(cfg: Config) -> str:
+def fitting_dataset(cfg: Config, fallback: str) -> str:
     """``cfg.data.dataset`` when its packaged label space has ``cfg.model.num_classes`` classes,
-    else the first packaged label space that has (a converted model's config names no dataset);
-    the configured one when none has."""
+    else the first dataset whose label space has (a converted model's config names no dataset);
+    ``fallback`` when none has (a name no label space has: predict then uses generic class names)."""
     try:
         if get_metadata(cfg.data.dataset).num_classes == cfg.model.num_classes:
             return cfg.data.dataset
     except ValueError:
         pass
     fits = datasets_with(cfg.model.num_classes)
-    return fits[0] if fits else cfg.data.dataset
+    return fits[0] if fits else fallback
 

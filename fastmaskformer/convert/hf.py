@@ -356,6 +356,6 @@ def convert_hf_directory(src_dir: str | os.PathLike, out_path: str | os.PathLike
     hf_config, state, preprocessor = _read_hf_directory(src_dir)
     model_cfg, model = _convert(hf_config, state, preprocessor)
     cfg = Config(model=model_cfg, name=f"hf-{Path(src_dir).resolve().name}")
-    cfg.data.dataset = fitting_dataset(cfg)  # e.g. a 133-class COCO model: coco-panoptic-133, not the default
+    cfg.data.dataset = fitting_dataset(cfg, cfg.name)  # a 133-class model: coco-panoptic, not the default
     write_checkpoint(out_path, model, cfg)
     return cfg
