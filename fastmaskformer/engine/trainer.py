@@ -119,9 +119,10 @@ class Trainer:
     """Builds model, criterion, optimiser, scheduler and data from a ``Config`` and trains.
 
     device: "cpu" | "cuda" | None (auto). resume: None, "auto" (newest checkpoint in
-    output_dir, if any), a checkpoint file or a run folder. weights: a checkpoint whose model weights
-    start a new run (fine-tuning, e.g. ``convert``'s output; a checkpoint to resume wins). skip_nonfinite: drop the update of an iteration
-    whose loss or gradient is NaN/inf instead of stopping. train_dataset / eval_dataset:
+    output_dir, if any), a checkpoint file or a run folder. weights: a checkpoint whose model
+    weights start a new run (fine-tuning, e.g. ``convert``'s output; a checkpoint to resume wins).
+    skip_nonfinite: drop the update of an iteration whose loss or gradient is NaN/inf instead of
+    stopping. train_dataset / eval_dataset:
     override the datasets built from ``cfg.data`` (the demo and tests use this).
     evaluate_fn(model) -> dict of metrics replaces the default evaluation on ``eval_dataset``.
     """
@@ -244,7 +245,7 @@ class Trainer:
         missing = {"optimizer", "scheduler", "iteration", "rng", "data"} - set(state)
         if missing:
             raise CheckpointError(f"checkpoint {path} holds model weights only (no {sorted(missing)}); "
-                                  "it can initialise eval/predict but not resume training")
+                                  "it can initialise eval/predict or a new run (--weights) but not resume training")
         saved, world = state["data"]["world_size"], self.dist.world_size
         if saved != world:
             raise CheckpointError(f"checkpoint {path} was written by {saved} processes, this run has {world}: each rank "
