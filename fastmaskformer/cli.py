@@ -168,11 +168,12 @@ def cmd_train(args) -> int:
         cfg.solver.amp = True
     if args.compile:
         cfg.solver.compile = True
-    if args.resume is None and os.environ.get("RANK", "0") == "0":  # rank 0 owns the folder
-        claim_run_folder(args.output, args.force, "pass --resume to continue it, another --output,")
+    resume = _resume_arg(args)
     if args.weights is not None and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights}: no such checkpoint")
-    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args), weights=args.weights,
+    if resume is None and os.environ.get("RANK", "0") == "0":  # rank 0 owns the folder
+        claim_run_folder(args.output, args.force, "pass --resume to continue it, another --output,")
+    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=resume, weights=args.weights,
                       skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
                       progress=not args.no_progress, log_period=args.log_period, num_workers=args.num_workers)
     trainer.train()
@@ -252,8 +253,7 @@ def cmd_predict(args) -> int:
         model, cfg = _load_model(args.checkpoint, args, device)
         try:
             predictor = Predictor(model, cfg, _checked_metadata(model, cfg, args.checkpoint), device=device,
-                                  batch_size=args.batch_size,
-                                  amp=args.amp, sem_ids=args.sem_ids)
+                                  batch_size=args.batch_size, amp=args.amp, sem_ids=args.sem_ids)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         tasks = args.task or ["semantic"]
