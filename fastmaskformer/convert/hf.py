@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..config import BackboneConfig, Config, ModelConfig
 from ..modeling import MaskFormer, build_model
-from ._common import write_checkpoint
+from ._common import fitting_dataset, write_checkpoint
 
 _HF_MEAN = (0.485, 0.456, 0.406)  # ImageNet mean/std in 0-1 units, the HF image processor default
 _HF_STD = (0.229, 0.224, 0.225)
@@ -351,9 +351,11 @@ def load_hf_pretrained(src_dir: str | os.PathLike) -> MaskFormer:
 def convert_hf_directory(src_dir: str | os.PathLike, out_path: str | os.PathLike) -> Config:
     """Convert a saved HF MaskFormer directory into our checkpoint ``{"model", "config"}`` at
     ``out_path`` (written atomically: temporary file in the same folder, then ``os.replace``).
-    Returns the ``Config`` stored with it (model section from HF, other sections default)."""
+    Returns the ``Config`` stored with it (model section from HF, the dataset whose label space has
+    its number of classes, other sections default)."""
     hf_config, state, preprocessor = _read_hf_directory(src_dir)
     model_cfg, model = _convert(hf_config, state, preprocessor)
     cfg = Config(model=model_cfg, name=f"hf-{Path(src_dir).resolve().name}")
+    cfg.data.dataset = fitting_dataset(cfg, cfg.name)  # a 133-class model: coco-panoptic, not the default
     write_checkpoint(out_path, model, cfg)
     return cfg

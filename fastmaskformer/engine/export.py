@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.metadata import check_label_space
+from ..modeling import num_classes_of
 from ..ops.inference import instance_count
 from .predictor import Predictor, resize_image
 
@@ -241,6 +243,7 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
     device = str(torch.device(device))
     if fmt == "onnx" and device != "cpu":
         raise ExportError(f"ONNX files are traced on the CPU (device-independent), not on {device}")
+    check_label_space(num_classes_of(model), metadata, "the model", cfg.data.dataset)
     program = build_program(model.to(device).eval(), cfg, metadata, task).eval()
     info = json.dumps(export_metadata(cfg, metadata, task, fmt, torch.device(device).type))
     output = Path(output)
