@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention: fused Triton forward and deterministic backward (issue 18).
+"""Multi-scale deformable attention: fused Triton forward and deterministic backward (issues 18, 26).
 
 Semantics (``fastmaskformer.ops.ms_deform_attn``): for query q, head h, level l, point p,
 bilinear ``grid_sample`` (align_corners=False, zero padding) of level l's value map at the
@@ -10,42 +10,54 @@ map reads zero.
 Layouts (all contiguous): value [B, S, H, D] (levels flattened row-major, level l starting at row
 ``start_l``), sampling_locations [B, Lq, H, L, P, 2], attention_weights [B, Lq, H, L, P],
 out / grad_out [B, Lq, H*D]. One program handles BLOCK_Q queries of one (image, head) and all D
-channels of the head (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values; programs
-ordered head-fastest); it loops over levels and points. Loads of any float dtype are upcast: all
-arithmetic is float32.
+channels of the head (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values, the
+access layout DCNv4 argues for; programs ordered head-fastest); it loops over levels and points.
+Loads of any float dtype are upcast: all arithmetic is float32.
 
-Backward (one kernel, same tiling):
+Backward (same tiling):
 - attention-weight and location gradients are reductions over D inside the program (gather
   formulation: no atomics);
 - the value gradient is a scatter (each sample adds ``a * w_tap * grad_out`` to 4 value rows).
   The official CUDA extension does this with float atomics, so its gradients change from run to
-  run. Here every contribution is converted to 64-bit fixed point and added with *integer*
-  atomics, which are associative: the sum is the same whatever the order, so two runs give
-  bit-identical gradients. The fixed-point scale is a power of two chosen on the device (no host
-  sync) from ``bound = max|grad_out| * max_(b,h) sum_(q,l,p) |a|``, which bounds every partial sum
-  of a value gradient, as ``2^61 / bound`` rounded down to a power of two: no overflow, and the
-  resolution is at most ``2^-60 * bound`` - each contribution keeps its full float32 precision
-  down to ~2^-47 of the largest |grad_out| (Lq = 5376 queries of softmax weights), and the sums
-  are exact; the result is finer than float32 accumulation. A non-finite grad_out makes the value
-  gradient NaN (everywhere), as an overflowing float sum would.
-  Memory: the int64 accumulator is [B, S, H, D] (twice a float32 value gradient; 176 MB at the
-  Mask2Former pixel-decoder size B=16, 512x512), freed when the float gradient is formed.
-  The op offers no float-atomic mode (the same number of atomics at half the width, not
-  reproducible); ``ms_deform_attn_backward_float_atomics`` exists for the benchmark to price
-  determinism.
+  run. By default (``deterministic=True``) every contribution is rounded to 32-bit fixed point
+  and added with *integer* atomics, which are associative: the sum is the same whatever the
+  order, so two runs give bit-identical gradients, at the width (4 bytes per element) of the
+  official float atomics. The scale is a power of two per (image, head, level), chosen on the
+  device (no host sync) from the data so that no partial sum can overflow:
+  1. a mass pass adds ``|a|`` of every sample to its (clamped) top-left tap in 32-bit fixed point
+     (``_ms_deform_attn_mass_kernel``; one scalar atomic per sample, each term rounded up);
+  2. a value row's taps come from samples whose top-left tap is the row or one of its 3
+     up/left neighbours, so ``bound(row) = max|grad_out(b, h)| * (the 2x2 box sum of the mass)``
+     bounds the sum of |contributions| of every value-gradient element of the row;
+  3. ``scale(b, h, l) = 2^(30 - e)`` with ``max_rows_of_l bound < 2^e``: every partial sum stays
+     below ``2^30 + n`` (n contributions, each rounded to the nearest integer) < 2^31.
+  Resolution: each contribution keeps its float32 value to within half a unit of
+  ``2^-30 * bound(b, h, l)`` (finer than float32 for the largest sums of the level; for rows far
+  below the level's largest, coarser than float atomics would be). Non-finite grad_out or weights
+  make the value gradient NaN (everywhere), as an overflowing float sum would.
+  Memory: an int32 accumulator [B, S, H, D] (the size of a float32 value gradient; 88 MB at the
+  Mask2Former pixel-decoder size B=16, 512x512) and the int32 mass [B, S, H].
+- ``deterministic=False``: float32 atomics, the official extension's scheme (no mass pass and no
+  fixed-point conversion; gradients differ from run to run in the last bits).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, fixed_point_scales, launch, triton_operator
+from .common import autotune_configs, launch, triton_operator
 
-# The backward kernel issues atomics, which an autotuner's benchmark runs would add up more than
-# once: it has ONE config (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
+# The backward kernels issue atomics, which an autotuner's benchmark runs would add up more than
+# once: ONE config each (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
 # elements per program on 4 warps: 2 per thread, ~80 registers, 38% occupancy on sm_90 / sm_80 for
 # this gather/atomic-latency-bound loop (4 per thread need ~140 registers, 8 ~240); the whole query
 # range per (image, head) under the interpreter.
 BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, num_warps=4)], interpreter=dict(TILE=8192))
+MASS_CONFIG = dict(gpu=[dict(BLOCK_Q=128, num_warps=4)], interpreter=dict(BLOCK_Q=1024))
+# Fixed-point headroom (module docstring): bound * scale < 2^30, partial sums < 2^30 + n < 2^31.
+FIXED_POINT_BITS = 30
+# Float rounding slack of the bounds (conversions and products of float32 values round by
+# at most 2^-24 each): a bound multiplied by it stays an upper bound.
+BOUND_SLACK = 1.0 + 2.0 ** -20
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -89,8 +101,8 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
 def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """This program's head h, image b and BLOCK_Q queries: (query mask, d, d mask, value row
-    stride, value base offset of (b, h), flat (b, q, h) indices [BLOCK_Q]). Heads vary
+    """This program's image b, head h and BLOCK_Q queries: (b, h, query mask, d, d mask, value
+    row stride, value base offset of (b, h), flat (b, q, h) indices [BLOCK_Q]). Heads vary
     fastest over the programs: the programs of one query block run together and share the
     location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2."""
     pid = tl.program_id(0)
@@ -99,7 +111,15 @@ def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
     q = (pid // H) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     row_stride = H * D
-    return q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
+    return b, h, q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
+
+
+@triton.jit
+def _level(shapes_ptr, starts_ptr, lvl):
+    """(h_l, w_l, first value row) of level ``lvl``."""
+    h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+    w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+    return h_l, w_l, tl.load(starts_ptr + lvl).to(tl.int32)
 
 
 @triton.autotune(
@@ -113,12 +133,10 @@ def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                                S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
+    _, _, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     for lvl in range(L):
-        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl).to(tl.int32)
+        h_l, w_l, start = _level(shapes_ptr, starts_ptr, lvl)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -134,15 +152,34 @@ def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
     tl.store(out, acc, mask=qmask[:, None] & dmask[None, :])
 
 
+@triton.autotune(configs=autotune_configs(**MASS_CONFIG), key=["H", "L", "P"])
+@triton.jit
+def _ms_deform_attn_mass_kernel(shapes_ptr, starts_ptr, loc_ptr, attn_ptr, mass_scale_ptr, mass_ptr,
+                                S, Lq, H, L, P, BLOCK_Q: tl.constexpr):
+    """mass[b, row, h] += ceil(|a| * mass_scale[b, h]) (int32 atomics) over the samples whose
+    top-left tap, clamped into the map, is ``row``; samples with no tap inside the map add nothing."""
+    b, h, qmask, _, _, _, _, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q)
+    mass_scale = tl.load(mass_scale_ptr + b * H + h)
+    for lvl in range(L):
+        h_l, w_l, start = _level(shapes_ptr, starts_ptr, lvl)
+        for pt in range(P):
+            off = qh * (L * P) + lvl * P + pt
+            x0, y0, _, _, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
+            touches = qmask & (x0 >= -1) & (x0 < w_l) & (y0 >= -1) & (y0 < h_l)
+            row = start + tl.maximum(y0, 0) * w_l + tl.maximum(x0, 0)
+            tl.atomic_add(mass_ptr + (b * S + row.to(tl.int64)) * H + h,
+                          tl.ceil(tl.abs(a) * mass_scale).to(tl.int32), mask=touches, sem="relaxed")
+
+
 @triton.jit
 def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, scale, FIXED_POINT: tl.constexpr):
-    """Adds ``coef * g`` [BLOCK_Q, BLOCK_D] to the value-gradient rows ``row`` in 64-bit fixed
-    point (integer atomics: the sum does not depend on the order). Without FIXED_POINT (the
-    benchmark's comparison only): float32 atomics, the official extension's non-deterministic way."""
+    """Adds ``coef * g`` [BLOCK_Q, BLOCK_D] to the value-gradient rows ``row``: rounded to 32-bit
+    fixed point (``* scale``, integer atomics: the sum does not depend on the order), or without
+    FIXED_POINT with float32 atomics (the official extension's non-deterministic way)."""
     ptrs = acc_ptr + vbase + (row.to(tl.int64) * row_stride)[:, None] + d[None, :]
     if FIXED_POINT:
-        tl.atomic_add(ptrs, (coef[:, None] * g * scale).to(tl.int64), mask=inside[:, None] & dmask[None, :],
-                      sem="relaxed")
+        tl.atomic_add(ptrs, tl.floor(coef[:, None] * g * scale + 0.5).to(tl.int32),
+                      mask=inside[:, None] & dmask[None, :], sem="relaxed")
     else:
         tl.atomic_add(ptrs, coef[:, None] * g, mask=inside[:, None] & dmask[None, :], sem="relaxed")
 
@@ -154,14 +191,14 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
                                S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
                                TILE: tl.constexpr):
     BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
-    qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
+    b, h, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr)
     for lvl in range(L):
-        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl).to(tl.int32)
+        h_l, w_l, start = _level(shapes_ptr, starts_ptr, lvl)
+        scale = 1.0
+        if FIXED_POINT:
+            scale = tl.load(scale_ptr + (b * L + lvl) * H + h)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -205,9 +242,10 @@ def _sizes(value, sampling_locations):
 
 @triton_operator("ms_deform_attn_forward")
 def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                           attention_weights: torch.Tensor) -> torch.Tensor:
+                           attention_weights: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
     """value [B,S,H,D], spatial_shapes int64 [L,2], sampling_locations [B,Lq,H,L,P,2],
-    attention_weights [B,Lq,H,L,P] (all contiguous) -> [B,Lq,H*D] in value's dtype."""
+    attention_weights [B,Lq,H,L,P] (all contiguous) -> [B,Lq,H*D] in value's dtype.
+    ``deterministic`` only selects the backward (module docstring)."""
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     out = value.new_empty(b, lq, nh * d)
     starts = _level_starts(spatial_shapes)
@@ -220,68 +258,100 @@ def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
     return out
 
 
-def fixed_point_scale(grad_out: torch.Tensor, attention_weights: torch.Tensor):
-    """(scale, 1/scale) as float32 [1] tensors, powers of two, and whether the bound is finite.
-    Every partial sum of a value gradient is at most ``max|grad_out| * max_(b,h) sum |a|``."""
-    g_max = grad_out.detach().abs().amax().float()
-    a_mass = attention_weights.detach().abs().float().sum(dim=(1, 3, 4)).amax()
-    return fixed_point_scales(g_max * a_mass)
+def power_of_two_scale(bound: torch.Tensor, bits: int = FIXED_POINT_BITS) -> torch.Tensor:
+    """Elementwise ``2^(bits - e)`` (float32) with ``bound < 2^e``: ``scale * bound < 2^bits``
+    exactly (``frexp``; 0 gives ``2^bits``), the exponent kept inside float32's normal range."""
+    _, exponent = torch.frexp(bound.float())
+    return torch.ldexp(torch.ones_like(bound, dtype=torch.float32), (bits - exponent).clamp(-126, 127))
 
 
-def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, fixed_point: bool):
+def _value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations, attention_weights, starts):
+    """Per (image, level, head) an upper bound of the sum of |contributions| of any one value
+    gradient element: float32 [B, L, H]; and the level of every value row, int64 [S]."""
+    b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
+    g_max = grad_out.view(b, lq, nh, d).abs().amax(dim=(1, 3)).float()  # (b, h)
+    a_sum = attention_weights.abs().float().sum(dim=(1, 3, 4))  # (b, h): bounds every mass sum
+    mass_scale = power_of_two_scale(a_sum * BOUND_SLACK)
+    mass = torch.zeros(b, s, nh, dtype=torch.int32, device=value.device)
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b)
+
+    launch(_ms_deform_attn_mass_kernel, grid, spatial_shapes, starts, sampling_locations, attention_weights,
+           mass_scale, mass, s, lq, nh, nl, npt)
+    # The 2x2 box sum (the row, its left, upper and upper-left neighbours inside the level).
+    rows = torch.arange(s, device=value.device)
+    level = torch.bucketize(rows, starts, right=True) - 1  # (s,)
+    width = spatial_shapes[:, 1][level]
+    x = (rows - starts[level]) % width
+    y = (rows - starts[level]) // width
+    box = mass.long()
+    for shift, ok in ((1, x >= 1), (width, y >= 1), (width + 1, (x >= 1) & (y >= 1))):
+        neighbour = mass.long().gather(1, (rows - shift).clamp(min=0).view(1, s, 1).expand(b, s, nh))
+        box = box + torch.where(ok.view(1, s, 1), neighbour, 0)
+    box_max = torch.zeros(b, nl, nh, dtype=torch.int64, device=value.device).scatter_reduce_(
+        1, level.view(1, s, 1).expand(b, s, nh), box, "amax")
+    bound = box_max.float() * BOUND_SLACK / mass_scale[:, None, :] * g_max[:, None, :] * BOUND_SLACK
+    # Non-finite weights leave the integer mass meaningless: their bound is infinite.
+    return torch.where(torch.isfinite(a_sum)[:, None, :], bound, float("inf")), level
+
+
+def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic: bool):
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     grad_out = grad_out.contiguous()
-    acc = torch.zeros(b, s, nh, d, dtype=torch.int64 if fixed_point else torch.float32, device=value.device)
+    starts = _level_starts(spatial_shapes)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
-    scale, inv_scale, finite = fixed_point_scale(grad_out, attention_weights)
-    starts = _level_starts(spatial_shapes)
+    if deterministic:
+        bound, level = _value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations,
+                                              attention_weights, starts)
+        scale = power_of_two_scale(bound)  # (b, l, h)
+        acc = torch.zeros(b, s, nh, d, dtype=torch.int32, device=value.device)
+    else:
+        scale = torch.ones(1, dtype=torch.float32, device=value.device)  # not read
+        acc = torch.zeros(b, s, nh, d, dtype=torch.float32, device=value.device)
     block_d = triton.next_power_of_2(d)
 
     def grid(meta):
         return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d)) * nh, b)
 
     launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
-           grad_out, scale, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d, FIXED_POINT=fixed_point)
-    if not fixed_point:
+           grad_out, scale, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d,
+           FIXED_POINT=deterministic)
+    if not deterministic:
         return acc.to(value.dtype), grad_loc, grad_attn
-    grad_value = acc.to(torch.float32) * inv_scale
-    grad_value = torch.where(finite, grad_value, float("nan")).to(value.dtype)
+    row_scale = scale.index_select(1, level)  # (b, s, h): powers of two, the division is exact
+    grad_value = acc.to(torch.float32) / row_scale[..., None]
+    grad_value = torch.where(torch.isfinite(bound).all(), grad_value, float("nan")).to(value.dtype)
     return grad_value, grad_loc, grad_attn
 
 
 @triton_operator("ms_deform_attn_backward")
 def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
-                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                            deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (value, sampling_locations, attention_weights) for grad_out [B,Lq,H*D], each in its
-    input's dtype; deterministic (module docstring)."""
-    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, True)
-
-
-def ms_deform_attn_backward_float_atomics(grad_out, value, spatial_shapes, sampling_locations, attention_weights):
-    """The same gradients with the value gradient summed by float32 atomics, as the official
-    extension does: NOT deterministic, and not exposed by the op. It exists so that the benchmark
-    can measure what determinism costs (an opt-in would only be offered if measurably faster)."""
-    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, False)
+    input's dtype; bit-identical across runs unless ``deterministic=False`` (module docstring)."""
+    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic)
 
 
 def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, sampling_locations, attention_weights = inputs
+    value, spatial_shapes, sampling_locations, attention_weights, deterministic = inputs
     ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, grad_out):
     value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_loc, grad_attn = ms_deform_attn_backward(grad_out, value, spatial_shapes, sampling_locations,
-                                                              attention_weights)
-    return grad_value, None, grad_loc, grad_attn
+                                                              attention_weights, ctx.deterministic)
+    return grad_value, None, grad_loc, grad_attn, None
 
 
 ms_deform_attn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                   attention_weights: torch.Tensor) -> torch.Tensor:
+                   attention_weights: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
     """The fused op (inputs checked and contiguous: ``fastmaskformer.ops.ms_deform_attn``)."""
-    return ms_deform_attn_forward(value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_forward(value, spatial_shapes, sampling_locations, attention_weights, deterministic)

@@ -247,15 +247,46 @@ def test_fixed_point_worst_case_all_samples_on_one_row():
 
 
 def test_float_atomic_backward_agrees():
-    """The benchmark's non-deterministic comparison path computes the same gradients."""
-    from fastmaskformer.kernels import ms_deform_attn as kernel
-
+    """deterministic=False (float32 atomics, the official scheme) computes the same gradients."""
     value, ss, loc, attn = make_inputs(lq=6, shapes=[(3, 2), (1, 1)])
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
-    want = kernel.ms_deform_attn_backward(grad, value, ss, loc, attn)
-    got = kernel.ms_deform_attn_backward_float_atomics(grad, value, ss, loc, attn)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    want = run("triton", value, ss, loc, attn, grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], ss, leaves[1], leaves[2], impl="triton", deterministic=False)
+    got = (out,) + torch.autograd.grad(out, leaves, grad)
+    assert_close_all(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_point_scale_follows_the_level_mass():
+    """The 32-bit scale is per (image, level, head), from the 2x2 box sum of the per-row mass:
+    every bound covers the true sum of |contributions| of each row of its level, and the scale
+    puts it just below 2^30."""
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    value, ss, loc, attn = make_inputs(b=1, lq=40, nh=2, shapes=[(6, 6), (1, 1)], seed=2, borders=False)
+    grad = torch.randn(1, 40, value.shape[2] * value.shape[3])
+    starts = kernel._level_starts(ss)
+    bound, level = kernel._value_gradient_bounds(grad, value, ss, loc, attn, starts)
+    assert bound.shape == (1, 2, 2) and torch.equal(level, torch.tensor([0] * 36 + [1]))
+    # True per-row sum of |a * w_tap| * max|g|: the fp64 value gradient of |grad| = max|g| with |a|.
+    g_max = grad.view(1, 40, 2, -1).abs().amax(dim=(1, 3))  # (b, h)
+    ones = torch.ones_like(grad).view(1, 40, 2, -1) * g_max[:, None, :, None]
+    true = fp64_truth(value, ss, loc, attn.abs(), ones.flatten(2))[1].abs().amax(-1)  # (b, s, h)
+    for lvl, rows in ((0, slice(0, 36)), (1, slice(36, 37))):
+        worst = true[0, rows].amax(0)  # (h,)
+        assert (bound[0, lvl].double() >= worst).all(), (lvl, bound[0, lvl], worst)
+    scale = kernel.power_of_two_scale(bound)
+    assert (scale * bound < 2.0 ** 30).all() and (scale * bound >= 2.0 ** 28).all()
+
+
+def test_power_of_two_scale_edges():
+    from fastmaskformer.kernels.ms_deform_attn import power_of_two_scale
+
+    bound = torch.tensor([0.0, 1.0, 0.75, 2.0 ** 40, 1e-30, 3.0e38])
+    scale = power_of_two_scale(bound)
+    assert torch.equal(torch.log2(scale), torch.round(torch.log2(scale)))  # powers of two
+    assert (scale * bound < 2.0 ** 30).all()
+    assert scale[0] == 2.0 ** 30 and scale[1] == 2.0 ** 29 and scale[2] == 2.0 ** 30
 
 
 def test_value_gradient_independent_of_summation_order():
@@ -273,7 +304,7 @@ def test_value_gradient_independent_of_summation_order():
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1][:, perm], second[1]) and torch.equal(first[2][:, perm], second[2])
     # The float-atomic variant (the official extension's scheme) sums in arrival order: it differs.
-    floats = [kernel.ms_deform_attn_backward_float_atomics(g, value, ss, lo, a)[0]
+    floats = [kernel.ms_deform_attn_backward(g, value, ss, lo, a, False)[0]
               for g, lo, a in ((grad, loc, attn), (grad[:, perm].contiguous(), loc[:, perm].contiguous(),
                                                     attn[:, perm].contiguous()))]
     assert not torch.equal(floats[0], floats[1])
