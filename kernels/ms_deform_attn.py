@@ -53,11 +53,17 @@ from .common import autotune_configs, launch, triton_operator
 # range per (image, head) under the interpreter.
 BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, num_warps=4)], interpreter=dict(TILE=8192))
 MASS_CONFIG = dict(gpu=[dict(BLOCK_Q=128, num_warps=4)], interpreter=dict(BLOCK_Q=1024))
+# Row-wise passes over [B, S, H(*D)] (the mass box maxima, the fixed-point conversion).
+ROWS_CONFIG = dict(gpu=[dict(BLOCK_S=32, num_warps=4)], interpreter=dict(BLOCK_S=4096))
 # Fixed-point headroom (module docstring): bound * scale < 2^30, partial sums < 2^30 + n < 2^31.
-FIXED_POINT_BITS = 30
+# The mass uses 2^28 so that a 2x2 box sum of it stays below 2^31.
+FIXED_POINT_BITS: tl.constexpr = tl.constexpr(30)
+MASS_BITS: tl.constexpr = tl.constexpr(28)
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+NAN: tl.constexpr = tl.constexpr(float("nan"))
 # Float rounding slack of the bounds (conversions and products of float32 values round by
 # at most 2^-24 each): a bound multiplied by it stays an upper bound.
-BOUND_SLACK = 1.0 + 2.0 ** -20
+BOUND_SLACK: tl.constexpr = tl.constexpr(1.0 + 2.0 ** -20)
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -115,11 +121,40 @@ def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _level(shapes_ptr, starts_ptr, lvl):
-    """(h_l, w_l, first value row) of level ``lvl``."""
-    h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-    w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-    return h_l, w_l, tl.load(starts_ptr + lvl).to(tl.int32)
+def _level(shapes_ptr, lvl):
+    """(h_l, w_l) of level ``lvl``; the callers loop over the levels in order and add up the
+    first value row of each (``start += h_l * w_l``)."""
+    return tl.load(shapes_ptr + 2 * lvl).to(tl.int32), tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+
+
+@triton.jit
+def _pow2_scale(bound, BITS: tl.constexpr):
+    """``2^(BITS - e)`` as float32 with ``bound < 2^e`` (bound >= 0 finite float32; the exponent
+    read from the bits: a normal bound lies in [2^(E-127), 2^(E-126)) for the biased exponent
+    E, zero and subnormals below 2^-126), kept inside float32's normal range [2^-126, 2^127]:
+    ``scale * bound < 2^BITS``."""
+    e = ((bound.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    exponent = tl.minimum(tl.maximum(-e + BITS, -126), 127)
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mass_scale(a_sum_ptr, bh):
+    """The fixed-point scale of the mass of (image, head) ``bh``: its sum of |a| bounds every mass."""
+    return _pow2_scale(tl.load(a_sum_ptr + bh) * BOUND_SLACK, MASS_BITS)
+
+
+@triton.jit
+def _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H):
+    """The fixed-point scale of the value gradient of (image b, level lvl, heads h): the level's
+    largest mass box sum (in units of 1 / mass scale) times max|grad_out| of (b, h) bounds the
+    sum of |contributions| of every element; scale * bound < 2^30. Also whether that is finite."""
+    bh = b * H + h
+    mass = tl.load(box_max_ptr + (b * L + lvl) * H + h).to(tl.float32) * BOUND_SLACK / _mass_scale(a_sum_ptr, bh)
+    g_max = tl.load(g_max_ptr + bh)
+    a_sum = tl.load(a_sum_ptr + bh)
+    finite = (g_max <= FLOAT32_MAX) & (a_sum <= FLOAT32_MAX)  # false for inf and NaN
+    return _pow2_scale(tl.where(finite, mass * g_max * BOUND_SLACK, 0.0), FIXED_POINT_BITS), finite
 
 
 @triton.autotune(
@@ -131,12 +166,13 @@ def _level(shapes_ptr, starts_ptr, lvl):
     key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
 )
 @triton.jit
-def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
                                S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
     _, _, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    start = 0
     for lvl in range(L):
-        h_l, w_l, start = _level(shapes_ptr, starts_ptr, lvl)
+        h_l, w_l = _level(shapes_ptr, lvl)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -148,20 +184,22 @@ def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
             v += (fy * gx)[:, None] * _load_tap(value_ptr, vbase, r10, i10, d, dmask, row_stride)
             v += (fy * fx)[:, None] * _load_tap(value_ptr, vbase, r11, i11, d, dmask, row_stride)
             acc += a[:, None] * v
+        start += h_l * w_l
     out = out_ptr + (qh * D)[:, None] + d[None, :]
     tl.store(out, acc, mask=qmask[:, None] & dmask[None, :])
 
 
 @triton.autotune(configs=autotune_configs(**MASS_CONFIG), key=["H", "L", "P"])
 @triton.jit
-def _ms_deform_attn_mass_kernel(shapes_ptr, starts_ptr, loc_ptr, attn_ptr, mass_scale_ptr, mass_ptr,
-                                S, Lq, H, L, P, BLOCK_Q: tl.constexpr):
-    """mass[b, row, h] += ceil(|a| * mass_scale[b, h]) (int32 atomics) over the samples whose
-    top-left tap, clamped into the map, is ``row``; samples with no tap inside the map add nothing."""
+def _ms_deform_attn_mass_kernel(shapes_ptr, loc_ptr, attn_ptr, a_sum_ptr, mass_ptr, S, Lq, H, L, P,
+                                BLOCK_Q: tl.constexpr):
+    """mass[b, row, h] += ceil(|a| * mass scale) (int32 atomics) over the samples whose top-left
+    tap, clamped into the map, is ``row``; samples with no tap inside the map add nothing."""
     b, h, qmask, _, _, _, _, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q)
-    mass_scale = tl.load(mass_scale_ptr + b * H + h)
+    mass_scale = _mass_scale(a_sum_ptr, b * H + h)
+    start = 0
     for lvl in range(L):
-        h_l, w_l, start = _level(shapes_ptr, starts_ptr, lvl)
+        h_l, w_l = _level(shapes_ptr, lvl)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, _, _, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -169,6 +207,62 @@ def _ms_deform_attn_mass_kernel(shapes_ptr, starts_ptr, loc_ptr, attn_ptr, mass_
             row = start + tl.maximum(y0, 0) * w_l + tl.maximum(x0, 0)
             tl.atomic_add(mass_ptr + (b * S + row.to(tl.int64)) * H + h,
                           tl.ceil(tl.abs(a) * mass_scale).to(tl.int32), mask=touches, sem="relaxed")
+        start += h_l * w_l
+
+
+@triton.jit
+def _rows_of_level(s, start, h_l, w_l):
+    """For value rows ``s`` [BLOCK_S]: inside the level starting at ``start``, column, row."""
+    local = s - start
+    return (local >= 0) & (local < h_l * w_l), local % w_l, local // w_l
+
+
+@triton.autotune(configs=autotune_configs(**ROWS_CONFIG), key=["H", "L"])
+@triton.jit
+def _ms_deform_attn_box_max_kernel(shapes_ptr, mass_ptr, box_max_ptr, S, H, L, BLOCK_H: tl.constexpr,
+                                   BLOCK_S: tl.constexpr):
+    """box_max[b, l, h] = max over the rows of level l of the 2x2 box sum of mass [B, S, H] (the
+    row, its left, upper and upper-left neighbours inside the level): int32 atomic max, exact."""
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(1).to(tl.int64)
+    hs = tl.arange(0, BLOCK_H)
+    hmask = hs < H
+    base = mass_ptr + b * S * H + hs[None, :]
+    start = 0
+    for lvl in range(L):
+        h_l, w_l = _level(shapes_ptr, lvl)
+        inside, x, y = _rows_of_level(s, start, h_l, w_l)
+        box = tl.zeros((BLOCK_S, BLOCK_H), dtype=tl.int32)
+        for dy in range(2):
+            for dx in range(2):
+                ok = inside & (x >= dx) & (y >= dy)
+                box += tl.load(base + ((s - dy * w_l - dx) * H)[:, None], mask=ok[:, None] & hmask[None, :], other=0)
+        tl.atomic_max(box_max_ptr + (b * L + lvl) * H + hs, tl.max(box, axis=0), mask=hmask, sem="relaxed")
+        start += h_l * w_l
+
+
+@triton.autotune(configs=autotune_configs(**ROWS_CONFIG), key=["H", "D", "L"])
+@triton.jit
+def _ms_deform_attn_fixed_to_float_kernel(shapes_ptr, acc_ptr, box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_ptr,
+                                          S, H, D, L, BLOCK_HD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """grad_value [B, S, H*D] (its dtype) = acc / scale(b, level of the row, h); NaN where the
+    bound of (b, h) is not finite."""
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HD)
+    cmask = cols < H * D
+    h = cols // D
+    offs = (b * S + s.to(tl.int64))[:, None] * (H * D) + cols[None, :]
+    start = 0
+    for lvl in range(L):
+        h_l, w_l = _level(shapes_ptr, lvl)
+        inside, _, _ = _rows_of_level(s, start, h_l, w_l)
+        mask = inside[:, None] & cmask[None, :]
+        scale, finite = _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H)  # (BLOCK_HD,)
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0).to(tl.float32)
+        grad = tl.where(finite[None, :], acc / scale[None, :], NAN)
+        tl.store(grad_value_ptr + offs, grad.to(grad_value_ptr.dtype.element_ty), mask=mask)
+        start += h_l * w_l
 
 
 @triton.jit
@@ -186,19 +280,20 @@ def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, sca
 
 @triton.autotune(configs=autotune_configs(**BACKWARD_CONFIG), key=["BLOCK_D"])
 @triton.jit
-def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-                               scale_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
+def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                               box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
                                S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
                                TILE: tl.constexpr):
     BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
     b, h, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)
+    start = 0
     for lvl in range(L):
-        h_l, w_l, start = _level(shapes_ptr, starts_ptr, lvl)
+        h_l, w_l = _level(shapes_ptr, lvl)
         scale = 1.0
         if FIXED_POINT:
-            scale = tl.load(scale_ptr + (b * L + lvl) * H + h)
+            scale, _ = _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -226,14 +321,10 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
                          a * fy * gx, g, scale, FIXED_POINT)
             _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
                          a * fy * fx, g, scale, FIXED_POINT)
+        start += h_l * w_l
 
 
 # ---------------------------------------------------------------------------- operators
-def _level_starts(spatial_shapes: torch.Tensor) -> torch.Tensor:
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    return torch.cumsum(sizes, 0) - sizes
-
-
 def _sizes(value, sampling_locations):
     b, s, nh, d = value.shape
     lq, nl, npt = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
@@ -248,81 +339,62 @@ def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
     ``deterministic`` only selects the backward (module docstring)."""
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     out = value.new_empty(b, lq, nh * d)
-    starts = _level_starts(spatial_shapes)
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b)
 
-    launch(_ms_deform_attn_fwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
+    launch(_ms_deform_attn_fwd_kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
            out, s, lq, nh, d, nl, npt, triton.next_power_of_2(lq), BLOCK_D=triton.next_power_of_2(d))
     return out
 
 
-def power_of_two_scale(bound: torch.Tensor, bits: int = FIXED_POINT_BITS) -> torch.Tensor:
-    """Elementwise ``2^(bits - e)`` (float32) with ``bound < 2^e``: ``scale * bound < 2^bits``
-    exactly (``frexp``; 0 gives ``2^bits``), the exponent kept inside float32's normal range."""
-    _, exponent = torch.frexp(bound.float())
-    return torch.ldexp(torch.ones_like(bound, dtype=torch.float32), (bits - exponent).clamp(-126, 127))
-
-
-def _value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations, attention_weights, starts):
-    """Per (image, level, head) an upper bound of the sum of |contributions| of any one value
-    gradient element: float32 [B, L, H]; and the level of every value row, int64 [S]."""
-    b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
-    g_max = grad_out.view(b, lq, nh, d).abs().amax(dim=(1, 3)).float()  # (b, h)
-    a_sum = attention_weights.abs().float().sum(dim=(1, 3, 4))  # (b, h): bounds every mass sum
-    mass_scale = power_of_two_scale(a_sum * BOUND_SLACK)
-    mass = torch.zeros(b, s, nh, dtype=torch.int32, device=value.device)
-
+def _rows_grid(b, s):
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b)
+        return (triton.cdiv(s, meta["BLOCK_S"]), b)
+    return grid
 
-    launch(_ms_deform_attn_mass_kernel, grid, spatial_shapes, starts, sampling_locations, attention_weights,
-           mass_scale, mass, s, lq, nh, nl, npt)
-    # The 2x2 box sum (the row, its left, upper and upper-left neighbours inside the level).
-    rows = torch.arange(s, device=value.device)
-    level = torch.bucketize(rows, starts, right=True) - 1  # (s,)
-    width = spatial_shapes[:, 1][level]
-    x = (rows - starts[level]) % width
-    y = (rows - starts[level]) // width
-    box = mass.long()
-    for shift, ok in ((1, x >= 1), (width, y >= 1), (width + 1, (x >= 1) & (y >= 1))):
-        neighbour = mass.long().gather(1, (rows - shift).clamp(min=0).view(1, s, 1).expand(b, s, nh))
-        box = box + torch.where(ok.view(1, s, 1), neighbour, 0)
-    box_max = torch.zeros(b, nl, nh, dtype=torch.int64, device=value.device).scatter_reduce_(
-        1, level.view(1, s, 1).expand(b, s, nh), box, "amax")
-    bound = box_max.float() * BOUND_SLACK / mass_scale[:, None, :] * g_max[:, None, :] * BOUND_SLACK
-    # Non-finite weights leave the integer mass meaningless: their bound is infinite.
-    return torch.where(torch.isfinite(a_sum)[:, None, :], bound, float("inf")), level
+
+def value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations, attention_weights):
+    """What the fixed-point scales are made of (module docstring): per (image, head) max|grad_out|
+    and sum|a| (float32 [B, H]) and per (image, level, head) the largest 2x2 box sum of the mass
+    (int32 [B, L, H], units of 1 / mass scale). No host sync."""
+    b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
+    g_max = torch.linalg.vector_norm(grad_out.view(b, lq, nh, d), float("inf"), dim=(1, 3), dtype=torch.float32)
+    a_sum = torch.linalg.vector_norm(attention_weights, 1, dim=(1, 3, 4), dtype=torch.float32)
+    mass = torch.zeros(b, s, nh, dtype=torch.int32, device=value.device)
+    launch(_ms_deform_attn_mass_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b), spatial_shapes,
+           sampling_locations, attention_weights, a_sum, mass, s, lq, nh, nl, npt)
+    box_max = torch.zeros(b, nl, nh, dtype=torch.int32, device=value.device)
+    launch(_ms_deform_attn_box_max_kernel, _rows_grid(b, s), spatial_shapes, mass, box_max, s, nh, nl,
+           BLOCK_H=triton.next_power_of_2(nh))
+    return g_max, a_sum, box_max
 
 
 def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic: bool):
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     grad_out = grad_out.contiguous()
-    starts = _level_starts(spatial_shapes)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
     if deterministic:
-        bound, level = _value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations,
-                                              attention_weights, starts)
-        scale = power_of_two_scale(bound)  # (b, l, h)
+        g_max, a_sum, box_max = value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations,
+                                                      attention_weights)
         acc = torch.zeros(b, s, nh, d, dtype=torch.int32, device=value.device)
     else:
-        scale = torch.ones(1, dtype=torch.float32, device=value.device)  # not read
         acc = torch.zeros(b, s, nh, d, dtype=torch.float32, device=value.device)
+        g_max = a_sum = box_max = acc  # not read
     block_d = triton.next_power_of_2(d)
 
     def grid(meta):
         return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d)) * nh, b)
 
-    launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
-           grad_out, scale, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d,
+    launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
+           grad_out, box_max, a_sum, g_max, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d,
            FIXED_POINT=deterministic)
     if not deterministic:
         return acc.to(value.dtype), grad_loc, grad_attn
-    row_scale = scale.index_select(1, level)  # (b, s, h): powers of two, the division is exact
-    grad_value = acc.to(torch.float32) / row_scale[..., None]
-    grad_value = torch.where(torch.isfinite(bound).all(), grad_value, float("nan")).to(value.dtype)
+    grad_value = torch.empty_like(value)
+    launch(_ms_deform_attn_fixed_to_float_kernel, _rows_grid(b, s), spatial_shapes, acc, box_max, a_sum, g_max,
+           grad_value, s, nh, d, nl, BLOCK_HD=triton.next_power_of_2(nh * d))
     return grad_value, grad_loc, grad_attn
 
 
