@@ -7,7 +7,8 @@ backward, time and peak memory.
     python benchmarks/bench_ms_deform_attn.py --device cpu
 
 One deformable-attention call of the Mask2Former pixel decoder: B=16 and 2 (one GPU of the
-official batch), levels at strides 32, 16, 8 of the input (512x512 -> 16x16, 32x32, 64x64: S = Lq = 5376; 1024x1024 -> S = Lq = 21504),
+official batch), levels at strides 32, 16, 8 of the input (512x512 -> 16x16, 32x32, 64x64:
+S = Lq = 5376; 1024x1024 -> S = Lq = 21504),
 H=8 heads, D=32, L=3 levels, P=4 points; locations are the reference points (pixel centres)
 plus offsets of a few pixels, attention weights a softmax over L*P, as in the encoder.
 Providers, side by side in one process on the same inputs:

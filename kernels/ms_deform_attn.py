@@ -28,13 +28,17 @@ Backward (same tiling):
      (``_ms_deform_attn_mass_kernel``; one scalar atomic per sample, each term rounded up);
   2. a value row's taps come from samples whose top-left tap is the row or one of its 3
      up/left neighbours, so ``bound(row) = max|grad_out(b, h)| * (the 2x2 box sum of the mass)``
-     bounds the sum of |contributions| of every value-gradient element of the row;
-  3. ``scale(b, h, l) = 2^(30 - e)`` with ``max_rows_of_l bound < 2^e``: every partial sum stays
-     below ``2^30 + n`` (n contributions, each rounded to the nearest integer) < 2^31.
+     bounds the sum of |contributions| of every value-gradient element of the row
+     (``_ms_deform_attn_box_max_kernel``: the largest box sum of each level, int32 atomic max);
+  3. ``scale(b, h, l) = 2^(30 - e)`` with ``max_rows_of_l bound < 2^e``, computed from the exponent
+     bits inside the kernels that need it: every partial sum stays below ``2^30 + n`` (n
+     contributions, each rounded to the nearest integer) < 2^31;
+  4. ``_ms_deform_attn_fixed_to_float_kernel`` divides by the scale of each row's level (exact:
+     a power of two) and writes the value gradient in value's dtype.
   Resolution: each contribution keeps its float32 value to within half a unit of
   ``2^-30 * bound(b, h, l)`` (finer than float32 for the largest sums of the level; for rows far
-  below the level's largest, coarser than float atomics would be). Non-finite grad_out or weights
-  make the value gradient NaN (everywhere), as an overflowing float sum would.
+  below the level's largest, coarser than float atomics would be). A non-finite grad_out or
+  weight makes the value gradient of its (image, head) NaN.
   Memory: an int32 accumulator [B, S, H, D] (the size of a float32 value gradient; 88 MB at the
   Mask2Former pixel-decoder size B=16, 512x512) and the int32 mass [B, S, H].
 - ``deterministic=False``: float32 atomics, the official extension's scheme (no mass pass and no
@@ -53,8 +57,10 @@ from .common import autotune_configs, launch, triton_operator
 # range per (image, head) under the interpreter.
 BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, num_warps=4)], interpreter=dict(TILE=8192))
 MASS_CONFIG = dict(gpu=[dict(BLOCK_Q=128, num_warps=4)], interpreter=dict(BLOCK_Q=1024))
-# Row-wise passes over [B, S, H(*D)] (the mass box maxima, the fixed-point conversion).
-ROWS_CONFIG = dict(gpu=[dict(BLOCK_S=32, num_warps=4)], interpreter=dict(BLOCK_S=4096))
+# Row-wise passes: the mass box maxima over [B, S, H] (BLOCK_S rows), the fixed-point conversion
+# over [B, S, H*D] (TILE elements: 16 per thread on 4 warps).
+BOX_CONFIG = dict(gpu=[dict(BLOCK_S=32, num_warps=4)], interpreter=dict(BLOCK_S=4096))
+CONVERT_CONFIG = dict(gpu=[dict(TILE=2048, num_warps=4)], interpreter=dict(TILE=1 << 20))
 # Fixed-point headroom (module docstring): bound * scale < 2^30, partial sums < 2^30 + n < 2^31.
 # The mass uses 2^28 so that a 2x2 box sum of it stays below 2^31.
 FIXED_POINT_BITS: tl.constexpr = tl.constexpr(30)
@@ -195,14 +201,15 @@ def _ms_deform_attn_mass_kernel(shapes_ptr, loc_ptr, attn_ptr, a_sum_ptr, mass_p
                                 BLOCK_Q: tl.constexpr):
     """mass[b, row, h] += ceil(|a| * mass scale) (int32 atomics) over the samples whose top-left
     tap, clamped into the map, is ``row``; samples with no tap inside the map add nothing."""
-    b, h, qmask, _, _, _, _, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q)
+    # (named: Triton treats a name assigned again inside the loops as loop-carried)
+    b, h, qmask, _d, _dmask, _row_stride, _vbase, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q)
     mass_scale = _mass_scale(a_sum_ptr, b * H + h)
     start = 0
     for lvl in range(L):
         h_l, w_l = _level(shapes_ptr, lvl)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
-            x0, y0, _, _, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
+            x0, y0, _fx, _fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
             touches = qmask & (x0 >= -1) & (x0 < w_l) & (y0 >= -1) & (y0 < h_l)
             row = start + tl.maximum(y0, 0) * w_l + tl.maximum(x0, 0)
             tl.atomic_add(mass_ptr + (b * S + row.to(tl.int64)) * H + h,
@@ -217,7 +224,7 @@ def _rows_of_level(s, start, h_l, w_l):
     return (local >= 0) & (local < h_l * w_l), local % w_l, local // w_l
 
 
-@triton.autotune(configs=autotune_configs(**ROWS_CONFIG), key=["H", "L"])
+@triton.autotune(configs=autotune_configs(**BOX_CONFIG), key=["H", "L"])
 @triton.jit
 def _ms_deform_attn_box_max_kernel(shapes_ptr, mass_ptr, box_max_ptr, S, H, L, BLOCK_H: tl.constexpr,
                                    BLOCK_S: tl.constexpr):
@@ -241,12 +248,13 @@ def _ms_deform_attn_box_max_kernel(shapes_ptr, mass_ptr, box_max_ptr, S, H, L, B
         start += h_l * w_l
 
 
-@triton.autotune(configs=autotune_configs(**ROWS_CONFIG), key=["H", "D", "L"])
+@triton.autotune(configs=autotune_configs(**CONVERT_CONFIG), key=["H", "D", "L"])
 @triton.jit
 def _ms_deform_attn_fixed_to_float_kernel(shapes_ptr, acc_ptr, box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_ptr,
-                                          S, H, D, L, BLOCK_HD: tl.constexpr, BLOCK_S: tl.constexpr):
+                                          S, H, D, L, BLOCK_HD: tl.constexpr, TILE: tl.constexpr):
     """grad_value [B, S, H*D] (its dtype) = acc / scale(b, level of the row, h); NaN where the
     bound of (b, h) is not finite."""
+    BLOCK_S: tl.constexpr = (TILE + BLOCK_HD - 1) // BLOCK_HD  # powers of two: at least 1 row
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_HD)
@@ -348,9 +356,11 @@ def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
     return out
 
 
-def _rows_grid(b, s):
+def _rows_grid(b, s, row_elements=1):
+    """Grid of a row-wise pass: BLOCK_S rows, or TILE elements of ``row_elements`` per row."""
     def grid(meta):
-        return (triton.cdiv(s, meta["BLOCK_S"]), b)
+        rows = meta["BLOCK_S"] if "BLOCK_S" in meta else triton.cdiv(meta["TILE"], row_elements)
+        return (triton.cdiv(s, rows), b)
     return grid
 
 
@@ -393,8 +403,9 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
     if not deterministic:
         return acc.to(value.dtype), grad_loc, grad_attn
     grad_value = torch.empty_like(value)
-    launch(_ms_deform_attn_fixed_to_float_kernel, _rows_grid(b, s), spatial_shapes, acc, box_max, a_sum, g_max,
-           grad_value, s, nh, d, nl, BLOCK_HD=triton.next_power_of_2(nh * d))
+    block_hd = triton.next_power_of_2(nh * d)
+    launch(_ms_deform_attn_fixed_to_float_kernel, _rows_grid(b, s, block_hd), spatial_shapes, acc, box_max, a_sum,
+           g_max, grad_value, s, nh, d, nl, BLOCK_HD=block_hd)
     return grad_value, grad_loc, grad_attn
 
 
