@@ -464,10 +464,10 @@ def eomt_problems():
     for precision in ("ieee", "tf32"):
         out.append(("eomt_point_loss", dict(keys, precision=precision, phase="fwd+bwd"),
                     fused_point_loss(precision, sizes), eager_loss))
-    # One criterion step: the matcher (tf32, its default) and the loss (ieee, its default).
+    # One criterion step: the matcher (tf32, its default), then the loss (ieee, its default).
     eager_step = (eager_match[0].add(eager_loss[0]), {t: eager_match[1][t] + eager_loss[1][t] for t in HARDWARE})
     out.append(("eomt_criterion", dict(keys, precision="tf32+ieee", phase="fwd+bwd"),
-                fused_point_matching_cost("tf32", sizes).add(fused_point_loss("ieee", sizes)), eager_step))
+                [fused_point_matching_cost("tf32", sizes), fused_point_loss("ieee", sizes)], eager_step))
     eager = eager_mask_loss(sizes["segments"], loss="bce", sizes=sizes)
     for precision in ("ieee", "tf32"):
         out.append(("eomt_mask_loss_bce", dict(keys, precision=precision, phase="fwd+bwd"),
@@ -476,7 +476,8 @@ def eomt_problems():
 
 
 def problems():
-    """(part, keys, fused Work, eager Work callable); keys match the benchmarks' row fields."""
+    """(part, keys, fused Work (or a list of Works run one after another), (eager Work, eager
+    seconds)); keys match the benchmarks' row fields."""
     out = []
     for classes in (150, 847):
         for segments in (8, 16, 32):
@@ -519,11 +520,15 @@ def problems():
 def rows() -> list[dict]:
     result = []
     for part, keys, fused, (eager, eager_seconds) in problems():
+        steps = fused if isinstance(fused, list) else [fused]  # a list: kernel groups run one after another
+        fused = steps[0]
+        for step in steps[1:]:
+            fused = fused.add(step)
         row = {"part": part, **keys, "fused_gb": fused.bytes / 1e9, "fused_gflop": (fused.fp32_flops + sum(
             fused.tc_flops.values())) / 1e9, "fused_gsfu": fused.sfu / 1e9, "eager_gb": eager.bytes / 1e9,
             "eager_gflop": eager.fp32_flops / 1e9, "eager_gsfu": eager.sfu / 1e9, "eager_kernels": eager.kernels}
         for tag, hw in HARDWARE.items():
-            row[f"fused_ms_{tag}"] = fused.seconds(hw) * 1e3
+            row[f"fused_ms_{tag}"] = sum(step.seconds(hw) for step in steps) * 1e3
             row[f"eager_ms_{tag}"] = eager_seconds[tag] * 1e3
             row[f"speedup_{tag}"] = row[f"eager_ms_{tag}"] / row[f"fused_ms_{tag}"]
             if part == "ms_deform_attn":  # the official CUDA extension, modelled the same way
