@@ -259,6 +259,19 @@ def test_criteria_equal_their_per_layer_loop(impl, kind):
     assert_grads_close(with_grads(per_prediction, mask_embed, pixel_embed), with_grads(looped, mask_embed, pixel_embed))
 
 
+def test_selected_features_are_views():
+    """The criteria's layer selections (all layers, the last) do not copy the [L,B,C,h,w] map."""
+    from fastmaskformer.ops._checks import select_pixel_embed
+
+    pixel_embed = make_problem()[2]
+    for layers in ([0, 1, 2], [2], [1, 2]):
+        selected = select_pixel_embed(pixel_embed, layers)
+        assert selected.data_ptr() == pixel_embed[layers[0]].data_ptr() and torch.equal(selected, pixel_embed[layers])
+    torch.testing.assert_close(select_pixel_embed(pixel_embed, [2, 0]), pixel_embed[[2, 0]])
+    shared = pixel_embed[0]
+    assert select_pixel_embed(shared, [1]) is shared
+
+
 def test_criterion_without_deep_supervision_reads_the_final_features():
     class_logits, mask_embed, pixel_embed, targets, size, _ = make_problem()
     criterion = SetCriterion(4, deep_supervision=False, impl="torch")

@@ -50,10 +50,17 @@ def final_pixel_embed(pixel_embed: Tensor) -> Tensor:
     return pixel_embed[-1] if pixel_embed.dim() == 5 else pixel_embed
 
 
-def select_pixel_embed(pixel_embed: Tensor, predictions) -> Tensor:
-    """The features of the selected ``predictions`` (an index list, as ``mask_embed[predictions]``):
-    per-prediction [L,B,C,h,w] -> [L',B,C,h,w]; a shared [B,C,h,w] map is returned as it is."""
-    return pixel_embed[predictions] if pixel_embed.dim() == 5 else pixel_embed
+def select_pixel_embed(pixel_embed: Tensor, predictions: list[int]) -> Tensor:
+    """The features of the selected ``predictions`` (indices, as ``mask_embed[predictions]``):
+    per-prediction [L,B,C,h,w] -> [L',B,C,h,w], a view when the indices are consecutive (all
+    layers, or the last: what the criteria select; an index list would copy the whole map); a
+    shared [B,C,h,w] map is returned as it is."""
+    if pixel_embed.dim() != 5:
+        return pixel_embed
+    start = predictions[0] if len(predictions) else 0
+    if list(predictions) == list(range(start, start + len(predictions))):
+        return pixel_embed[start:start + len(predictions)]
+    return pixel_embed[predictions]
 
 
 def check_targets(targets: Sequence[Target], batch: int, num_classes: int | None,
