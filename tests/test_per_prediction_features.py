@@ -136,9 +136,9 @@ def test_matching_cost(impl, queries, segments):
 
 # ---------------------------------------------------------------------------- mask loss
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss", ["focal", "bce"])
-def test_mask_loss_assigned(impl, loss):
-    _, mask_embed, pixel_embed, targets, size, assignment = make_problem()
+@pytest.mark.parametrize("loss,queries", [("focal", 5), ("bce", 5), ("bce", 1)])
+def test_mask_loss_assigned(impl, loss, queries):
+    _, mask_embed, pixel_embed, targets, size, assignment = make_problem(queries=queries)
     seg_maps, _, _ = pack_targets(targets, size, "cpu")
 
     def per_prediction(me, pe):
@@ -198,9 +198,9 @@ def test_point_matching_cost(impl, dtype, queries):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("num_uncertain", [0, 6])
-def test_point_mask_loss(impl, num_uncertain):
-    _, mask_embed, pixel_embed, targets, size, assignment = make_problem()
+@pytest.mark.parametrize("num_uncertain,queries", [(0, 5), (6, 5), (6, 1)])
+def test_point_mask_loss(impl, num_uncertain, queries):
+    _, mask_embed, pixel_embed, targets, size, assignment = make_problem(queries=queries)
     seg_maps, _, _ = pack_targets(targets, size, "cpu")
     candidates = _points(assignment.shape, 12 if num_uncertain else 0, seed=4)
     extra = _points(assignment.shape, 20, seed=5)
