@@ -3,10 +3,21 @@ the benchmark sizes (DESIGN 7). Only the arguments matter (the launches are reco
 so tensors are uninitialised where their values do not steer the launcher."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import torch
 
-from aot import Case
 from fastmaskformer.kernels.semantic import SEMANTIC_PRECISIONS
+
+
+@dataclasses.dataclass
+class Case:
+    """A workload: ``run()`` calls real launchers; ``main`` cases form the quick check."""
+    name: str
+    run: Callable[[], object]
+    main: bool = False
+
 
 # Training: B=16 images of 512x512, 6 decoder layers, Q=100, C=256 -> 128x128 embeddings.
 B, LAYERS, Q, C, SIZE = 16, 6, 100, 256, 512
@@ -168,6 +179,135 @@ def _mask_probs(dtype, out_dtype, sized: bool):
     return run
 
 
+# EoMT ViT-L on COCO panoptic at 640 (tue-mps/eomt configs/dinov2/coco/panoptic/eomt_large_640.yaml;
+# its README: 4 GPUs x 4 images): 5 predictions (4 query blocks + the final one), each with its
+# own pixel features [5, B=4, C=1024, 160, 160], Q=200, K=133, 12544 points; M=32 segment slots.
+EOMT = dict(layers=5, batch=4, queries=200, classes=133, size=640, points=12544, segments=32)
+VIT_WIDTHS = (384, 768, 1024, 1536)  # DINOv2 / DINOv3 S, B, L, g: C of the pixel features
+
+
+def _eomt_features(channels: int, layers: int = EOMT["layers"], batch: int = EOMT["batch"], low: int = 160):
+    """Per-prediction pixel features [L, B, C, low, low], uninitialised (never touched: the
+    launches are recorded; 2 GB of untouched virtual memory at ViT-L 640)."""
+    return torch.empty(layers, batch, channels, low, low)
+
+
+def _eomt_matching_cost(channels: int):
+    """MaskFormer's full-resolution matching cost on EoMT's per-prediction features, tf32."""
+    from fastmaskformer.kernels.matching_cost import matching_cost
+
+    def run():
+        n, b, q, m, k = EOMT["layers"], EOMT["batch"], EOMT["queries"], EOMT["segments"], EOMT["classes"]
+        pixel_embed = _eomt_features(channels)
+        matching_cost(torch.empty(n * b, q, k + 1), torch.empty(n * b, q, channels), pixel_embed,
+                      _segment_maps(m, (160, 160), b, cell=4), *_labels(m, b), [2.0, 5.0, 5.0], "tf32", n)
+    return run
+
+
+def _eomt_point_matching_cost(channels: int, precision: str = "tf32"):
+    """EoMT's (Mask2Former's) matcher on per-prediction features: each problem samples its own
+    layer's map at 12544 points."""
+    from fastmaskformer.kernels.point_matching_cost import point_matching_sums
+
+    def run():
+        n, b, q, m, p = EOMT["layers"], EOMT["batch"], EOMT["queries"], EOMT["segments"], EOMT["points"]
+        point_matching_sums(torch.empty(n, b, q, channels), _eomt_features(channels), torch.empty(n, b, p, 2),
+                            torch.empty(n, b, m, p), precision)
+    return run
+
+
+# The loss kernels read the matched low-res logits X (one torch bmm), never the pixel features:
+# their launches do not depend on C, so these cases use a small C (the bmms run here on the CPU).
+_LOSS_CHANNELS = 16
+
+
+def _eomt_point_loss(precision: str = "ieee"):
+    """EoMT's point-sampled BCE + dice, forward and backward, per-prediction features."""
+    from fastmaskformer.kernels.point_loss import point_mask_loss
+
+    def run():
+        n, b, q, m, p = EOMT["layers"], EOMT["batch"], EOMT["queries"], EOMT["segments"], EOMT["points"]
+        uncertain = int(0.75 * p)
+        mask_embed = torch.zeros(n, b, q, _LOSS_CHANNELS, requires_grad=True)
+        pixel_embed = torch.zeros(n, b, _LOSS_CHANNELS, 160, 160, requires_grad=True)
+        assignment = torch.arange(m).repeat(n, b, 1)
+        seg_maps = _segment_maps(m, (EOMT["size"],) * 2, batch=b)
+        bce, dice = point_mask_loss(mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(float(b * m)),
+                                    torch.rand(n, b, m, 3 * p, 2), torch.rand(n, b, m, p - uncertain, 2), uncertain,
+                                    precision)
+        (bce.sum() + dice.sum()).backward()
+    return run
+
+
+def _eomt_mask_loss_bce():
+    """EoMT with ``loss.mask_sampling: full``: the BCE + dice on every pixel, forward and backward."""
+    from fastmaskformer.kernels.mask_loss import mask_loss
+
+    def run():
+        n, b, q, m = EOMT["layers"], EOMT["batch"], EOMT["queries"], EOMT["segments"]
+        mask_embed = torch.zeros(n, b, q, _LOSS_CHANNELS, requires_grad=True)
+        pixel_embed = torch.zeros(n, b, _LOSS_CHANNELS, 160, 160, requires_grad=True)
+        bce, dice = mask_loss(mask_embed, pixel_embed, torch.arange(m).repeat(n, b, 1),
+                              _segment_maps(m, (EOMT["size"],) * 2, batch=b), torch.tensor(float(b * m)), "ieee",
+                              "bce")
+        (bce.sum() + dice.sum()).backward()
+    return run
+
+
+def _eomt_semantic(channels: int):
+    """EoMT ViT-L ADE20K semantic (512 windows, Q=100, K=150): the final prediction's features."""
+    from fastmaskformer.kernels.semantic import semantic_inference
+
+    def run():
+        pixel_embed = _eomt_features(channels, layers=1, batch=B, low=128)[-1]
+        semantic_inference(torch.randn(B, Q, 151), torch.empty(B, Q, channels), pixel_embed, [512, 512] * B,
+                           [512, 512] * B, [512, 512], False, "tf32")
+    return run
+
+
+def _eomt_panoptic(channels: int, kept: int = 100):
+    """EoMT ViT-L COCO panoptic 640, one image, about half of the 200 queries kept."""
+    from fastmaskformer.kernels.panoptic import panoptic_assign
+
+    def run():
+        pixel_embed = _eomt_features(channels, layers=1, batch=1)[-1, 0]
+        panoptic_assign(torch.rand(kept), torch.empty(kept, channels), pixel_embed, [640, 640], [480, 640],
+                        [640, 640])
+    return run
+
+
+def _eomt_pred_masks(channels: int):
+    """All 5 predictions' mask logits at once (``ops.mask_logits`` on [L,B,Q,C] and [L,B,C,h,w]),
+    low-res and upsampled to the input."""
+    from fastmaskformer.kernels.mask_probs import resampled_masks
+
+    def run():
+        mask_embed, pixel_embed = torch.empty(5, 1, 200, channels), _eomt_features(channels, batch=1)
+        resampled_masks(mask_embed, pixel_embed, [160, 160], [160, 160], [160, 160], False, torch.float32)
+        resampled_masks(mask_embed, pixel_embed, [640, 640], [640, 640], [640, 640], False, torch.float32)
+    return run
+
+
+def eomt_cases() -> list[Case]:
+    """EoMT (per-prediction pixel features, ViT widths): main cases at ViT-L (C=1024), every
+    DINOv2 / DINOv3 width for the kernels that read the features."""
+    out = []
+    for c in VIT_WIDTHS:
+        main = c == 1024
+        out += [Case(f"eomt matching_cost L=5 B=4 Q=200 C={c} 160x160 M=32 tf32", _eomt_matching_cost(c), main),
+                Case(f"eomt point_matching_cost L=5 B=4 Q=200 C={c} P=12544 M=32 tf32", _eomt_point_matching_cost(c),
+                     main),
+                Case(f"eomt semantic ADE20K 512 B=16 Q=100 K=150 C={c} tf32", _eomt_semantic(c), main),
+                Case(f"eomt panoptic COCO 640 k=100 C={c}", _eomt_panoptic(c), main),
+                Case(f"eomt pred_masks 5 predictions Q=200 C={c}", _eomt_pred_masks(c), main)]
+    out.append(Case("eomt point_matching_cost L=5 B=4 Q=200 C=1024 P=12544 M=32 ieee",
+                    _eomt_point_matching_cost(1024, "ieee")))
+    out += [Case(f"eomt point_loss L=5 B=4 P=12544 M=32 {p}", _eomt_point_loss(p), p == "ieee")
+            for p in ("ieee", "tf32")]
+    out.append(Case("eomt mask_loss bce L=5 B=4 M=32 640x640 (mask_sampling full)", _eomt_mask_loss_bce(), True))
+    return out
+
+
 # Mask2Former pixel decoder: levels 1/32, 1/16, 1/8 of the input, H=8 heads, L=3 levels, P=4 points.
 DEFORM_HEADS, DEFORM_LEVELS, DEFORM_POINTS = 8, 3, 4
 
@@ -223,4 +363,4 @@ def cases() -> list[Case]:
             f" (loc {str(loc_dtype)[6:]})" if loc_dtype else "")
         out.append(Case(name, _ms_deform_attn(size, head_dim, dtype, loc_dtype),
                         size == 512 and head_dim == 32 and dtype in (torch.float32, torch.bfloat16)))
-    return out
+    return out + eomt_cases()

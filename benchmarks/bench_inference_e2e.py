@@ -22,7 +22,7 @@ def infer(model, images, task: str, impl: str, amp: bool):
     with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(images)
     sizes = [tuple(images.shape[-2:])] * images.shape[0]
-    last = (out.class_logits[-1].float(), out.mask_embed[-1].float(), out.pixel_embed.float())
+    last = (out.class_logits[-1].float(), out.mask_embed[-1].float(), ops.final_pixel_embed(out.pixel_embed).float())
     if task == "semantic":
         return ops.semantic_inference(*last, sizes, impl=impl)
     return ops.panoptic_inference(*last, sizes, object_mask_threshold=0.0, thing_classes=range(80), impl=impl)

@@ -173,66 +173,90 @@ def eager_matching_cost(segments: int, classes: int) -> Work:
                                                  [1.0, 20.0, 1.0]))
 
 
-def eager_mask_loss(segments: int, batch: int = B, layers: int = LAYERS, loss: str = "focal") -> Work:
+# Mask2Former per GPU (the official batch 16 over 8 GPUs): 10 predictions (9 decoder layers and the
+# one before them), 2 images, M = 32 matched masks per image, 12544 points (3 x as candidates, 75%
+# of the loss points importance-sampled), K = 150 (ADE20K); one pixel embedding [B, 256, 128, 128]
+# shared by the predictions.
+M2F = dict(batch=2, layers=10, segments=32, points=12544, oversample=3, importance=0.75, classes=150,
+           queries=Q, channels=C, low=h, size=SIZE, per_prediction=False)
+# EoMT ViT-L on COCO panoptic at 640 (tue-mps/eomt configs/dinov2/coco/panoptic/eomt_large_640.yaml;
+# its README: 4 GPUs x 4 images): 5 predictions (4 query blocks + the final one) with the same
+# criterion, Q = 200, K = 133, each prediction with its own pixel features [4, 1024, 160, 160].
+EOMT_L640 = dict(batch=4, layers=5, segments=32, points=12544, oversample=3, importance=0.75, classes=133,
+                 queries=200, channels=1024, low=160, size=640, per_prediction=True)
+
+
+def _pixel_shape(sizes: dict) -> tuple[int, ...]:
+    """The pixel features: [B, C, h, w] shared by the predictions, or [L, B, C, h, w]."""
+    lead = (sizes["layers"],) if sizes["per_prediction"] else ()
+    return (*lead, sizes["batch"], sizes["channels"], sizes["low"], sizes["low"])
+
+
+def _pixel_maps(sizes: dict) -> int:
+    """Pixel feature maps the fused kernels read: one per image, or one per (prediction, image)."""
+    return sizes["batch"] * (sizes["layers"] if sizes["per_prediction"] else 1)
+
+
+def eager_mask_loss(segments: int, batch: int = B, layers: int = LAYERS, loss: str = "focal",
+                    sizes: dict | None = None) -> Work:
     """The official per-layer loss of ``layers`` layers, forward and backward (loss "focal":
-    MaskFormer, 20 focal + dice; "bce": Mask2Former's ``mask_sampling: full``, 5 BCE + 5 dice)."""
+    MaskFormer, 20 focal + dice; "bce": Mask2Former's ``mask_sampling: full``, 5 BCE + 5 dice);
+    ``sizes`` (M2F / EOMT_L640 layout) overrides the MaskFormer benchmark sizes."""
     from fastmaskformer.ops.mask_loss import mask_loss_reference
 
-    mask_embed = torch.empty(layers, batch, Q, C, device="meta", requires_grad=True)
-    pixel_embed = torch.empty(batch, C, h, w, device="meta", requires_grad=True)
+    sizes = sizes or dict(batch=batch, layers=layers, queries=Q, channels=C, low=h, size=SIZE, per_prediction=False)
+    batch, layers = sizes["batch"], sizes["layers"]
+    mask_embed = torch.empty(layers, batch, sizes["queries"], sizes["channels"], device="meta", requires_grad=True)
+    pixel_embed = torch.empty(_pixel_shape(sizes), device="meta", requires_grad=True)
     assignment = torch.empty(1, batch, segments, dtype=torch.int64, device="meta")
-    seg_maps = torch.empty(batch, SIZE, SIZE, dtype=torch.int32, device="meta")
+    seg_maps = torch.empty(batch, sizes["size"], sizes["size"], dtype=torch.int32, device="meta")
     num_masks = torch.empty((), device="meta")
     first_weight = 20 if loss == "focal" else 5
 
     def step():
         total = 0
         for layer in range(layers):  # the official loop: one layer at a time
-            first, dice = mask_loss_reference(mask_embed[layer:layer + 1], pixel_embed, assignment, seg_maps,
-                                              num_masks, loss)
+            pixels = pixel_embed[layer] if sizes["per_prediction"] else pixel_embed
+            first, dice = mask_loss_reference(mask_embed[layer:layer + 1], pixels, assignment, seg_maps, num_masks,
+                                              loss)
             dice = dice.sum() if loss == "focal" else 5 * dice.sum()  # MaskFormer's dice weight is 1
             total = total + first_weight * first.sum() + dice
         total.backward()
     return trace(step)
 
 
-# Mask2Former per GPU (the official batch 16 over 8 GPUs): 10 predictions (9 decoder layers and the
-# one before them), 2 images, M = 32 matched masks per image, 12544 points (3 x as candidates, 75%
-# of the loss points importance-sampled), K = 150 (ADE20K).
-M2F = dict(batch=2, layers=10, segments=32, points=12544, oversample=3, importance=0.75, classes=150)
-
-
-def eager_point_matching_cost() -> Work:
+def eager_point_matching_cost(sizes: dict = M2F) -> Work:
     """``ops.point_loss.point_matching_cost(impl="torch")``: per layer the [B, Q, h, w] logit
     maps of every query, sampled at the shared points, and the BCE / dice cost products."""
     from fastmaskformer.ops.point_loss import point_matching_cost
 
-    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
+    b, n, m, p, q = sizes["batch"], sizes["layers"], sizes["segments"], sizes["points"], sizes["queries"]
     meta = dict(device="meta")
     return trace(lambda: point_matching_cost(
-        torch.empty(n, b, Q, M2F["classes"] + 1, **meta), torch.empty(n, b, Q, C, **meta),
-        torch.empty(b, C, h, w, **meta), torch.empty(b, SIZE, SIZE, dtype=torch.int32, **meta),
+        torch.empty(n, b, q, sizes["classes"] + 1, **meta), torch.empty(n, b, q, sizes["channels"], **meta),
+        torch.empty(_pixel_shape(sizes), **meta),
+        torch.empty(b, sizes["size"], sizes["size"], dtype=torch.int32, **meta),
         torch.empty(b, m, dtype=torch.int64, **meta), torch.empty(n, b, p, 2, **meta), impl="torch"))
 
 
-def eager_point_loss() -> Work:
+def eager_point_loss(sizes: dict = M2F) -> Work:
     """``ops.point_loss.point_mask_loss_reference``, forward and backward, 5 BCE + 5 dice: per layer
     the [B, M, h, w] logit maps of the matched queries, the uncertainty at the candidates, top-k,
     the logits and targets at the points (the official loss's work, with the targets sampled from
     the segment maps instead of [M, H, W] float masks: fewer bytes than the official code)."""
     from fastmaskformer.ops.point_loss import point_mask_loss_reference
 
-    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
-    uncertain = int(M2F["importance"] * p)
+    b, n, m, p = sizes["batch"], sizes["layers"], sizes["segments"], sizes["points"]
+    uncertain = int(sizes["importance"] * p)
     meta = dict(device="meta")
-    mask_embed = torch.empty(n, b, Q, C, requires_grad=True, **meta)
-    pixel_embed = torch.empty(b, C, h, w, requires_grad=True, **meta)
+    mask_embed = torch.empty(n, b, sizes["queries"], sizes["channels"], requires_grad=True, **meta)
+    pixel_embed = torch.empty(_pixel_shape(sizes), requires_grad=True, **meta)
 
     def step():
         bce, dice = point_mask_loss_reference(
             mask_embed, pixel_embed, torch.empty(n, b, m, dtype=torch.int64, **meta),
-            torch.empty(b, SIZE, SIZE, dtype=torch.int32, **meta), torch.empty((), **meta),
-            torch.empty(n, b, m, M2F["oversample"] * p, 2, **meta), torch.empty(n, b, m, p - uncertain, 2, **meta),
+            torch.empty(b, sizes["size"], sizes["size"], dtype=torch.int32, **meta), torch.empty((), **meta),
+            torch.empty(n, b, m, sizes["oversample"] * p, 2, **meta), torch.empty(n, b, m, p - uncertain, 2, **meta),
             uncertain)
         (5 * bce.sum() + 5 * dice.sum()).backward()
     return trace(step)
@@ -276,58 +300,66 @@ def fused_matching_cost(segments: int, classes: int, precision: str) -> Work:
     return work.add(dot_work(4.0 * n * qp * hw * mp, precision))  # the two one-hot products
 
 
-def fused_mask_loss(segments: int, precision: str, batch: int = B, layers: int = LAYERS) -> Work:
+def fused_mask_loss(segments: int, precision: str, batch: int = B, layers: int = LAYERS,
+                    sizes: dict | None = None) -> Work:
     """kernels/mask_loss.py, forward + backward of all layers: one bmm (and its two backward
     bmms), the forward sums and the 4-tap adjoint over every (mask, full-res pixel). The BCE
-    variant (``loss="bce"``) is the same kernels with a constexpr switch: the same model."""
-    rows, masks, hw, pixels = layers * segments, layers * batch * segments, h * w, SIZE * SIZE
-    bmm = 2.0 * batch * rows * C * hw
-    work = Work(bytes=4 * (3 * batch * C * hw + 3 * batch * rows * C + 5 * batch * rows * hw + 2 * batch * pixels),
+    variant (``loss="bce"``) is the same kernels with a constexpr switch: the same model. With
+    per-prediction features the bmms read (and the backward writes) one map per (layer, image)."""
+    sizes = sizes or dict(batch=batch, layers=layers, queries=Q, channels=C, low=h, size=SIZE, per_prediction=False)
+    batch, layers, channels = sizes["batch"], sizes["layers"], sizes["channels"]
+    rows, masks, hw, pixels = layers * segments, layers * batch * segments, sizes["low"] ** 2, sizes["size"] ** 2
+    bmm = 2.0 * batch * rows * channels * hw
+    work = Work(bytes=4 * (3 * _pixel_maps(sizes) * channels * hw + 3 * batch * rows * channels
+                           + 5 * batch * rows * hw + 2 * batch * pixels),
                 fp32_flops=(35.0 + 55.0) * masks * pixels, sfu=(4.0 + 4.0) * masks * pixels, kernels=12)
     return work.add(dot_work(3 * bmm, "tf32" if precision == "tf32" else "ieee"))
 
 
-def fused_point_matching_cost(precision: str) -> Work:
-    """kernels/point_matching_cost.py at the Mask2Former sizes, plus the torch around it (traced:
-    class probabilities, the targets sampled per layer from the segment maps, the cost sums).
-    Kernel: per (problem, query tile of 64) the 4 taps x C channels of every point gathered
-    through L2 (Q padded to 128), the logits and the two target products as dots."""
+def fused_point_matching_cost(precision: str, sizes: dict = M2F) -> Work:
+    """kernels/point_matching_cost.py, plus the torch around it (traced: class probabilities, the
+    targets sampled per layer from the segment maps, the cost sums). Kernel: per (problem, query
+    tile of 64) the 4 taps x C channels of every point gathered through L2 (Q padded to 128), the
+    logits and the two target products as dots; every pixel map read once from DRAM (one per
+    image, or one per (prediction, image) with per-prediction features)."""
     from fastmaskformer.ops.point_loss import sample_shared_point_targets
 
-    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
-    problems, qp, mp = n * b, _pad(Q, 64), max(16, 1 << (m - 1).bit_length())
+    b, n, m, p, q, c = (sizes[k] for k in ("batch", "layers", "segments", "points", "queries", "channels"))
+    problems, qp, mp = n * b, _pad(q, 64), max(16, 1 << (m - 1).bit_length())
     meta = dict(device="meta")
 
     def torch_side():
-        prob = torch.empty(n, b, Q, M2F["classes"] + 1, **meta).softmax(-1).reshape(problems, Q, -1)
+        prob = torch.empty(n, b, q, sizes["classes"] + 1, **meta).softmax(-1).reshape(problems, q, -1)
         labels = torch.empty(b, m, dtype=torch.int64, **meta)
-        cost_class = -torch.gather(prob, 2, labels.repeat(n, 1)[:, None, :].expand(-1, Q, m))
-        seg, coords = torch.empty(b, SIZE, SIZE, dtype=torch.int32, **meta), torch.empty(n, b, p, 2, **meta)
+        cost_class = -torch.gather(prob, 2, labels.repeat(n, 1)[:, None, :].expand(-1, q, m))
+        seg = torch.empty(b, sizes["size"], sizes["size"], dtype=torch.int32, **meta)
+        coords = torch.empty(n, b, p, 2, **meta)
         target = sample_shared_point_targets(seg, m, coords)
-        xt, st, sp, ss = (torch.empty(problems, Q, m, **meta), torch.empty(problems, Q, m, **meta),
-                          torch.empty(problems, Q, **meta), torch.empty(problems, Q, **meta))
+        xt, st, sp, ss = (torch.empty(problems, q, m, **meta), torch.empty(problems, q, m, **meta),
+                          torch.empty(problems, q, **meta), torch.empty(problems, q, **meta))
         cost_mask = (sp[:, :, None] - xt) / p
         cost_dice = 1 - (2 * st + 1) / (ss[:, :, None] + target.sum(-1).reshape(problems, 1, m) + 1)
         return 2 * cost_class + 5 * cost_mask + 5 * cost_dice
 
     work, _ = trace(torch_side)
     tiles = problems * (qp // 64)
-    kernel = Work(bytes=4 * (b * C * h * w + problems * (Q * C + 2 * p + m * p) + 4 * problems * Q * m),
-                  l2_bytes=4.0 * tiles * p * (4 * C + m), fp32_flops=tiles * p * (8.0 * C + 64 * 12),
+    kernel = Work(bytes=4 * (_pixel_maps(sizes) * c * sizes["low"] ** 2 + problems * (q * c + 2 * p + m * p)
+                             + 4 * problems * q * m),
+                  l2_bytes=4.0 * tiles * p * (4 * c + m), fp32_flops=tiles * p * (8.0 * c + 64 * 12),
                   sfu=4.0 * problems * qp * p, kernels=1)
-    kernel = kernel.add(dot_work(2.0 * problems * qp * p * (C + 2 * mp), precision))
+    kernel = kernel.add(dot_work(2.0 * problems * qp * p * (c + 2 * mp), precision))
     return work.add(kernel)
 
 
-def fused_point_loss(precision: str) -> Work:
-    """kernels/point_loss.py, forward + backward of all layers at the Mask2Former sizes: the
-    matched logits X (one bmm) and its two backward bmms, the uncertainty kernel over the
-    candidates, the torch top-k / gather / concatenation (traced), the forward sums and the
-    backward's fixed-point scatter (4 int64 atomics per point through L2, the accumulator
-    zeroed, converted and read by the bmms)."""
-    b, n, m, p = M2F["batch"], M2F["layers"], M2F["segments"], M2F["points"]
-    s, uncertain = M2F["oversample"] * p, int(M2F["importance"] * p)
-    slots, rows, hw = n * b * m, n * m, h * w
+def fused_point_loss(precision: str, sizes: dict = M2F) -> Work:
+    """kernels/point_loss.py, forward + backward of all layers: the matched logits X (one bmm) and
+    its two backward bmms (one pixel map per image, or per (prediction, image)), the uncertainty
+    kernel over the candidates, the torch top-k / gather / concatenation (traced), the forward
+    sums and the backward's fixed-point scatter (4 int64 atomics per point through L2, the
+    accumulator zeroed, converted and read by the bmms)."""
+    b, n, m, p, q, c = (sizes[k] for k in ("batch", "layers", "segments", "points", "queries", "channels"))
+    s, uncertain = sizes["oversample"] * p, int(sizes["importance"] * p)
+    slots, rows, hw, pixels = n * b * m, n * m, sizes["low"] ** 2, sizes["size"] ** 2
     meta = dict(device="meta")
 
     def topk_side():
@@ -339,13 +371,14 @@ def fused_point_loss(precision: str) -> Work:
 
     work, _ = trace(topk_side)
     x_bytes = 4.0 * b * rows * hw
-    bmm = 2.0 * b * rows * C * hw
-    matmuls = Work(bytes=4.0 * 3 * b * C * hw + 3 * x_bytes + 4.0 * 3 * b * rows * C + 4.0 * n * b * Q * C * 2,
-                   kernels=6).add(dot_work(3 * bmm, "tf32" if precision == "tf32" else "ieee"))
+    bmm = 2.0 * b * rows * c * hw
+    matmuls = Work(bytes=4.0 * 3 * _pixel_maps(sizes) * c * hw + 3 * x_bytes + 4.0 * 3 * b * rows * c
+                   + 4.0 * n * b * q * c * 2, kernels=6)
+    matmuls = matmuls.add(dot_work(3 * bmm, "tf32" if precision == "tf32" else "ieee"))
     uncertainty = Work(bytes=slots * s * (8.0 + 4.0), l2_bytes=slots * s * 16.0, fp32_flops=slots * s * 30.0,
                        kernels=1)
     # forward and backward kernels: points (8 B) read, 4 X taps + 4 segment-map taps from L2
-    per_point = Work(bytes=2 * slots * p * 8.0 + 4.0 * b * SIZE * SIZE, l2_bytes=2 * slots * p * 32.0,
+    per_point = Work(bytes=2 * slots * p * 8.0 + 4.0 * b * pixels, l2_bytes=2 * slots * p * 32.0,
                      fp32_flops=slots * p * (70.0 + 90.0), sfu=slots * p * (4.0 + 3.0), kernels=2)
     scatter = Work(bytes=3 * 2 * x_bytes + x_bytes, l2_bytes=slots * p * 4 * 8.0, kernels=3)
     return work.add(matmuls).add(uncertainty).add(per_point).add(scatter)
@@ -578,8 +611,31 @@ def mask2former_step_rows() -> list[dict]:
     return rows
 
 
+def eomt_problems():
+    """EoMT ViT-L 640 COCO panoptic, one GPU's step of the criterion (EOMT_L640): the point matcher,
+    the point-sampled loss, both together (one criterion step), and ``mask_sampling: full``."""
+    out, sizes, keys = [], EOMT_L640, dict(batch=EOMT_L640["batch"], M=EOMT_L640["segments"], K=EOMT_L640["classes"])
+    eager_match, eager_loss = eager_point_matching_cost(sizes), eager_point_loss(sizes)
+    for precision in ("tf32", "ieee"):
+        out.append(("eomt_point_matching_cost", dict(keys, precision=precision),
+                    fused_point_matching_cost(precision, sizes), eager_match))
+    for precision in ("ieee", "tf32"):
+        out.append(("eomt_point_loss", dict(keys, precision=precision, phase="fwd+bwd"),
+                    fused_point_loss(precision, sizes), eager_loss))
+    # One criterion step: the matcher (tf32, its default), then the loss (ieee, its default).
+    eager_step = (eager_match[0].add(eager_loss[0]), {t: eager_match[1][t] + eager_loss[1][t] for t in HARDWARE})
+    out.append(("eomt_criterion", dict(keys, precision="tf32+ieee", phase="fwd+bwd"),
+                [fused_point_matching_cost("tf32", sizes), fused_point_loss("ieee", sizes)], eager_step))
+    eager = eager_mask_loss(sizes["segments"], loss="bce", sizes=sizes)
+    for precision in ("ieee", "tf32"):
+        out.append(("eomt_mask_loss_bce", dict(keys, precision=precision, phase="fwd+bwd"),
+                    fused_mask_loss(sizes["segments"], precision, sizes=sizes), eager))
+    return out
+
+
 def problems():
-    """(part, keys, fused Work, eager Work callable); keys match the benchmarks' row fields."""
+    """(part, keys, fused Work (or a list of Works run one after another), (eager Work, eager
+    seconds)); keys match the benchmarks' row fields."""
     out = []
     for classes in (150, 847):
         for segments in (8, 16, 32):
@@ -605,6 +661,7 @@ def problems():
     for precision in ("ieee", "tf32"):
         out.append(("point_loss", dict(batch=M2F["batch"], M=M2F["segments"], precision=precision, phase="fwd+bwd"),
                     fused_point_loss(precision), eager))
+    out += eomt_problems()
     for classes in (150, 847):
         eager = eager_semantic(classes)
         for precision in ("tf32", "tf32x3", "ieee", "bf16"):
@@ -626,11 +683,15 @@ def problems():
 def rows() -> list[dict]:
     result = []
     for part, keys, fused, (eager, eager_seconds) in problems():
+        steps = fused if isinstance(fused, list) else [fused]  # a list: kernel groups run one after another
+        fused = steps[0]
+        for step in steps[1:]:
+            fused = fused.add(step)
         row = {"part": part, **keys, "fused_gb": fused.bytes / 1e9, "fused_gflop": (fused.fp32_flops + sum(
             fused.tc_flops.values())) / 1e9, "fused_gsfu": fused.sfu / 1e9, "eager_gb": eager.bytes / 1e9,
             "eager_gflop": eager.fp32_flops / 1e9, "eager_gsfu": eager.sfu / 1e9, "eager_kernels": eager.kernels}
         for tag, hw in HARDWARE.items():
-            row[f"fused_ms_{tag}"] = fused.seconds(hw) * 1e3
+            row[f"fused_ms_{tag}"] = sum(step.seconds(hw) for step in steps) * 1e3
             row[f"eager_ms_{tag}"] = eager_seconds[tag] * 1e3
             row[f"speedup_{tag}"] = row[f"eager_ms_{tag}"] / row[f"fused_ms_{tag}"]
             if part == "ms_deform_attn":  # the official CUDA extension (fp32), modelled the same way
@@ -711,7 +772,8 @@ def main(argv=None) -> int:
         f"{M2F_STEP['preset']}, B={M2F_STEP['batch']}, {M2F_STEP['size']}x{M2F_STEP['size']}):\n\n" + \
         markdown_table(step_rows, list(step_rows[0]))
     payload = {"hardware": HARDWARE, "launch_us": LAUNCH_US, "sizes": dict(B=B, layers=LAYERS, Q=Q, C=C, crop=SIZE,
-               image=IMAGE, input=INPUT), "rows": table_rows, "mask2former_step": step_rows, "table": table}
+               image=IMAGE, input=INPUT, mask2former=M2F, eomt=EOMT_L640), "rows": table_rows,
+               "mask2former_step": step_rows, "table": table}
     out = pathlib.Path(args.out)
     out.write_text(json.dumps(payload, indent=1))
     out.with_suffix(".md").write_text(table + "\n")

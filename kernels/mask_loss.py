@@ -9,7 +9,10 @@ Split of the work:
 1. Low-resolution logits of the matched queries of ALL layers, ``X = E_matched @ P_b``: one
    ``bmm`` over images, rows (layer, segment) padded to ``[B, L * M, h*w]`` fp32: the pixel
    embeddings are read once for the 6 layers, and the backward's ``grad P = E^T @ grad X`` is
-   one product written once (not 6 accumulations of a [B, C, h, w] gradient).
+   one product written once (not 6 accumulations of a [B, C, h, w] gradient). With per-layer
+   pixel embeddings ``[L, B, C, h, w]`` (EoMT) the one bmm runs over the L*B (layer, image)
+   pairs instead, X ``[L*B, M, h*w]``: every map is still read once, and the kernels below only
+   see X through the per-slot row table (:func:`_slots`).
 2. ``_mask_loss_fwd_kernel``: per (mask, split of full-res tiles) it gathers the 4 bilinear
    taps of every full-resolution pixel (align_corners=False, any scale, PyTorch's rule), forms
    ``s = sigmoid(v)``, the target bit ``segment_map[b] == seg_id`` and accumulates sum(focal),
@@ -295,55 +298,70 @@ def _forward_split(device: torch.device, num_slots: int, pixels: int) -> int:
     return max(1, min(wanted, pixels // 16384))
 
 
-def _slots(assignment: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per slot (layer l, image b, segment j), layer-major [L*B*M]: the row of X = [B, L*M, hw]
-    holding its logits, its image, its segment id (-2 for an unmatched slot: the kernels skip
-    it) and its layer; int32."""
+def _slots(assignment: Tensor, per_layer: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per slot (layer l, image b, segment j), layer-major [L*B*M]: the row of X (see
+    :func:`matched_logits`: ``b * L*M + l * M + j`` with shared pixel embeddings, the slot itself
+    ``(l * B + b) * M + j`` with per-layer ones) holding its logits, its image, its segment id (-2
+    for an unmatched slot: the kernels skip it) and its layer; int32."""
     num_layers, batch, m = assignment.shape
     slot = torch.arange(num_layers * batch * m, device=assignment.device, dtype=torch.int32)
     layer, image, seg = slot // (batch * m), (slot // max(m, 1)) % batch, slot % max(m, 1)
-    rows = image * (num_layers * m) + layer * m + seg
+    rows = slot if per_layer else image * (num_layers * m) + layer * m + seg
     seg_ids = torch.where(assignment.reshape(-1) >= 0, seg, torch.full_like(seg, -2))
     return rows, image, seg_ids, layer
 
 
-def _matched_embeddings(mask_embed: Tensor, assignment: Tensor) -> Tensor:
-    """mask_embed [L,B,Q,C], assignment [L,B,M] -> fp32 [B, L*M, C]: the embedding matched to
-    each (layer, segment) slot of each image, zero rows for unmatched slots."""
+def _matched_embeddings(mask_embed: Tensor, assignment: Tensor, per_layer: bool) -> Tensor:
+    """mask_embed [L,B,Q,C], assignment [L,B,M] -> fp32 embeddings matched to each (layer, segment)
+    slot, zero rows for unmatched slots, in the row order of X: [B, L*M, C] (shared pixel
+    embeddings) or [L*B, M, C] (per-layer ones)."""
     num_layers, batch, _, channels = mask_embed.shape
     m = assignment.shape[-1]
     query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
     embed = mask_embed.float().gather(2, query) * (assignment >= 0)[..., None]  # [L, B, M, C]
+    if per_layer:
+        return embed.reshape(num_layers * batch, m, channels)
     return embed.permute(1, 0, 2, 3).reshape(batch, num_layers * m, channels)
 
 
+def _flat_pixels(pixel_embed: Tensor) -> Tensor:
+    """pixel_embed [B,C,h,w] or [L,B,C,h,w] -> fp32 [B or L*B, C, h*w] (a view when fp32)."""
+    channels, h, w = pixel_embed.shape[-3:]
+    return pixel_embed.float().reshape(-1, channels, h * w)
+
+
 def matched_logits(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, precision: str) -> Tensor:
-    """Low-res logits of the matched queries of all layers, ``X = E_matched @ P_b``: fp32
-    [B, L*M, h*w] (row l*M + j of image b: segment j at layer l; zero rows for unmatched slots).
-    One bmm over images: the pixel embeddings are read once for all layers. Shared by the
-    full-resolution mask loss and the point-sampled loss (kernels/point_loss.py)."""
-    batch, channels = pixel_embed.shape[:2]
-    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
-    pixel = pixel_embed.float().reshape(batch, channels, -1)
+    """Low-res logits of the matched queries of all layers, ``X = E_matched @ P``: fp32 rows of
+    h*w (zero rows for unmatched slots), one bmm that reads every pixel embedding once:
+    - shared pixel_embed [B,C,h,w]: X [B, L*M, h*w], row l*M + j of image b = segment j at layer
+      l (the bmm runs over images: one read of each map serves all layers);
+    - per-layer pixel_embed [L,B,C,h,w] (EoMT): X [L*B, M, h*w], row j of problem l*B + b (the
+      bmm runs over (layer, image) pairs, each reading its own map).
+    Shared by the full-resolution mask loss and the point-sampled loss (kernels/point_loss.py)."""
+    embed = _matched_embeddings(mask_embed, assignment, pixel_embed.dim() == 5)
     with _matmul_precision(precision):
-        return torch.bmm(embed, pixel)  # [B, L*M, hw]
+        return torch.bmm(embed, _flat_pixels(pixel_embed))
 
 
 def matched_logits_backward(grad_low: Tensor, mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor,
                             precision: str) -> tuple[Tensor, Tensor]:
-    """The adjoint of :func:`matched_logits`: grad_low fp32 [B, L*M, h*w] -> fp32 gradients shaped
-    like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w] (``grad P = E^T @ grad X``: one product
-    written once for all layers)."""
+    """The adjoint of :func:`matched_logits`: grad_low fp32 (X's layout) -> fp32 gradients shaped
+    like mask_embed [L,B,Q,C] and pixel_embed ([L,]B,C,h,w) (``grad P = E^T @ grad X``: one
+    product written once for all layers)."""
     num_layers, batch, num_queries, channels = mask_embed.shape
     m = assignment.shape[-1]
-    h, w = pixel_embed.shape[-2:]
-    embed = _matched_embeddings(mask_embed, assignment)  # [B, L*M, C]
-    pixel = pixel_embed.float().reshape(batch, channels, h * w)
+    per_layer = pixel_embed.dim() == 5
+    embed = _matched_embeddings(mask_embed, assignment, per_layer)
+    pixel = _flat_pixels(pixel_embed)
     with _matmul_precision(precision):
-        grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2))  # [B, L*M, C]
-        grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low).view(batch, channels, h, w)
+        grad_embed = torch.bmm(grad_low, pixel.transpose(1, 2))  # X's rows x C
+        grad_pixel = torch.bmm(embed.transpose(1, 2), grad_low).view(pixel_embed.shape)
     # Back to [L,B,Q,C]: matched slots hold distinct queries; unmatched ones add exact zeros.
-    grad_embed = grad_embed.view(batch, num_layers, m, channels).permute(1, 0, 2, 3) * (assignment >= 0)[..., None]
+    if per_layer:
+        grad_embed = grad_embed.view(num_layers, batch, m, channels)
+    else:
+        grad_embed = grad_embed.view(batch, num_layers, m, channels).permute(1, 0, 2, 3)
+    grad_embed = grad_embed * (assignment >= 0)[..., None]
     query = assignment.clamp_min(0)[..., None].expand(num_layers, batch, m, channels)
     grad_mask_embed = torch.zeros(num_layers, batch, num_queries, channels, device=grad_low.device,
                                   dtype=torch.float32).scatter_add(2, query, grad_embed)
@@ -354,9 +372,10 @@ def matched_logits_backward(grad_low: Tensor, mask_embed: Tensor, pixel_embed: T
 def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
                       num_masks: Tensor, precision: str, loss: str = "focal") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-layer focal and dice (fp32 [L]) of the matched masks, plus what the backward reads:
-    the matched low-res logits X [B, L*M, h*w] and the per-slot sums [L*B*M, 4].
+    the matched low-res logits X (:func:`matched_logits`) and the per-slot sums [L*B*M, 4].
 
-    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (any float dtype, any strides); assignment int64
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] shared by the layers or [L,B,C,h,w] per layer
+    (any float dtype, any strides); assignment int64
     [L,B,M]: the query matched to segment j of image b at layer l, or -1; seg_maps int32 [B,H,W]
     padded with -1; num_masks: 0-d fp32, the normaliser; precision "ieee" | "tf32"; loss "focal"
     (MaskFormer) | "bce" (Mask2Former's sigmoid BCE in place of the focal term).
@@ -365,8 +384,8 @@ def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tenso
     m = assignment.shape[-1]
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
-    low = matched_logits(mask_embed, pixel_embed, assignment, precision)  # [B, L*M, hw]
-    rows, images, seg_ids, _ = _slots(assignment)
+    low = matched_logits(mask_embed, pixel_embed, assignment, precision)  # [B, L*M, hw] or [L*B, M, hw]
+    rows, images, seg_ids, _ = _slots(assignment, pixel_embed.dim() == 5)
     num_slots = rows.numel()
     split = _forward_split(low.device, num_slots, H * W)
     partial = torch.zeros(num_slots, split, 4, dtype=torch.float32, device=low.device)
@@ -386,11 +405,11 @@ def mask_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tenso
 def mask_loss_backward(grad_focal: Tensor, grad_dice: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        assignment: Tensor, seg_maps: Tensor, num_masks: Tensor, low: Tensor, stats: Tensor,
                        precision: str, loss: str = "focal") -> tuple[Tensor, Tensor]:
-    """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w]) of
+    """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed ([L,]B,C,h,w)) of
     ``sum_l grad_focal[l] focal[l] + grad_dice[l] dice[l]``; low, stats from the forward."""
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
-    rows, images, seg_ids, layers = _slots(assignment)
+    rows, images, seg_ids, layers = _slots(assignment, pixel_embed.dim() == 5)
     grad_out = (torch.stack([grad_focal, grad_dice], 1).float() / num_masks).contiguous()  # [L, 2]
     # Rows of unmatched slots keep a zero gradient (the kernel writes zeros there).
     grad_low = torch.zeros_like(low)

@@ -13,7 +13,10 @@ split), loops over its pixel tiles, forms the logit tile ``x = E_tile @ P_tile``
 turns it into ``f+ - f-`` and ``s`` (one exp, one reciprocal and one log per logit), and
 contracts them with a one-hot tile built in registers from the segment ids (``tl.dot``).
 Nothing of size ``[Q, hw]`` or ``[M, hw]`` reaches memory. Programs of the 6 layers of one
-image are adjacent in the grid so they stream the same pixel embeddings through L2.
+image are adjacent in the grid so they stream the same pixel embeddings through L2. With
+per-layer pixel embeddings ``[L, B, C, h, w]`` (EoMT) each problem reads its own layer's map: the
+same launch with a layer stride (0 when shared), each map read by its own layer's programs only.
+C is looped over in BLOCK_C chunks, so ViT widths (384..1536) keep the same registers.
 
 When the problems alone give fewer programs than the GPU has SMs (small batches), the pixels
 are split across programs: each writes its partial sums and ``_matching_cost_finish_kernel``
@@ -163,7 +166,7 @@ def _matching_cost_kernel(
     labels_ptr, stride_lb,  # [B, >=Mmax] int32 labels, rows padded with 0
     nseg_ptr,  # [B] int32, M_b
     embed_ptr, stride_en, stride_eq, stride_ec,  # [N, Q, C] mask embeddings, any strides
-    pixel_ptr, stride_pb, stride_pc,  # [B, C, hw] pixel embeddings, pixel stride 1
+    pixel_ptr, stride_pl, stride_pb, stride_pc,  # [L, B, C, hw] pixel embeddings (stride_pl 0: shared), pixel stride 1
     seg_ptr,  # [B, hw] int32 contiguous, the downsampled segment map (-1 = no segment)
     out_ptr,  # SPLIT == 1: costs [N, Q, Mmax] fp32; else partial sums (see _partial_offsets)
     B, LAYERS, Q, C, HW, M_MAX, NUM_M_TILES, NUM_CLASSES, SPLIT_LEN,
@@ -182,8 +185,9 @@ def _matching_cost_kernel(
     p_start = split * SPLIT_LEN
     p_end = tl.where(m_tile * BLOCK_M < m_count, tl.minimum(p_start + SPLIT_LEN, HW), p_start)
     acc_ft, acc_st, row_fneg, row_s, count = _pixel_sums(
-        embed_ptr + n.to(tl.int64) * stride_en, stride_eq, stride_ec, pixel_ptr + b.to(tl.int64) * stride_pb,
-        stride_pc, seg_ptr + b.to(tl.int64) * HW, offs_q, q_ok, offs_m, p_start, p_end, C,
+        embed_ptr + n.to(tl.int64) * stride_en, stride_eq, stride_ec,
+        pixel_ptr + (n // B).to(tl.int64) * stride_pl + b.to(tl.int64) * stride_pb, stride_pc,
+        seg_ptr + b.to(tl.int64) * HW, offs_q, q_ok, offs_m, p_start, p_end, C,
         PRECISION, EMULATE, ALPHA, BLOCK_Q, BLOCK_M, BLOCK_P, BLOCK_C)
     if SPLIT == 1:
         _store_cost(acc_ft, acc_st, row_fneg, row_s, count, logits_ptr + n.to(tl.int64) * stride_ln, stride_lq,
@@ -276,15 +280,16 @@ def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                   num_segments: Tensor, weights: list[float], precision: str, num_layers: int) -> Tensor:
     """Fused matching cost of all problems.
 
-    class_logits: [N, Q, K+1]; mask_embed: [N, Q, C] (any strides); pixel_embed: [B, C, h, w];
-    problem n = layer * B + b uses image b; seg_small: int32 [B, h, w], the segment maps at the
+    class_logits: [N, Q, K+1]; mask_embed: [N, Q, C] (any strides); pixel_embed: [B, C, h, w]
+    shared by the layers, or [L, B, C, h, w] per layer; problem n = layer * B + b uses image b
+    (its layer's map when per layer); seg_small: int32 [B, h, w], the segment maps at the
     prediction size (-1 = none); labels: int64 [B, M] (padded); num_segments: int64 [B];
     weights: (w_class, w_focal, w_dice); precision: "tf32" | "tf32x3" | "ieee"; num_layers: N / B.
     Returns costs float32 [N, Q, M], zero past each problem's M_b.
     """
     check_precision(precision, "matching_cost")
     n_problems, num_queries, _ = class_logits.shape
-    batch, channels, h, w = pixel_embed.shape
+    batch, channels, h, w = pixel_embed.shape[-4:]
     m_max = labels.shape[1]
     out = torch.zeros(n_problems, num_queries, m_max, dtype=torch.float32, device=class_logits.device)
     if out.numel() == 0:
@@ -298,9 +303,11 @@ def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
     block_k = min(triton.next_power_of_2(num_classes), 1024 if interpreter_enabled() else 32)
 
     embed = _kernel_dtype(mask_embed)
-    pixel = _kernel_dtype(pixel_embed).reshape(batch, channels, h * w)  # copies only if the pixels are strided
+    pixel = _kernel_dtype(pixel_embed)
+    pixel = pixel.reshape(*pixel.shape[:-2], h * w)  # copies only if the pixels are strided
     if pixel.stride(-1) != 1:
         pixel = pixel.contiguous()
+    stride_pl = pixel.stride(0) if pixel.dim() == 4 else 0
     if embed.dtype != pixel.dtype:  # tl.dot needs one operand dtype
         embed, pixel = embed.float(), pixel.float()
     block_m = min(max(16, triton.next_power_of_2(m_max)), MAX_BLOCK_M)
@@ -320,7 +327,7 @@ def matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
            labels, labels.stride(0),
            num_segments,
            embed, embed.stride(0), embed.stride(1), embed.stride(2),
-           pixel, pixel.stride(0), pixel.stride(1),
+           pixel, stride_pl, pixel.stride(-3), pixel.stride(-2),
            seg_small,
            out if split == 1 else partial,
            batch, num_layers, num_queries, channels, h * w, m_max, num_m_tiles, num_classes, split_len,

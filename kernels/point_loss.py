@@ -6,8 +6,8 @@ unmatched slots (assignment -1) do no work and contribute 0.
 
 Split of the work:
 1. Low-res logits of the matched queries of all layers, ``X = E_matched @ P_b`` fp32
-   ``[B, L*M, h*w]`` (``mask_loss.matched_logits``: one bmm, shared with the full-resolution
-   loss). Why X and not per-point sampling of the pixel embedding (as the point matching cost
+   ``[B, L*M, h*w]``, or ``[L*B, M, h*w]`` with per-layer pixel embeddings (EoMT)
+   (``mask_loss.matched_logits``: one bmm, shared with the full-resolution loss). Why X and not per-point sampling of the pixel embedding (as the point matching cost
    does, where 100 queries share each image's points): each slot has its OWN points, 3P = 37632
    candidates + P = 12544 loss points at the official sizes, i.e. 200K bilinear taps of C = 256
    channels per slot against a 128x128 map of 16K pixels. Sampling the embedding would gather
@@ -209,11 +209,11 @@ def _split(device: torch.device, num_slots: int, points: int) -> int:
     return max(1, min(wanted, triton.cdiv(points, 2048)))
 
 
-def importance_points(low: Tensor, size: tuple[int, int], assignment: Tensor, candidates: Tensor, extra: Tensor,
-                      num_uncertain: int) -> Tensor:
-    """``ops.point_loss.importance_points`` on the low-res logits X [B, L*M, h*w] of grid ``size``
-    (h, w): candidates [L,B,M,S,2], extra [L,B,M,R,2] -> fp32 [L*B*M, num_uncertain + R, 2]
-    contiguous (no grad)."""
+def importance_points(low: Tensor, size: tuple[int, int], assignment: Tensor, per_layer: bool, candidates: Tensor,
+                      extra: Tensor, num_uncertain: int) -> Tensor:
+    """``ops.point_loss.importance_points`` on the low-res logits X (``mask_loss.matched_logits``;
+    ``per_layer``: its layout for per-layer pixel embeddings) of grid ``size`` (h, w): candidates
+    [L,B,M,S,2], extra [L,B,M,R,2] -> fp32 [L*B*M, num_uncertain + R, 2] contiguous (no grad)."""
     num_layers, batch, m = assignment.shape
     h, w = size
     n, s = num_layers * batch * m, candidates.shape[-2]
@@ -221,7 +221,7 @@ def importance_points(low: Tensor, size: tuple[int, int], assignment: Tensor, ca
     rest = extra.float().reshape(n, extra.shape[-2], 2)
     if num_uncertain == 0:
         return rest.contiguous().clone()  # an output: never an alias of the input
-    rows, _, _, _ = _slots(assignment)
+    rows, _, _, _ = _slots(assignment, per_layer)
     uncertainty = torch.zeros(n, s, dtype=torch.float32, device=low.device)
     if n and s and h * w:
         def grid(meta):
@@ -238,10 +238,11 @@ def point_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tens
                        num_masks: Tensor, candidates: Tensor, extra: Tensor, num_uncertain: int,
                        precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-layer BCE and dice (fp32 [L]) of the matched masks on importance-sampled points, plus
-    what the backward reads: the low-res logits X [B, L*M, h*w], the points fp32 [L,B,M,P,2]
-    (P = num_uncertain + R) and the per-slot sums [L*B*M, 4].
+    what the backward reads: the low-res logits X (``mask_loss.matched_logits``), the points fp32
+    [L,B,M,P,2] (P = num_uncertain + R) and the per-slot sums [L*B*M, 4].
 
-    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (any float dtype, any strides); assignment int64
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] shared by the layers or [L,B,C,h,w] per layer
+    (any float dtype, any strides); assignment int64
     [L,B,M] (query of segment j of image b at layer l, or -1); seg_maps int32 [B,H,W] contiguous
     (-1: no segment); num_masks 0-d fp32; candidates [L,B,M,S,2], extra [L,B,M,R,2] uniform draws
     in [0, 1] (x, y); num_uncertain <= S; precision "ieee" | "tf32" (the bmms).
@@ -249,9 +250,10 @@ def point_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tens
     num_layers, batch, m = assignment.shape
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
-    low = matched_logits(mask_embed, pixel_embed, assignment, precision)  # [B, L*M, hw]
-    points = importance_points(low, (h, w), assignment, candidates, extra, num_uncertain)  # [N, P, 2]
-    rows, images, seg_ids, _ = _slots(assignment)
+    per_layer = pixel_embed.dim() == 5
+    low = matched_logits(mask_embed, pixel_embed, assignment, precision)  # [B, L*M, hw] or [L*B, M, hw]
+    points = importance_points(low, (h, w), assignment, per_layer, candidates, extra, num_uncertain)  # [N, P, 2]
+    rows, images, seg_ids, _ = _slots(assignment, per_layer)
     n, p = rows.numel(), points.shape[1]
     split = _split(low.device, n, p)
     partial = torch.zeros(n, split, 4, dtype=torch.float32, device=low.device)
@@ -271,12 +273,12 @@ def point_loss_forward(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tens
 def point_loss_backward(grad_bce: Tensor, grad_dice: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                         assignment: Tensor, seg_maps: Tensor, num_masks: Tensor, low: Tensor, points: Tensor,
                         stats: Tensor, precision: str) -> tuple[Tensor, Tensor]:
-    """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed [B,C,h,w]) of
+    """Gradients (fp32, shaped like mask_embed [L,B,Q,C] and pixel_embed ([L,]B,C,h,w)) of
     ``sum_l grad_bce[l] bce[l] + grad_dice[l] dice[l]``; low, points, stats from the forward.
     Deterministic: the scatter into grad X is a fixed-point integer sum (module docstring)."""
     h, w = pixel_embed.shape[-2:]
     H, W = seg_maps.shape[-2:]
-    rows, images, seg_ids, layers = _slots(assignment)
+    rows, images, seg_ids, layers = _slots(assignment, pixel_embed.dim() == 5)
     n, p = rows.numel(), points.shape[-2]
     grad_out = (torch.stack([grad_bce, grad_dice], 1).float() / num_masks).contiguous()  # [L, 2]
     # Every partial sum of an element of grad X is at most (|g_bce| + 2 |g_dice|) / num_masks.

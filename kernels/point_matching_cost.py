@@ -3,7 +3,8 @@ sums the BCE and dice costs need, from the pixel embedding sampled at the points
 kernel: no ``[B, Q, h, w]`` logit map and no ``[Q, P]`` logits in memory.
 
 For problem n = (layer, image b), queries q, segments m and points p with logits
-``x_qp = <E_nq, bilinear(P_b, point_p)>`` (4 taps, ``align_corners=False``, zeros outside) and
+``x_qp = <E_nq, bilinear(P_b, point_p)>`` (P_b: the image's pixel embedding, that layer's own
+with per-layer features ``[L, B, C, h, w]``) (4 taps, ``align_corners=False``, zeros outside) and
 sampled targets ``t_mp`` (computed by torch: ``B x M x P`` values):
 
     xt[n, q, m] = sum_p x_qp t_mp        st[n, q, m] = sum_p sigmoid(x_qp) t_mp
@@ -30,18 +31,21 @@ from .common import autotune_configs, dot, launch, multiprocessor_count, point_t
 @triton.autotune(
     configs=autotune_configs(
         [{"BLOCK_Q": 32, "BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 4},
-         {"BLOCK_Q": 64, "BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 4}],
+         {"BLOCK_Q": 64, "BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 4},
+         # Wide ViT features (C = 1024, Q = 200: EoMT): every query tile gathers the 4 taps x C
+         # channels of its points again, so fewer, taller tiles halve that L2 traffic.
+         {"BLOCK_Q": 128, "BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 8}],
         interpreter={"BLOCK_Q": 16, "BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_C": 16}),
     key=["Q", "M", "C", "P", "SPLIT"])
 @triton.jit
 def _point_cost_kernel(
     emb_ptr,  # [N, Q, C] fp32 contiguous mask embeddings, problem n = layer * B + b
-    pix_ptr,  # [B, C, h*w] fp32 contiguous pixel embedding
+    pix_ptr,  # [B or L*B, C, h*w] contiguous pixel embeddings (shared, or per layer), fp32 / bf16 / fp16
     pts_ptr,  # [N, P, 2] fp32 contiguous points (x, y) in [0, 1]
     tgt_ptr,  # [N, M, P] fp32 contiguous sampled targets
     xt_ptr, st_ptr,  # [SPLIT, N, Q, M] fp32 partial sums
     sp_ptr, ss_ptr,  # [SPLIT, N, Q] fp32 partial sums
-    B, Q, M, C, P, h, w, SPLIT,
+    B, Q, M, C, P, h, w, SPLIT, stride_pl,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -56,7 +60,7 @@ def _point_cost_kernel(
     q_ok = qs < Q
     m_ok = ms < M
     emb = emb_ptr + n.to(tl.int64) * Q * C
-    pix = pix_ptr + b.to(tl.int64) * C * h * w
+    pix = pix_ptr + (n // B).to(tl.int64) * stride_pl + b.to(tl.int64) * C * h * w  # stride_pl 0: shared
     acc_xt = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
     acc_st = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
     acc_sp = tl.zeros((BLOCK_Q,), dtype=tl.float32)
@@ -103,14 +107,20 @@ def _point_cost_kernel(
 def point_matching_sums(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, coords: torch.Tensor,
                         targets: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                        torch.Tensor]:
-    """mask_embed [L,B,Q,C], pixel_embed [B,C,h,w], coords [L,B,P,2], targets [L,B,M,P] (sampled
-    target masks) -> (xt, st) fp32 [L*B, Q, M] and (sp, ss) fp32 [L*B, Q]; see the module doc."""
+    """mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (shared) or [L,B,C,h,w] (per layer), coords
+    [L,B,P,2], targets [L,B,M,P] (sampled target masks) -> (xt, st) fp32 [L*B, Q, M] and (sp, ss)
+    fp32 [L*B, Q]; see the module doc. One launch for all layers: a problem reads its layer's
+    map through a layer stride (0 when shared)."""
     num_layers, batch, q, c = mask_embed.shape
     h, w = pixel_embed.shape[-2:]
     p, m = coords.shape[2], targets.shape[2]
     n = num_layers * batch
     emb = mask_embed.float().reshape(n, q, c).contiguous()
-    pix = pixel_embed.float().reshape(batch, c, h * w).contiguous()
+    # The features are read in their own dtype (bf16 under autocast: half the bytes, no fp32 copy
+    # of the [L, B, C, h, w] map) and upcast per tap in the kernel.
+    pix = pixel_embed if pixel_embed.dtype in (torch.float32, torch.bfloat16, torch.float16) else pixel_embed.float()
+    pix = pix.reshape(-1, c, h * w).contiguous()
+    stride_pl = batch * c * h * w if pixel_embed.dim() == 5 else 0
     pts = coords.float().reshape(n, p, 2).contiguous()
     tgt = targets.float().reshape(n, m, p).contiguous()
     # Split the points over programs until the grid fills the GPU about 4 times (few problems:
@@ -126,6 +136,6 @@ def point_matching_sums(mask_embed: torch.Tensor, pixel_embed: torch.Tensor, coo
         return (n, triton.cdiv(q, meta["BLOCK_Q"]), max(triton.cdiv(m, meta["BLOCK_M"]), 1) * split)
 
     if n and q and p:
-        launch(_point_cost_kernel, grid, emb, pix, pts, tgt, xt, st, sp, ss, batch, q, m, c, p, h, w, split,
+        launch(_point_cost_kernel, grid, emb, pix, pts, tgt, xt, st, sp, ss, batch, q, m, c, p, h, w, split, stride_pl,
                PRECISION=precision, EMULATE=interpreter_enabled())
     return xt.sum(0), st.sum(0), sp.sum(0), ss.sum(0)

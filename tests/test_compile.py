@@ -35,12 +35,18 @@ def test_model_forward_has_no_graph_break():
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
+@pytest.mark.parametrize("per_prediction", [False, True])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_criterion_losses_have_no_graph_break(impl):
+def test_criterion_losses_have_no_graph_break(impl, per_prediction):
+    """Also with per-prediction pixel features [L,B,C,h,w] (EoMT's)."""
     cfg, model, images, targets = _tiny_model_and_batch()
     cfg.loss.impl = impl
     criterion = build_criterion(cfg)
     out = model(images)
+    if per_prediction:
+        layers = out.mask_embed.shape[0]
+        noise = torch.randn(layers, *out.pixel_embed.shape, generator=torch.Generator().manual_seed(2))
+        out = type(out)(out.class_logits, out.mask_embed, out.pixel_embed + 0.1 * noise)
     eager = criterion(out, targets)  # loads the kernel modules outside compiled code, as training does
     packed = pack_targets(targets, images.shape[-2:], "cpu")
     num_masks = torch.tensor(float(sum(t.num_segments for t in targets)))

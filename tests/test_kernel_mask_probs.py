@@ -5,7 +5,7 @@ import torch
 
 from fastmaskformer import ops
 from fastmaskformer.ops.inference import resized_mask_logits_reference
-from fastmaskformer.ops.mask_probs import resampled_masks
+from fastmaskformer.ops.mask_logits import resampled_masks
 
 
 def embeddings(batch=2, queries=13, channels=24, h=7, w=9, dtype=torch.float32):

@@ -1,24 +1,29 @@
 """torch.library.opcheck on every registered operator (schema, fake implementation, autograd
 registration, AOT dispatch with dynamic shapes), CPU: the references, and the Triton operators
 under the interpreter (registered there as custom ops whose fake skips the launches). Odd
-shapes, an image with no segments, fp32 and bf16 inputs."""
+shapes, an image with no segments, fp32 and bf16 inputs; pixel embeddings shared by the layers
+[B,C,h,w] and per layer [L,B,C,h,w] (EoMT)."""
 import pytest
 import torch
 
 import fastmaskformer.kernels.mask_loss  # noqa: F401  registers the Triton operators
 import fastmaskformer.kernels.matching_cost  # noqa: F401
 import fastmaskformer.kernels.point_loss  # noqa: F401
+import fastmaskformer.kernels.point_matching_cost  # noqa: F401
 from fastmaskformer.ops.mask_loss import assignment_from_indices  # registers the references
 from fastmaskformer.ops.matching_cost import downsample_segment_ids  # noqa: F401
 
 OPS = torch.ops.fastmaskformer
 
 
-def _problem(dtype, segments=(3, 0), queries=5, channels=8, low=(7, 9), size=(26, 35), layers=2, seed=0):
+def _problem(dtype, segments=(3, 0), queries=5, channels=8, low=(7, 9), size=(26, 35), layers=2, seed=0,
+             per_layer=False):
+    """mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (or [L,B,C,h,w] per_layer), seg_maps, labels,
+    segment counts and an assignment [L,B,M]."""
     g = torch.Generator().manual_seed(seed)
     batch = len(segments)
     mask_embed = torch.randn(layers, batch, queries, channels, generator=g).to(dtype)
-    pixel_embed = torch.randn(batch, channels, *low, generator=g).to(dtype)
+    pixel_embed = torch.randn(*((layers,) if per_layer else ()), batch, channels, *low, generator=g).to(dtype)
     m = max(segments)
     seg_maps = torch.full((batch, *size), -1, dtype=torch.int32)
     labels = torch.zeros(batch, m, dtype=torch.int64)
@@ -33,10 +38,11 @@ def _problem(dtype, segments=(3, 0), queries=5, channels=8, low=(7, 9), size=(26
     return mask_embed, pixel_embed, seg_maps, labels, torch.tensor(segments, dtype=torch.int64), assignment
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["mask_loss_reference", "mask_loss_forward"])
-def test_opcheck_mask_loss(op, dtype):
-    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(dtype)
+def test_opcheck_mask_loss(op, dtype, per_layer):
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(dtype, per_layer=per_layer)
     mask_embed.requires_grad_()
     pixel_embed.requires_grad_()
     args = (mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(3.0))
@@ -45,8 +51,9 @@ def test_opcheck_mask_loss(op, dtype):
     torch.library.opcheck(getattr(OPS, op), args)
 
 
-def test_opcheck_mask_loss_backward():
-    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(torch.float32)
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_opcheck_mask_loss_backward(per_layer):
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(torch.float32, per_layer=per_layer)
     focal, dice, low, stats = OPS.mask_loss_forward(mask_embed, pixel_embed, assignment, seg_maps,
                                                     torch.tensor(3.0), "ieee")
     torch.library.opcheck(OPS.mask_loss_backward, (torch.ones(2), torch.ones(2), mask_embed, pixel_embed, assignment,
@@ -61,9 +68,11 @@ def _point_draws(assignment, candidates=12, extra=5, seed=1):
             torch.rand(*shape, extra, 2, generator=g) * 1.1 - 0.05)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_point_loss(dtype):
-    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(dtype, low=(5, 7), size=(18, 27))
+def test_opcheck_point_loss(dtype, per_layer):
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(dtype, low=(5, 7), size=(18, 27),
+                                                                   per_layer=per_layer)
     mask_embed.requires_grad_()
     pixel_embed.requires_grad_()
     candidates, extra = _point_draws(assignment)
@@ -71,8 +80,10 @@ def test_opcheck_point_loss(dtype):
                                                    candidates, extra, 6, "ieee"))
 
 
-def test_opcheck_point_loss_backward():
-    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(torch.float32, low=(5, 7), size=(18, 27))
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_opcheck_point_loss_backward(per_layer):
+    mask_embed, pixel_embed, seg_maps, _, _, assignment = _problem(torch.float32, low=(5, 7), size=(18, 27),
+                                                                   per_layer=per_layer)
     candidates, extra = _point_draws(assignment)
     _, _, low, points, stats = OPS.point_loss_forward(mask_embed, pixel_embed, assignment, seg_maps, torch.tensor(3.0),
                                                       candidates, extra, 6, "ieee")
@@ -80,10 +91,11 @@ def test_opcheck_point_loss_backward():
                                                     seg_maps, torch.tensor(3.0), low, points, stats, "ieee"))
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["matching_cost_reference", "matching_cost"])
-def test_opcheck_matching_cost(op, dtype):
-    mask_embed, pixel_embed, seg_maps, labels, counts, _ = _problem(dtype)
+def test_opcheck_matching_cost(op, dtype, per_layer):
+    mask_embed, pixel_embed, seg_maps, labels, counts, _ = _problem(dtype, per_layer=per_layer)
     layers, batch, queries, _ = mask_embed.shape
     class_logits = torch.randn(layers * batch, queries, 5).to(dtype)
     seg_small = downsample_segment_ids(seg_maps, pixel_embed.shape[-2:])
@@ -93,20 +105,30 @@ def test_opcheck_matching_cost(op, dtype):
     torch.library.opcheck(getattr(OPS, op), args)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_opcheck_point_matching_sums(per_layer):
+    mask_embed, pixel_embed, _, _, _, _ = _problem(torch.float32, low=(5, 7), per_layer=per_layer)
+    g = torch.Generator().manual_seed(2)
+    coords = torch.rand(*mask_embed.shape[:2], 40, 2, generator=g) * 1.1 - 0.05
+    targets = torch.rand(*mask_embed.shape[:2], 3, 40, generator=g)
+    torch.library.opcheck(OPS.point_matching_sums, (mask_embed, pixel_embed, coords, targets, "ieee"))
+
+
 def test_opcheck_linear_sum_assignment():
     costs = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
     torch.library.opcheck(OPS.linear_sum_assignment, (costs, torch.tensor([3, 0, 2, 3]), False, 2))
 
 
+@pytest.mark.parametrize("layers", [(), (3,), (3, 3)])  # one prediction; 3 with shared / own features
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["resampled_masks_reference", "resampled_masks"])
 @pytest.mark.parametrize("sizes,sigmoid", [(((7, 9), (7, 9), (7, 9)), False), (((25, 30), (19, 41), (28, 36)), True)])
-def test_opcheck_resampled_masks(op, dtype, sizes, sigmoid):
+def test_opcheck_resampled_masks(op, dtype, sizes, sigmoid, layers):
     import fastmaskformer.kernels.mask_probs  # noqa: F401
 
     g = torch.Generator().manual_seed(0)
-    mask_embed = torch.randn(2, 5, 8, generator=g).to(dtype).requires_grad_()
-    pixel_embed = torch.randn(2, 8, 7, 9, generator=g).to(dtype).requires_grad_()
+    mask_embed = torch.randn(*layers[:1], 2, 5, 8, generator=g).to(dtype).requires_grad_()
+    pixel_embed = torch.randn(*layers[1:], 2, 8, 7, 9, generator=g).to(dtype).requires_grad_()
     image, output, input_size = (list(s) for s in sizes)
     torch.library.opcheck(getattr(OPS, op), (mask_embed, pixel_embed, image, output, input_size, sigmoid, dtype))
 

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..data.metadata import check_label_space
 from ..modeling import num_classes_of
+from ..ops import final_pixel_embed
 from ..ops.inference import instance_count
 from .predictor import Predictor, resize_image
 
@@ -119,7 +120,7 @@ class InferenceProgram(nn.Module):
         out = self.model(x[None])
         class_logits = out.class_logits[-1, 0].float()  # [Q, K+1]
         mask_embed = out.mask_embed[-1, 0].float()  # [Q, C]
-        pixel_embed = out.pixel_embed[0].float()  # [C, h/4, w/4]
+        pixel_embed = final_pixel_embed(out.pixel_embed)[0].float()  # [C, h/4, w/4] of the final prediction
         if self.task == "instance":
             return self._instance(class_logits, mask_embed, pixel_embed, input_size, (h, w), (out_h, out_w))
         logits = torch.einsum("bqc,bchw->bqhw", mask_embed[None], pixel_embed[None])

@@ -186,7 +186,7 @@ def semantic_tta(model: nn.Module, image: Tensor, output_size: tuple[int, int], 
             if not hasattr(outputs, "class_logits"):
                 raise ValueError("test-time augmentation needs a MaskFormer model")
             views.append({"class_logits": outputs.class_logits[-1, 0], "mask_embed": outputs.mask_embed[-1, 0],
-                          "pixel_embed": outputs.pixel_embed[0], "image_size": sizes[0],
+                          "pixel_embed": ops.final_pixel_embed(outputs.pixel_embed)[0], "image_size": sizes[0],
                           "input_size": input_size, "flipped": flip})
     return ops.semantic_inference_tta(views, tuple(output_size))
 

@@ -2,7 +2,8 @@
 cross-entropy over all queries and focal + dice on the matched masks (deep supervision).
 
 The criterion reads the lazy outputs (``class_logits [L,B,Q,K+1]``, ``mask_embed [L,B,Q,C]``,
-``pixel_embed [B,C,h,w]``): the mask logits are formed inside ``ops.mask_loss`` (fused kernel on
+``pixel_embed [B,C,h,w]`` shared by the predictions, or ``[L,B,C,h,w]``: each prediction's own
+features, as EoMT's): the mask logits are formed inside ``ops.mask_loss`` (fused kernel on
 CUDA), never as ``[L,B,Q,h,w]``.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._checks import check_targets, default_input_size
+from ..ops._checks import check_embeddings, check_targets, default_input_size, select_pixel_embed
 from ..ops._dispatch import preload_kernels
 from ..ops.matching_cost import pack_targets
 from ..target import Target, validate_targets
@@ -94,7 +95,8 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs, targets: Sequence[Target], input_size=None) -> dict[str, Tensor]:
         """outputs: anything with ``class_logits [L,B,Q,K+1]``, ``mask_embed [L,B,Q,C]``,
-        ``pixel_embed [B,C,h,w]``; targets: B Targets (segment maps at input resolution).
+        ``pixel_embed [B,C,h,w]`` or ``[L,B,C,h,w]``; targets: B Targets (segment maps at input
+        resolution).
 
         The host part (label checks, packing the targets, the all-reduced mask count) runs here;
         the rest is :meth:`losses`, which has no host sync but the solver's one copy."""
@@ -110,8 +112,9 @@ class SetCriterion(nn.Module):
                              f"num_classes + 1 = {self.num_classes + 1}")
         validate_targets(targets, self.num_classes)  # on the host, before moving them
         self.matcher.check(targets, class_logits.shape[2])
+        check_embeddings(mask_embed, pixel_embed)
         size = default_input_size(pixel_embed, input_size)
-        check_targets(targets, pixel_embed.shape[0], None, size)
+        check_targets(targets, pixel_embed.shape[-4], None, size)
         seg_maps, labels, num_segments = pack_targets(targets, size, pixel_embed.device)
         num_masks = torch.tensor(count_masks(targets, pixel_embed.device), device=pixel_embed.device)
         preload_kernels(self.impl, pixel_embed, modules=("matching_cost", "mask_loss"))
@@ -142,9 +145,10 @@ class SetCriterion(nn.Module):
         the normaliser num_masks (0-d). Static shapes throughout: ``torch.compile`` captures it
         in one graph (the matcher's solve is one opaque operator)."""
         layers = self.supervised_layers(class_logits.shape[0])
+        pixel_embed = select_pixel_embed(pixel_embed, layers)  # per-prediction features: those of the layers
         assignment = self.matcher.assign(class_logits[layers].detach(), mask_embed[layers].detach(),
                                          pixel_embed.detach(), seg_maps, labels, num_segments)  # [L',B,M]
-        # All layers' mask losses in one call: the fused path reads pixel_embed once.
+        # All layers' mask losses in one call: the fused path reads each pixel embedding once.
         focal, dice = ops.mask_loss_assigned(mask_embed[layers], pixel_embed, assignment, seg_maps, num_masks,
                                              self.mask_loss_precision, impl=self.impl)
         return self.collect(class_logits, assignment, labels, focal, dice)
@@ -247,6 +251,7 @@ class PointSampledCriterion(SetCriterion):
         from ..ops.point_loss import point_mask_loss
 
         layers = self.supervised_layers(class_logits.shape[0])
+        pixel_embed = select_pixel_embed(pixel_embed, layers)
         assignment = self.matcher.assign(class_logits[layers].detach(), mask_embed[layers].detach(),
                                          pixel_embed.detach(), seg_maps, labels, num_segments, match_points)
         if self.mask_sampling == "full":

@@ -69,7 +69,8 @@ class HungarianMatcher:
     @torch.no_grad()
     def assign(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
                labels: Tensor, num_segments: Tensor) -> Tensor:
-        """class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; packed targets
+        """class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (shared) or
+        [L,B,C,h,w] (per prediction); packed targets
         (``ops.matching_cost.pack_targets``) -> assignment int64 [L,B,M] on the device: the query
         matched to each segment (-1: none). All costs in one launch, ONE device->host copy
         (inside the solver operator), all problems in one batched solve; no other host sync."""
@@ -95,12 +96,12 @@ class HungarianMatcher:
     @torch.no_grad()
     def __call__(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                  targets: Sequence[Target], input_size=None) -> Matching:
-        """class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] -> Matching
+        """class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] or [L,B,C,h,w] -> Matching
         (L lists of B index pairs, on the CPU)."""
         if class_logits.dim() == 3:
             class_logits, mask_embed = class_logits[None], mask_embed[None]
         size = default_input_size(pixel_embed, input_size)
-        check_targets(targets, pixel_embed.shape[0], class_logits.shape[-1] - 1, size)
+        check_targets(targets, pixel_embed.shape[-4], class_logits.shape[-1] - 1, size)
         packed = pack_targets(targets, size, pixel_embed.device)
         return assignment_to_indices(self.assign(class_logits, mask_embed, pixel_embed, *packed))
 

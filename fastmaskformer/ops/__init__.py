@@ -1,5 +1,8 @@
 """Public ops (DESIGN 1.4). Each takes ``impl="auto"|"triton"|"torch"``: the Triton kernel
-(``fastmaskformer.kernels``) or the plain-PyTorch reference written from the formulas."""
+(``fastmaskformer.kernels``) or the plain-PyTorch reference written from the formulas. Every op
+taking ``pixel_embed`` accepts features shared by the predictions ``[B,C,h,w]`` or each
+prediction's own ``[L,B,C,h,w]`` (EoMT)."""
+from ._checks import final_pixel_embed
 from .inference import (
     assemble_panoptic,
     instance_inference,

@@ -8,6 +8,9 @@ cropped to the image size, and the result is bilinearly resized to the original 
   padded size, then cropped and resized (official order), then argmax over K.
 - panoptic / instance: the mask logits themselves are cropped and resized before inference
   (official ``sem_seg_postprocess_before_inference`` for panoptic).
+Inference reads the final prediction: ``class_logits [B,Q,K+1]``, ``mask_embed [B,Q,C]`` and
+``pixel_embed [B,C,h,w]``, or per-prediction features ``[L,B,C,h,w]`` (EoMT), of which the
+final ``pixel_embed[-1]`` is read (a view: nothing is copied).
 """
 from __future__ import annotations
 
@@ -17,47 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_embeddings, check_float
+from ._checks import Size, check_embeddings, check_float, check_input_size, check_sizes, final_pixel_embed
 from ._dispatch import load_kernel, resolve_impl
 from ._library import reference_operator
-from .mask_logits import mask_logits_reference
-
-Size = tuple[int, int]
+from .mask_logits import mask_logits_reference, resampled_masks
 
 
 # ---------------------------------------------------------------------------- helpers
-def check_input_size(pixel_embed: Tensor, input_size: Size | None) -> Size:
-    """The model input size (H_in, W_in) the stride-4 ``pixel_embed [.., h, w]`` came from:
-    ``input_size`` or, by default, (4h, 4w). Mask logits are upsampled to it."""
-    h, w = int(pixel_embed.shape[-2]), int(pixel_embed.shape[-1])
-    if input_size is None:
-        return 4 * h, 4 * w
-    size = (int(input_size[0]), int(input_size[1]))
-    if size[0] < h or size[1] < w:
-        raise ValueError(f"input_size {size} is smaller than the pixel embedding ({h}, {w}); it must be "
-                         "the model input size the stride-4 embedding came from")
-    return size
-
-
-def check_sizes(image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None, batch: int,
-                input_size: Size) -> tuple[list[Size], list[Size]]:
-    """Per-image (unpadded input size, output size), checked against the model input size."""
-    image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-    output_sizes = image_sizes if output_sizes is None else [(int(h), int(w)) for h, w in output_sizes]
-    if len(image_sizes) != batch or len(output_sizes) != batch:
-        raise ValueError(f"need {batch} image_sizes and output_sizes, got {len(image_sizes)} and {len(output_sizes)}")
-    for i, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, output_sizes)):
-        if not (0 < h <= input_size[0] and 0 < w <= input_size[1]):
-            raise ValueError(f"image_sizes[{i}] = {(h, w)} must be positive and within the model input size {input_size}")
-        if oh <= 0 or ow <= 0:
-            raise ValueError(f"output_sizes[{i}] = {(oh, ow)} must be positive")
-    return image_sizes, output_sizes
-
-
 def _check_inference_args(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                           image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None,
                           input_size: Size | None):
+    """Checked arguments: (the final prediction's pixel_embed [B,C,h,w], image_sizes,
+    output_sizes, input_size)."""
     check_float("class_logits", class_logits, 3)
+    pixel_embed = final_pixel_embed(pixel_embed)
     check_embeddings(mask_embed, pixel_embed)
     if mask_embed.dim() != 3 or class_logits.shape[:2] != mask_embed.shape[:2]:
         raise ValueError(
@@ -66,7 +42,7 @@ def _check_inference_args(class_logits: Tensor, mask_embed: Tensor, pixel_embed:
         )
     input_size = check_input_size(pixel_embed, input_size)
     image_sizes, output_sizes = check_sizes(image_sizes, output_sizes, class_logits.shape[0], input_size)
-    return image_sizes, output_sizes, input_size
+    return pixel_embed, image_sizes, output_sizes, input_size
 
 
 def crop_and_resize(x: Tensor, image_size: Size, output_size: Size) -> Tensor:
@@ -313,7 +289,8 @@ def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
                        precision: str | None = None, impl: str = "auto"):
     """Per-pixel ``argmax_c sum_q p_q(c) sigmoid(m_q)`` at each image's output size.
 
-    class_logits [B,Q,K+1], mask_embed [B,Q,C], pixel_embed [B,C,h,w]; image_sizes: unpadded
+    class_logits [B,Q,K+1], mask_embed [B,Q,C], pixel_embed [B,C,h,w] or [L,B,C,h,w] (module
+    docstring: pixel_embed[-1] is read); image_sizes: unpadded
     input (h_i, w_i); output_sizes: original (H_i, W_i) (default: image_sizes); input_size: the
     model input (padded batch) size, default (4h, 4w). precision: the fused kernel's class-sum
     precision, "tf32" (default: the sum only feeds an argmax; labels can differ from exact fp32
@@ -321,8 +298,8 @@ def semantic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     or "bf16" (fastest; within ~2e-2); the torch reference always computes in fp32.
     Returns a list of int64 [H_i, W_i] labels (with ``return_score``: (labels, float32 score)).
     """
-    image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
-                                                                  image_sizes, output_sizes, input_size)
+    pixel_embed, image_sizes, output_sizes, input_size = _check_inference_args(
+        class_logits, mask_embed, pixel_embed, image_sizes, output_sizes, input_size)
     args = (class_logits, mask_embed, pixel_embed, [v for size in image_sizes for v in size],
             [v for size in output_sizes for v in size], list(input_size), return_score)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="semantic_inference") == "triton":
@@ -470,8 +447,8 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     ``object_mask_threshold``; ``thing_classes`` holds the contiguous ids of thing classes;
     ``input_size``: the model input (padded batch) size, default (4h, 4w).
     """
-    image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
-                                                                  image_sizes, output_sizes, input_size)
+    pixel_embed, image_sizes, output_sizes, input_size = _check_inference_args(
+        class_logits, mask_embed, pixel_embed, image_sizes, output_sizes, input_size)
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="panoptic_inference") == "triton":
         load_kernel("panoptic", "panoptic_inference")
         assign = torch.ops.fastmaskformer.panoptic_assign
@@ -514,10 +491,8 @@ def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     ``masks`` bool [N,H,W], ``scores`` float32 [N], ``labels`` int64 [N], sorted by the
     class probability (descending). ``input_size``: the model input size, default (4h, 4w).
     """
-    image_sizes, output_sizes, input_size = _check_inference_args(class_logits, mask_embed, pixel_embed,
-                                                                  image_sizes, output_sizes, input_size)
-    from .mask_probs import resampled_masks
-
+    pixel_embed, image_sizes, output_sizes, input_size = _check_inference_args(
+        class_logits, mask_embed, pixel_embed, image_sizes, output_sizes, input_size)
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[-1] - 1
     topk = instance_count(num_queries, num_classes, topk)
     results = []

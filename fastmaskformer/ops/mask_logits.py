@@ -1,7 +1,11 @@
-"""Mask logits from the lazy representation (DESIGN 1.1).
+"""Mask logits from the lazy representation (DESIGN 1.1), and the resampling operator behind
+``mask_logits``, ``mask_probs`` and the instance masks.
 
-``logits[b, q, y, x] = <mask_embed[b, q, :], pixel_embed[b, :, y, x]>``, optionally bilinearly
-upsampled (align_corners=False) to ``out_size``.
+``logits[l, b, q, y, x] = <mask_embed[l, b, q, :], pixel_embed[l, b, :, y, x]>`` with per-prediction
+features ``pixel_embed [L,B,C,h,w]`` (EoMT), or ``pixel_embed[b, :, y, x]`` with features shared
+by every prediction ``[B,C,h,w]`` (MaskFormer, Mask2Former); one prediction is ``mask_embed
+[B,Q,C]`` beside ``[B,C,h,w]``. Optionally bilinearly upsampled (align_corners=False) to
+``out_size``, or resampled as the official post-processing does.
 """
 from __future__ import annotations
 
@@ -10,25 +14,56 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_embeddings
+from ._dispatch import load_kernel, resolve_impl
+from ._library import reference_operator
 
 
 def mask_logits_reference(mask_embed: Tensor, pixel_embed: Tensor, out_size=None) -> Tensor:
-    """mask_embed [B,Q,C], pixel_embed [B,C,h,w] -> [B,Q,h,w] (or [B,Q,*out_size]), fp32."""
-    logits = torch.einsum("bqc,bchw->bqhw", mask_embed.float(), pixel_embed.float())
+    """mask_embed [*,B,Q,C], pixel_embed [B,C,h,w] (shared) or [*,B,C,h,w] (per prediction) ->
+    [*,B,Q,h,w] (or [*,B,Q,*out_size]), fp32."""
+    logits = torch.einsum("...qc,...chw->...qhw", mask_embed.float(), pixel_embed.float())
     if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
-        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        lead = logits.shape[:-2]
+        logits = F.interpolate(logits.flatten(0, -4), size=tuple(out_size), mode="bilinear", align_corners=False)
+        logits = logits.view(*lead, *logits.shape[-2:])
     return logits
 
 
-def mask_logits(mask_embed: Tensor, pixel_embed: Tensor, out_size=None, impl: str = "auto") -> Tensor:
-    """Mask logits ``[B,Q,h,w]``, or bilinearly upsampled to ``out_size`` ``[B,Q,H,W]``.
+@reference_operator("resampled_masks_reference", differentiable=("mask_embed", "pixel_embed"),
+                    triton_twin="resampled_masks")
+def resampled_masks_reference(mask_embed: Tensor, pixel_embed: Tensor, image_size: list[int], output_size: list[int],
+                              input_size: list[int], sigmoid: bool, out_dtype: torch.dtype) -> Tensor:
+    """mask_embed [B,Q,C] or [L,B,Q,C], pixel_embed [B,C,h,w] or [L,B,C,h,w] -> [(L,)B,Q,H,W]:
+    the logits upsampled to ``input_size``, cropped to ``image_size``, resized to ``output_size``
+    (all three equal: one direct resize), with ``sigmoid`` the probabilities, in ``out_dtype``."""
+    logits = mask_logits_reference(mask_embed, pixel_embed, input_size)
+    logits = logits[..., : image_size[0], : image_size[1]]
+    if tuple(logits.shape[-2:]) != tuple(output_size):
+        lead = logits.shape[:-2]
+        logits = F.interpolate(logits.flatten(0, -4), size=tuple(output_size), mode="bilinear", align_corners=False)
+        logits = logits.view(*lead, *logits.shape[-2:])
+    return (logits.sigmoid() if sigmoid else logits).to(out_dtype)
 
-    mask_embed: [B,Q,C]; pixel_embed: [B,C,h,w]. Output is float32.
+
+def resampled_masks(mask_embed: Tensor, pixel_embed: Tensor, image_size, output_size, input_size, sigmoid: bool,
+                    out_dtype: torch.dtype, impl: str) -> Tensor:
+    """The operator behind mask_logits, mask_probs and the instance masks (arguments checked)."""
+    args = (mask_embed, pixel_embed, [int(v) for v in image_size], [int(v) for v in output_size],
+            [int(v) for v in input_size], bool(sigmoid), out_dtype)
+    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_probs") == "triton":
+        load_kernel("mask_probs", "mask_probs")
+        return torch.ops.fastmaskformer.resampled_masks(*args)
+    return torch.ops.fastmaskformer.resampled_masks_reference(*args)
+
+
+def mask_logits(mask_embed: Tensor, pixel_embed: Tensor, out_size=None, impl: str = "auto") -> Tensor:
+    """Mask logits ``[B,Q,h,w]``, or bilinearly upsampled to ``out_size`` ``[B,Q,H,W]``; float32.
+
+    mask_embed [B,Q,C] with pixel_embed [B,C,h,w]; or every prediction at once: mask_embed
+    [L,B,Q,C] with pixel_embed [B,C,h,w] (shared) or [L,B,C,h,w] (prediction l reads
+    pixel_embed[l]) -> ``[L,B,Q,h,w]``. For one prediction l of per-prediction features pass
+    ``(mask_embed[l], pixel_embed[l])`` (``MaskFormerOutput.pred_masks`` does).
     """
     check_embeddings(mask_embed, pixel_embed)
-    if mask_embed.dim() != 3:
-        raise ValueError(f"mask_embed must be [B,Q,C], got shape {tuple(mask_embed.shape)}")
-    from .mask_probs import resampled_masks
-
     size = list(pixel_embed.shape[-2:] if out_size is None else out_size)
     return resampled_masks(mask_embed, pixel_embed, size, size, size, False, torch.float32, impl)

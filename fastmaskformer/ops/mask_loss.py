@@ -84,8 +84,8 @@ def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Ten
                         num_masks: Tensor, loss: str = "focal") -> tuple[Tensor, Tensor]:
     """Plain PyTorch, per layer: the matched logits at full resolution [B, M, H, W].
 
-    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] (query of segment j of
-    image b at layer l, or -1); seg_maps int32 [B,H,W] padded with -1; num_masks 0-d; loss
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (shared) or [L,B,C,h,w] (per layer); assignment
+    int64 [L,B,M] (query of segment j of image b at layer l, or -1); seg_maps int32 [B,H,W] padded with -1; num_masks 0-d; loss
     "focal" (MaskFormer) or "bce" (Mask2Former's sigmoid BCE in the first term).
     Returns (focal or BCE), dice: fp32 [L].
     """
@@ -101,7 +101,8 @@ def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Ten
     for layer in range(num_layers):
         query = assignment[layer].clamp_min(0)[..., None].expand(batch, m, channels)
         embed = mask_embed[layer].float().gather(1, query)  # [B, M, C]
-        logits = torch.einsum("bmc,bchw->bmhw", embed, pixel_embed.float())
+        pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
+        logits = torch.einsum("bmc,bchw->bmhw", embed, pixels.float())
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).flatten(2)  # [B, M, H*W]
         matched = (assignment[layer] >= 0).float().flatten()
         first = sigmoid_bce_per_mask if loss == "bce" else sigmoid_focal_loss_per_mask
@@ -118,8 +119,9 @@ def mask_loss_assigned(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tens
     """:func:`mask_loss` on the padded matching, with no host work: what the criterion calls
     (``torch.compile`` traces it whole).
 
-    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] on the device (query
-    of segment j of image b at layer l, -1 = unmatched); seg_maps int32 [B,H,W] at the padded
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] shared by the layers or [L,B,C,h,w] per layer
+    (EoMT); assignment int64 [L,B,M] on the device (query of segment j of image b at layer l,
+    -1 = unmatched); seg_maps int32 [B,H,W] at the padded
     input size, -1 = no segment; num_masks: float or 0-d tensor; loss: "focal" (MaskFormer) or
     "bce" (Mask2Former's sigmoid BCE, the exact full-resolution form of its point-sampled loss).
     Returns fp32 (focal or BCE), dice [L].
@@ -130,8 +132,9 @@ def mask_loss_assigned(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tens
     if mask_embed.dim() != 4 or assignment.dim() != 3 or assignment.shape[:2] != mask_embed.shape[:2]:
         raise ValueError(f"assignment {tuple(assignment.shape)} must be [L,B,M] for mask_embed "
                          f"{tuple(mask_embed.shape)} [L,B,Q,C]")
-    if seg_maps.dim() != 3 or seg_maps.shape[0] != pixel_embed.shape[0]:
-        raise ValueError(f"seg_maps must be [B,H,W] with B={pixel_embed.shape[0]}, got {tuple(seg_maps.shape)}")
+    if seg_maps.dim() != 3 or seg_maps.shape[0] != pixel_embed.shape[-4]:
+        raise ValueError(f"seg_maps must be [B,H,W] with B={pixel_embed.shape[-4]} (pixel_embed "
+                         f"{tuple(pixel_embed.shape)}), got {tuple(seg_maps.shape)}")
     num_masks = torch.as_tensor(num_masks, dtype=torch.float32, device=pixel_embed.device)
     assignment = assignment.to(pixel_embed.device, torch.int64)
     seg_maps = seg_maps.to(pixel_embed.device, torch.int32).contiguous()
@@ -149,7 +152,8 @@ def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices, targets: Sequenc
 
     mask_embed: [B,Q,C] with indices per image (query_idx [m_b], seg_idx [m_b]) -> two scalars;
     or [L,B,Q,C] with indices per layer, per image -> two [L] tensors (the fused kernel then
-    reads the pixel embeddings once for all layers). pixel_embed: [B,C,h,w]; targets: B Targets
+    reads the pixel embeddings once for all layers). pixel_embed: [B,C,h,w], or [L,B,C,h,w]
+    (per layer, beside [L,B,Q,C]); targets: B Targets
     at input resolution (padded to ``input_size``, default (4h, 4w), with -1); num_masks: the
     normaliser (total GT segments, clamped >= 1). precision (fused path): "ieee" (default: the
     low-res matmuls follow PyTorch's fp32 matmul settings, like the reference) or "tf32"
@@ -160,7 +164,7 @@ def mask_loss(mask_embed: Tensor, pixel_embed: Tensor, indices, targets: Sequenc
     if per_layer and len(indices) != mask_embed.shape[0]:
         raise ValueError(f"got indices for {len(indices)} layers but mask_embed has {mask_embed.shape[0]}")
     size = default_input_size(pixel_embed, input_size)
-    check_targets(targets, pixel_embed.shape[0], None, size)
+    check_targets(targets, pixel_embed.shape[-4], None, size)
     layers = [check_indices(layer, targets, mask_embed.shape[-2]) for layer in (indices if per_layer else [indices])]
     num_masks = float(num_masks)
     if not num_masks > 0:

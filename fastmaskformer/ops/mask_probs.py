@@ -10,42 +10,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_embeddings
-from ._dispatch import load_kernel, resolve_impl
-from ._library import reference_operator
-from .inference import check_input_size, check_sizes
-from .mask_logits import mask_logits_reference
+from ._checks import check_embeddings, check_input_size, check_sizes, final_pixel_embed
+from .mask_logits import resampled_masks
 
 Size = tuple[int, int]
 OUT_DTYPES = (torch.float32, torch.bfloat16)
-
-
-@reference_operator("resampled_masks_reference", differentiable=("mask_embed", "pixel_embed"),
-                    triton_twin="resampled_masks")
-def resampled_masks_reference(mask_embed: Tensor, pixel_embed: Tensor, image_size: list[int], output_size: list[int],
-                              input_size: list[int], sigmoid: bool, out_dtype: torch.dtype) -> Tensor:
-    """mask_embed [B,Q,C], pixel_embed [B,C,h,w] -> [B,Q,H,W]: the logits upsampled to
-    ``input_size``, cropped to ``image_size``, resized to ``output_size`` (all three equal: one
-    direct resize), with ``sigmoid`` the probabilities, in ``out_dtype``."""
-    logits = mask_logits_reference(mask_embed, pixel_embed, input_size)
-    logits = logits[..., : image_size[0], : image_size[1]]
-    if tuple(logits.shape[-2:]) != tuple(output_size):
-        logits = F.interpolate(logits, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return (logits.sigmoid() if sigmoid else logits).to(out_dtype)
-
-
-def resampled_masks(mask_embed: Tensor, pixel_embed: Tensor, image_size, output_size, input_size, sigmoid: bool,
-                    out_dtype: torch.dtype, impl: str) -> Tensor:
-    """The operator behind mask_logits, mask_probs and the instance masks (arguments checked)."""
-    args = (mask_embed, pixel_embed, [int(v) for v in image_size], [int(v) for v in output_size],
-            [int(v) for v in input_size], bool(sigmoid), out_dtype)
-    if resolve_impl(impl, mask_embed, pixel_embed, op="mask_probs") == "triton":
-        load_kernel("mask_probs", "mask_probs")
-        return torch.ops.fastmaskformer.resampled_masks(*args)
-    return torch.ops.fastmaskformer.resampled_masks_reference(*args)
 
 
 def mask_probs(mask_embed: Tensor, pixel_embed: Tensor, image_sizes: Sequence[Size] | None = None,
@@ -53,11 +24,13 @@ def mask_probs(mask_embed: Tensor, pixel_embed: Tensor, image_sizes: Sequence[Si
                input_size: Size | None = None, impl: str = "auto"):
     """Sigmoid mask probabilities in ``out_dtype`` (float32 or bfloat16).
 
-    mask_embed [B,Q,C], pixel_embed [B,C,h,w]. Without sizes returns ``[B,Q,h,w]``. Otherwise a
-    list of ``[Q,H_i,W_i]``: ``image_sizes`` are the unpadded inputs (default: the whole model
+    mask_embed [B,Q,C] of the final prediction; pixel_embed [B,C,h,w], or per prediction
+    [L,B,C,h,w] (the final prediction's pixel_embed[-1] is read). Without sizes returns
+    ``[B,Q,h,w]``. Otherwise a list of ``[Q,H_i,W_i]``: ``image_sizes`` are the unpadded inputs (default: the whole model
     input), ``output_sizes`` the original sizes (default: ``image_sizes``); ``input_size`` is the
     model input (padded batch) size the logits are upsampled to (default (4h, 4w)).
     """
+    pixel_embed = final_pixel_embed(pixel_embed)
     check_embeddings(mask_embed, pixel_embed)
     if mask_embed.dim() != 3:
         raise ValueError(f"mask_embed must be [B,Q,C], got shape {tuple(mask_embed.shape)}")

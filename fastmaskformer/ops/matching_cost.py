@@ -75,18 +75,20 @@ def _pair_cost(class_logits: Tensor, logits: Tensor, onehot: Tensor, labels: Ten
 def matching_cost_reference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_small: Tensor,
                             labels: Tensor, num_segments: Tensor, weights: list[float]) -> Tensor:
     """Per-problem loop as the official matcher. class_logits [N,Q,K+1], mask_embed [N,Q,C],
-    pixel_embed [B,C,h,w] (problem n uses image n % B); seg_small int32 [B,h,w] (segment maps at
-    the prediction size, -1 = none); labels int64 [B,M] padded; num_segments int64 [B].
+    pixel_embed [B,C,h,w] shared by the layers or [L,B,C,h,w] per layer (problem n = l * B + b
+    uses image b, of layer l when per layer); seg_small int32 [B,h,w] (segment maps at the
+    prediction size, -1 = none); labels int64 [B,M] padded; num_segments int64 [B].
     Returns [N, Q, M] float32, 0 past each problem's M_b."""
     n_problems = class_logits.shape[0]
-    batch = pixel_embed.shape[0]
+    batch = pixel_embed.shape[-4]
+    pixels = pixel_embed.flatten(0, 1) if pixel_embed.dim() == 5 else pixel_embed  # problem n: pixels[n % len]
     m = labels.shape[1]
     segments = torch.arange(m, device=seg_small.device)
     onehot = (seg_small.flatten(1)[:, None, :] == segments[None, :, None]).float()  # [B, M, hw]
     costs = []
     for n in range(n_problems):
         b = n % batch
-        logits = mask_embed[n].float() @ pixel_embed[b].float().flatten(1)  # [Q, hw]
+        logits = mask_embed[n].float() @ pixels[n % pixels.shape[0]].float().flatten(1)  # [Q, hw]
         cost = _pair_cost(class_logits[n], logits, onehot[b], labels[b], weights)
         costs.append(torch.where(segments[None, :] < num_segments[b], cost, 0.0))
     if not costs:
@@ -114,8 +116,9 @@ def matching_cost_packed(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
     work: what the matcher calls (``torch.compile`` traces it whole).
 
     class_logits [B,Q,K+1] or [L,B,Q,K+1]; mask_embed [B,Q,C] or [L,B,Q,C]; pixel_embed
-    [B,C,h,w]; seg_maps int32 [B,H,W] at the padded input size; labels int64 [B,M];
-    num_segments int64 [B]. Returns costs float32 [N,Q,M] (N = L*B, layer-major, 0 past M_b).
+    [B,C,h,w] (shared) or [L,B,C,h,w] (per prediction, beside [L,B,...] inputs); seg_maps int32
+    [B,H,W] at the padded input size; labels int64 [B,M]; num_segments int64 [B].
+    Returns costs float32 [N,Q,M] (N = L*B, layer-major, 0 past M_b).
     """
     check_float("class_logits", class_logits, class_logits.dim() if class_logits.dim() in (3, 4) else 3)
     check_embeddings(mask_embed, pixel_embed)
@@ -124,6 +127,11 @@ def matching_cost_packed(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
             f"class_logits {tuple(class_logits.shape)} and mask_embed {tuple(mask_embed.shape)} "
             "disagree on the leading [L,]B,Q dimensions"
         )
+    batch = pixel_embed.shape[-4]
+    if seg_maps.dim() != 3 or seg_maps.shape[0] != batch or labels.shape[0] != batch or num_segments.shape != (batch,):
+        raise ValueError(f"targets must be packed for B={batch} images (pixel_embed {tuple(pixel_embed.shape)}): "
+                         f"seg_maps {tuple(seg_maps.shape)}, labels {tuple(labels.shape)}, num_segments "
+                         f"{tuple(num_segments.shape)}")
     flat_logits = class_logits.reshape(-1, *class_logits.shape[-2:])
     flat_embed = mask_embed.reshape(-1, *mask_embed.shape[-2:])
     seg_small = downsample_segment_ids(seg_maps, pixel_embed.shape[-2:])
@@ -131,7 +139,7 @@ def matching_cost_packed(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
     if resolve_impl(impl, class_logits, mask_embed, pixel_embed, op="matching_cost") == "triton":
         kernel = load_kernel("matching_cost", "matching_cost")
         return kernel.matching_cost(flat_logits, flat_embed, pixel_embed, seg_small, labels, num_segments, weights,
-                                    precision or kernel.DEFAULT_PRECISION, flat_logits.shape[0] // pixel_embed.shape[0])
+                                    precision or kernel.DEFAULT_PRECISION, flat_logits.shape[0] // batch)
     return torch.ops.fastmaskformer.matching_cost_reference(flat_logits.detach(), flat_embed.detach(),
                                                            pixel_embed.detach(), seg_small, labels, num_segments,
                                                            weights)
@@ -143,7 +151,9 @@ def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
     """All problems of a batch (and of all decoder layers) at once, ready for the batched solver.
 
     class_logits: [B,Q,K+1] or [L,B,Q,K+1]; mask_embed: [B,Q,C] or [L,B,Q,C];
-    pixel_embed: [B,C,h,w]; targets: B Targets, segment maps at (padded) input resolution.
+    pixel_embed: [B,C,h,w] shared by the predictions, or [L,B,C,h,w] (prediction l's own
+    features, beside [L,B,...] inputs: EoMT); targets: B Targets, segment maps at (padded) input
+    resolution.
     precision: the fused kernel's tl.dot precision, "tf32" (default: the cost only feeds an
     argmin; costs move by ~1e-3 relative), "tf32x3" (~fp32) or "ieee" (exact fp32 products);
     the torch reference always computes in fp32.
@@ -151,7 +161,7 @@ def matching_cost_padded(class_logits: Tensor, mask_embed: Tensor, pixel_embed: 
     ``num_segments`` int64 [N] (M of each problem).
     """
     check_embeddings(mask_embed, pixel_embed)
-    batch = pixel_embed.shape[0]
+    batch = pixel_embed.shape[-4]
     size = default_input_size(pixel_embed, input_size)
     check_targets(targets, batch, class_logits.shape[-1] - 1, size)
     seg_maps, labels, num_segments = pack_targets(targets, size, pixel_embed.device)

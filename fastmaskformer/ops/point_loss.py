@@ -102,13 +102,15 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
                         impl: str = "auto") -> Tensor:
     """Matching costs on shared uniform points (official Mask2Former ``HungarianMatcher``).
 
-    class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; seg_maps int32 [B,H,W];
+    class_logits [L,B,Q,K+1], mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (shared) or [L,B,C,h,w]
+    (per layer); seg_maps int32 [B,H,W];
     labels int64 [B,M] (padded: padded columns get finite costs the solver ignores); coords
     [L,B,P,2] (one draw per layer and image); weights (class, BCE, dice) -> costs float32
     [L*B, Q, M] (the layout of ``matching_cost_packed``). Computed in float32, one layer at a time
     (reference) or by the fused kernel (``kernels/point_matching_cost.py``: samples the pixel
     embedding itself, never forms logit maps; precision "tf32" by default, "tf32x3" | "ieee").
     """
+    check_point_matching_inputs(class_logits, mask_embed, pixel_embed, seg_maps, labels, coords)
     num_layers, b, q = class_logits.shape[:3]
     m = labels.shape[1]
     w_class, w_mask, w_dice = weights
@@ -129,7 +131,8 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
         prob = class_logits[layer].float().softmax(-1)  # (b, q, k+1)
         cost_class = -torch.gather(prob, 2, labels[:, None, :].expand(b, q, m))  # (b, q, m)
         target = sample_shared_point_targets(seg_maps, m, pts[None])[0]  # (b, m, p)
-        logit_maps = torch.einsum("bqc,bchw->bqhw", mask_embed[layer].float(), pixel_embed.float())
+        pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
+        logit_maps = torch.einsum("bqc,bchw->bqhw", mask_embed[layer].float(), pixels.float())
         logits = sample_logits_shared(logit_maps, pts)  # (b, q, p)
         pos = F.softplus(-logits)  # BCE against 1
         neg = F.softplus(logits)  # BCE against 0
@@ -155,6 +158,21 @@ def importance_points(logit_maps: Tensor, candidates: Tensor, extra: Tensor, num
     return torch.cat([chosen, extra.to(chosen.dtype)], 2)
 
 
+def check_point_matching_inputs(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
+                                labels: Tensor, coords: Tensor) -> None:
+    """Clear errors for the arguments of :func:`point_matching_cost` (shapes and devices)."""
+    check_embeddings(mask_embed, pixel_embed)
+    if mask_embed.dim() != 4 or class_logits.dim() != 4 or class_logits.shape[:3] != mask_embed.shape[:3]:
+        raise ValueError(f"class_logits {tuple(class_logits.shape)} and mask_embed {tuple(mask_embed.shape)} must be "
+                         "[L,B,Q,K+1] and [L,B,Q,C] with the same L, B, Q")
+    num_layers, batch = mask_embed.shape[:2]
+    if seg_maps.dim() != 3 or seg_maps.shape[0] != batch or labels.dim() != 2 or labels.shape[0] != batch:
+        raise ValueError(f"seg_maps {tuple(seg_maps.shape)} and labels {tuple(labels.shape)} must be [B,H,W] and "
+                         f"[B,M] with B={batch} (mask_embed {tuple(mask_embed.shape)})")
+    if coords.dim() != 4 or coords.shape[:2] != (num_layers, batch) or coords.shape[-1] != 2:
+        raise ValueError(f"coords must be [L,B,P,2] = [{num_layers},{batch},P,2], got {tuple(coords.shape)}")
+
+
 def check_point_loss_inputs(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor, seg_maps: Tensor,
                             candidates: Tensor, extra: Tensor, num_uncertain: int) -> None:
     """Clear errors for the arguments of :func:`point_mask_loss` (shapes, dtypes, devices; the
@@ -168,9 +186,9 @@ def check_point_loss_inputs(mask_embed: Tensor, pixel_embed: Tensor, assignment:
         raise ValueError(f"assignment must be int64 [L,B,M] for mask_embed {tuple(mask_embed.shape)} [L,B,Q,C], got "
                          f"{getattr(assignment, 'dtype', type(assignment).__name__)} "
                          f"{tuple(getattr(assignment, 'shape', ()))}")
-    if not isinstance(seg_maps, Tensor) or seg_maps.dim() != 3 or seg_maps.shape[0] != pixel_embed.shape[0] \
+    if not isinstance(seg_maps, Tensor) or seg_maps.dim() != 3 or seg_maps.shape[0] != pixel_embed.shape[-4] \
             or seg_maps.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"seg_maps must be int32 [B,H,W] with B={pixel_embed.shape[0]}, got "
+        raise ValueError(f"seg_maps must be int32 [B,H,W] with B={pixel_embed.shape[-4]}, got "
                          f"{getattr(seg_maps, 'dtype', None)} {tuple(getattr(seg_maps, 'shape', ()))}")
     num_layers, batch, m = assignment.shape
     for name, pts in (("candidates", candidates), ("extra", extra)):
@@ -199,9 +217,10 @@ def point_mask_loss(mask_embed: Tensor, pixel_embed: Tensor, assignment: Tensor,
                     precision: str | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Importance-sampled sigmoid BCE + dice of the matched masks (official Mask2Former loss).
 
-    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w]; assignment int64 [L,B,M] (query of each segment,
-    -1 none); seg_maps int32 [B,H,W]; num_masks 0-d; candidates [L,B,M,S,2] and extra
-    [L,B,M,R,2] uniform draws per segment slot (only matched slots are used) -> (bce [L], dice [L]),
+    mask_embed [L,B,Q,C], pixel_embed [B,C,h,w] (shared) or [L,B,C,h,w] (per layer); assignment
+    int64 [L,B,M] (query of each segment, -1 none); seg_maps int32 [B,H,W]; num_masks 0-d;
+    candidates [L,B,M,S,2] and extra [L,B,M,R,2] uniform draws per segment slot (only matched
+    slots are used) -> (bce [L], dice [L]),
     each sum over matched masks / num_masks. With num_uncertain = 0 (and S = 0) the loss is taken
     at exactly the ``extra`` points (explicit points).
 
@@ -233,7 +252,8 @@ def point_mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignmen
         matched = assignment[layer] >= 0  # (b, m)
         query = assignment[layer].clamp(min=0)
         emb = torch.gather(mask_embed[layer], 1, query[..., None].expand(b, m, mask_embed.shape[-1]))  # (b, m, c)
-        logit_maps = torch.einsum("bmc,bchw->bmhw", emb.float(), pixel_embed.float())
+        pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
+        logit_maps = torch.einsum("bmc,bchw->bmhw", emb.float(), pixels.float())
         pts = importance_points(logit_maps.detach(), candidates[layer], extra[layer], num_uncertain)
         logits = sample_logits(logit_maps, pts)  # (b, m, p)
         target = sample_segment_targets(seg_maps, segments, pts)
