@@ -358,8 +358,7 @@ def load_metadata(info: dict):
 
 class ExportedPredictor(Predictor):
     """:class:`~fastmaskformer.engine.predictor.Predictor` with an exported file as the model:
-    the same test resize and output files, one image at a time (``--batch-size 1``: a batch
-    pads its images to the largest, which changes the predictions)."""
+    the same test resize and output files, one image at a time (the program takes one image)."""
 
     def __init__(self, exported: ExportedModel, sem_ids: str = "dataset"):
         info = exported.info
