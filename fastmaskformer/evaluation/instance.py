@@ -166,7 +166,8 @@ def coco_mask_ap(coco_gt, results: Sequence[dict], image_ids: Sequence | None = 
     backend = resolve_backend(backend)
     coco_gt = load_coco_gt(coco_gt, backend)
     if class_names is None:
-        class_names = {c["id"]: c["name"] for c in coco_gt.dataset.get("categories", [])}
+        # .cats, not .dataset: hotcoco builds .dataset anew from Rust, annotations included
+        class_names = {cat_id: c["name"] for cat_id, c in coco_gt.cats.items()}
     if not results:  # detectron2: no predictions -> every metric NaN
         return {**{k: math.nan for k in METRICS}, "per_class": {}}
     stats, precision, category_ids = _run_cocoeval(coco_gt, list(results), image_ids, backend)
