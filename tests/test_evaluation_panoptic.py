@@ -225,6 +225,25 @@ def test_matches_panopticapi_on_synthetic_data(tmp_path, seed, backend):
     _assert_same_results(streaming.compute(), ours)
 
 
+def test_large_ids_take_the_binary_search_and_agree():
+    """Ids past the lookup table (2^24, beyond any COCO colour) give the same counts through
+    the binary-search path, and an unlisted id is still an error there."""
+    rng = np.random.default_rng(4)
+    small, large = PanopticEvaluator(SYNTH_CATEGORIES), PanopticEvaluator(SYNTH_CATEGORIES)
+    shift = 1 << 40
+    for _ in range(3):
+        gt_map, gt_segments = _synthetic_gt(rng)
+        pred_map, pred_segments = _synthetic_pred(rng, gt_map, gt_segments)
+        small.update(pred_map, pred_segments, gt_map, gt_segments)
+        large.update(np.where(pred_map > 0, pred_map + shift, 0),
+                     [dict(s, id=s["id"] + shift) for s in pred_segments],
+                     np.where(gt_map > 0, gt_map + shift, 0), [dict(s, id=s["id"] + shift) for s in gt_segments])
+    _assert_same_results(large.compute(), small.compute())
+    gt, gt_segments = _tiny()
+    with pytest.raises(ValueError, match=f"contains segment id {shift + 9}"):
+        large.update(np.array([[shift + 1, 0], [shift + 9, 0]]), [{"id": shift + 1, "category_id": 1}], gt, gt_segments)
+
+
 def test_hand_computed_case():
     # GT: thing 1 (8 px) and stuff 7 (8 px) in a 4x4 image; 2 void pixels in the stuff half.
     gt = np.array([[1] * 2 + [2] * 2] * 4)

@@ -33,6 +33,7 @@ from ._backend import resolve_backend
 from ._pq import PQAccumulator, accumulate_image, parse_categories
 
 VOID = 0  # id of unlabelled pixels in COCO panoptic id maps
+LOOKUP_IDS = 1 << 24  # id maps whose ids all lie below this are indexed through a table
 
 
 def _as_id_map(id_map, what: str, image) -> np.ndarray:
@@ -76,9 +77,26 @@ def _segment_table(segments_info: Sequence[dict], category_index: dict, what: st
 def _dense_index(id_map: np.ndarray, ids: np.ndarray, what: str, image) -> np.ndarray:
     """Map segment ids to 1 + their position in ``ids`` (sorted [S]) and void to 0.
 
-    id_map: int64 [H, W] -> int64 [H, W] in [0, S]. An id that is neither void nor listed is an
-    error: its pixels would otherwise be silently dropped or miscounted.
+    id_map: int64 [H, W] -> intp [H, W] in [0, S]. An id that is neither void nor listed is an
+    error: its pixels would otherwise be silently dropped or miscounted. Ids in [0, 2^24) (every
+    COCO id: an RGB colour) go through a lookup table, one gather per pixel; larger or negative
+    ids through a binary search.
     """
+    lo, hi = (int(id_map.min()), int(id_map.max())) if id_map.size else (0, 0)
+    largest = max(hi, int(ids[-1]) if len(ids) else 0)
+    if lo >= 0 and largest < LOOKUP_IDS:
+        # Zero-filled, so only the pages of listed ids are ever written; 0 marks unknown ids,
+        # void is stored as 1 and segment i as i + 2, shifted back after the check.
+        table = np.zeros(largest + 1, dtype=np.intp)
+        table[VOID] = 1
+        table[ids] = np.arange(2, len(ids) + 2)
+        index = table[id_map]
+        if not index.all():
+            bad = int(id_map[index == 0][0])
+            raise ValueError(f"image {image}: {what} id map contains segment id {bad}, "
+                             f"which is not in its segments_info")
+        index -= 1
+        return index
     table = np.concatenate([[VOID], ids])
     index = np.searchsorted(table, id_map)
     np.minimum(index, len(table) - 1, out=index)  # ids past the end: rejected just below
@@ -97,7 +115,8 @@ def segment_intersections(gt_index: np.ndarray, num_gt: int, pred_index: np.ndar
     gt_index, pred_index: int64 [H, W] dense indices (0 = void). Returns int64
     [num_gt + 1, num_pred + 1].
     """
-    combined = gt_index.ravel() * (num_pred + 1) + pred_index.ravel()
+    combined = gt_index.ravel() * (num_pred + 1)
+    combined += pred_index.ravel()
     counts = np.bincount(combined, minlength=(num_gt + 1) * (num_pred + 1))
     return counts.reshape(num_gt + 1, num_pred + 1)
 
