@@ -154,6 +154,13 @@ def test_backends_give_pycocotools_numbers(seed):
     hotcoco_out, reference_out = outputs
     assert hotcoco_out["per_class"].keys() == reference_out["per_class"].keys()
     assert all(_same(hotcoco_out["per_class"][k], v) for k, v in reference_out["per_class"].items())
+    # category names that are not unique: hotcoco's per-class table (by name) cannot be used,
+    # the precision table is read instead
+    same_names = dict(gt, categories=[dict(c, name="thing") for c in gt["categories"]])
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    fallback = coco_mask_ap(same_names, results, image_ids, class_names=names, backend="hotcoco")
+    assert all(_same(fallback[k], hotcoco_out[k]) for k in METRICS)
+    assert all(_same(fallback["per_class"][k], v) for k, v in reference_out["per_class"].items())
     assert math.isnan(reference_out["per_class"]["c5"])  # predicted, never in the GT: undefined
     assert reference_out["per_class"]["c6"] == 0.0  # in the GT, never predicted
     # the six numbers follow from the precision table as summarize derives them

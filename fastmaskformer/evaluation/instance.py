@@ -17,6 +17,8 @@ import contextlib
 import io
 import json
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -129,8 +131,25 @@ def summary_from_precision(precision: np.ndarray, iou_thresholds: Sequence[float
     return stats
 
 
-def _run_cocoeval(coco_gt, results: list[dict], image_ids, backend: str):
-    """(six summary stats as fractions, precision [T, R, K, A, M], category ids [K])."""
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """Send file descriptor 1 to /dev/null: hotcoco's summarize prints from Rust, past
+    ``sys.stdout`` (and so past ``contextlib.redirect_stdout``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run_cocoeval(coco_gt, results: list[dict], image_ids, backend: str) -> tuple[list, dict]:
+    """(six summary stats as fractions, -1 where undefined; {category id: per-class AP as a
+    fraction, NaN where undefined}). Per class: area "all", maxDets 100, the mean of the defined
+    precisions over IoUs and recalls."""
     if backend == "hotcoco":
         import hotcoco
 
@@ -138,9 +157,19 @@ def _run_cocoeval(coco_gt, results: list[dict], image_ids, backend: str):
         if image_ids is not None:
             ev.params.img_ids = sorted(set(image_ids))
         ev.evaluate()
-        ev.accumulate()  # its summarize() prints from Rust; the six numbers follow from the table
-        precision = np.asarray(ev.eval["precision"])
-        return summary_from_precision(precision, ev.params.iou_thrs), precision, list(ev.params.cat_ids)
+        ev.accumulate()
+        names = {c["name"]: cat_id for cat_id, c in coco_gt.cats.items()}
+        if len(names) == len(coco_gt.cats):  # hotcoco reports per class by name
+            with _quiet_native_stdout():
+                ev.summarize()
+            reported = {names[name]: ap for name, ap in ev.results(per_class=True)["per_class"].items()}
+            # it leaves out categories without GT; pycocotools lists them, undefined
+            per_class = {cat_id: reported[cat_id] if reported.get(cat_id, -1) >= 0 else math.nan
+                         for cat_id in sorted(coco_gt.cats)}
+            return list(ev.stats[:len(METRICS)]), per_class
+        precision = np.asarray(ev.eval["precision"])  # a copy of the whole table: ~10 ms
+        stats = summary_from_precision(precision, ev.params.iou_thrs)
+        return stats, _per_class_from_precision(precision, ev.params.cat_ids)
     _, _, COCOeval = _pycocotools()
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds area/bbox/id in place
@@ -150,7 +179,18 @@ def _run_cocoeval(coco_gt, results: list[dict], image_ids, backend: str):
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return list(ev.stats[:len(METRICS)]), ev.eval["precision"], list(ev.params.catIds)
+    return list(ev.stats[:len(METRICS)]), _per_class_from_precision(ev.eval["precision"], ev.params.catIds)
+
+
+def _per_class_from_precision(precision: np.ndarray, category_ids) -> dict:
+    """{category id: AP fraction (NaN where no precision is defined)} from the [T, R, K, A, M]
+    table at area "all", maxDets 100."""
+    per_class = {}
+    for k, cat_id in enumerate(category_ids):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[cat_id] = float(p.mean()) if p.size else math.nan
+    return per_class
 
 
 def coco_mask_ap(coco_gt, results: Sequence[dict], image_ids: Sequence | None = None,
@@ -170,15 +210,9 @@ def coco_mask_ap(coco_gt, results: Sequence[dict], image_ids: Sequence | None = 
         class_names = {cat_id: c["name"] for cat_id, c in coco_gt.cats.items()}
     if not results:  # detectron2: no predictions -> every metric NaN
         return {**{k: math.nan for k in METRICS}, "per_class": {}}
-    stats, precision, category_ids = _run_cocoeval(coco_gt, list(results), image_ids, backend)
+    stats, per_class = _run_cocoeval(coco_gt, list(results), image_ids, backend)
     out = {k: float(s * 100) if s >= 0 else math.nan for k, s in zip(METRICS, stats)}
-    # per class: area "all", maxDets 100, mean of the defined precisions over IoUs and recalls
-    per_class = {}
-    for k, cat_id in enumerate(category_ids):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        per_class[class_names.get(cat_id, str(cat_id))] = float(p.mean() * 100) if p.size else math.nan
-    out["per_class"] = per_class
+    out["per_class"] = {class_names.get(cat_id, str(cat_id)): 100 * ap for cat_id, ap in per_class.items()}
     return out
 
 
