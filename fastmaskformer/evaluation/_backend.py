@@ -1,9 +1,11 @@
-"""Which engine scores PQ and mask AP: hotcoco (Rust, pycocotools / panopticapi compatible) or
-the reference (pycocotools' ``COCOeval`` for mask AP, our NumPy PQ core for panoptic files).
+"""Which engine scores mask AP, PQ from files and semantic confusion counts: hotcoco (Rust,
+pycocotools / panopticapi compatible) or the reference (pycocotools' ``COCOeval``, our NumPy PQ
+core, ``torch.bincount``).
 
 hotcoco 1.3.0 gives the references' numbers on every case the tests check (bit-identical mask
-AP precision tables, PQ within 3e-16 of panopticapi) at 10-50x their speed, so ``"auto"`` picks
-it whenever it is installed (it is a dependency; the reference stays selectable and tested).
+AP precision tables and per-class AP, PQ within 3e-16 of panopticapi, identical confusion
+counts) in a fraction of their time (``benchmarks/bench_evaluation.py``), so ``"auto"`` picks it
+whenever it is installed (it is a dependency; the reference stays selectable and tested).
 """
 from __future__ import annotations
 
