@@ -78,7 +78,8 @@ def timed(fn, repeats: int, warmup: int = 0) -> dict:
 
 def bench_semantic(rng, args):
     k, n = args.num_classes, args.semantic_images
-    pairs = semantic_inputs(rng, k)
+    cpu_pairs = semantic_inputs(rng, k)
+    pairs = [(p.to(args.device), g.to(args.device)) for p, g in cpu_pairs]
 
     def ours(factory):
         def run():
@@ -97,7 +98,7 @@ def bench_semantic(rng, args):
             metric.update(pred, gt.long())
         return float(metric.compute())
 
-    numpy_pairs = [(p.numpy(), g.numpy()) for p, g in pairs]
+    numpy_pairs = [(p.numpy(), g.numpy()) for p, g in cpu_pairs]
 
     def hotcoco_miou():
         from hotcoco import semantic
@@ -345,6 +346,7 @@ def main():
     track_cpu_memory()
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="device of our semantic inputs (everything else: CPU)")
     parser.add_argument("--semantic-images", type=int, default=2000)
     parser.add_argument("--panoptic-images", type=int, default=200)
     parser.add_argument("--num-classes", type=int, default=150)
