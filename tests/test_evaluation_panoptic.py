@@ -1,5 +1,7 @@
-"""PQ / SQ / RQ: parity with panopticapi's pq_compute on the real COCO sample with perturbed
-predictions and on synthetic data, the streaming evaluator, bad input, and the cross-rank sum."""
+"""PQ / SQ / RQ: parity with panopticapi's pq_compute (both backends: hotcoco and our reference)
+on the real COCO sample with perturbed predictions and on synthetic data with crowd regions,
+empty images and images without predictions, the streaming evaluator, bad input, and the
+cross-rank sum."""
 import json
 import math
 
@@ -50,8 +52,11 @@ def _assert_same_results(ours, theirs):
             assert ours["per_class"][cat_id][key] == pytest.approx(values[key], abs=1e-6), (cat_id, key)
 
 
-def _compare_with_panopticapi(gt_json, gt_folder, pred_json, pred_folder):
-    ours = pq_compute(gt_json, pred_json, gt_folder, pred_folder)
+BACKENDS = ["hotcoco", "reference"]
+
+
+def _compare_with_panopticapi(gt_json, gt_folder, pred_json, pred_folder, backend):
+    ours = pq_compute(gt_json, pred_json, gt_folder, pred_folder, backend=backend)
     theirs = panopticapi_evaluation.pq_compute(gt_json, pred_json, gt_folder, pred_folder)
     _assert_same_results(ours, theirs)
     return ours
@@ -122,8 +127,9 @@ def coco_gt(coco_sample):
 PERTURBATIONS = ["identity", "void", "relabel", "shift", "crowd", "drop_merge", "all"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", PERTURBATIONS)
-def test_matches_panopticapi_on_real_coco_sample(coco_gt, tmp_path, kind):
+def test_matches_panopticapi_on_real_coco_sample(coco_gt, tmp_path, kind, backend):
     gt_json, gt_folder, gt, maps = coco_gt
     rng = np.random.default_rng(PERTURBATIONS.index(kind))
     predictions = []
@@ -133,7 +139,7 @@ def test_matches_panopticapi_on_real_coco_sample(coco_gt, tmp_path, kind):
             id_map, segments = _perturb(id_map, segments, kind, gt["categories"], rng, segments)
         predictions.append((ann["image_id"], id_map, segments))
     pred_json, pred_folder = _write_dataset(tmp_path, "pred", predictions, gt["categories"])
-    ours = _compare_with_panopticapi(gt_json, gt_folder, pred_json, pred_folder)
+    ours = _compare_with_panopticapi(gt_json, gt_folder, pred_json, pred_folder, backend)
     if kind == "identity":
         assert ours["All"]["pq"] == 1.0
     else:
@@ -189,17 +195,26 @@ def _synthetic_pred(rng, gt_map, gt_segments):
     return id_map, [s for s in segments if s["id"] in present]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_panopticapi_on_synthetic_data(tmp_path, seed):
+def test_matches_panopticapi_on_synthetic_data(tmp_path, seed, backend):
+    """12 images, the last three special: an empty image (all void, no segments) with an
+    all-void prediction, an empty image with predicted segments (all false positives), and an
+    image without predictions (every GT segment a false negative)."""
     rng = np.random.default_rng(seed)
     gt_images, pred_images = [], []
     for image_id in range(12):
         gt_map, gt_segments = _synthetic_gt(rng)
+        pred_map, pred_segments = _synthetic_pred(rng, gt_map, gt_segments)
+        if image_id in (9, 10):
+            gt_map, gt_segments = np.zeros_like(gt_map), []
+        if image_id in (9, 11):
+            pred_map, pred_segments = np.zeros_like(pred_map), []
         gt_images.append((image_id, gt_map, gt_segments))
-        pred_images.append((image_id, *_synthetic_pred(rng, gt_map, gt_segments)))
+        pred_images.append((image_id, pred_map, pred_segments))
     gt_json, gt_folder = _write_dataset(tmp_path, "gt", gt_images, SYNTH_CATEGORIES)
     pred_json, pred_folder = _write_dataset(tmp_path, "pred", pred_images, SYNTH_CATEGORIES)
-    ours = _compare_with_panopticapi(gt_json, gt_folder, pred_json, pred_folder)
+    ours = _compare_with_panopticapi(gt_json, gt_folder, pred_json, pred_folder, backend)
     assert 0.0 < ours["All"]["pq"] < 1.0
 
     # The streaming evaluator on in-memory tensors gives the same numbers.
@@ -208,6 +223,25 @@ def test_matches_panopticapi_on_synthetic_data(tmp_path, seed):
         streaming.update(torch.from_numpy(pred_map).int(), pred_segments,
                          torch.from_numpy(gt_map), gt_segments)
     _assert_same_results(streaming.compute(), ours)
+
+
+def test_large_ids_take_the_binary_search_and_agree():
+    """Ids past the lookup table (2^24, beyond any COCO colour) give the same counts through
+    the binary-search path, and an unlisted id is still an error there."""
+    rng = np.random.default_rng(4)
+    small, large = PanopticEvaluator(SYNTH_CATEGORIES), PanopticEvaluator(SYNTH_CATEGORIES)
+    shift = 1 << 40
+    for _ in range(3):
+        gt_map, gt_segments = _synthetic_gt(rng)
+        pred_map, pred_segments = _synthetic_pred(rng, gt_map, gt_segments)
+        small.update(pred_map, pred_segments, gt_map, gt_segments)
+        large.update(np.where(pred_map > 0, pred_map + shift, 0),
+                     [dict(s, id=s["id"] + shift) for s in pred_segments],
+                     np.where(gt_map > 0, gt_map + shift, 0), [dict(s, id=s["id"] + shift) for s in gt_segments])
+    _assert_same_results(large.compute(), small.compute())
+    gt, gt_segments = _tiny()
+    with pytest.raises(ValueError, match=f"contains segment id {shift + 9}"):
+        large.update(np.array([[shift + 1, 0], [shift + 9, 0]]), [{"id": shift + 1, "category_id": 1}], gt, gt_segments)
 
 
 def test_hand_computed_case():
@@ -255,31 +289,42 @@ def test_bad_predictions_raise(pred, segments, message):
         PanopticEvaluator(SYNTH_CATEGORIES).update(pred, segments, gt, gt_segments, image_id=42)
 
 
-def test_bad_files_raise(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_raise(tmp_path, backend):
     gt, gt_segments = _tiny()
     gt_json, gt_folder = _write_dataset(tmp_path, "gt", [(0, gt, gt_segments)], SYNTH_CATEGORIES)
     bad_size = np.ones((3, 3), dtype=np.int64)
     pred_json, pred_folder = _write_dataset(tmp_path, "pred", [(0, bad_size, [{"id": 1, "category_id": 1}])],
                                             SYNTH_CATEGORIES)
-    with pytest.raises(ValueError, match="image 0: predicted id map has size"):
-        pq_compute(gt_json, pred_json)  # default folders: the JSON paths without ".json"
+    # default folders: the JSON paths without ".json"
+    with pytest.raises(ValueError, match="image 0: (predicted id map has size|ground truth is 2.2 but the prediction)"):
+        pq_compute(gt_json, pred_json, backend=backend)
     (tmp_path / "pred" / "000000000000.png").unlink()
     with pytest.raises(FileNotFoundError, match="000000000000.png"):
-        pq_compute(gt_json, pred_json, gt_folder, pred_folder)
+        pq_compute(gt_json, pred_json, gt_folder, pred_folder, backend=backend)
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        pq_compute(gt_json, pred_json, gt_folder, str(tmp_path / "nowhere"))
+        pq_compute(gt_json, pred_json, gt_folder, str(tmp_path / "nowhere"), backend=backend)
     empty_json, _ = _write_dataset(tmp_path, "empty", [], SYNTH_CATEGORIES)
     with pytest.raises(ValueError, match="no prediction for image 0"):
-        pq_compute(gt_json, empty_json, gt_folder, pred_folder)
+        pq_compute(gt_json, empty_json, gt_folder, pred_folder, backend=backend)
+    for segments, message in [([{"id": 1, "category_id": 1}, {"id": 1, "category_id": 2}], "listed twice"),
+                              ([{"id": 1, "category_id": 99}], "unknown category_id 99")]:
+        folder = tmp_path / message.replace(" ", "_")
+        folder.mkdir()
+        bad_json, bad_folder = _write_dataset(folder, "pred", [(0, gt, segments)], SYNTH_CATEGORIES)
+        with pytest.raises(ValueError, match=f"image 0: predicted segment.* {message}"):
+            pq_compute(gt_json, bad_json, gt_folder, bad_folder, backend=backend)
 
 
-def test_group_without_categories_is_nan():
-    ev = PanopticEvaluator([{"id": 7, "isthing": 0}])
+def test_group_without_categories_is_nan(tmp_path):
+    categories = [{"id": 7, "isthing": 0}]
+    ev = PanopticEvaluator(categories)
     segments = [{"id": 1, "category_id": 7}]
     ev.update(np.array([[1]]), segments, np.array([[1]]), segments)
-    r = ev.compute()
-    assert r["Stuff"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 1}
-    assert r["Things"]["n"] == 0 and math.isnan(r["Things"]["pq"])
+    gt_json, gt_folder = _write_dataset(tmp_path, "gt", [(0, np.array([[1]]), segments)], categories)
+    for r in (ev.compute(), pq_compute(gt_json, gt_json, backend="hotcoco")):
+        assert r["Stuff"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 1}
+        assert r["Things"]["n"] == 0 and math.isnan(r["Things"]["pq"])
 
 
 # ---------------------------------------------------------------- distributed

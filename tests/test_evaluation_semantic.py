@@ -34,9 +34,13 @@ def _random_labels(num_classes, shape, ignore_fraction=0.1, seed=0, classes=None
     return pred, gt
 
 
-def test_hand_computed_case():
+BACKENDS = ["hotcoco", "reference"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_computed_case(backend):
     # Valid pixels: (gt 0, pred 0), (gt 1, pred 1), (gt 1, pred 2); one ignored pixel.
-    ev = SemanticEvaluator(4, ignore_label=IGNORE)
+    ev = SemanticEvaluator(4, ignore_label=IGNORE, backend=backend)
     ev.update(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 1], [1, IGNORE]]))
     r = ev.compute()
     assert r["IoU"][:3] == [100.0, 50.0, 0.0]  # class 2 predicted, absent from GT: IoU 0
@@ -48,10 +52,11 @@ def test_hand_computed_case():
     assert r["fwIoU"] == pytest.approx((1 * 100 + 2 * 50) / 3)
 
 
-def test_matches_torchmetrics_and_hand_formulas():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torchmetrics_and_hand_formulas(backend):
     k = 7
     pred, gt = _random_labels(k, (3, 17, 23), seed=1)
-    ev = SemanticEvaluator(k, ignore_label=IGNORE)
+    ev = SemanticEvaluator(k, ignore_label=IGNORE, backend=backend)
     ev.update(pred, gt)
     r = ev.compute()
     miou = _jaccard(num_classes=k, average="macro", ignore_index=IGNORE)
@@ -64,7 +69,8 @@ def test_matches_torchmetrics_and_hand_formulas():
     assert r["mACC"] == pytest.approx(100 * np.mean(accs))
 
 
-def test_classes_absent_from_both_are_skipped_like_torchmetrics():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classes_absent_from_both_are_skipped_like_torchmetrics(backend):
     # Only labels {0, 2, 5, 7} occur in a K = 9 problem. torchmetrics (1.9) gives zero weight
     # to classes absent from both GT and prediction in its macro mean, as detectron2 skips
     # them, so the means agree (older torchmetrics counted them as 0); per-class values agree
@@ -72,7 +78,7 @@ def test_classes_absent_from_both_are_skipped_like_torchmetrics():
     k = 9
     pred, gt = _random_labels(k, (2, 31, 19), seed=2, classes=[0, 2, 5])
     pred[0, 0, 0] = 7  # predicted, never in GT: IoU 0, counted in the mean
-    ev = SemanticEvaluator(k, ignore_label=IGNORE)
+    ev = SemanticEvaluator(k, ignore_label=IGNORE, backend=backend)
     ev.update(pred, gt)
     r = ev.compute()
     occurs = [0, 2, 5, 7]
@@ -84,12 +90,13 @@ def test_classes_absent_from_both_are_skipped_like_torchmetrics():
     np.testing.assert_allclose([r["IoU"][c] for c in occurs], 100 * per_class[occurs].numpy(), atol=1e-4)
 
 
-def test_streaming_and_input_forms_agree():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_and_input_forms_agree(backend):
     k = 5
     pred, gt = _random_labels(k, (4, 9, 11), seed=3)
-    batched = SemanticEvaluator(k)
+    batched = SemanticEvaluator(k, backend="reference")
     batched.update(pred, gt)
-    streamed = SemanticEvaluator(k)
+    streamed = SemanticEvaluator(k, backend=backend)
     for p, g in zip(pred, gt):
         streamed.update(p.numpy().astype(np.int32), g.numpy().astype(np.uint8))  # numpy [H, W]
     assert torch.equal(batched.confusion, streamed.confusion)
@@ -97,7 +104,7 @@ def test_streaming_and_input_forms_agree():
     streamed.reset()
     assert all(math.isnan(v) for v in streamed.compute()["IoU"])
     # Non-contiguous (transposed) inputs count the same pixels.
-    transposed = SemanticEvaluator(k)
+    transposed = SemanticEvaluator(k, backend=backend)
     transposed.update(pred.transpose(1, 2), gt.transpose(1, 2))
     assert torch.equal(transposed.confusion, batched.confusion)
 
@@ -105,21 +112,34 @@ def test_streaming_and_input_forms_agree():
 @pytest.mark.parametrize(
     "pred, gt, message",
     [
-        ([[0, 5]], [[0, 1]], "pred contains label 5"),
-        ([[-1, 0]], [[0, 1]], "pred contains label -1"),
-        ([[0, 1]], [[0, 5]], "gt contains label 5"),  # 5 == K: must not pass as the ignore row
-        ([[0, 1]], [[0, 7]], "gt contains label 7"),
+        ([[0, 5]], [[0, 1]], r"pred (contains|pixel \d+ has) label 5"),
+        ([[-1, 0]], [[0, 1]], r"pred (contains label -1|pixel \d+ has a negative label)"),
+        ([[0, 1]], [[0, 5]], r"gt (contains|pixel \d+ has) label 5"),  # 5 == K: not the ignore row
+        ([[0, 1]], [[0, 7]], r"gt (contains|pixel \d+ has) label 7"),
         ([[0, 1]], [[0, 1], [1, 1]], "shape"),
     ],
 )
-def test_bad_labels_and_shapes_raise(pred, gt, message):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_labels_and_shapes_raise(pred, gt, message, backend):
     with pytest.raises(ValueError, match=message):
-        SemanticEvaluator(5).update(torch.tensor(pred), torch.tensor(gt))
+        SemanticEvaluator(5, backend=backend).update(torch.tensor(pred), torch.tensor(gt))
 
 
-def test_float_labels_raise():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_labels_raise(backend):
     with pytest.raises(TypeError, match="integer"):
-        SemanticEvaluator(5).update(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
+        SemanticEvaluator(5, backend=backend).update(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_backends_count_the_same_pixels():
+    """Every integer dtype, batches, and ignore pixels: identical confusion matrices."""
+    pred, gt = _random_labels(11, (3, 40, 57), seed=9)
+    expected = SemanticEvaluator(11, backend="reference")
+    expected.update(pred, gt)
+    for pred_dtype, gt_dtype in [(np.int64, np.uint8), (np.int32, np.int16), (np.uint8, np.int64)]:
+        ev = SemanticEvaluator(11, backend="hotcoco")
+        ev.update(pred.numpy().astype(pred_dtype), gt.numpy().astype(gt_dtype))
+        assert torch.equal(ev.confusion, expected.confusion), (pred_dtype, gt_dtype)
 
 
 def _semantic_to_panoptic(labels):
