@@ -44,7 +44,7 @@ PARTS = {
                       ["--batch", "1", "--size", "128", "--classes", "150", "--repeats", "3"]),
     "solver": ("bench_assignment.py", ["--repeats", "7"], ["--repeats", "3"]),
     "evaluation": ("bench_evaluation.py", ["--semantic-images", "2000", "--panoptic-images", "100"],
-                   ["--semantic-images", "200", "--panoptic-images", "20"]),
+                   ["--semantic-images", "200", "--panoptic-images", "20", "--coco-val-images", "0"]),
     "train_step_swin": ("bench_train_step.py", ["--preset", "ade20k-150-swin-t", "--batch", "16", "--size", "512",
                                                 "--amp", "bf16", "--providers", "eager", "fused", "--steps", "0"],
                         ["--preset", "ade20k-150-swin-t", "--batch", "1", "--size", "128", "--amp", "fp32",
