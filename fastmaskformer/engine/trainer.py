@@ -238,12 +238,23 @@ class Trainer:
         if self.criterion is not None and "criterion" in state["rng"][self.dist.rank]:
             # The criterion's own point generator (Mask2Former), per rank like the global RNGs.
             self.criterion.load_state_dict(state["rng"][self.dist.rank]["criterion"])
+        if self.mask_annealing is not None and "mask_annealing" in state["rng"][self.dist.rank]:
+            # EoMT's mask-dropping generator, per rank (the model state holds rank 0's)
+            self.mask_annealing.set_extra_state(state["rng"][self.dist.rank]["mask_annealing"])
+
+    @property
+    def mask_annealing(self):
+        """EoMT's ``MaskAnnealing`` (None for the other architectures)."""
+        return getattr(self.model, "mask_annealing", None)
 
     def capture_rng(self) -> dict:
-        """This rank's global RNG states plus the criterion's state (its point generator)."""
+        """This rank's global RNG states plus the criterion's state (its point generator) and
+        EoMT's mask-annealing state (its generator)."""
         rng = capture_rng_state()
         if self.criterion is not None and self.criterion.state_dict():
             rng["criterion"] = self.criterion.state_dict()
+        if self.mask_annealing is not None:
+            rng["mask_annealing"] = self.mask_annealing.get_extra_state()
         return rng
 
     def save(self) -> Path | None:
@@ -298,6 +309,8 @@ class Trainer:
         """One optimiser step; returns the logged scalars (loss terms averaged over micro-batches)."""
         accum = self.cfg.solver.grad_accum
         sums: dict[str, float] = {}
+        if self.mask_annealing is not None:  # EoMT: this iteration's mask probabilities (official: per step)
+            self.mask_annealing.set_step(self.iteration)
         for micro in range(accum):
             batch = next(data_iter)
             self.samples += self.micro_batch

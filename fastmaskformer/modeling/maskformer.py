@@ -26,7 +26,8 @@ class MaskFormerOutput:
     """class_logits: [L, B, Q, K+1] (last class = "no object"), every decoder layer, last = final.
     mask_embed: [L, B, Q, C]. pixel_embed: [B, C, ceil(H/4), ceil(W/4)] for the padded input
     size H, W (exactly H/4, W/4 when the input is padded to /32; not when size_divisibility is
-    0: then give the ops the real input size)."""
+    0: then give the ops the real input size), shared by every layer; or [L, B, C, H/4, W/4],
+    one map per prediction (EoMT)."""
 
     class_logits: Tensor
     mask_embed: Tensor
@@ -36,7 +37,8 @@ class MaskFormerOutput:
         """Mask logits of one decoder layer: [B, Q, H/4, W/4] (float32)."""
         from ..ops import mask_logits  # the op package imports triton lazily; keep model import light
 
-        return mask_logits(self.mask_embed[layer], self.pixel_embed)
+        pixel_embed = self.pixel_embed[layer] if self.pixel_embed.dim() == 5 else self.pixel_embed
+        return mask_logits(self.mask_embed[layer], pixel_embed)
 
     def as_tuple(self) -> tuple[Tensor, Tensor, Tensor]:
         """(class_logits, mask_embed, pixel_embed), for code that needs plain tensors."""
