@@ -206,3 +206,36 @@ def test_every_eomt_preset_builds_a_model():
         assert len(model.mask_annealing.probs) == cfg.model.num_blocks, name
         assert model.class_head.out_features == cfg.model.num_classes + 1
 
+
+
+def test_trainer_anneals_per_iteration_and_resumes_the_mask_generator(tmp_path, monkeypatch):
+    """The trainer sets the probabilities of each iteration before its forward and checkpoints
+    the generator: a resumed run drops the same masks as the uninterrupted one."""
+    from fastmaskformer.engine.trainer import Trainer
+
+    cfg = Config(model=ModelConfig(meta_arch="eomt", backbone=BackboneConfig(name="dinov2_small", img_size=64,
+                                                                         kwargs=dict(TINY)),
+                                   num_classes=5, num_queries=6, num_blocks=2, mask_annealing_start=(0, 1),
+                                   mask_annealing_end=(2, 4)))
+    cfg.solver.eval_period, cfg.solver.batch_size, cfg.solver.max_iter = 0, 2, 10
+    seen = []
+
+    def forward_only(trainer, batch, sync):  # the criterion's per-prediction features are another branch
+        with torch.no_grad():
+            seen.append((list(trainer.mask_annealing.probs), trainer.model(torch.ones(2, 3, 64, 64)).class_logits))
+        return {"total_loss": 0.0}
+
+    monkeypatch.setattr(Trainer, "_micro_step", forward_only)
+    trainer = Trainer(cfg, tmp_path, device="cpu", train_dataset=[None] * 8, progress=False)
+    nontrivial_(trainer.model)  # layer scales of order 1: the masks change the outputs
+    for _ in range(3):
+        trainer.run_step(iter([{}]))
+    assert [p for p, _ in seen] == [[1.0, 1.0], [0.5 ** 0.9, 1.0], [0.0, (1 - 1 / 3) ** 0.9]]
+    path = trainer.save()
+    trainer.run_step(iter([{}]))
+    expected = seen[-1][1]
+    resumed = Trainer(cfg, tmp_path, device="cpu", train_dataset=[None] * 8, progress=False, resume=path)
+    assert resumed.iteration == 3
+    resumed.run_step(iter([{}]))
+    assert seen[-1][0] == [0.0, (1 - 2 / 3) ** 0.9]
+    torch.testing.assert_close(seen[-1][1], expected, rtol=0, atol=0)

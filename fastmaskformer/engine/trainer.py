@@ -165,6 +165,8 @@ class Trainer:
         self.criterion = None if hasattr(self.model, "losses") else build_criterion(cfg).to(self.device)
         if self.criterion is not None and hasattr(self.criterion, "seed"):
             self.criterion.seed += self.dist.rank  # each rank draws its own points (as the official global RNG)
+        if self.mask_annealing is not None:
+            self.mask_annealing.seed += self.dist.rank  # and drops its own masks (EoMT)
         self.optimizer = build_optimizer(self.model, solver)
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.ddp = self.model
@@ -263,7 +265,8 @@ class Trainer:
         rng = du.gather_to_main(self.capture_rng())
         path = None
         if self.dist.is_main:
-            bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+            bad = [n for n, p in self.model.state_dict().items()  # (EoMT's extra state is a dict)
+                   if torch.is_tensor(p) and p.is_floating_point() and not torch.isfinite(p).all()]
             if bad:
                 raise NonFiniteLossError(f"refusing to write a checkpoint at iteration {self.iteration}: "
                                          f"non-finite values in {bad[:3]}")
