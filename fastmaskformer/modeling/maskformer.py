@@ -23,18 +23,20 @@ from .transformer import TransformerDecoder
 
 @dataclass
 class MaskFormerOutput:
-    """class_logits: [L, B, Q, K+1] (last class = "no object"), every decoder layer, last = final.
-    mask_embed: [L, B, Q, C]. pixel_embed: [B, C, ceil(H/4), ceil(W/4)] for the padded input
-    size H, W (exactly H/4, W/4 when the input is padded to /32; not when size_divisibility is
-    0: then give the ops the real input size), shared by every layer; or [L, B, C, H/4, W/4],
-    one map per prediction (EoMT)."""
+    """class_logits: [L, B, Q, K+1] (last class = "no object"), every prediction (decoder layer),
+    last = final. mask_embed: [L, B, Q, C]. pixel_embed: [B, C, h, w] shared by every prediction
+    (MaskFormer, Mask2Former), or [L, B, C, h, w] when each prediction has its own pixel
+    features (EoMT: prediction l's logits are ``<mask_embed[l], pixel_embed[l]>``); (h, w) =
+    (ceil(H/4), ceil(W/4)) for the padded input size H, W (exactly H/4, W/4 when the input is
+    padded to /32; not when size_divisibility is 0: then give the ops the real input size).
+    Every op taking pixel_embed accepts both forms; inference reads the final prediction."""
 
     class_logits: Tensor
     mask_embed: Tensor
     pixel_embed: Tensor
 
     def pred_masks(self, layer: int = -1) -> Tensor:
-        """Mask logits of one decoder layer: [B, Q, H/4, W/4] (float32)."""
+        """Mask logits of one prediction: [B, Q, h, w] (float32)."""
         from ..ops import mask_logits  # the op package imports triton lazily; keep model import light
 
         pixel_embed = self.pixel_embed[layer] if self.pixel_embed.dim() == 5 else self.pixel_embed
