@@ -6,18 +6,20 @@ backward, time and peak memory.
     # CPU (small sizes; the fused provider is then our plain-torch reference, labelled as such)
     python benchmarks/bench_ms_deform_attn.py --device cpu
 
-One deformable-attention call of the Mask2Former pixel decoder: B=16, levels at strides 32, 16,
-8 of the input (512x512 -> 16x16, 32x32, 64x64: S = Lq = 5376; 1024x1024 -> S = Lq = 21504),
+One deformable-attention call of the Mask2Former pixel decoder: B=16 and 2 (one GPU of the
+official batch), levels at strides 32, 16, 8 of the input (512x512 -> 16x16, 32x32, 64x64:
+S = Lq = 5376; 1024x1024 -> S = Lq = 21504),
 H=8 heads, D=32, L=3 levels, P=4 points; locations are the reference points (pixel centres)
 plus offsets of a few pixels, attention weights a softmax over L*P, as in the encoder.
 Providers, side by side in one process on the same inputs:
 - ``eager``: the official ``ms_deform_attn_core_pytorch`` formulation (one ``grid_sample`` per
   level, stack, weighted sum: ``ops.ms_deform_attn.ms_deform_attn_grid_sample``);
 - ``compile``: ``torch.compile`` of it;
-- ``fused``: ``ops.ms_deform_attn(impl="triton")`` (CUDA; fp32 and bf16 inputs with fp32
-  locations, as under autocast). On a CPU, ``reference`` (``impl="torch"``) stands in.
-- ``fused-float-atomics``: the same kernels with the value gradient summed by float32 atomics
-  (not deterministic; not offered by the op): the price of the deterministic default.
+- ``fused``: ``ops.ms_deform_attn(impl="triton")`` (CUDA; fp32 and bf16 values with fp32
+  locations, as under autocast; deterministic 32-bit fixed-point backward). On a CPU,
+  ``reference`` (``impl="torch"``) stands in.
+- ``fused-float-atomics``: ``deterministic=False``, the value gradient summed by float32 atomics
+  as the official extension does: the price of the deterministic default.
 Phases ``fwd`` (no grad) and ``fwd+bwd`` (gradients of value, locations and weights). Reported:
 median ms (``triton.testing.do_bench`` on CUDA; CPU: round-robin perf_counter), peak memory above
 the inputs (CUDA), speed-up and memory ratio vs eager, the error vs eager, and the roofline
@@ -57,27 +59,6 @@ def make_inputs(batch: int, size: int, device, dtype=torch.float32, loc_dtype=to
             loc.to(device, loc_dtype), weights.view(batch, tokens, HEADS, LEVELS, POINTS).to(device, loc_dtype))
 
 
-class _FloatAtomics(torch.autograd.Function):
-    """The fused forward with the non-deterministic float32-atomic value gradient (the official
-    extension's scheme; not offered by the op): what the deterministic default costs."""
-
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, loc, weights):
-        from fastmaskformer.kernels import ms_deform_attn as kernel
-
-        ctx.save_for_backward(value, spatial_shapes, loc, weights)
-        return kernel.ms_deform_attn_forward(value, spatial_shapes, loc, weights)
-
-    @staticmethod
-    def backward(ctx, grad):
-        from fastmaskformer.kernels import ms_deform_attn as kernel
-
-        value, spatial_shapes, loc, weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_weights = kernel.ms_deform_attn_backward_float_atomics(
-            grad, value, spatial_shapes, loc, weights)
-        return grad_value, None, grad_loc, grad_weights
-
-
 def providers(device) -> dict:
     """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D]."""
     def eager(v, shapes, _ss, loc, w):
@@ -86,7 +67,8 @@ def providers(device) -> dict:
     out = {"eager": eager, "compile": torch.compile(eager)}
     if torch.device(device).type == "cuda":
         out["fused"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton")
-        out["fused-float-atomics"] = lambda v, _shapes, ss, loc, w: _FloatAtomics.apply(v, ss, loc, w)
+        out["fused-float-atomics"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton",
+                                                                                      deterministic=False)
     else:
         out["reference (CPU stand-in for fused)"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(
             v, ss, loc, w, impl="torch")
@@ -125,7 +107,7 @@ def errors_vs_eager(funcs: dict, inputs, grad) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="512x512 fp32 only")
+    p.add_argument("--quick", action="store_true", help="B=16 512x512 only (fp32 and bf16)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     p.add_argument("--json", default=None,
                    help="output JSON (default benchmarks/results/<device>-ms-deform-attn-<date>.json)")
@@ -133,8 +115,9 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
-        configs = [(16, 512, torch.float32)] if args.quick else [
-            (16, 512, torch.float32), (16, 512, torch.bfloat16), (16, 1024, torch.float32), (16, 1024, torch.bfloat16)]
+        configs = [(16, 512, torch.float32), (16, 512, torch.bfloat16)] if args.quick else [
+            (batch, size, dtype) for batch in (16, 2) for size in (512, 1024)
+            for dtype in (torch.float32, torch.bfloat16)]
     else:
         torch.set_num_threads(args.threads)
         configs = [(1, 256, torch.float32)]
@@ -145,7 +128,7 @@ def main(argv=None):
     funcs = providers(device)
     rows = []
     for batch, size, dtype in configs:
-        inputs = make_inputs(batch, size, device, dtype)
+        inputs = make_inputs(batch, size, device, dtype)  # fp32 locations and weights
         for t in (inputs[0], inputs[3], inputs[4]):
             t.requires_grad_()
         grad = torch.randn(batch, inputs[0].shape[1], HEADS * HEAD_DIM, device=device, dtype=dtype)
@@ -161,7 +144,10 @@ def main(argv=None):
                        "speedup_vs_eager": base["median_ms"] / t["median_ms"]}
                 if "peak_mem_mib" in t and base.get("peak_mem_mib"):
                     row["mem_ratio_vs_eager"] = t["peak_mem_mib"] / base["peak_mem_mib"]
-                pred = predicted("ms_deform_attn", name, size=size, phase=phase) if provider == "fused" else None
+                variant = {"fused": "deterministic", "fused-float-atomics": "float-atomics"}.get(provider)
+                pred = predicted("ms_deform_attn", name, batch=batch, size=size, phase=phase, dtype=str(dtype)[6:],
+                                 variant=variant) if variant and (phase == "fwd+bwd" or variant == "deterministic") \
+                    else None
                 if pred:
                     row["predicted_ms"], row["predicted_speedup"] = pred["fused_ms"], pred["speedup"]
                 rows.append(row)

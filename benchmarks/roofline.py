@@ -370,54 +370,212 @@ def fused_panoptic(kept: int) -> Work:
     return work.add(dot_work(2.0 * B * kept * C * hw, "ieee"))
 
 
-# Mask2Former pixel decoder, one deformable-attention call: B=16, levels at strides 32/16/8.
+# Mask2Former pixel decoder, one deformable-attention call (encoder self-attention: Lq = S), levels at
+# strides 32/16/8 of the input; B = 2 (one GPU of the official 16-image batch) and 16.
 DEFORM = dict(heads=8, dim=32, levels=3, points=4)
+# deterministic: 32-bit fixed point (the default); float-atomics: deterministic=False; the
+# official CUDA extension (fp32 only: its pixel decoder runs with autocast disabled) is modelled
+# beside them with the same rules.
+DEFORM_VARIANTS = ("deterministic", "float-atomics")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+SECTOR = 32  # bytes an isolated 4-byte access moves between L2 and the SMs
 
 
-def _deform_sizes(size: int):
+def _deform_sizes(size: int, batch: int = B):
     shapes = [(size // s, size // s) for s in (32, 16, 8)]
     tokens = sum(a * b for a, b in shapes)
-    return shapes, tokens, B * tokens * DEFORM["heads"] * DEFORM["levels"] * DEFORM["points"]
+    return shapes, tokens, batch * tokens * DEFORM["heads"] * DEFORM["levels"] * DEFORM["points"]
 
 
-def eager_ms_deform_attn(size: int, phase: str):
-    """The official formulation (grid_sample per level), traced on meta tensors, fp32."""
+def _deform_meta_inputs(size: int, batch: int, dtype: str, grad: bool = False):
+    """value [B,S,H,D] in ``dtype``, int64 shapes, fp32 locations / weights (as autocast gives)."""
+    shapes, tokens, _ = _deform_sizes(size, batch)
+    hd, nl, npt = DEFORM["heads"], DEFORM["levels"], DEFORM["points"]
+    meta = dict(device="meta", requires_grad=grad)
+    return (torch.empty(batch, tokens, hd, DEFORM["dim"], dtype=getattr(torch, dtype), **meta), shapes,
+            torch.empty(batch, tokens, hd, nl, npt, 2, **meta), torch.empty(batch, tokens, hd, nl, npt, **meta))
+
+
+def eager_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "float32"):
+    """The official formulation (grid_sample per level), traced on meta tensors in ``dtype`` (as
+    ``bench_ms_deform_attn.py``'s eager provider runs it: locations and weights cast to it)."""
     from fastmaskformer.ops.ms_deform_attn import ms_deform_attn_grid_sample
 
-    shapes, tokens, _ = _deform_sizes(size)
-    hd, nl, npt = DEFORM["heads"], DEFORM["levels"], DEFORM["points"]
     grad = phase == "fwd+bwd"
-    value = torch.empty(B, tokens, hd, DEFORM["dim"], device="meta", requires_grad=grad)
-    loc = torch.empty(B, tokens, hd, nl, npt, 2, device="meta", requires_grad=grad)
-    attn = torch.empty(B, tokens, hd, nl, npt, device="meta", requires_grad=grad)
+    value, shapes, loc, attn = _deform_meta_inputs(size, batch, dtype, grad)
 
     def run():
-        out = ms_deform_attn_grid_sample(value, shapes, loc, attn)
+        out = ms_deform_attn_grid_sample(value, shapes, loc.to(value.dtype), attn.to(value.dtype))
         if grad:
             out.backward(torch.empty_like(out))
     return trace(run)
 
 
-def fused_ms_deform_attn(size: int, phase: str, official: bool = False) -> Work:
-    """kernels/ms_deform_attn.py (fp32). DRAM: every input and output once (the value maps,
-    88 MB at 512x512, are gathered through L2). L2: the 4 taps x D of every sample, and in the
-    backward the same count of 64-bit fixed-point atomics (``official``: the CUDA extension's
-    32-bit float atomics, no fixed-point passes)."""
-    _, tokens, samples = _deform_sizes(size)
-    d = DEFORM["dim"]
-    value = B * tokens * DEFORM["heads"] * d * 4
+def _deform_backward_torch_side(size: int, batch: int, dtype: str, deterministic: bool) -> Work:
+    """The torch ops around the backward kernels, traced from the launcher itself
+    (``kernels.ms_deform_attn._launch_backward`` on meta tensors, its Triton launches skipped):
+    the zeroed accumulator (and mass, box maxima), max|grad_out| and sum|a| per (image, head),
+    the float-atomic variant's cast to a 16-bit value dtype."""
+    from unittest import mock
+
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    value, shapes, loc, attn = _deform_meta_inputs(size, batch, dtype)
+    spatial_shapes = torch.empty(len(shapes), 2, dtype=torch.int64, device="meta")
+    grad = torch.empty(batch, loc.shape[1], DEFORM["heads"] * DEFORM["dim"], dtype=value.dtype, device="meta")
+    with mock.patch.object(kernel, "launch", lambda *args, **kwargs: None):
+        work, _ = trace(lambda: kernel._launch_backward(grad, value, spatial_shapes, loc, attn, deterministic))
+    return work
+
+
+def fused_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "float32",
+                         variant: str = "deterministic", official: bool = False) -> Work:
+    """kernels/ms_deform_attn.py. DRAM: every input and output once (the value maps, 44 MB in
+    bf16 / 88 MB in fp32 at B=16 512x512, are gathered through L2). L2: the 4 taps x D of every
+    sample in the value's dtype; in the backward the same taps again and as many 4-byte atomics
+    (int32 fixed point or float32: the same bytes). The deterministic variant adds the mass
+    kernel (locations and weights read again, one scalar int32 atomic per sample: a 32-byte
+    sector), the box-maximum pass over the [B, S, H] mass and the fixed-point to float pass; the
+    torch ops around the kernels are traced. ``official``: the CUDA extension (fp32, float
+    atomics into a zeroed accumulator, 2 launches)."""
+    _, tokens, samples = _deform_sizes(size, batch)
+    d, vb = DEFORM["dim"], DTYPE_BYTES["float32" if official else dtype]
+    elements = batch * tokens * DEFORM["heads"] * d
+    value, acc, mass = elements * vb, elements * 4, elements // d * 4
     loc_attn = samples * 3 * 4
     taps = samples * 4 * d
-    fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * 4 + loc_attn + value,
+    fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * vb + loc_attn + value,
                fp32_flops=samples * (10.0 * d + 40), kernels=1)
     if phase == "fwd":
         return fwd
-    acc = 4 if official else 8
-    # zero-init of the accumulator, the atomics' write-back, the float conversion pass
-    bwd = Work(bytes=value + value + 2 * loc_attn + 2 * value * acc // 4 + (0 if official else value * 3),
-               l2_bytes=taps * 4 + taps * acc + 2 * loc_attn + value,
-               fp32_flops=samples * (14.0 * d + 60), kernels=2 if official else 8)
-    return fwd.add(bwd)
+    # grad_out and value read, location / weight gradients written, the accumulator written back
+    bwd = Work(bytes=2 * value + 2 * loc_attn + acc, l2_bytes=taps * vb + taps * 4 + 2 * loc_attn + 2 * value,
+               fp32_flops=samples * (14.0 * d + 60), kernels=1)
+    if official:
+        return fwd.add(bwd).add(Work(bytes=acc, kernels=1))  # the zeroed float accumulator
+    deterministic = variant == "deterministic"
+    if deterministic:
+        bwd = bwd.add(Work(bytes=loc_attn + mass, l2_bytes=loc_attn + samples * SECTOR, fp32_flops=samples * 20.0,
+                           kernels=1))  # mass
+        bwd = bwd.add(Work(bytes=mass, l2_bytes=4 * mass, kernels=1))  # box maxima: 4 mass reads per row
+        bwd = bwd.add(Work(bytes=acc + value, kernels=1))  # fixed point -> float
+    return fwd.add(bwd).add(_deform_backward_torch_side(size, batch, dtype, deterministic))
+
+
+# ---------------------------------------------------------------------------- Mask2Former training step
+# One GPU of the official ADE20K semantic run (maskformer2_R50_bs16_160k: 16 images over 8 GPUs,
+# 512x512 crops, AMP). MFU: the fraction of the tensor-core peak the dense convolutions and matmuls
+# reach, and fp32_mfu that of the fp32 CUDA-core peak for fp32 matmuls (SGEMM runs closer to its
+# peak) - assumptions, stated, not measured.
+M2F_STEP = dict(preset="mask2former-ade20k-150-r50", batch=2, size=512, mfu=0.4, fp32_mfu=0.7)
+DENSE_PARTS = ("backbone", "pixel_decoder", "predictor")
+
+
+class _DeformStandIn(torch.autograd.Function):
+    """The deformable-attention core inside the traced model: saves what the op saves, computes
+    nothing (its own roofline rows model it)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, loc, weights):
+        ctx.save_for_backward(value, loc, weights)
+        return value.new_empty(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, loc, weights = ctx.saved_tensors
+        return torch.empty_like(value), None, torch.empty_like(loc), torch.empty_like(weights)
+
+
+def mask2former_dense_profile(preset: str, batch: int, size: int) -> dict:
+    """Our Mask2Former (``fmf.build_model``) forward + backward on fake tensors (nothing computed):
+    per top-level part the forward FLOPs by op (``FlopCounterMode``: convolution / addmm / mm /
+    bmm) and the bytes saved for backward in fp32 (``saved_tensors_hooks``), and the parameter
+    count. The deformable attention core is a stand-in (its rows model it)."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fastmaskformer as fmf
+    import fastmaskformer.ops
+
+    cfg = fmf.get_config(preset)
+    model = fmf.build_model(cfg.model).train()
+    saved = {part: 0 for part in DENSE_PARTS}
+    current = []
+    for part in DENSE_PARTS:
+        module = getattr(model, part)
+        module.register_forward_pre_hook(lambda *_, part=part: current.append(part) and None)
+        module.register_forward_hook(lambda *_: current.pop() and None)  # a hook's result replaces the output
+
+    def pack(t):
+        if current:
+            saved[current[-1]] += t.numel() * t.element_size()
+        return t
+
+    counter = FlopCounterMode(display=False)
+    stand_in = lambda value, shapes, loc, weights, **_: _DeformStandIn.apply(value, shapes, loc, weights)  # noqa: E731
+    with mock.patch.object(fastmaskformer.ops, "ms_deform_attn", stand_in), FakeTensorMode(allow_non_fake_inputs=True):
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the forward only
+            out = model(torch.empty(batch, 3, size, size))
+        (out.class_logits.sum() + out.mask_embed.sum() + out.pixel_embed.sum()).backward()
+    flops = {part: {str(op).split(".")[1]: f for op, f in counter.get_flop_counts().get(
+        f"{type(model).__name__}.{part}", {}).items()} for part in DENSE_PARTS}
+    layers = sum(type(m).__name__ == "MSDeformAttn" for m in model.modules())
+    return dict(flops=flops, saved_bytes=saved, params=sum(p.numel() for p in model.parameters()), deform_layers=layers)
+
+
+def mask2former_step(hw: dict, profile: dict, official: bool, mfu: float = M2F_STEP["mfu"],
+                     fp32_mfu: float = M2F_STEP["fp32_mfu"]) -> dict:
+    """Predicted step time (ms), images/s and memory (GB) of one Mask2Former training step.
+    Dense parts: 3x their forward FLOPs (backward = 2x forward) at ``mfu`` of the tensor-core rate
+    of their precision (``fp32_mfu`` of the fp32 rate) - ours all under bf16 autocast; the
+    official code disables autocast in its pixel decoder (``@autocast(enabled=False)`` on ``forward_features``), so there its convolutions run
+    in TF32 (cuDNN's default) and its linear layers in fp32 on the CUDA cores (PyTorch's default
+    ``allow_tf32=False`` for matmuls). Deformable attention: 6 encoder layers of its roofline row
+    (ours: bf16 values, deterministic; official: the CUDA extension, fp32). Criterion: the
+    point-sampled loss and matching cost rows (ours: the fused kernels; official: the eager
+    formulation; the official host-side scipy matching is not counted). AdamW: one pass over
+    parameters, gradients and both moments (fp32). Memory: parameters, gradients, AdamW moments
+    (16 B / parameter) and the saved activations (bf16 where autocast runs: half the fp32 trace;
+    the official pixel decoder's in fp32); the criterion's and the kernels' workspaces are left out."""
+    batch, size = M2F_STEP["batch"], M2F_STEP["size"]
+    rates = {"bf16": hw["bf16_tflops"], "tf32": hw["tf32_tflops"], "fp32": hw["fp32_tflops"]}
+    parts, memory = {}, 16.0 * profile["params"]
+    for part in DENSE_PARTS:
+        flops = profile["flops"][part]
+        if official and part == "pixel_decoder":
+            convs = sum(f for op, f in flops.items() if op.startswith("convolution"))
+            ms = 3 * (convs / rates["tf32"] / mfu + (sum(flops.values()) - convs) / rates["fp32"] / fp32_mfu) / 1e9
+            memory += profile["saved_bytes"][part]
+        else:
+            ms = 3 * sum(flops.values()) / rates["bf16"] / mfu / 1e9
+            memory += profile["saved_bytes"][part] / 2
+        parts[part] = ms
+    deform = fused_ms_deform_attn(size, "fwd+bwd", batch, "bfloat16", "deterministic", official=official)
+    parts["ms_deform_attn x6"] = profile["deform_layers"] * deform.seconds(hw) * 1e3
+    if official:
+        criterion = eager_point_loss()[1][hw["tag"]] + eager_point_matching_cost()[1][hw["tag"]]
+    else:
+        criterion = fused_point_loss("ieee").seconds(hw) + fused_point_matching_cost("tf32").seconds(hw)
+    parts["criterion (point loss + matching cost)"] = criterion * 1e3
+    parts["AdamW"] = Work(bytes=28.0 * profile["params"], kernels=1).seconds(hw) * 1e3
+    total = sum(parts.values())
+    return dict(step_ms=total, images_per_s=batch / total * 1e3, memory_gb=memory / 1e9, parts_ms=parts)
+
+
+def mask2former_step_rows() -> list[dict]:
+    profile = mask2former_dense_profile(M2F_STEP["preset"], M2F_STEP["batch"], M2F_STEP["size"])
+    rows = []
+    for tag, hw in HARDWARE.items():
+        for official in (False, True):
+            step = mask2former_step(dict(hw, tag=tag), profile, official)
+            rows.append({"hardware": tag, "code": "official" if official else "ours", "batch": M2F_STEP["batch"],
+                         "size": M2F_STEP["size"], "mfu": M2F_STEP["mfu"], "fp32_mfu": M2F_STEP["fp32_mfu"],
+                         "step_ms": step["step_ms"],
+                         "images_per_s": step["images_per_s"], "memory_gb": step["memory_gb"],
+                         **{f"{k}_ms": v for k, v in step["parts_ms"].items()}})
+    return rows
 
 
 def problems():
@@ -453,10 +611,15 @@ def problems():
             out.append(("semantic_inference", dict(batch=B, K=classes, precision=precision),
                         fused_semantic(classes, precision), eager))
     out.append(("panoptic_inference", dict(batch=B, kept=50), fused_panoptic(50), eager_panoptic(50)))
-    for size in (512, 1024):
-        for phase in ("fwd", "fwd+bwd"):
-            out.append(("ms_deform_attn", dict(batch=B, size=size, phase=phase), fused_ms_deform_attn(size, phase),
-                        eager_ms_deform_attn(size, phase)))
+    for batch in (16, 2):
+        for size in (512, 1024):
+            for phase in ("fwd", "fwd+bwd"):
+                for dtype in DTYPE_BYTES:
+                    eager = eager_ms_deform_attn(size, phase, batch, dtype)
+                    for variant in DEFORM_VARIANTS[:1] if phase == "fwd" else DEFORM_VARIANTS:
+                        keys = dict(batch=batch, size=size, phase=phase, dtype=dtype, variant=variant)
+                        out.append(("ms_deform_attn", keys,
+                                    fused_ms_deform_attn(size, phase, batch, dtype, variant), eager))
     return out
 
 
@@ -470,8 +633,8 @@ def rows() -> list[dict]:
             row[f"fused_ms_{tag}"] = fused.seconds(hw) * 1e3
             row[f"eager_ms_{tag}"] = eager_seconds[tag] * 1e3
             row[f"speedup_{tag}"] = row[f"eager_ms_{tag}"] / row[f"fused_ms_{tag}"]
-            if part == "ms_deform_attn":  # the official CUDA extension, modelled the same way
-                official = fused_ms_deform_attn(keys["size"], keys["phase"], official=True)
+            if part == "ms_deform_attn":  # the official CUDA extension (fp32), modelled the same way
+                official = fused_ms_deform_attn(keys["size"], keys["phase"], keys["batch"], official=True)
                 row[f"official_cuda_ms_{tag}"] = official.seconds(hw) * 1e3
                 row[f"vs_official_{tag}"] = row[f"official_cuda_ms_{tag}"] / row[f"fused_ms_{tag}"]
         result.append(row)
@@ -499,7 +662,7 @@ READINESS_PART = {
     "point_loss": ("point_loss", dict(precision="ieee")),
     "semantic": ("semantic_inference", dict(K=847, precision="tf32")),
     "panoptic": ("panoptic_inference", dict()),
-    "ms_deform_attn": ("ms_deform_attn", dict(size=512, phase="fwd+bwd")),
+    "ms_deform_attn": ("ms_deform_attn", dict(batch=16, size=512, phase="fwd+bwd", dtype="float32")),
 }
 
 
@@ -526,8 +689,8 @@ def readiness_table(aot_rows: list[dict], model_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COLUMNS = ["part", "batch", "M", "K", "precision", "size", "phase", "fused_gb", "fused_gflop", "fused_gsfu",
-           "fused_ms_H100", "fused_ms_A100", "eager_gb", "eager_gflop", "eager_kernels", "eager_ms_H100",
+COLUMNS = ["part", "batch", "M", "K", "precision", "size", "phase", "dtype", "variant", "fused_gb", "fused_gflop",
+           "fused_gsfu", "fused_ms_H100", "fused_ms_A100", "eager_gb", "eager_gflop", "eager_kernels", "eager_ms_H100",
            "eager_ms_A100", "speedup_H100", "speedup_A100", "official_cuda_ms_H100", "vs_official_H100"]
 
 
@@ -543,9 +706,12 @@ def main(argv=None) -> int:
         print(readiness_table(json.loads(pathlib.Path(args.aot).read_text())["rows"], model))
         return 0
     table_rows = rows()
-    table = markdown_table(table_rows, COLUMNS)
+    step_rows = mask2former_step_rows()
+    table = markdown_table(table_rows, COLUMNS) + "\n\nMask2Former training step (one GPU, " + \
+        f"{M2F_STEP['preset']}, B={M2F_STEP['batch']}, {M2F_STEP['size']}x{M2F_STEP['size']}):\n\n" + \
+        markdown_table(step_rows, list(step_rows[0]))
     payload = {"hardware": HARDWARE, "launch_us": LAUNCH_US, "sizes": dict(B=B, layers=LAYERS, Q=Q, C=C, crop=SIZE,
-               image=IMAGE, input=INPUT), "rows": table_rows, "table": table}
+               image=IMAGE, input=INPUT), "rows": table_rows, "mask2former_step": step_rows, "table": table}
     out = pathlib.Path(args.out)
     out.write_text(json.dumps(payload, indent=1))
     out.with_suffix(".md").write_text(table + "\n")

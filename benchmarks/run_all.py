@@ -85,7 +85,7 @@ ROOFLINE_PARTS = {
     "mask_loss": ("ieee", ("batch", "M")),
     "point_loss": ("ieee", ("batch", "M")),
     "semantic_inference": ("tf32", ("batch", "K")),
-    "ms_deform_attn": ("fp32", ("batch", "size", "phase")),  # modelled in fp32
+    "ms_deform_attn": ("deterministic", ("batch", "size", "phase", "dtype")),  # suffix: the variant
 }
 
 
@@ -101,10 +101,9 @@ def versus_roofline(parts: dict, device_name: str) -> list[dict]:
                 continue
             if part == "semantic_inference" and row.get("output") != "512x683":
                 continue
-            if part == "ms_deform_attn" and row.get("dtype") != "float32":
-                continue
             precision = provider.split("-", 1)[1] if "-" in provider else default
-            model = predicted(part, device_name, precision=precision, **{k: row.get(k) for k in keys})
+            suffix_key = "variant" if part == "ms_deform_attn" else "precision"
+            model = predicted(part, device_name, **{suffix_key: precision}, **{k: row.get(k) for k in keys})
             if model is None:
                 continue
             eager = next((r for r in rows if r.get("provider") == "eager" and r.get("phase") == row.get("phase")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 
 from .config import Config, get_config, list_presets
-from .target import Target
 
 __version__ = "0.1.0"
 
@@ -30,11 +29,12 @@ _LAZY = {
     "MaskFormerOutput": ("fastmaskformer.modeling", "MaskFormerOutput"),
     "SetCriterion": ("fastmaskformer.losses", "SetCriterion"),
     "HungarianMatcher": ("fastmaskformer.losses", "HungarianMatcher"),
+    "Target": ("fastmaskformer.target", "Target"),
 }
 
 
 def __getattr__(name):
-    # Heavy submodules (timm, triton) load on first use, not on `import fastmaskformer`.
+    # Heavy submodules (torch, timm, triton) load on first use, not on `import fastmaskformer`.
     if name in _LAZY:
         module_name, attr = _LAZY[name]
         module = importlib.import_module(module_name)
@@ -44,4 +44,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastmaskformer' has no attribute {name!r}")
 
 
-__all__ = ["Config", "Target", "get_config", "list_presets", *_LAZY]
+__all__ = ["Config", "get_config", "list_presets", *_LAZY]

@@ -68,7 +68,7 @@ def build_config(args, base: Config | None = None) -> Config:
 
 def _load_model(checkpoint: str, args, device: str):
     """(model in eval mode, Config) from a checkpoint; the config stored in it is the base."""
-    from .engine.checkpoint import CheckpointError, load_checkpoint
+    from .engine.checkpoint import CheckpointError, load_checkpoint, load_model_weights
     from .modeling import build_model
 
     if not Path(checkpoint).is_file():
@@ -84,12 +84,7 @@ def _load_model(checkpoint: str, args, device: str):
     cfg = build_config(args, base)
     _check_model(cfg)
     model = build_model(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
-        raise UserError(f"checkpoint {checkpoint} does not fit the model config ({detail})") from exc
+    load_model_weights(model, state["model"], checkpoint)
     return model.to(device).eval(), cfg
 
 
@@ -146,9 +141,25 @@ def _metadata(cfg: Config):
                         (False,) * k, colors, cfg.data.ignore_label)
 
 
+def _check_classes(model, cfg: Config, metadata, checkpoint: str) -> None:
+    """One line (LabelSpaceError) when the checkpoint's classes are not the label space's."""
+    from .data.metadata import check_label_space
+    from .modeling import num_classes_of
+
+    check_label_space(num_classes_of(model), metadata, f"checkpoint {checkpoint}", cfg.data.dataset)
+
+
+def _checked_metadata(model, cfg: Config, checkpoint: str):
+    """:func:`_metadata` of ``cfg``, checked against the model's number of classes."""
+    metadata = _metadata(cfg)
+    _check_classes(model, cfg, metadata, checkpoint)
+    return metadata
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from .engine import Trainer
+    from .engine.checkpoint import claim_run_folder
 
     cfg = build_config(args)
     _check_dataset(cfg)
@@ -158,7 +169,12 @@ def cmd_train(args) -> int:
         cfg.solver.amp = True
     if args.compile:
         cfg.solver.compile = True
-    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=_resume_arg(args),
+    resume = _resume_arg(args)
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise UserError(f"--weights {args.weights}: no such checkpoint")
+    if resume is None and os.environ.get("RANK", "0") == "0":  # rank 0 owns the folder
+        claim_run_folder(args.output, args.force, "pass --resume to continue it, another --output,")
+    trainer = Trainer(cfg, args.output, device=_device(args.device), resume=resume, weights=args.weights,
                       skip_nonfinite=args.skip_nonfinite, deterministic=args.deterministic,
                       progress=not args.no_progress, log_period=args.log_period, num_workers=args.num_workers)
     trainer.train()
@@ -204,6 +220,7 @@ def cmd_eval(args) -> int:
         cfg.test.aug_scales = tuple(int(x * cfg.data.min_size_test / 512) for x in range(256, 897, 128))
     cfg.test.aug_flip = cfg.test.aug_flip or args.tta
     dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
+    _check_classes(model, cfg, dataset.metadata, args.checkpoint)
     results = evaluate_dataset(model, dataset, cfg, device=device, num_workers=args.num_workers,
                                batch_size=args.batch_size, amp=args.amp, progress=not args.no_progress)
     if not is_main_process():
@@ -236,8 +253,8 @@ def cmd_predict(args) -> int:
         device = _device(args.device)
         model, cfg = _load_model(args.checkpoint, args, device)
         try:
-            predictor = Predictor(model, cfg, _metadata(cfg), device=device, batch_size=args.batch_size,
-                                  amp=args.amp, sem_ids=args.sem_ids)
+            predictor = Predictor(model, cfg, _checked_metadata(model, cfg, args.checkpoint), device=device,
+                                  batch_size=args.batch_size, amp=args.amp, sem_ids=args.sem_ids)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         tasks = args.task or ["semantic"]
@@ -257,7 +274,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.export import FORMATS, TASKS, ExportError, export_program
+    from .engine.export import EXPORTABLE, FORMATS, TASKS, ExportError, export_program
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
@@ -268,6 +285,9 @@ def cmd_export(args) -> int:
         if suffix not in ("pt2", "onnx"):
             raise UserError(f"--format is needed: cannot tell it from the suffix of {args.output} (.pt2 or .onnx)")
         args.format = suffix
+    if args.device not in (None, "cpu") and args.format == "onnx":
+        raise UserError("--device applies to --format pt2 only: an ONNX file is device-independent (export it on the "
+                        "CPU, run it with onnxruntime's CUDA provider)")
     if Path(args.output).suffix.lower() != f".{args.format}":  # predict --model tells the format by it
         raise UserError(f"--output {args.output} must end in .{args.format} for --format {args.format}")
     if args.format == "onnx":
@@ -277,15 +297,17 @@ def cmd_export(args) -> int:
         except ImportError as exc:
             raise UserError(f"--format onnx needs the export extra ({exc.name} missing): "
                             "pip install 'fastmaskformer[export]'") from exc
-    model, cfg = _load_model(args.checkpoint, args, "cpu")
-    if cfg.model.meta_arch != "maskformer":
-        raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only MaskFormer "
-                        "checkpoints can be exported")
+    device = "cpu" if args.device is None else _device(args.device)
+    model, cfg = _load_model(args.checkpoint, args, device)
+    if cfg.model.meta_arch not in EXPORTABLE:
+        raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only "
+                        f"{' and '.join(EXPORTABLE.values())} checkpoints can be exported")
     try:
-        out = export_program(model, cfg, _metadata(cfg), args.task, args.format, args.output)
+        out = export_program(model, cfg, _checked_metadata(model, cfg, args.checkpoint), args.task, args.format,
+                             args.output, device=device)
     except ExportError as exc:
         raise UserError(str(exc)) from exc
-    print(f"wrote {out} ({args.format}, {args.task})")
+    print(f"wrote {out} ({args.format}, {args.task}, {device})")
     return 0
 
 
@@ -297,8 +319,8 @@ def cmd_demo(args) -> int:
             Config().override(assignment)  # validate before generating data
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    run_demo(args.output, quick=args.quick, device=_device(args.device), progress=not args.no_progress,
-             overrides=tuple(args.overrides), arch=args.arch)
+    run_demo(args.output or Path("demo_output") / args.arch, quick=args.quick, device=_device(args.device),
+             progress=not args.no_progress, overrides=tuple(args.overrides), arch=args.arch, force=args.force)
     return 0
 
 
@@ -337,6 +359,10 @@ def _convert_source(args) -> tuple[Path, str | None]:
         entry = weights.weights_for(source)
         if entry is not None:  # a preset name: its official checkpoint
             source, preset = entry.url, preset or entry.preset
+        elif source in list_presets():
+            raise UserError(f"preset {source} has no official model-zoo checkpoint to download; presets with one: "
+                            f"{', '.join(w.preset for w in weights.WEIGHTS)} (fastmaskformer weights list); for "
+                            f"{source} give a local .pkl/.pth or its URL with --preset {source}")
         if weights.is_url(source):
             entry = next((w for w in weights.WEIGHTS if w.url == source), None)
             preset = preset or (entry.preset if entry else None)
@@ -438,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue exactly from a checkpoint: a file, a run folder, or no value for the newest "
                         "checkpoint in --output")
+    p.add_argument("--weights", metavar="CKPT",
+                   help="fine-tune: start from this checkpoint's model weights (e.g. convert's output; its classes "
+                        "must be the dataset's) at iteration 0 with a fresh optimiser; --resume wins over it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model and the loss (solver.compile; the matcher's one host sync stays)")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -445,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (slower; exact reproducibility and resume)")
     p.add_argument("--log-period", type=int, default=20, metavar="N", help="log metrics every N iterations")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in an --output that holds another one (its checkpoints, metrics.jsonl "
+                        "and config.yaml are deleted first; without --force it is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (mIoU, PQ)",
@@ -481,11 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint as a .pt2 (AOTInductor) or .onnx inference program",
                        description="One image (uint8 [3,h,w], test-resized) + its output size (int64 [2]) -> semantic "
-                                   "labels or a panoptic id map and segment tables; runs without fastmaskformer "
-                                   "(README 'Deploy'). Traced on the CPU.")
+                                   "labels, a panoptic id map and segment tables, or the top-N instance masks; runs "
+                                   "without fastmaskformer (README 'Deploy'). MaskFormer and Mask2Former checkpoints.")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint file (.pt) of a MaskFormer")
-    p.add_argument("--task", required=True, help="semantic or panoptic")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="checkpoint file (.pt) of a MaskFormer or Mask2Former")
+    p.add_argument("--task", required=True, help="semantic, panoptic or instance")
+    p.add_argument("--device", default=None,
+                   help="cpu (default) or cuda: the device a .pt2 is compiled for and runs on (cuda keeps our Triton "
+                        "deformable attention inside the package)")
     p.add_argument("--format", default=None, help="pt2 or onnx (default: from the --output suffix)")
     p.add_argument("--output", required=True, metavar="FILE", help="output file (.pt2 or .onnx)")
     p.set_defaults(func=cmd_export)
@@ -493,7 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> train a small MaskFormer on the CPU -> mIoU/PQ summary",
                        description="Writes a synthetic dataset, trains a small MaskFormer for a few minutes, "
                                    "evaluates mIoU and PQ against a trivial baseline, writes overlays and curves.")
-    p.add_argument("--output", metavar="DIR", default="demo_output", help="output folder (default: ./demo_output)")
+    p.add_argument("--output", metavar="DIR", default=None,
+                   help="output folder (default: ./demo_output/ARCH, one per architecture)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous demo run in --output (refused without --force)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
     p.add_argument("--arch", choices=("maskformer", "mask2former"), default="maskformer",
                    help="the architecture to train (default: maskformer)")
@@ -561,24 +600,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# (module, exception) -> exit status: one line on stderr instead of a traceback. Looked up in
+# sys.modules rather than imported, so parsing stays free of torch (an exception of a module
+# that was never imported cannot have been raised).
+_ONE_LINE_ERRORS = {
+    ("fastmaskformer.data.errors", "DatasetError"): 2,
+    ("fastmaskformer.data.metadata", "LabelSpaceError"): 2,
+    ("fastmaskformer.engine.checkpoint", "CheckpointError"): 2,
+    ("fastmaskformer.engine.trainer", "NonFiniteLossError"): 1,
+}
+
+
+def _exit_status(exc: BaseException) -> int | None:
+    """The exit status of a user-facing error, None for anything else (a bug: a traceback)."""
+    if isinstance(exc, UserError):
+        return 2
+    for (module, name), status in _ONE_LINE_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return status
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the ``fastmaskformer`` console script; returns the exit status."""
-    from .data import DatasetError
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteLossError
-
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # light: --help and argument errors need no torch
     try:
         return args.func(args)
-    except (UserError, DatasetError, CheckpointError) as exc:
-        print(f"fastmaskformer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as exc:
-        print(f"fastmaskformer {args.command}: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"fastmaskformer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        status = _exit_status(exc)
+        if status is None:
+            raise
+        print(f"fastmaskformer {args.command}: {'error: ' if status == 2 else ''}{exc}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

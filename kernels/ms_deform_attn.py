@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention: fused Triton forward and deterministic backward (issue 18).
+"""Multi-scale deformable attention: fused Triton forward and deterministic backward (issues 18, 26).
 
 Semantics (``fastmaskformer.ops.ms_deform_attn``): for query q, head h, level l, point p,
 bilinear ``grid_sample`` (align_corners=False, zero padding) of level l's value map at the
@@ -10,42 +10,66 @@ map reads zero.
 Layouts (all contiguous): value [B, S, H, D] (levels flattened row-major, level l starting at row
 ``start_l``), sampling_locations [B, Lq, H, L, P, 2], attention_weights [B, Lq, H, L, P],
 out / grad_out [B, Lq, H*D]. One program handles BLOCK_Q queries of one (image, head) and all D
-channels of the head (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values; programs
-ordered head-fastest); it loops over levels and points. Loads of any float dtype are upcast: all
-arithmetic is float32.
+channels of the head (a [BLOCK_Q, D] tile: each tap is one contiguous row of D values, the
+access layout DCNv4 argues for; programs ordered head-fastest); it loops over levels and points.
+Loads of any float dtype are upcast: all arithmetic is float32.
 
-Backward (one kernel, same tiling):
+Backward (same tiling):
 - attention-weight and location gradients are reductions over D inside the program (gather
   formulation: no atomics);
 - the value gradient is a scatter (each sample adds ``a * w_tap * grad_out`` to 4 value rows).
   The official CUDA extension does this with float atomics, so its gradients change from run to
-  run. Here every contribution is converted to 64-bit fixed point and added with *integer*
-  atomics, which are associative: the sum is the same whatever the order, so two runs give
-  bit-identical gradients. The fixed-point scale is a power of two chosen on the device (no host
-  sync) from ``bound = max|grad_out| * max_(b,h) sum_(q,l,p) |a|``, which bounds every partial sum
-  of a value gradient, as ``2^61 / bound`` rounded down to a power of two: no overflow, and the
-  resolution is at most ``2^-60 * bound`` - each contribution keeps its full float32 precision
-  down to ~2^-47 of the largest |grad_out| (Lq = 5376 queries of softmax weights), and the sums
-  are exact; the result is finer than float32 accumulation. A non-finite grad_out makes the value
-  gradient NaN (everywhere), as an overflowing float sum would.
-  Memory: the int64 accumulator is [B, S, H, D] (twice a float32 value gradient; 176 MB at the
-  Mask2Former pixel-decoder size B=16, 512x512), freed when the float gradient is formed.
-  The op offers no float-atomic mode (the same number of atomics at half the width, not
-  reproducible); ``ms_deform_attn_backward_float_atomics`` exists for the benchmark to price
-  determinism.
+  run. By default (``deterministic=True``) every contribution is rounded to 32-bit fixed point
+  and added with *integer* atomics, which are associative: the sum is the same whatever the
+  order, so two runs give bit-identical gradients, at the width (4 bytes per element) of the
+  official float atomics. The scale is a power of two per (image, head, level), chosen on the
+  device (no host sync) from the data so that no partial sum can overflow:
+  1. a mass pass adds ``|a|`` of every sample to its (clamped) top-left tap in 32-bit fixed point
+     (``_ms_deform_attn_mass_kernel``; one scalar atomic per sample, each term rounded up);
+  2. a value row's taps come from samples whose top-left tap is the row or one of its 3
+     up/left neighbours, so ``bound(row) = max|grad_out(b, h)| * (the 2x2 box sum of the mass)``
+     bounds the sum of |contributions| of every value-gradient element of the row
+     (``_ms_deform_attn_box_max_kernel``: the largest box sum of each level, int32 atomic max);
+  3. ``scale(b, h, l) = 2^(30 - e)`` with ``max_rows_of_l bound < 2^e``, computed from the exponent
+     bits inside the kernels that need it: every partial sum stays below ``2^30 + n`` (n
+     contributions, each rounded to the nearest integer) < 2^31;
+  4. ``_ms_deform_attn_fixed_to_float_kernel`` divides by the scale of each row's level (exact:
+     a power of two) and writes the value gradient in value's dtype.
+  Resolution: each contribution keeps its float32 value to within half a unit of
+  ``2^-30 * bound(b, h, l)`` (finer than float32 for the largest sums of the level; for rows far
+  below the level's largest, coarser than float atomics would be). A non-finite grad_out or
+  weight makes the value gradient of its (image, head) NaN.
+  Memory: an int32 accumulator [B, S, H, D] (the size of a float32 value gradient; 88 MB at the
+  Mask2Former pixel-decoder size B=16, 512x512) and the int32 mass [B, S, H].
+- ``deterministic=False``: float32 atomics, the official extension's scheme (no mass pass and no
+  fixed-point conversion; gradients differ from run to run in the last bits).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import autotune_configs, fixed_point_scales, launch, triton_operator
+from .common import autotune_configs, launch, triton_operator
 
-# The backward kernel issues atomics, which an autotuner's benchmark runs would add up more than
-# once: it has ONE config (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
+# The backward kernels issue atomics, which an autotuner's benchmark runs would add up more than
+# once: ONE config each (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
 # elements per program on 4 warps: 2 per thread, ~80 registers, 38% occupancy on sm_90 / sm_80 for
 # this gather/atomic-latency-bound loop (4 per thread need ~140 registers, 8 ~240); the whole query
 # range per (image, head) under the interpreter.
 BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, num_warps=4)], interpreter=dict(TILE=8192))
+MASS_CONFIG = dict(gpu=[dict(BLOCK_Q=128, num_warps=4)], interpreter=dict(BLOCK_Q=1024))
+# Row-wise passes: the mass box maxima over [B, S, H] (BLOCK_S rows), the fixed-point conversion
+# over [B, S, H*D] (TILE elements: 16 per thread on 4 warps).
+BOX_CONFIG = dict(gpu=[dict(BLOCK_S=32, num_warps=4)], interpreter=dict(BLOCK_S=4096))
+CONVERT_CONFIG = dict(gpu=[dict(TILE=2048, num_warps=4)], interpreter=dict(TILE=1 << 20))
+# Fixed-point headroom (module docstring): bound * scale < 2^30, partial sums < 2^30 + n < 2^31.
+# The mass uses 2^28 so that a 2x2 box sum of it stays below 2^31.
+FIXED_POINT_BITS: tl.constexpr = tl.constexpr(30)
+MASS_BITS: tl.constexpr = tl.constexpr(28)
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+NAN: tl.constexpr = tl.constexpr(float("nan"))
+# Float rounding slack of the bounds (conversions and products of float32 values round by
+# at most 2^-24 each): a bound multiplied by it stays an upper bound.
+BOUND_SLACK: tl.constexpr = tl.constexpr(1.0 + 2.0 ** -20)
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -89,8 +113,8 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
 def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """This program's head h, image b and BLOCK_Q queries: (query mask, d, d mask, value row
-    stride, value base offset of (b, h), flat (b, q, h) indices [BLOCK_Q]). Heads vary
+    """This program's image b, head h and BLOCK_Q queries: (b, h, query mask, d, d mask, value
+    row stride, value base offset of (b, h), flat (b, q, h) indices [BLOCK_Q]). Heads vary
     fastest over the programs: the programs of one query block run together and share the
     location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2."""
     pid = tl.program_id(0)
@@ -99,7 +123,44 @@ def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
     q = (pid // H) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     row_stride = H * D
-    return q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
+    return b, h, q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
+
+
+@triton.jit
+def _level(shapes_ptr, lvl):
+    """(h_l, w_l) of level ``lvl``; the callers loop over the levels in order and add up the
+    first value row of each (``start += h_l * w_l``)."""
+    return tl.load(shapes_ptr + 2 * lvl).to(tl.int32), tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+
+
+@triton.jit
+def _pow2_scale(bound, BITS: tl.constexpr):
+    """``2^(BITS - e)`` as float32 with ``bound < 2^e`` (bound >= 0 finite float32; the exponent
+    read from the bits: a normal bound lies in [2^(E-127), 2^(E-126)) for the biased exponent
+    E, zero and subnormals below 2^-126), kept inside float32's normal range [2^-126, 2^127]:
+    ``scale * bound < 2^BITS``."""
+    e = ((bound.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+    exponent = tl.minimum(tl.maximum(-e + BITS, -126), 127)
+    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mass_scale(a_sum_ptr, bh):
+    """The fixed-point scale of the mass of (image, head) ``bh``: its sum of |a| bounds every mass."""
+    return _pow2_scale(tl.load(a_sum_ptr + bh) * BOUND_SLACK, MASS_BITS)
+
+
+@triton.jit
+def _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H):
+    """The fixed-point scale of the value gradient of (image b, level lvl, heads h): the level's
+    largest mass box sum (in units of 1 / mass scale) times max|grad_out| of (b, h) bounds the
+    sum of |contributions| of every element; scale * bound < 2^30. Also whether that is finite."""
+    bh = b * H + h
+    mass = tl.load(box_max_ptr + (b * L + lvl) * H + h).to(tl.float32) * BOUND_SLACK / _mass_scale(a_sum_ptr, bh)
+    g_max = tl.load(g_max_ptr + bh)
+    a_sum = tl.load(a_sum_ptr + bh)
+    finite = (g_max <= FLOAT32_MAX) & (a_sum <= FLOAT32_MAX)  # false for inf and NaN
+    return _pow2_scale(tl.where(finite, mass * g_max * BOUND_SLACK, 0.0), FIXED_POINT_BITS), finite
 
 
 @triton.autotune(
@@ -111,14 +172,13 @@ def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
     key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
 )
 @triton.jit
-def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
+def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
                                S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
+    _, _, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    start = 0
     for lvl in range(L):
-        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl).to(tl.int32)
+        h_l, w_l = _level(shapes_ptr, lvl)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -130,38 +190,118 @@ def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
             v += (fy * gx)[:, None] * _load_tap(value_ptr, vbase, r10, i10, d, dmask, row_stride)
             v += (fy * fx)[:, None] * _load_tap(value_ptr, vbase, r11, i11, d, dmask, row_stride)
             acc += a[:, None] * v
+        start += h_l * w_l
     out = out_ptr + (qh * D)[:, None] + d[None, :]
     tl.store(out, acc, mask=qmask[:, None] & dmask[None, :])
 
 
+@triton.autotune(configs=autotune_configs(**MASS_CONFIG), key=["H", "L", "P"])
+@triton.jit
+def _ms_deform_attn_mass_kernel(shapes_ptr, loc_ptr, attn_ptr, a_sum_ptr, mass_ptr, S, Lq, H, L, P,
+                                BLOCK_Q: tl.constexpr):
+    """mass[b, row, h] += ceil(|a| * mass scale) (int32 atomics) over the samples whose top-left
+    tap, clamped into the map, is ``row``; samples with no tap inside the map add nothing."""
+    # (named: Triton treats a name assigned again inside the loops as loop-carried)
+    b, h, qmask, _d, _dmask, _row_stride, _vbase, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q)
+    mass_scale = _mass_scale(a_sum_ptr, b * H + h)
+    start = 0
+    for lvl in range(L):
+        h_l, w_l = _level(shapes_ptr, lvl)
+        for pt in range(P):
+            off = qh * (L * P) + lvl * P + pt
+            x0, y0, _fx, _fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
+            touches = qmask & (x0 >= -1) & (x0 < w_l) & (y0 >= -1) & (y0 < h_l)
+            row = start + tl.maximum(y0, 0) * w_l + tl.maximum(x0, 0)
+            tl.atomic_add(mass_ptr + (b * S + row.to(tl.int64)) * H + h,
+                          tl.ceil(tl.abs(a) * mass_scale).to(tl.int32), mask=touches, sem="relaxed")
+        start += h_l * w_l
+
+
+@triton.jit
+def _rows_of_level(s, start, h_l, w_l):
+    """For value rows ``s`` [BLOCK_S]: inside the level starting at ``start``, column, row."""
+    local = s - start
+    return (local >= 0) & (local < h_l * w_l), local % w_l, local // w_l
+
+
+@triton.autotune(configs=autotune_configs(**BOX_CONFIG), key=["H", "L"])
+@triton.jit
+def _ms_deform_attn_box_max_kernel(shapes_ptr, mass_ptr, box_max_ptr, S, H, L, BLOCK_H: tl.constexpr,
+                                   BLOCK_S: tl.constexpr):
+    """box_max[b, l, h] = max over the rows of level l of the 2x2 box sum of mass [B, S, H] (the
+    row, its left, upper and upper-left neighbours inside the level): int32 atomic max, exact."""
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(1).to(tl.int64)
+    hs = tl.arange(0, BLOCK_H)
+    hmask = hs < H
+    base = mass_ptr + b * S * H + hs[None, :]
+    start = 0
+    for lvl in range(L):
+        h_l, w_l = _level(shapes_ptr, lvl)
+        inside, x, y = _rows_of_level(s, start, h_l, w_l)
+        box = tl.zeros((BLOCK_S, BLOCK_H), dtype=tl.int32)
+        for dy in range(2):
+            for dx in range(2):
+                ok = inside & (x >= dx) & (y >= dy)
+                box += tl.load(base + ((s - dy * w_l - dx) * H)[:, None], mask=ok[:, None] & hmask[None, :], other=0)
+        tl.atomic_max(box_max_ptr + (b * L + lvl) * H + hs, tl.max(box, axis=0), mask=hmask, sem="relaxed")
+        start += h_l * w_l
+
+
+@triton.autotune(configs=autotune_configs(**CONVERT_CONFIG), key=["H", "D", "L"])
+@triton.jit
+def _ms_deform_attn_fixed_to_float_kernel(shapes_ptr, acc_ptr, box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_ptr,
+                                          S, H, D, L, BLOCK_HD: tl.constexpr, TILE: tl.constexpr):
+    """grad_value [B, S, H*D] (its dtype) = acc / scale(b, level of the row, h); NaN where the
+    bound of (b, h) is not finite."""
+    BLOCK_S: tl.constexpr = (TILE + BLOCK_HD - 1) // BLOCK_HD  # powers of two: at least 1 row
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HD)
+    cmask = cols < H * D
+    h = cols // D
+    offs = (b * S + s.to(tl.int64))[:, None] * (H * D) + cols[None, :]
+    start = 0
+    for lvl in range(L):
+        h_l, w_l = _level(shapes_ptr, lvl)
+        inside, _, _ = _rows_of_level(s, start, h_l, w_l)
+        mask = inside[:, None] & cmask[None, :]
+        scale, finite = _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H)  # (BLOCK_HD,)
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0).to(tl.float32)
+        grad = tl.where(finite[None, :], acc / scale[None, :], NAN)
+        tl.store(grad_value_ptr + offs, grad.to(grad_value_ptr.dtype.element_ty), mask=mask)
+        start += h_l * w_l
+
+
 @triton.jit
 def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, scale, FIXED_POINT: tl.constexpr):
-    """Adds ``coef * g`` [BLOCK_Q, BLOCK_D] to the value-gradient rows ``row`` in 64-bit fixed
-    point (integer atomics: the sum does not depend on the order). Without FIXED_POINT (the
-    benchmark's comparison only): float32 atomics, the official extension's non-deterministic way."""
+    """Adds ``coef * g`` [BLOCK_Q, BLOCK_D] to the value-gradient rows ``row``: rounded to 32-bit
+    fixed point (``* scale``, integer atomics: the sum does not depend on the order), or without
+    FIXED_POINT with float32 atomics (the official extension's non-deterministic way)."""
     ptrs = acc_ptr + vbase + (row.to(tl.int64) * row_stride)[:, None] + d[None, :]
     if FIXED_POINT:
-        tl.atomic_add(ptrs, (coef[:, None] * g * scale).to(tl.int64), mask=inside[:, None] & dmask[None, :],
-                      sem="relaxed")
+        tl.atomic_add(ptrs, tl.floor(coef[:, None] * g * scale + 0.5).to(tl.int32),
+                      mask=inside[:, None] & dmask[None, :], sem="relaxed")
     else:
         tl.atomic_add(ptrs, coef[:, None] * g, mask=inside[:, None] & dmask[None, :], sem="relaxed")
 
 
 @triton.autotune(configs=autotune_configs(**BACKWARD_CONFIG), key=["BLOCK_D"])
 @triton.jit
-def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr,
-                               scale_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
+def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, grad_out_ptr,
+                               box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
                                S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
                                TILE: tl.constexpr):
     BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
-    qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
+    b, h, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
     g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr)
+    start = 0
     for lvl in range(L):
-        h_l = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        start = tl.load(starts_ptr + lvl).to(tl.int32)
+        h_l, w_l = _level(shapes_ptr, lvl)
+        scale = 1.0
+        if FIXED_POINT:
+            scale, _ = _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H)
         for pt in range(P):
             off = qh * (L * P) + lvl * P + pt
             x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
@@ -189,14 +329,10 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_
                          a * fy * gx, g, scale, FIXED_POINT)
             _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
                          a * fy * fx, g, scale, FIXED_POINT)
+        start += h_l * w_l
 
 
 # ---------------------------------------------------------------------------- operators
-def _level_starts(spatial_shapes: torch.Tensor) -> torch.Tensor:
-    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
-    return torch.cumsum(sizes, 0) - sizes
-
-
 def _sizes(value, sampling_locations):
     b, s, nh, d = value.shape
     lq, nl, npt = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
@@ -205,83 +341,100 @@ def _sizes(value, sampling_locations):
 
 @triton_operator("ms_deform_attn_forward")
 def ms_deform_attn_forward(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                           attention_weights: torch.Tensor) -> torch.Tensor:
+                           attention_weights: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
     """value [B,S,H,D], spatial_shapes int64 [L,2], sampling_locations [B,Lq,H,L,P,2],
-    attention_weights [B,Lq,H,L,P] (all contiguous) -> [B,Lq,H*D] in value's dtype."""
+    attention_weights [B,Lq,H,L,P] (all contiguous) -> [B,Lq,H*D] in value's dtype.
+    ``deterministic`` only selects the backward (module docstring)."""
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     out = value.new_empty(b, lq, nh * d)
-    starts = _level_starts(spatial_shapes)
 
     def grid(meta):
         return (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b)
 
-    launch(_ms_deform_attn_fwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
+    launch(_ms_deform_attn_fwd_kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
            out, s, lq, nh, d, nl, npt, triton.next_power_of_2(lq), BLOCK_D=triton.next_power_of_2(d))
     return out
 
 
-def fixed_point_scale(grad_out: torch.Tensor, attention_weights: torch.Tensor):
-    """(scale, 1/scale) as float32 [1] tensors, powers of two, and whether the bound is finite.
-    Every partial sum of a value gradient is at most ``max|grad_out| * max_(b,h) sum |a|``."""
-    g_max = grad_out.detach().abs().amax().float()
-    a_mass = attention_weights.detach().abs().float().sum(dim=(1, 3, 4)).amax()
-    return fixed_point_scales(g_max * a_mass)
+def _rows_grid(b, s, row_elements=1):
+    """Grid of a row-wise pass: BLOCK_S rows, or TILE elements of ``row_elements`` per row."""
+    def grid(meta):
+        rows = meta["BLOCK_S"] if "BLOCK_S" in meta else triton.cdiv(meta["TILE"], row_elements)
+        return (triton.cdiv(s, rows), b)
+    return grid
 
 
-def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, fixed_point: bool):
+def value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations, attention_weights):
+    """What the fixed-point scales are made of (module docstring): per (image, head) max|grad_out|
+    and sum|a| (float32 [B, H]) and per (image, level, head) the largest 2x2 box sum of the mass
+    (int32 [B, L, H], units of 1 / mass scale). No host sync."""
+    b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
+    g_max = torch.linalg.vector_norm(grad_out.view(b, lq, nh, d), float("inf"), dim=(1, 3), dtype=torch.float32)
+    a_sum = torch.linalg.vector_norm(attention_weights, 1, dim=(1, 3, 4), dtype=torch.float32)
+    mass = torch.zeros(b, s, nh, dtype=torch.int32, device=value.device)
+    launch(_ms_deform_attn_mass_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_Q"]) * nh, b), spatial_shapes,
+           sampling_locations, attention_weights, a_sum, mass, s, lq, nh, nl, npt)
+    box_max = torch.zeros(b, nl, nh, dtype=torch.int32, device=value.device)
+    launch(_ms_deform_attn_box_max_kernel, _rows_grid(b, s), spatial_shapes, mass, box_max, s, nh, nl,
+           BLOCK_H=triton.next_power_of_2(nh))
+    return g_max, a_sum, box_max
+
+
+def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic: bool):
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     grad_out = grad_out.contiguous()
-    acc = torch.zeros(b, s, nh, d, dtype=torch.int64 if fixed_point else torch.float32, device=value.device)
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
-    scale, inv_scale, finite = fixed_point_scale(grad_out, attention_weights)
-    starts = _level_starts(spatial_shapes)
+    if deterministic:
+        g_max, a_sum, box_max = value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations,
+                                                      attention_weights)
+        acc = torch.zeros(b, s, nh, d, dtype=torch.int32, device=value.device)
+    else:
+        acc = torch.zeros(b, s, nh, d, dtype=torch.float32, device=value.device)
+        g_max = a_sum = box_max = acc  # not read
     block_d = triton.next_power_of_2(d)
 
     def grid(meta):
         return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d)) * nh, b)
 
-    launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, starts, sampling_locations, attention_weights,
-           grad_out, scale, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d, FIXED_POINT=fixed_point)
-    if not fixed_point:
+    launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
+           grad_out, box_max, a_sum, g_max, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d,
+           FIXED_POINT=deterministic)
+    if not deterministic:
         return acc.to(value.dtype), grad_loc, grad_attn
-    grad_value = acc.to(torch.float32) * inv_scale
-    grad_value = torch.where(finite, grad_value, float("nan")).to(value.dtype)
+    grad_value = torch.empty_like(value)
+    block_hd = triton.next_power_of_2(nh * d)
+    launch(_ms_deform_attn_fixed_to_float_kernel, _rows_grid(b, s, block_hd), spatial_shapes, acc, box_max, a_sum,
+           g_max, grad_value, s, nh, d, nl, BLOCK_HD=block_hd)
     return grad_value, grad_loc, grad_attn
 
 
 @triton_operator("ms_deform_attn_backward")
 def ms_deform_attn_backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
-                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                            deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (value, sampling_locations, attention_weights) for grad_out [B,Lq,H*D], each in its
-    input's dtype; deterministic (module docstring)."""
-    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, True)
-
-
-def ms_deform_attn_backward_float_atomics(grad_out, value, spatial_shapes, sampling_locations, attention_weights):
-    """The same gradients with the value gradient summed by float32 atomics, as the official
-    extension does: NOT deterministic, and not exposed by the op. It exists so that the benchmark
-    can measure what determinism costs (an opt-in would only be offered if measurably faster)."""
-    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, False)
+    input's dtype; bit-identical across runs unless ``deterministic=False`` (module docstring)."""
+    return _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic)
 
 
 def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, sampling_locations, attention_weights = inputs
+    value, spatial_shapes, sampling_locations, attention_weights, deterministic = inputs
     ctx.save_for_backward(value, spatial_shapes, sampling_locations, attention_weights)
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, grad_out):
     value, spatial_shapes, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_loc, grad_attn = ms_deform_attn_backward(grad_out, value, spatial_shapes, sampling_locations,
-                                                              attention_weights)
-    return grad_value, None, grad_loc, grad_attn
+                                                              attention_weights, ctx.deterministic)
+    return grad_value, None, grad_loc, grad_attn, None
 
 
 ms_deform_attn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
-                   attention_weights: torch.Tensor) -> torch.Tensor:
+                   attention_weights: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
     """The fused op (inputs checked and contiguous: ``fastmaskformer.ops.ms_deform_attn``)."""
-    return ms_deform_attn_forward(value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_forward(value, spatial_shapes, sampling_locations, attention_weights, deterministic)

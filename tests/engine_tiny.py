@@ -38,6 +38,20 @@ def tiny_config(data_root, **solver):
     return cfg
 
 
+def as_mask2former(cfg):
+    """Turn a tiny config's model into a tiny Mask2Former (deformable pixel decoder with one
+    encoder layer, 3 predictions, official loss weights on 64 points, torch ops); returns cfg."""
+    m = cfg.model
+    m.meta_arch, m.pixel_decoder, m.dec_layers, m.dropout = "mask2former", "msdeformattn", 3, 0.0
+    m.conv_dim = m.hidden_dim = 32  # GroupNorm(32) in the deformable pixel decoder
+    m.pixel_decoder_kwargs = {"enc_layers": 1, "nheads": 2, "dim_feedforward": 32}
+    m.backbone.kwargs = {"channels": [16, 16, 32, 32]}
+    cfg.loss.class_weight, cfg.loss.mask_weight, cfg.loss.dice_weight = 2.0, 5.0, 5.0
+    cfg.loss.mask_loss, cfg.loss.mask_sampling, cfg.loss.num_points = "bce", "points", 64
+    cfg.loss.impl = "torch"
+    return cfg
+
+
 def write_tiny_yaml(path, **solver) -> Path:
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
     data["solver"] = {**TINY["solver"], **solver}

@@ -82,7 +82,8 @@ def test_predict_odd_sizes_and_formats(trained, tmp_path, capsys):
 
 
 def test_predictions_independent_of_batching(trained, tmp_path):
-    """Batched prediction (padding to the batch's largest size) gives each image's own result."""
+    """Batched prediction gives each image its own result: images of different padded test
+    sizes never share a batch (only float summation order may differ)."""
     import torch
 
     from fastmaskformer.cli import _load_model, build_parser
@@ -98,7 +99,7 @@ def test_predictions_independent_of_batching(trained, tmp_path):
     one = Predictor(model, cfg, get_metadata(cfg.data.dataset, data), batch_size=1).predict(images)
     many = Predictor(model, cfg, get_metadata(cfg.data.dataset, data), batch_size=4).predict(images)
     for a, b in zip(one, many):
-        assert (a["semantic"] != b["semantic"]).float().mean() < 0.01  # padding only changes borders
+        assert (a["semantic"] != b["semantic"]).float().mean() <= 1e-4
 
 
 def test_plot(trained, tmp_path, capsys):
@@ -137,6 +138,9 @@ def test_plot_and_demo_without_matplotlib(trained, tmp_path, monkeypatch, capsys
     (["predict", "/nonexistent/img.png", "--checkpoint", "/nonexistent/model.pt"], "not found"),
     (["plot", "/nonexistent/metrics.jsonl"], "metrics file /nonexistent/metrics.jsonl not found"),
     (["convert", "--from", "hf", "/nonexistent/dir", "--out", "x.pt"], "/nonexistent/dir not found"),
+    (["convert", "--from", "detectron2", "mask2former-ade20k-150-r50", "--out", "x.pt"],
+     "preset mask2former-ade20k-150-r50 has no official model-zoo checkpoint to download; presets with one: "
+     "ade20k-150-r50, "),
     (["train", "--preset", "ade20k-150-r50", "--set", "solver.grad_accum=3"], "must be divisible"),
     (["train", "--preset", "ade20k-150-r50", "--set", "model.backbone.name=vgg16"], "unknown backbone 'vgg16'"),
     (["train", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),

@@ -23,6 +23,7 @@ from fastmaskformer.convert import (
     from_detectron2,
     load_detectron2_checkpoint,
 )
+from fastmaskformer.data.metadata import LabelSpaceError
 from fastmaskformer.modeling import build_model
 
 torch.set_num_threads(2)
@@ -59,6 +60,20 @@ def _random_model(cfg: Config, seed: int = 0):
             elif t.is_floating_point():
                 t.add_(torch.randn_like(t) * 0.05)
     return model
+
+
+def test_convert_file_of_another_label_space(tmp_path):
+    """A 5-class checkpoint under a preset whose dataset has 150 classes: one line naming both,
+    nothing written (a predict or export of such a file would index past the label space)."""
+    cfg = _small_config("r50")
+    _write_pkl(tmp_path / "model_final_abc.pkl", _official_state(_random_model(cfg)))
+    out = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the class-count warning of the model-only API
+        with pytest.raises(LabelSpaceError, match="checkpoint .*model_final_abc.pkl has 5 classes but dataset "
+                                                  "ade20k-150 has 150"):
+            convert_detectron2_file(tmp_path / "model_final_abc.pkl", out, cfg)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- official names
@@ -195,6 +210,7 @@ def test_classes_and_queries_from_checkpoint():
 
 def test_convert_file(tmp_path):
     cfg = _small_config("r101c", enc_layers=1)
+    cfg.model.num_classes, cfg.data.dataset = 19, "cityscapes"  # classes of the config's dataset
     ours = _random_model(cfg)
     _write_pkl(tmp_path / "model_final_abc.pkl", _official_state(ours))
     out = tmp_path / "out" / "model.pt"
@@ -206,6 +222,20 @@ def test_convert_file(tmp_path):
     rebuilt = build_model(rebuilt_cfg.model).eval()
     rebuilt.load_state_dict(ckpt["model"])
     _assert_same_outputs(ours, rebuilt)
+
+
+def test_convert_file_of_another_label_space(tmp_path):
+    """A 5-class checkpoint under a preset whose dataset has 150 classes: one line naming both,
+    nothing written (a predict or export of such a file would index past the label space)."""
+    cfg = _small_config("r50")
+    _write_pkl(tmp_path / "model_final_abc.pkl", _official_state(_random_model(cfg)))
+    out = tmp_path / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the class-count warning of the model-only API
+        with pytest.raises(LabelSpaceError, match="checkpoint .*model_final_abc.pkl has 5 classes but dataset "
+                                                  "ade20k-150 has 150"):
+            convert_detectron2_file(tmp_path / "model_final_abc.pkl", out, cfg)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- official names

@@ -36,4 +36,4 @@ def test_readme_command_1_runs_the_demo(tmp_path):
     assert "Traceback" not in demo.stderr, demo.stderr[-4000:]
     for line in ("[5/5] wrote curves to", "trivial (", "MaskFormer (demo)", "training loss"):
         assert line in demo.stdout, demo.stdout
-    assert (tmp_path / "demo_output" / "run" / "curves.png").is_file()
+    assert (tmp_path / "demo_output" / "maskformer" / "run" / "curves.png").is_file()  # one folder per --arch

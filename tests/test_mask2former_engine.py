@@ -3,22 +3,13 @@
 inference and TTA through the same fused ops as MaskFormer."""
 import torch
 
-from engine_tiny import make_data, tiny_config
+from engine_tiny import as_mask2former, make_data, tiny_config
 from fastmaskformer.engine.predictor import infer, semantic_tta
 from fastmaskformer.engine.trainer import Trainer
 
 
 def tiny_m2f(data_root, **solver):
-    cfg = tiny_config(data_root, **solver)
-    m = cfg.model
-    m.meta_arch, m.pixel_decoder, m.dec_layers, m.dropout = "mask2former", "msdeformattn", 3, 0.0
-    m.conv_dim = m.hidden_dim = 32  # GroupNorm(32) in the deformable pixel decoder
-    m.pixel_decoder_kwargs = {"enc_layers": 1, "nheads": 2, "dim_feedforward": 32}
-    cfg.model.backbone.kwargs = {"channels": [16, 16, 32, 32]}
-    cfg.loss.class_weight, cfg.loss.mask_weight, cfg.loss.dice_weight = 2.0, 5.0, 5.0
-    cfg.loss.mask_loss, cfg.loss.mask_sampling, cfg.loss.num_points = "bce", "points", 64
-    cfg.loss.impl = "torch"
-    return cfg
+    return as_mask2former(tiny_config(data_root, **solver))
 
 
 def test_train_resume_exact_and_infer(tmp_path):

@@ -135,10 +135,16 @@ def test_fixed_point_value_gradient_precision():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf, nan
 def test_nonfinite_grad_gives_nan_value_gradient():
+    """A non-finite grad_out makes the value gradient of its (image, head) NaN, the others exact."""
     value, ss, loc, attn = make_inputs(lq=5, shapes=[(2, 2)])
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
-    grad[0, 0, 0] = float("inf")
-    assert torch.isnan(run("triton", value, ss, loc, attn, grad)[1]).all()
+    grad[0, 0, 0] = float("inf")  # image 0, head 0
+    got = run("triton", value, ss, loc, attn, grad)[1]
+    assert torch.isnan(got[0, :, 0]).all()
+    clean = grad.clone()
+    clean[0, :, :value.shape[3]] = 0
+    want = run("triton", value, ss, loc, attn, clean)[1]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0, :, 1:], want[0, :, 1:])
 
 
 def test_plain_reference_matches_grid_sample_definition():
@@ -247,15 +253,51 @@ def test_fixed_point_worst_case_all_samples_on_one_row():
 
 
 def test_float_atomic_backward_agrees():
-    """The benchmark's non-deterministic comparison path computes the same gradients."""
-    from fastmaskformer.kernels import ms_deform_attn as kernel
-
+    """deterministic=False (float32 atomics, the official scheme) computes the same gradients."""
     value, ss, loc, attn = make_inputs(lq=6, shapes=[(3, 2), (1, 1)])
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
-    want = kernel.ms_deform_attn_backward(grad, value, ss, loc, attn)
-    got = kernel.ms_deform_attn_backward_float_atomics(grad, value, ss, loc, attn)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    want = run("triton", value, ss, loc, attn, grad)
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(leaves[0], ss, leaves[1], leaves[2], impl="triton", deterministic=False)
+    got = (out,) + torch.autograd.grad(out, leaves, grad)
+    assert_close_all(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_point_bound_covers_every_row():
+    """The 32-bit scale of (image, level, head) comes from the level's largest 2x2 box sum of the
+    per-row mass times max|grad_out|: that bound covers the true sum of |contributions| of every
+    value-gradient element of the level (so no partial sum can overflow)."""
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    value, ss, loc, attn = make_inputs(b=1, lq=40, nh=2, shapes=[(6, 6), (1, 1)], seed=2, borders=False)
+    attn = attn * torch.randn(attn.shape, generator=torch.Generator().manual_seed(3))  # signed weights
+    grad = torch.randn(1, 40, value.shape[2] * value.shape[3])
+    g_max, a_sum, box_max = kernel.value_gradient_bounds(grad, value, ss, loc, attn)
+    assert box_max.shape == (1, 2, 2) and box_max.dtype == torch.int32
+    torch.testing.assert_close(g_max, grad.view(1, 40, 2, -1).abs().amax(dim=(1, 3)))
+    _, exponent = torch.frexp(a_sum.double() * (1 + 2.0 ** -20))
+    mass_scale = torch.ldexp(torch.ones(()), kernel.MASS_BITS.value - exponent)  # the kernels' rule
+    bound = box_max.double() / mass_scale[:, None, :].double() * g_max[:, None, :].double()
+    # True per-row sum of |a * w_tap| * max|g|: the fp64 value gradient for |a| and |grad| = max|g|.
+    ones = torch.ones(1, 40, 2, value.shape[3]) * g_max[:, None, :, None]
+    true = fp64_truth(value, ss, loc, attn.abs(), ones.flatten(2))[1].abs().amax(-1)  # (b, s, h)
+    for lvl, rows in ((0, slice(0, 36)), (1, slice(36, 37))):
+        worst = true[0, rows].amax(0)  # (h,)
+        assert (bound[0, lvl] >= worst).all(), (lvl, bound, worst)
+
+
+def test_fixed_point_box_sum_reaches_its_bound():
+    """Four samples whose top-left taps are the four pixels around pixel (1, 1) of a 3x3 level all
+    put (almost) their whole weight on (1, 1): its sum is 4x the largest per-row mass, so only the
+    2x2 box sum bounds it; the scale must not overflow there."""
+    frac = 1.0 - 2.0 ** -12
+    pix = torch.tensor([(frac, frac), (1.0, frac), (frac, 1.0), (1.0, 1.0)])  # (x_pix, y_pix)
+    loc = ((pix + 0.5) / 3).view(1, 4, 1, 1, 1, 2)  # top-left taps (0,0), (1,0), (0,1), (1,1)
+    attn = torch.ones(1, 4, 1, 1, 1)
+    value, ss = torch.randn(1, 9, 1, 4), torch.tensor([[3, 3]])
+    grad = torch.full((1, 4, 4), 7.0)
+    got = run("triton", value, ss, loc, attn, grad)[1]
+    torch.testing.assert_close(got.double(), fp64_truth(value, ss, loc, attn, grad)[1], atol=1e-5, rtol=1e-6)
 
 
 def test_value_gradient_independent_of_summation_order():
@@ -273,7 +315,7 @@ def test_value_gradient_independent_of_summation_order():
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1][:, perm], second[1]) and torch.equal(first[2][:, perm], second[2])
     # The float-atomic variant (the official extension's scheme) sums in arrival order: it differs.
-    floats = [kernel.ms_deform_attn_backward_float_atomics(g, value, ss, lo, a)[0]
+    floats = [kernel.ms_deform_attn_backward(g, value, ss, lo, a, False)[0]
               for g, lo, a in ((grad, loc, attn), (grad[:, perm].contiguous(), loc[:, perm].contiguous(),
                                                     attn[:, perm].contiguous()))]
     assert not torch.equal(floats[0], floats[1])

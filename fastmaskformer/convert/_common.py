@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..data.metadata import check_label_space, get_metadata, datasets_with
 
 
 def write_checkpoint(out_path: str | os.PathLike, model: nn.Module, cfg: Config) -> None:
@@ -26,3 +27,28 @@ def write_checkpoint(out_path: str | os.PathLike, model: nn.Module, cfg: Config)
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_converted_classes(cfg: Config, source) -> None:
+    """LabelSpaceError (one line) when the converted model's classes are not those of the config's
+    dataset (a checkpoint for another dataset under this preset). Datasets without a packaged
+    label space (synthetic, custom) are not checked."""
+    try:
+        metadata = get_metadata(cfg.data.dataset)
+    except ValueError:
+        return
+    check_label_space(cfg.model.num_classes, metadata, f"checkpoint {source}", cfg.data.dataset)
+
+
+def fitting_dataset(cfg: Config, fallback: str) -> str:
+    """``cfg.data.dataset`` when its packaged label space has ``cfg.model.num_classes`` classes,
+    else the first dataset whose label space has (a converted model's config names no dataset);
+    ``fallback`` when none has (a name no label space has: predict then uses generic class names)."""
+    try:
+        if get_metadata(cfg.data.dataset).num_classes == cfg.model.num_classes:
+            return cfg.data.dataset
+    except ValueError:
+        pass
+    fits = datasets_with(cfg.model.num_classes)
+    return fits[0] if fits else fallback
+

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..config import Config, get_config
 from ..modeling import MaskFormer, build_model
-from ._common import write_checkpoint
+from ._common import check_converted_classes, write_checkpoint
 
 try:  # numpy >= 2 moved the array internals to numpy._core; its pickles name that module
     from numpy._core import multiarray as _multiarray
@@ -429,8 +429,10 @@ def convert_detectron2_file(src_path: str | os.PathLike, out_path: str | os.Path
                             preset: Config | str) -> Config:
     """Convert an official checkpoint file into our checkpoint ``{"model", "config"}`` at
     ``out_path`` (written atomically). Returns the stored ``Config``: ``preset`` with the
-    checkpoint's number of classes and queries."""
+    checkpoint's number of classes and queries. Raises LabelSpaceError when those classes are not
+    the preset's dataset's (nothing written)."""
     cfg, model = _convert(load_detectron2_checkpoint(src_path), preset)
+    check_converted_classes(cfg, src_path)
     logger.info("converted %s (%d classes, %d queries) -> %s", src_path, cfg.model.num_classes,
                 cfg.model.num_queries, out_path)
     write_checkpoint(out_path, model, cfg)

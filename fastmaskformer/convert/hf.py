@@ -35,13 +35,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import Config, ModelConfig
 from ..modeling import build_model
-from ._common import write_checkpoint
+from ._common import fitting_dataset, write_checkpoint
 from .hf_common import (
     HF_MEAN, HF_STD, backbone_config_from_hf, canonical_key, finish_state, place, resnet_key, swin_key,
 )
@@ -228,9 +226,11 @@ def load_hf_pretrained(src_dir: str | os.PathLike) -> nn.Module:
 def convert_hf_directory(src_dir: str | os.PathLike, out_path: str | os.PathLike) -> Config:
     """Convert a saved HF MaskFormer, Mask2Former or EoMT directory into our checkpoint ``{"model", "config"}`` at
     ``out_path`` (written atomically: temporary file in the same folder, then ``os.replace``).
-    Returns the ``Config`` stored with it (model section from HF, other sections default)."""
+    Returns the ``Config`` stored with it (model section from HF, the dataset whose label space has
+    its number of classes, other sections default)."""
     hf_config, state, preprocessor = _read_hf_directory(src_dir)
     model_cfg, model = _convert(hf_config, state, preprocessor)
     cfg = Config(model=model_cfg, name=f"hf-{Path(src_dir).resolve().name}")
+    cfg.data.dataset = fitting_dataset(cfg, cfg.name)  # a 133-class model: coco-panoptic, not the default
     write_checkpoint(out_path, model, cfg)
     return cfg

@@ -147,3 +147,33 @@ def get_metadata(name: str, root=None) -> Metadata:
             f"{', '.join(list_metadata() + list(SYNTHETIC_NAMES))}"
         )
     return _packaged(_LABEL_SPACES[name])
+
+
+class LabelSpaceError(ValueError):
+    """A model's number of classes differs from the label space it is used with (one line)."""
+
+
+def datasets_with(num_classes: int) -> list:
+    """Dataset names (``data.dataset``) whose packaged label space has ``num_classes`` classes,
+    without the longer aliases (``coco-panoptic``, not also ``coco-panoptic-133``)."""
+    names = sorted(n for n, space in _LABEL_SPACES.items() if _packaged(space).num_classes == num_classes)
+    return [n for n in names if not any(n != m and n.startswith(m + "-") and _LABEL_SPACES[n] == _LABEL_SPACES[m]
+                                        for m in names)]
+
+
+def check_label_space(num_classes: int | None, metadata: Metadata, source: str, dataset: str | None = None) -> None:
+    """Raise :class:`LabelSpaceError` when a model predicting ``num_classes`` classes is used with
+    ``metadata`` of another size (class ids would index past its names, colours and thing flags,
+    or leave classes unnamed). ``source`` names the model in the message ("checkpoint run/x.pt");
+    ``dataset``: the config's dataset name (default: the label space's). ``None`` classes: not
+    known (an exported program), nothing to check."""
+    if num_classes is None or int(num_classes) == metadata.num_classes:
+        return
+    name = dataset or metadata.name
+    space = "" if name == metadata.name else f" (label space {metadata.name})"
+    fits = datasets_with(int(num_classes))
+    hint = (f"the model fits {', '.join(fits)}: use its preset or --set data.dataset={fits[0]}" if fits else
+            f"no packaged label space has {num_classes} classes: use the config the model was trained with "
+            "(a checkpoint's own: no --preset / --config / data.dataset override)")
+    raise LabelSpaceError(f"{source} has {num_classes} classes but dataset {name}{space} has "
+                          f"{metadata.num_classes}; {hint}")

@@ -18,10 +18,12 @@ newest in ``last_checkpoint`` (also atomically) and keeps the last N.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,14 @@ import torch
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, or not one of ours. The message names the path."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; the message says why and what is still intact."""
+
+
+class RunFolderError(CheckpointError):
+    """A new run was pointed at a folder that holds another run (one line naming the way out)."""
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -88,6 +98,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return state
 
 
+def load_model_weights(model: torch.nn.Module, weights: dict, path: str | os.PathLike, hint: str = "") -> None:
+    """``model.load_state_dict(weights)``; a mismatch (another architecture or size) is a
+    CheckpointError naming ``path`` and the first mismatching tensor, plus ``hint``."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatching key
+        raise CheckpointError(f"checkpoint {path} does not fit the model config ({detail}){hint}") from exc
+
+
 # ----------------------------------------------------------------------------- RNG state
 def capture_rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) global RNG states as tensors / lists / ints."""
@@ -129,11 +150,45 @@ class CheckpointManager:
         return self.directory / f"model_{iteration:07d}.pt"
 
     def save(self, iteration: int, state: dict) -> Path:
+        """Write ``state`` as the checkpoint of ``iteration``, then point ``last_checkpoint`` at it.
+        A failed write (disk full, read-only or vanished folder) raises CheckpointWriteError, one
+        line, and leaves the previous checkpoint and ``last_checkpoint`` as they were."""
         path = self.path_for(iteration)
-        save_checkpoint(path, state)
-        atomic_write(self.directory / self.POINTER, lambda f: f.write(path.name.encode()))
+        if not self.directory.is_dir():  # never recreate a run folder removed or unmounted mid-run
+            raise CheckpointWriteError(f"could not write checkpoint {path}: the output folder {self.directory} no "
+                                       "longer exists (removed or unmounted during the run)")
+        try:
+            save_checkpoint(path, state)
+            atomic_write(self.directory / self.POINTER, lambda f: f.write(path.name.encode()))
+        except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+            raise CheckpointWriteError(self._write_failure(path, state, exc)) from exc
         self._prune()
         return path
+
+    def _write_failure(self, path: Path, state: dict, exc: BaseException) -> str:
+        """One line: the file, why, about how much space it needs, and what is still intact."""
+        needed = _tensor_bytes(state)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            free = None
+        code = getattr(exc, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < needed):
+            why = "the disk is full"
+        elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            why = f"the output folder {self.directory} is read-only"
+        else:
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        space = f"it needs about {_megabytes(needed)}"
+        if free is not None:
+            space += f", {_megabytes(free)} free there"
+        previous = self.latest()
+        if previous is not None and previous != path:
+            after = (f"the previous checkpoint {previous} and {self.POINTER} are intact: fastmaskformer train "
+                     f"--resume continues from it once the checkpoint can be written")
+        else:
+            after = "no earlier checkpoint of this run exists"
+        return f"could not write checkpoint {path}: {why} ({space}); {after}"
 
     def list(self) -> list[Path]:
         """Checkpoint files, oldest first."""
@@ -154,6 +209,47 @@ class CheckpointManager:
             return
         for old in self.list()[: -self.keep]:
             old.unlink(missing_ok=True)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict / list (about a checkpoint's size on disk)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", CheckpointManager.POINTER, "curves.png", "tensorboard")
+
+
+def previous_run(output_dir: str | os.PathLike) -> list[Path]:
+    """What a training run left in ``output_dir``: checkpoints and ``RUN_FILES`` (empty: none)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return CheckpointManager(folder).list() + [folder / n for n in RUN_FILES if (folder / n).exists()]
+
+
+def claim_run_folder(output_dir: str | os.PathLike, force: bool, other_ways: str) -> None:
+    """Make ``output_dir`` ready for a new run: refuse (RunFolderError naming ``other_ways`` and
+    --force) when it holds another run, or with ``force`` delete that run's files first, so two
+    runs never mix their checkpoints and metrics."""
+    found = previous_run(output_dir)
+    if found and not force:
+        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise RunFolderError(f"{output_dir} holds a previous run ({names}); {other_ways} or --force to replace it")
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:

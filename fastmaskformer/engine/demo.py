@@ -19,6 +19,7 @@ from ..config import Config, get_config
 from ..data import build_dataset, synthetic
 from ..data.transforms import Compose, RandomFlip, ResizeShortestEdge
 from ..evaluation import PanopticEvaluator, SemanticEvaluator
+from .checkpoint import claim_run_folder
 from .evaluator import panoptic_to_semantic, summarize_pq
 from .plot import PlottingUnavailable, plot_metrics
 from .predictor import Predictor
@@ -97,11 +98,14 @@ def trivial_baseline(train_ds, val_ds, metadata) -> dict:
     return {"class": metadata.class_names[top], "sem_seg": sem.compute(), "panoptic": summarize_pq(pan.compute())}
 
 
-def run_demo(output_dir: str | Path = "demo_output", quick: bool = False, device: str | None = None,
-             progress: bool = True, overrides: tuple[str, ...] = (), arch: str = "maskformer") -> dict:
-    """Run the whole demo in ``output_dir``; returns the summary (also printed as a table)."""
+def run_demo(output_dir: str | Path = "demo_output/maskformer", quick: bool = False, device: str | None = None,
+             progress: bool = True, overrides: tuple[str, ...] = (), arch: str = "maskformer",
+             force: bool = False) -> dict:
+    """Run the whole demo in ``output_dir``; returns the summary (also printed as a table).
+    A previous run in ``output_dir/run`` is refused (RunFolderError) unless ``force`` replaces it."""
     start = time.perf_counter()
     out = Path(output_dir)
+    claim_run_folder(out / "run", force, "pass another --output")
     data_root = out / "data"
     num_train, num_val = (64, 8) if quick else (400, 100)  # 100: PQ not decided by a few segments
     print(f"[1/5] writing {num_train}+{num_val} synthetic images ({IMAGE_SIZE}px) to {data_root}")

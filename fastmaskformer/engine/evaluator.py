@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..data import build_test_loader
+from ..data.metadata import check_label_space
 from ..evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+from ..modeling import num_classes_of
 from . import distributed as du
 from .predictor import infer, semantic_tta
 
@@ -46,6 +48,7 @@ def evaluate_dataset(model: nn.Module, dataset, cfg, device: str | torch.device 
     ``cfg.test`` enables and the dataset supports (instance datasets: ``segm`` only).
     Semantic TTA (``cfg.test.aug_scales`` / ``aug_flip``) evaluates one image at a time."""
     metadata = dataset.metadata
+    check_label_space(num_classes_of(model), metadata, "the model", cfg.data.dataset)
     instance_data = getattr(dataset, "task", None) == "instance"  # InstanceSegmentation (or a wrapper saying so)
     panoptic_data = hasattr(dataset, "records") and not instance_data
     queries = hasattr(model, "predictor") and getattr(model.predictor, "class_embed", None) is not None

@@ -1,13 +1,16 @@
-"""Exported inference: one image -> semantic labels or a panoptic id map, as a self-contained
-file that runs without fastmaskformer (README "Deploy").
+"""Exported inference: one image -> semantic labels, a panoptic id map or instance masks, as a
+self-contained file that runs without fastmaskformer (README "Deploy"). MaskFormer and
+Mask2Former (``EXPORTABLE``).
 
 - :class:`InferenceProgram`: the program that is exported. Inputs: the image already resized to
   the test size (uint8 ``[3, h, w]`` RGB) and the output size (int64 ``[2]``, the original
   ``H, W``). It normalises, pads to the model's size divisibility, runs the model and the
   post-processing of ``fastmaskformer predict`` (DESIGN 4) in plain torch (aten) ops, so the
-  exported graph holds no fastmaskformer operator. The post-processing restates the references
-  of ``fastmaskformer.ops.inference`` (``semantic_scores_reference``, ``crop_and_resize``,
-  ``panoptic_assign_reference``, ``assemble_panoptic``) without what export cannot trace:
+  exported graph holds no fastmaskformer operator (on the CPU Mask2Former's deformable
+  attention is recorded as the official ``grid_sample`` formulation: ``MSDeformAttn``). The
+  post-processing restates the references of ``fastmaskformer.ops.inference``
+  (``semantic_scores_reference``, ``crop_and_resize``, ``panoptic_assign_reference``,
+  ``assemble_panoptic``, ``instance_inference``) without what export cannot trace:
   ``int()`` of sizes (specialises ``h, w``), the early return of ``crop_and_resize`` when the
   sizes match (a guard on data; the bilinear resize to the same size is the identity exactly),
   slicing the padding off (a guard on ``h == padded h``: a gather instead) and boolean
@@ -19,7 +22,12 @@ file that runs without fastmaskformer (README "Deploy").
     ``segment_id`` int32 ``[Q]`` (the segment a query starts; 0: the query starts none),
     ``category_id`` int64 ``[Q]`` (contiguous class), ``isthing`` bool ``[Q]``, ``score``
     float32 ``[Q]``. The rows with ``segment_id > 0``, in query order, are ``segments_info``
-    (ids 1, 2, ... in that order), exactly as ``ops.panoptic_inference`` lists them.
+    (ids 1, 2, ... in that order), exactly as ``ops.panoptic_inference`` lists them;
+  - instance: the top N = min(``test.instance_topk``, Q*K) (query, class) pairs by class
+    probability (the official Mask2Former rule): ``masks`` bool ``[N, H, W]`` (logit > 0),
+    ``scores`` float32 ``[N]`` (class probability x mean mask probability inside the mask),
+    ``classes`` int64 ``[N]``, ``keep`` bool ``[N]`` (the rows ``predict`` keeps: all of them,
+    or with ``test.panoptic_on`` only the thing classes', as the official code).
 
 - :func:`export_program`: checkpoint model -> ``.pt2`` (``torch.export`` + AOTInductor
   package) or ``.onnx`` (``torch.onnx.export(dynamo=True)``), dynamic ``h, w``, with the task,
@@ -38,10 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.metadata import check_label_space
+from ..modeling import num_classes_of
+from ..ops.inference import instance_count
 from .predictor import Predictor, resize_image
 
 FORMATS = ("pt2", "onnx")
-TASKS = ("semantic", "panoptic")
+EXPORTABLE = {"maskformer": "MaskFormer", "mask2former": "Mask2Former"}  # meta_arch -> name
+TASKS = ("semantic", "panoptic", "instance")
 METADATA_KEY = "fastmaskformer"
 ONNX_OPSET = 18
 MIN_SIDE = 33  # smallest exported image side: res5 (stride 32) must be >= 2 pixels, or export specialises it
@@ -72,19 +84,22 @@ class InferenceProgram(nn.Module):
     thing ids (panoptic)."""
 
     def __init__(self, model: nn.Module, task: str, object_mask_threshold: float = 0.8,
-                 overlap_threshold: float = 0.8, thing_classes: Iterable[int] = ()):
+                 overlap_threshold: float = 0.8, thing_classes: Iterable[int] = (), instance_topk: int | None = None,
+                 instance_things_only: bool = False):
         super().__init__()
         if task not in TASKS:
             raise ExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         if not hasattr(model, "predictor") or getattr(model.predictor, "class_embed", None) is None:
-            raise ExportError(f"{type(model).__name__} is not a MaskFormer (mask classification with a class head); "
-                              "only MaskFormer checkpoints can be exported")
+            raise ExportError(f"{type(model).__name__} is not a mask-classification model with a class head; "
+                              "only MaskFormer and Mask2Former checkpoints can be exported")
         self.model = model.eval()
         self.task = task
         self.size_divisibility = int(model.size_divisibility)
         self.object_mask_threshold = float(object_mask_threshold)
         self.overlap_threshold = float(overlap_threshold)
         num_classes = model.predictor.class_embed.out_features - 1
+        self.instance_topk = instance_topk
+        self.instance_things_only = bool(instance_things_only)
         isthing = torch.zeros(num_classes + 1, dtype=torch.bool)  # index K ("no object"): never kept
         for c in thing_classes:
             isthing[int(c)] = True
@@ -105,14 +120,44 @@ class InferenceProgram(nn.Module):
         class_logits = out.class_logits[-1, 0].float()  # [Q, K+1]
         mask_embed = out.mask_embed[-1, 0].float()  # [Q, C]
         pixel_embed = out.pixel_embed[0].float()  # [C, h/4, w/4]
+        if self.task == "instance":
+            return self._instance(class_logits, mask_embed, pixel_embed, input_size, (h, w), (out_h, out_w))
         logits = torch.einsum("bqc,bchw->bqhw", mask_embed[None], pixel_embed[None])
         logits = F.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)[0]  # [Q, Hp, Wp]
         if self.task == "semantic":
+            # The class sum and the crop + resize are linear, so they commute: resizing the Q
+            # mask probabilities before the sum gives the reference's scores up to rounding, with
+            # Q maps resized instead of K, and the scores pixel-major ([H*W, K]: one GEMM, then an
+            # argmax over contiguous classes; Inductor's fused resize + argmax over K planes was
+            # the slow part of the program). A product, not an einsum: AOTInductor cannot lower
+            # an einsum over the data-dependent output sides.
             probs = class_logits.softmax(-1)[:, :-1]  # [Q, K]
-            scores = torch.einsum("qk,qhw->khw", probs, logits.sigmoid())
-            return _resize(_crop(scores, h, w), (out_h, out_w)).argmax(0)
+            masks = _resize(_crop(logits.sigmoid(), h, w), (out_h, out_w))  # [Q, H, W]
+            return (masks.flatten(1).t() @ probs).argmax(-1).view(out_h, out_w)
         masks = _resize(_crop(logits, h, w), (out_h, out_w)).sigmoid()  # [Q, H, W]
         return self._panoptic(class_logits, masks)
+
+    def _instance(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, input_size, image_size,
+                  output_size):
+        """``ops.instance_inference`` (the official Mask2Former instance post-processing) with
+        static shapes: the top N (query, class) pairs by class probability, their masks
+        ``logit > 0`` at the output size, score = class prob x mean mask probability inside the
+        mask. ``keep`` [N] marks the rows that are instances: all of them, or with
+        ``instance_things_only`` (the official rule when panoptic inference is on) the thing
+        classes' rows, which predict drops the others of."""
+        num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+        probs = class_logits.softmax(-1)[:, :-1]  # [Q, K]
+        count = instance_count(num_queries, num_classes, self.instance_topk)
+        top_scores, flat = probs.flatten().topk(count, sorted=True)
+        query, labels = flat // num_classes, flat % num_classes
+        logits = torch.einsum("qc,chw->qhw", mask_embed[query], pixel_embed)  # [N, h, w]
+        logits = F.interpolate(logits[None], size=input_size, mode="bilinear", align_corners=False)[0]
+        logits = _resize(_crop(logits, *image_size), output_size)  # [N, H, W]
+        masks = logits > 0
+        inside = masks.flatten(1).float()
+        mask_score = (logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
+        keep = self.isthing_table[labels] if self.instance_things_only else labels >= 0  # all rows
+        return masks, top_scores * mask_score, labels, keep
 
     def _panoptic(self, class_logits: Tensor, masks: Tensor):
         """``panoptic_assign_reference`` + ``assemble_panoptic`` over all Q queries with static
@@ -152,30 +197,33 @@ def dynamic_range(cfg) -> tuple[int, int]:
     return MIN_SIDE, top
 
 
-def export_metadata(cfg, metadata, task: str, fmt: str) -> dict:
+def export_metadata(cfg, metadata, task: str, fmt: str, device: str = "cpu") -> dict:
     """What ``predict --model`` needs besides the program: task, test sizes, label space."""
-    return {"format": fmt, "task": task, "preset": cfg.name, "dataset": cfg.data.dataset,
+    return {"format": fmt, "task": task, "device": device, "preset": cfg.name, "dataset": cfg.data.dataset,
             "min_size_test": int(cfg.data.min_size_test), "max_size_test": int(cfg.data.max_size_test),
             "size_range": list(dynamic_range(cfg)), "num_queries": int(cfg.model.num_queries),
             "object_mask_threshold": float(cfg.test.object_mask_threshold),
             "overlap_threshold": float(cfg.test.overlap_threshold),
+            "instance_topk": int(cfg.test.instance_topk), "architecture": cfg.model.meta_arch,
             "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
             "metadata": metadata.to_dict()}
 
 
 def build_program(model: nn.Module, cfg, metadata, task: str) -> InferenceProgram:
+    """The program of ``task`` with the thresholds and instance rules ``predict`` applies."""
     return InferenceProgram(model, task, cfg.test.object_mask_threshold, cfg.test.overlap_threshold,
-                            metadata.thing_classes)
+                            metadata.thing_classes, cfg.test.instance_topk,
+                            bool(cfg.test.panoptic_on) and bool(len(metadata.thing_classes)))
 
 
-def example_inputs(cfg) -> tuple[Tensor, Tensor]:
+def example_inputs(cfg, device: str = "cpu") -> tuple[Tensor, Tensor]:
     """A test-size image (not square, not a multiple of 32) and its output size, for tracing."""
     lo, hi = dynamic_range(cfg)
     h = max(lo + 1, min(hi - 1, int(cfg.data.min_size_test) + 1))
     w = max(lo + 1, min(hi - 1, h * 4 // 3 + 3))
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-    return image, torch.tensor([2 * h + 1, 2 * w - 1], dtype=torch.int64)
+    return image.to(device), torch.tensor([2 * h + 1, 2 * w - 1], dtype=torch.int64, device=device)
 
 
 def _dynamic_shapes(cfg):
@@ -184,22 +232,31 @@ def _dynamic_shapes(cfg):
     return ({1: dim("h", min=lo, max=hi), 2: dim("w", min=lo, max=hi)}, None)
 
 
-def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output: str | Path) -> Path:
-    """Export ``model`` (eval mode, CPU) for ``task`` as ``fmt`` ("pt2" | "onnx") to ``output``."""
+def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output: str | Path,
+                   device: str = "cpu") -> Path:
+    """Export ``model`` (eval mode) for ``task`` as ``fmt`` ("pt2" | "onnx") to ``output``. ``device``:
+    what a pt2 is compiled for ("cuda": its inputs and outputs live on the GPU; the Triton
+    operators the model calls there, e.g. the deformable attention, are compiled into the
+    package); ONNX is traced on the CPU."""
     if fmt not in FORMATS:
         raise ExportError(f"unsupported format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    program = build_program(model.cpu().eval(), cfg, metadata, task).eval()
-    info = json.dumps(export_metadata(cfg, metadata, task, fmt))
+    device = str(torch.device(device))
+    if fmt == "onnx" and device != "cpu":
+        raise ExportError(f"ONNX files are traced on the CPU (device-independent), not on {device}")
+    check_label_space(num_classes_of(model), metadata, "the model", cfg.data.dataset)
+    program = build_program(model.to(device).eval(), cfg, metadata, task).eval()
+    info = json.dumps(export_metadata(cfg, metadata, task, fmt, torch.device(device).type))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    args = example_inputs(cfg)
+    args = example_inputs(cfg, device)
     with torch.no_grad():
         if fmt == "pt2":
             ep = torch.export.export(program, args, dynamic_shapes=_dynamic_shapes(cfg), strict=False)
             from torch._inductor import aoti_compile_and_package
 
-            aoti_compile_and_package(ep, package_path=str(output),
-                                     inductor_configs={"aot_inductor.metadata": {METADATA_KEY: info}})
+            # no per-load bounds checks on the resampling gathers (their indices are clamped)
+            configs = {"aot_inductor.metadata": {METADATA_KEY: info}, "assert_indirect_indexing": False}
+            aoti_compile_and_package(ep, package_path=str(output), inductor_configs=configs)
         else:
             import logging
 
@@ -222,6 +279,8 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
 def _output_names(task: str) -> list[str]:
     if task == "semantic":
         return ["labels"]
+    if task == "instance":
+        return ["masks", "scores", "classes", "keep"]
     return ["id_map", "segment_id", "category_id", "isthing", "score"]
 
 
@@ -259,13 +318,17 @@ class ExportedModel:
             raise ExportError(f"{self.path} carries no fastmaskformer metadata (not written by fastmaskformer export)")
         self.info = json.loads(raw)
         self.task = self.info["task"]
+        self.device = self.info.get("device", "cpu")  # where a pt2's inputs must live
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise ExportError(f"{self.path} was compiled for {self.device}, which this machine lacks")
 
     def __call__(self, image: Tensor, output_size: Sequence[int]) -> tuple[Tensor, ...]:
         size = torch.tensor([int(output_size[0]), int(output_size[1])], dtype=torch.int64)
         image = image.contiguous()
         if self.format == "pt2":
-            out = self._runner(image, size)
-            return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+            out = self._runner(image.to(self.device), size.to(self.device))
+            out = tuple(out) if isinstance(out, (list, tuple)) else (out,)
+            return tuple(t.cpu() for t in out)
         outs = self._session.run(None, {"image": image.numpy(), "output_size": size.numpy()})
         return tuple(torch.from_numpy(o) for o in outs)
 
@@ -274,6 +337,11 @@ class ExportedModel:
         outs = self(image, output_size)
         if self.task == "semantic":
             return {"semantic": outs[0].long()}
+        if self.task == "instance":
+            masks, scores, classes, keep = outs
+            keep = keep.bool()
+            return {"instance": {"masks": masks.bool()[keep], "scores": scores[keep].float(),
+                                 "labels": classes[keep].long()}}
         id_map, segment_id, category_id, isthing, score = outs
         segments = [{"id": int(s), "category_id": int(c), "isthing": bool(t), "score": float(p)}
                     for s, c, t, p in zip(segment_id.tolist(), category_id.tolist(), isthing.tolist(),

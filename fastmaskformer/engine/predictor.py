@@ -24,10 +24,16 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..data import transforms
+from ..data.metadata import check_label_space
+from ..data.loader import padded_size
 from ..data.transforms import shortest_edge_size
+from ..modeling import num_classes_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TASKS = ("semantic", "panoptic", "instance")
+# predict_files reads this many batches of images at a time, so images of one padded test size
+# can fill a batch together (mixed sizes never share one, see same_padding_groups)
+GROUPING_WINDOW = 4
 
 
 def load_image(path: str | Path) -> Tensor:
@@ -93,6 +99,17 @@ def _per_pixel_semantic(outputs, image_sizes, output_sizes, input_size) -> list[
             for b in range(up.shape[0])]
 
 
+def same_padding_groups(sizes: Sequence[tuple[int, int]], size_divisibility: int) -> list[list[int]]:
+    """Indices of images of ``sizes`` [(h, w)] grouped by the size each one pads to on its own
+    (``size_divisibility``; 0: its own size), groups in order of first appearance. A batch of one
+    group pads no image beyond what it gets alone, so its predictions do not depend on its batch
+    mates (a batch padded to a larger mate shifts the model's border context and the resize)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(padded_size([size], size_divisibility), []).append(i)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int]], test_cfg,
           tasks: Iterable[str] = ("semantic",), thing_classes: Iterable[int] = (), amp: bool = False) -> list[dict]:
@@ -101,12 +118,23 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
     Returns one dict per image with the requested ``tasks``: ``"semantic"`` int64 [H, W];
     ``"panoptic"`` (int32 id map [H, W], segments_info with contiguous category ids);
     ``"instance"`` {"masks" bool [N, H, W], "scores" [N], "labels" [N]}.
+    Images that pad to different sizes run as separate batches (:func:`same_padding_groups`), so
+    each image's result is the one it gets alone (up to float summation order).
     """
     tasks = set(tasks)
     thing_classes = list(thing_classes)  # read twice (panoptic, instance)
     unknown = tasks - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    groups = same_padding_groups([tuple(im.shape[-2:]) for im in images], int(getattr(model, "size_divisibility", 0)))
+    if len(groups) > 1:
+        results: list[dict] = [{} for _ in images]
+        for group in groups:
+            batch = infer(model, [images[i] for i in group], [output_sizes[i] for i in group], test_cfg, tasks,
+                          thing_classes, amp)
+            for i, result in zip(group, batch):
+                results[i] = result
+        return results
     outputs, sizes, input_size = run_model(model, images, amp)
     results: list[dict] = [{} for _ in images]
     if not hasattr(outputs, "class_logits"):  # per-pixel baselines: semantic only
@@ -254,6 +282,7 @@ class Predictor:
 
     def __init__(self, model: nn.Module, cfg, metadata, device: str | torch.device = "cpu",
                  batch_size: int = 4, amp: bool = False, sem_ids: str = "dataset"):
+        check_label_space(num_classes_of(model), metadata, "the model", getattr(cfg.data, "dataset", None))
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.metadata = metadata
@@ -268,21 +297,28 @@ class Predictor:
         return shortest_edge_size(h, w, self.cfg.data.min_size_test, self.cfg.data.max_size_test)
 
     def predict(self, images: Sequence[Tensor], tasks: Iterable[str] = ("semantic",)) -> list[dict]:
-        """uint8 ``[3, H_i, W_i]`` images -> :func:`infer` results at the original sizes."""
+        """uint8 ``[3, H_i, W_i]`` images -> :func:`infer` results at the original sizes, in order.
+        Batches hold images of one padded test size (:func:`same_padding_groups`), so a result
+        does not depend on the other images or on ``batch_size``."""
         tasks = tuple(tasks)
-        results = []
+        results: list[dict] = [{} for _ in images]
         use_tta = "semantic" in tasks and (self.cfg.test.aug_scales or self.cfg.test.aug_flip)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start: start + self.batch_size]
-            sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in chunk]
-            resized = [resize_image(im, self._test_size(*s)) for im, s in zip(chunk, sizes)]
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        test_sizes = [self._test_size(*s) for s in sizes]
+        divisibility = int(getattr(self.model, "size_divisibility", 0))
+        order = [i for group in same_padding_groups(test_sizes, divisibility) for i in group]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start: start + self.batch_size]
+            resized = [resize_image(images[i], test_sizes[i]) for i in chunk]
+            out_sizes = [sizes[i] for i in chunk]
             other = tuple(t for t in tasks if t != "semantic") if use_tta else tasks
-            batch = infer(self.model, resized, sizes, self.cfg.test, other, self.metadata.thing_classes, self.amp) \
-                if other else [{} for _ in chunk]
+            batch = infer(self.model, resized, out_sizes, self.cfg.test, other, self.metadata.thing_classes,
+                          self.amp) if other else [{} for _ in chunk]
             if use_tta:
-                for r, im, s in zip(batch, resized, sizes):
+                for r, im, s in zip(batch, resized, out_sizes):
                     r["semantic"] = semantic_tta(self.model, im, s, self.cfg.test, self.amp)
-            results.extend(batch)
+            for i, result in zip(chunk, batch):
+                results[i] = result
         return results
 
     def predict_files(self, inputs: Iterable[str | Path], out_dir: str | Path,
@@ -300,9 +336,10 @@ class Predictor:
         written: list[Path] = []
         annotations = []
         self.failures = []
-        for start in range(0, len(paths), self.batch_size):
+        window = self.batch_size * GROUPING_WINDOW
+        for start in range(0, len(paths), window):
             chunk, images = [], []
-            for path in paths[start: start + self.batch_size]:
+            for path in paths[start: start + window]:
                 try:
                     images.append(load_image(path))
                     chunk.append(path)

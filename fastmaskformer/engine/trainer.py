@@ -43,14 +43,17 @@ from ..config import Config
 from ..data import TrainingSampler, build_dataset, collate, worker_init_fn
 from ..data.bad_samples import ON_BAD_SAMPLE, SkipBadSamples
 from ..data.errors import DatasetError
+from ..data.metadata import check_label_space
 from ..losses import build_criterion
 from ..modeling import build_model
 from . import distributed as du
 from .checkpoint import (
     CheckpointError,
     CheckpointManager,
+    CheckpointWriteError,
     capture_rng_state,
     load_checkpoint,
+    load_model_weights,
     previous_checkpoint,
     resolve_resume,
     restore_rng_state,
@@ -116,14 +119,17 @@ class Trainer:
     """Builds model, criterion, optimiser, scheduler and data from a ``Config`` and trains.
 
     device: "cpu" | "cuda" | None (auto). resume: None, "auto" (newest checkpoint in
-    output_dir, if any), a checkpoint file or a run folder. skip_nonfinite: drop the update of an iteration
-    whose loss or gradient is NaN/inf instead of stopping. train_dataset / eval_dataset:
+    output_dir, if any), a checkpoint file or a run folder. weights: a checkpoint whose model
+    weights start a new run (fine-tuning, e.g. ``convert``'s output; a checkpoint to resume wins).
+    skip_nonfinite: drop the update of an iteration whose loss or gradient is NaN/inf instead of
+    stopping. train_dataset / eval_dataset:
     override the datasets built from ``cfg.data`` (the demo and tests use this).
     evaluate_fn(model) -> dict of metrics replaces the default evaluation on ``eval_dataset``.
     """
 
     def __init__(self, cfg: Config, output_dir: str | os.PathLike, *, device: str | None = None,
-                 resume: str | os.PathLike | None = None, skip_nonfinite: bool = False,
+                 resume: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
+                 skip_nonfinite: bool = False,
                  deterministic: bool = False, progress: bool = True, log_period: int = 20,
                  num_workers: int | None = None, train_dataset=None, eval_dataset=None,
                  evaluate_fn: Callable[[nn.Module], dict] | None = None):
@@ -150,6 +156,10 @@ class Trainer:
             cfg.data, cfg.data.train_split, train=True, seed=solver.seed)
         if cfg.data.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, got {cfg.data.on_bad_sample!r}")
+        self.metadata = getattr(self.train_dataset, "metadata", None)
+        if self.metadata is not None:
+            check_label_space(cfg.model.num_classes, self.metadata, f"config {cfg.name!r} (model.num_classes)",
+                              cfg.data.dataset)
         if cfg.data.on_bad_sample == "skip":
             self.train_dataset = SkipBadSamples(self.train_dataset)
         self.bad_files: dict[str, str] = {}  # unreadable training file -> reason (skip mode)
@@ -192,6 +202,8 @@ class Trainer:
         resume_path = resolve_resume(resume, self.output_dir)
         if resume_path is not None:
             self.load(resume_path)
+        elif weights is not None:
+            self.load_weights(weights)
 
     # ------------------------------------------------------------------ state
     def state_dict(self, rng: list[dict]) -> dict:
@@ -208,6 +220,20 @@ class Trainer:
             "bad_samples": {"count": self.bad_samples, "files": self.bad_files},
         }
 
+    def _check_saved_classes(self, state: dict, path: Path) -> None:
+        """The checkpoint's classes (its stored config) against this run's label space."""
+        saved_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+        if self.metadata is not None:
+            saved_classes = (saved_cfg.get("model") or {}).get("num_classes")
+            check_label_space(saved_classes, self.metadata, f"checkpoint {path}", self.cfg.data.dataset)
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Start from a checkpoint's model weights only (iteration 0, fresh optimiser and schedule)."""
+        path = Path(path)
+        state = load_checkpoint(path, map_location="cpu")
+        self._check_saved_classes(state, path)
+        load_model_weights(self.model, state["model"], path, "; --weights needs a checkpoint of this architecture")
+
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint written by :meth:`save` (any rank reads the same file)."""
         path = Path(path)
@@ -217,10 +243,11 @@ class Trainer:
             prev = previous_checkpoint(path)
             hint = f"; the previous checkpoint {prev} is intact: resume from it" if prev else ""
             raise CheckpointError(f"{exc}{hint}") from exc
+        self._check_saved_classes(state, path)
         missing = {"optimizer", "scheduler", "iteration", "rng", "data"} - set(state)
         if missing:
             raise CheckpointError(f"checkpoint {path} holds model weights only (no {sorted(missing)}); "
-                                  "it can initialise eval/predict but not resume training")
+                                  "it can initialise eval/predict or a new run (--weights) but not resume training")
         saved, world = state["data"]["world_size"], self.dist.world_size
         if saved != world:
             raise CheckpointError(f"checkpoint {path} was written by {saved} processes, this run has {world}: each rank "
@@ -228,7 +255,8 @@ class Trainer:
         if not isinstance(state["rng"], list) or len(state["rng"]) != world:
             raise CheckpointError(f"checkpoint {path} has no per-rank RNG states (written by an older fastmaskformer); "
                                   "it cannot resume exactly")
-        self.model.load_state_dict(state["model"])
+        load_model_weights(self.model, state["model"], path,
+                           f"; resume with the config it was written with ({path.parent / 'config.yaml'})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
@@ -392,10 +420,14 @@ class Trainer:
         """Train from ``self.iteration`` to ``cfg.solver.max_iter``; returns the logged records."""
         solver = self.cfg.solver
         main = self.dist.is_main
-        logger = _MetricsLogger(self.output_dir, enabled=main)
         if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            except OSError as exc:  # read-only, full, or not a folder: before any iteration is spent
+                raise CheckpointWriteError(f"cannot write to the output folder {self.output_dir} "
+                                           f"({exc.strerror or exc}); choose another --output") from exc
+        logger = _MetricsLogger(self.output_dir, enabled=main)
         data_iter = iter(self._loader())
         bar = _progress(self.iteration, solver.max_iter, enabled=main and self.progress)
         start_time = last_time = time.perf_counter()

@@ -46,9 +46,18 @@ def build_model(model_cfg) -> nn.Module:
     return _BUILDERS[model_cfg.meta_arch](model_cfg)
 
 
+def num_classes_of(model: nn.Module) -> int | None:
+    """K, the classes a model predicts (its class head has K + 1 outputs, the last "no object";
+    a per-pixel baseline K channels); None when ``model`` is none of ours."""
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
+    head = getattr(getattr(model, "predictor", None), "class_embed", None)
+    return head.out_features - 1 if isinstance(head, nn.Linear) else None
+
+
 __all__ = [
     "Backbone", "EoMT", "Mask2Former", "MaskFormer", "MaskedAttentionDecoder", "MaskFormerOutput", "PerPixelBaseline",
     "PerPixelBaselinePlus", "PerPixelOutput",
     "PixelDecoder", "PositionEmbeddingSine", "TransformerDecoder", "TransformerEncoder", "TransformerPredictor",
-    "build_backbone", "build_eomt", "build_mask2former", "build_model",
+    "build_backbone", "build_eomt", "build_mask2former", "build_model", "num_classes_of",
 ]

@@ -125,7 +125,8 @@ class EoMT(SegmentationModel):
             raise ValueError(f"num_blocks must be in [1, {len(backbone.blocks)}] (the ViT's depth), got {num_blocks}")
         dim = backbone.embed_dim
         self.backbone = backbone
-        self.num_queries, self.num_blocks, self.masked_attn = num_queries, num_blocks, masked_attn
+        self.num_classes, self.num_queries = num_classes, num_queries
+        self.num_blocks, self.masked_attn = num_blocks, masked_attn
         self.mask_annealing = mask_annealing or MaskAnnealing(num_blocks, masked_attn=masked_attn)
         self.queries = nn.Embedding(num_queries, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)

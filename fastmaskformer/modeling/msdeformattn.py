@@ -64,12 +64,17 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor | None = None, padding_mask: Tensor | None = None) -> Tensor:
+                level_start_index: Tensor | None = None, padding_mask: Tensor | None = None,
+                level_shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
         """The official module's call: query [B,Lq,C], reference_points [B,Lq,L,2] (normalised x,
         y) or [B,Lq,L,4] (boxes cx, cy, w, h: offsets scaled by half the box / n_points), value
         [B,S,C] (levels flattened), spatial_shapes int64 [L,2], level_start_index (unused: derived
         from spatial_shapes), padding_mask bool [B,S] (True = padding, its values are zeroed)
-        -> [B,Lq,C]."""
+        -> [B,Lq,C]. ``level_shapes``: the same (h, w) as Python (or symbolic) ints; with them,
+        ``torch.export`` on the CPU records the official ``grid_sample`` formulation (aten ops
+        only: ONNX ``GridSample``, AOTInductor's own kernels) instead of our operator, so the
+        exported program runs without fastmaskformer. On CUDA the Triton operator is exported
+        (``triton_op``: AOTInductor compiles it into the package)."""
         b, lq, _ = query.shape
         s = value.shape[1]
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
@@ -90,7 +95,12 @@ class MSDeformAttn(nn.Module):
             raise ValueError(f"MSDeformAttn: reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
         from ..ops import ms_deform_attn  # the op package loads triton lazily
 
-        out = ms_deform_attn(v, spatial_shapes, locations, weights, impl=self.impl)
+        if level_shapes is not None and v.device.type != "cuda" and torch.compiler.is_exporting():
+            from ..ops.ms_deform_attn import ms_deform_attn_grid_sample
+
+            out = ms_deform_attn_grid_sample(v, level_shapes, locations, weights)
+        else:
+            out = ms_deform_attn(v, spatial_shapes, locations, weights, impl=self.impl)
         return self.output_proj(out)
 
 
@@ -107,9 +117,11 @@ class MSDeformAttnEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
-        """src, pos [B,S,C]; reference_points [B,S,L,2] -> [B,S,C]."""
-        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference_points, src, spatial_shapes)))
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+                level_shapes: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        """src, pos [B,S,C]; reference_points [B,S,L,2]; level_shapes as in ``MSDeformAttn`` -> [B,S,C]."""
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_shapes=level_shapes)
+        src = self.norm1(src + self.dropout(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout(ffn))
 
@@ -176,13 +188,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
             pos.append(self.pe(x))
         b, c = srcs[0].shape[:2]
         shapes = [tuple(x.shape[-2:]) for x in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.int64, device=srcs[0].device)
+        # torch.tensor (not as_tensor) keeps symbolic sizes symbolic under torch.export
+        spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device=srcs[0].device)
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)  # (b, s, c)
         pos_flat = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i].view(1, 1, -1).to(p.dtype)
                               for i, p in enumerate(pos)], 1)
         ref = reference_points(shapes, b, src.device, src.dtype)
         for layer in self.encoder:
-            src = layer(src, pos_flat, ref, spatial_shapes)
+            src = layer(src, pos_flat, ref, spatial_shapes, shapes)
         multi_scale = [y.transpose(1, 2).reshape(b, c, h, w)
                        for y, (h, w) in zip(src.split([h * w for h, w in shapes], 1), shapes)]
         y = multi_scale[-1]

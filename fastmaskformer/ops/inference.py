@@ -498,6 +498,11 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
 
 
 # ---------------------------------------------------------------------------- instance
+def instance_count(num_queries: int, num_classes: int, topk: int | None) -> int:
+    """How many (query, class) pairs instance inference keeps: ``topk`` (default Q), at most Q*K."""
+    return num_queries if topk is None else min(int(topk), num_queries * num_classes)
+
+
 def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor,
                        image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
                        topk: int | None = None, input_size: Size | None = None,
@@ -514,7 +519,7 @@ def instance_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
     from .mask_probs import resampled_masks
 
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[-1] - 1
-    topk = num_queries if topk is None else min(int(topk), num_queries * num_classes)
+    topk = instance_count(num_queries, num_classes, topk)
     results = []
     for b in range(class_logits.shape[0]):
         probs = class_logits[b].float().softmax(-1)[:, :-1]  # [Q, K]

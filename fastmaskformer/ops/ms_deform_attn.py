@@ -189,7 +189,7 @@ def _check(value, spatial_shapes, sampling_locations, attention_weights) -> None
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                   attention_weights: Tensor, impl: str = "auto") -> Tensor:
+                   attention_weights: Tensor, impl: str = "auto", deterministic: bool = True) -> Tensor:
     """Multi-scale deformable attention -> ``[B, Lq, H*D]`` in value's dtype.
 
     value: [B, S, H, D], the levels flattened row-major one after the other
@@ -200,7 +200,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
     Any floating dtypes (they may differ: autocast gives bf16 values with fp32 locations);
     accumulation is in float32 (float64 for float64 inputs, torch path only). Differentiable in
     value, sampling_locations and attention_weights. The Triton backward is deterministic
-    (bit-identical across runs, no float atomics; see ``kernels/ms_deform_attn.py``).
+    (bit-identical across runs: 32-bit fixed-point integer atomics; see
+    ``kernels/ms_deform_attn.py``); ``deterministic=False`` sums the value gradient with float32
+    atomics instead, as the official extension does (Triton path only; the reference ignores it).
     ``impl="auto"``: Triton on CUDA tensors (float64 goes to the reference), else the reference.
     """
     _check(value, spatial_shapes, sampling_locations, attention_weights)
@@ -218,7 +220,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
         else:
             kernel = load_kernel("ms_deform_attn", OP)
         return kernel.ms_deform_attn(value.contiguous(), shapes.contiguous(), sampling_locations.contiguous(),
-                                     attention_weights.contiguous())
+                                     attention_weights.contiguous(), bool(deterministic))
     return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
 
 

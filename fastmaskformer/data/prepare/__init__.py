@@ -13,26 +13,18 @@ interrupted run resumes where it stopped. Images are converted in ``jobs`` proce
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from . import ade20k_full, ade20k_panoptic, cityscapes, coco_stuff
-from ._common import PrepareError, default_jobs
-
+# dataset -> its preparer module (imported on use: the command line lists these names without
+# loading numpy / PIL); each module has ``NAME``, the release folder it expects under --src, and
+# ``prepare(src, root, jobs, progress)``
 PREPARERS = {
-    "ade20k-full-847": ade20k_full.prepare,
-    "ade20k-panoptic": ade20k_panoptic.prepare,
-    "coco-stuff-10k": coco_stuff.prepare,
-    "cityscapes": cityscapes.prepare,
-    "cityscapes-panoptic": cityscapes.prepare,  # the same run: train ids and the panoptic ground truth
-}
-
-# the release folder each preparer expects under --src
-RELEASE_DIRS = {
-    "ade20k-full-847": ade20k_full.NAME,
-    "ade20k-panoptic": ade20k_panoptic.NAME,
-    "coco-stuff-10k": coco_stuff.NAME,
-    "cityscapes": cityscapes.NAME,
-    "cityscapes-panoptic": cityscapes.NAME,
+    "ade20k-full-847": "ade20k_full",
+    "ade20k-panoptic": "ade20k_panoptic",
+    "coco-stuff-10k": "coco_stuff",
+    "cityscapes": "cityscapes",
+    "cityscapes-panoptic": "cityscapes",  # the same run: train ids and the panoptic ground truth
 }
 
 # datasets the loaders read as released, and why
@@ -54,15 +46,26 @@ def prepare(name: str, src, root=None, jobs: int | None = None, progress: bool =
         if name in NOT_NEEDED:
             raise ValueError(f"{name} needs no preparation: the loader {NOT_NEEDED[name]}")
         raise ValueError(f"unknown dataset {name!r} for prepare; choose one of: {', '.join(PREPARERS)}")
+    from ._common import PrepareError, default_jobs
+
     src = Path(src).expanduser()
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a directory")
-    release = Path(RELEASE_DIRS[name])
+    module = importlib.import_module(f"{__name__}.{PREPARERS[name]}")
+    release = Path(module.NAME)
     if not (src / release).exists() and src.resolve().parts[-len(release.parts):] == release.parts:
         src = Path(*src.resolve().parts[: -len(release.parts)])  # --src named the release folder itself
     root = Path(root).expanduser() if root else src
     root.mkdir(parents=True, exist_ok=True)
-    return PREPARERS[name](src, root, jobs or default_jobs(), progress)
+    return module.prepare(src, root, jobs or default_jobs(), progress)
+
+
+def __getattr__(name):
+    if name == "PrepareError":
+        from ._common import PrepareError
+
+        return PrepareError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["prepare", "PREPARERS", "NOT_NEEDED", "PrepareError"]
