@@ -103,12 +103,13 @@ def _stored_data_root(root, checkpoint: str):
 def _check_model(cfg: Config) -> None:
     """Reject an unknown architecture or backbone name before building anything."""
     from .modeling.backbone import resolve_backbone_name
+    from .modeling.vit import resolve_vit_name
 
-    archs = ("maskformer", "mask2former", "per_pixel_baseline", "per_pixel_baseline_plus")
+    archs = ("maskformer", "mask2former", "eomt", "per_pixel_baseline", "per_pixel_baseline_plus")
     if cfg.model.meta_arch not in archs:
         raise UserError(f"unknown model.meta_arch {cfg.model.meta_arch!r}; choose one of {', '.join(archs)}")
     try:
-        resolve_backbone_name(cfg.model.backbone.name)
+        (resolve_vit_name if cfg.model.meta_arch == "eomt" else resolve_backbone_name)(cfg.model.backbone.name)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
 
@@ -367,7 +368,9 @@ def _convert_source(args) -> tuple[Path, str | None]:
             preset = preset or (entry.preset if entry else None)
             return weights.download(source, sha256=entry.sha256 if entry else None,
                                     size=entry.size if entry else None, progress=not args.no_progress), preset
-    elif weights.is_url(source) or weights.is_hf_name(source):
+    elif args.from_format == "eomt" and weights.is_url(source):
+        return weights.download(source, progress=not args.no_progress), preset
+    elif args.from_format == "hf" and (weights.is_url(source) or weights.is_hf_name(source)):
         name = source.split("huggingface.co/", 1)[-1] if weights.is_url(source) else source
         return weights.download_hf(name.strip("/"), progress=not args.no_progress), preset
     raise UserError(f"{source} not found (a local path, a URL{', a preset name' if args.from_format == 'detectron2' else ''}"
@@ -381,6 +384,10 @@ def cmd_convert(args) -> int:
         src, preset = _convert_source(args)
         if args.from_format == "hf":
             cfg = convert.convert_hf_directory(src, args.out)
+        elif args.from_format == "eomt":
+            if not preset:
+                raise UserError("convert --from eomt needs --preset NAME (the eomt-* preset of the checkpoint)")
+            cfg = convert.convert_eomt_file(src, args.out, preset)
         else:
             if not preset:
                 raise UserError("convert --from detectron2 needs --preset NAME (the architecture of the checkpoint)")
@@ -543,18 +550,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the benchmark parts and exit")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("convert", help="convert Hugging Face or Detectron2 weights to a checkpoint",
-                       description="--from hf DIR_OR_NAME: a saved transformers MaskFormer folder (config.json + "
-                                   "weights) or a Hugging Face model name (facebook/maskformer-swin-base-ade), "
+    p = sub.add_parser("convert", help="convert Hugging Face, Detectron2 or EoMT weights to a checkpoint",
+                       description="--from hf DIR_OR_NAME: a saved transformers MaskFormer, Mask2Former or EoMT "
+                                   "folder (config.json + weights) or a Hugging Face model name "
+                                   "(facebook/maskformer-swin-base-ade, tue-mps/coco_panoptic_eomt_large_640), "
                                    "downloaded; --from detectron2 FILE_URL_OR_PRESET [--preset NAME]: an official "
                                    "MaskFormer .pkl/.pth, its URL, or a preset name for its model-zoo checkpoint "
-                                   "(fastmaskformer weights list). Downloads go to $FASTMASKFORMER_CACHE (default "
-                                   "~/.cache/fastmaskformer), verified, resumable.")
-    p.add_argument("--from", dest="from_format", choices=("hf", "detectron2"), required=True, help="source format")
+                                   "(fastmaskformer weights list); --from eomt FILE_OR_URL --preset NAME: an official "
+                                   "EoMT (tue-mps/eomt, DINOv2) pytorch_model.bin and its eomt-* preset. Downloads go "
+                                   "to $FASTMASKFORMER_CACHE (default ~/.cache/fastmaskformer), verified, resumable.")
+    p.add_argument("--from", dest="from_format", choices=("hf", "detectron2", "eomt"), required=True,
+                   help="source format")
     p.add_argument("source", metavar="SRC", help="local folder/file, URL, HF model name or (detectron2) preset name")
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.pt)")
     p.add_argument("--preset", metavar="NAME",
-                   help="architecture preset (detectron2 only; default for a model-zoo URL: its preset)")
+                   help="architecture preset (detectron2: default for a model-zoo URL: its preset; eomt: required)")
     p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     p.set_defaults(func=cmd_convert)
 

@@ -15,16 +15,17 @@ import yaml
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # timm name or alias: resnet50, resnet101, resnet101c, swin_{tiny,small,base,large}
+    name: str = "resnet50"  # timm name or alias: resnet50, resnet101, resnet101c, swin_{tiny,small,base,large};
+    # EoMT: dinov2_{small,base,large,giant}, dinov3_{small,base,large,huge_plus} (modeling/vit.py)
     pretrained: bool = False  # never downloads unless a user sets it
     freeze_bn: bool = True  # frozen BatchNorm for ResNets (official)
-    img_size: int = 512  # Swin only: the window/pos-embed reference size (inputs may differ)
+    img_size: int = 512  # Swin and ViT: the window/pos-embed reference size (inputs may differ)
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (converted custom backbones)
 
 
 @dataclass
 class ModelConfig:
-    meta_arch: str = "maskformer"  # maskformer | mask2former | per_pixel_baseline | per_pixel_baseline_plus
+    meta_arch: str = "maskformer"  # maskformer | mask2former | eomt | per_pixel_baseline | per_pixel_baseline_plus
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     num_classes: int = 150
     num_queries: int = 100
@@ -42,6 +43,14 @@ class ModelConfig:
     pixel_mean: tuple = (123.675, 116.28, 103.53)
     pixel_std: tuple = (58.395, 57.12, 57.375)
     size_divisibility: int = 32  # pad batches to a multiple (0: to the largest image only; official COCO panoptic)
+    # EoMT only (meta_arch eomt; modeling/eomt.py): the queries join the last num_blocks ViT blocks
+    num_blocks: int = 4  # official: 3 (ViT-S/B), 4 (L), 5 (g)
+    patch_size: int = 16  # DINOv2's 14 re-patched to 16, as the official
+    masked_attn: bool = True  # masked attention in the query blocks (official masked_attn_enabled)
+    mask_annealing_start: tuple = ()  # per query block: iteration where its mask probability starts to fall
+    mask_annealing_end: tuple = ()  # ... and where it reaches 0 (empty: the masks stay on)
+    mask_annealing_power: float = 0.9
+    mask_annealing_seed: int = 0  # seed of the generator that drops masks (its state is checkpointed)
 
 
 @dataclass
@@ -323,6 +332,112 @@ def _m2f_cityscapes_panoptic(name, backbone="resnet50"):
     return cfg
 
 
+# Official EoMT iterations per epoch (4 GPUs x 4 images; from the configs' annealing steps).
+_EOMT_EPOCH_ITERS = {"coco-panoptic": 7391, "coco-instance": 7391, "ade20k-150": 1264, "ade20k-panoptic": 1264,
+                     "ade20k-full-847": 1264, "cityscapes": 186}
+_EOMT_DEPTH_BLOCKS = {"s": ("small", 3), "b": ("base", 3), "l": ("large", 4), "g": ("giant", 5), "h": ("huge_plus", 4)}
+
+
+def _eomt_name(dataset: str, vit: str, size: int, schedule: str = "") -> str:
+    return f"eomt-{dataset}-{vit}-{size}" + (f"-{schedule}" if schedule else "")
+
+
+def _eomt(dataset: str, vit: str, size: int, epochs: int, annealing: tuple, queries: int = 200,
+          schedule: str = "") -> Config:
+    """An official EoMT config (tue-mps/eomt ``configs/{dinov2,dinov3}/<dataset>/<task>/eomt_<size>_<img>.yaml``):
+    ``vit`` "dinov2-l" etc. (ViT S/B/L/g, queries in the last 3/3/4/5 blocks), ``size`` the
+    square input (crop and test size), ``annealing`` the mask-annealing (start, end) steps per
+    query block (power 0.9). Recipe (``training/lightning_module.py`` defaults, ``main.py``): batch 16, AdamW
+    lr 1e-4 (DINOv3 2e-4), weight decay 0.05 on every parameter, poly 0.9 per iteration, clipping
+    0.01, class 2 / BCE 5 / dice 5 / no-object 0.1 on 12544 points (oversample 3, importance
+    0.75), test thresholds 0.8. Not expressible here yet: layer-wise lr decay 0.8 over the ViT
+    blocks (the query blocks exempt), the two-stage warm-up (head 500 iterations, then the ViT
+    1000; DINOv3 2000 + 3000; approximated by one linear warm-up from 0 over the sum), fp16
+    mixed precision (``amp`` is bf16 here), DINOv3's delta-weight fine-tuning. (The DINOv3 ADE20K
+    config's ``lr_mult: 0.1`` changes no learning rate in the official optimizer: its branch is
+    unreachable; with ``llrd: 1.0`` every ViT parameter gets the full lr, as here.)"""
+    family, letter = vit.split("-")
+    width, num_blocks = _EOMT_DEPTH_BLOCKS[letter]
+    task = {"coco-instance": "instance", "ade20k-150": "semantic", "ade20k-full-847": "semantic",
+            "cityscapes": "semantic"}.get(dataset, "panoptic")
+    cfg = Config(name=_eomt_name(dataset, vit, size, schedule))
+    m = cfg.model
+    m.meta_arch, m.num_queries, m.num_blocks, m.patch_size, m.size_divisibility = "eomt", queries, num_blocks, 16, 16
+    m.backbone.name, m.backbone.img_size, m.backbone.freeze_bn = f"{family}_{width}", size, False
+    m.num_classes = {"coco-panoptic": 133, "coco-instance": 80, "cityscapes": 19, "ade20k-full-847": 847}.get(dataset, 150)
+    m.mask_annealing_start, m.mask_annealing_end, m.mask_annealing_power = *annealing, 0.9
+    m.dropout = 0.0
+    loss = cfg.loss
+    loss.class_weight, loss.mask_weight, loss.dice_weight, loss.no_object_weight = 2.0, 5.0, 5.0, 0.1
+    loss.mask_loss, loss.mask_sampling = "bce", "points"
+    loss.num_points, loss.oversample_ratio, loss.importance_sample_ratio = 12544, 3.0, 0.75
+    s = cfg.solver
+    s.batch_size, s.max_iter, s.lr_scheduler, s.poly_power = 16, epochs * _EOMT_EPOCH_ITERS[dataset], "poly", 0.9
+    s.lr = 2e-4 if family == "dinov3" else 1e-4
+    s.weight_decay = s.weight_decay_norm = s.weight_decay_embed = 0.05
+    s.backbone_multiplier, s.clip_grad_norm, s.amp = 1.0, 0.01, True
+    s.warmup_iters, s.warmup_factor = (5000 if family == "dinov3" else 1500), 0.0
+    d = cfg.data
+    d.dataset, d.task, d.crop_size = dataset, task, (size, size)
+    d.ignore_label = 65535 if dataset == "ade20k-full-847" else 255
+    d.augmentation = "lsj" if dataset.startswith("coco") else "semantic"
+    d.color_jitter = not dataset.startswith("coco")
+    t = cfg.test
+    t.semantic_on, t.panoptic_on, t.instance_on = task == "semantic", task == "panoptic", task == "instance"
+    t.object_mask_threshold = t.overlap_threshold = 0.8
+    return cfg
+
+
+def _eomt_test_sizes(cfg: Config) -> Config:
+    """Official EoMT inference: panoptic/instance images resized to fit the square input size (then
+    padded), semantic images with their shorter side at the input size (then windowed)."""
+    size = cfg.data.crop_size[0]
+    cfg.data.min_size_test = size
+    if cfg.data.task != "semantic":
+        cfg.data.max_size_test = size
+    return cfg
+
+
+# Annealing steps of the official configs (per query block), by schedule.
+_COCO_L = ((14782, 29564, 44346, 59128), (29564, 44346, 59128, 73910))
+_COCO_SB = ((14782, 36955, 59128), (29564, 51737, 73910))
+_COCO_SB_2X = ((29564, 73910, 118256), (59128, 103474, 147820))
+_COCO_G = ((14782, 25869, 36955, 48042, 59128), (29564, 40651, 51737, 62824, 73910))
+_ADE_L = ((6520, 13040, 19560, 26080), (13040, 19560, 26080, 32600))
+_ADE_G = ((6520, 11410, 16300, 21190, 26080), (13040, 17930, 22820, 27710, 32600))
+_CITYSCAPES_L = ((3317, 6634, 9951, 13268), (6634, 9951, 13268, 16585))
+_COCO_L_V3 = ((0, 29564, 44346, 59128), (3000, 44346, 59128, 73910))
+_COCO_SB_2X_V3 = ((0, 73910, 118256), (3000, 103474, 147820))
+_ADE_L_V3 = ((0, 6520, 9780, 13040), (3000, 9780, 13040, 16300))
+
+_EOMT_PRESETS = [  # (dataset, vit, size, epochs, annealing, queries, schedule); DINOv3 1280: see README
+    ("coco-panoptic", "dinov2-s", 640, 12, _COCO_SB, 200, ""),
+    ("coco-panoptic", "dinov2-b", 640, 12, _COCO_SB, 200, ""),
+    ("coco-panoptic", "dinov2-s", 640, 24, _COCO_SB_2X, 200, "2x"),
+    ("coco-panoptic", "dinov2-b", 640, 24, _COCO_SB_2X, 200, "2x"),
+    ("coco-panoptic", "dinov2-l", 640, 12, _COCO_L, 200, ""),
+    ("coco-panoptic", "dinov2-g", 640, 12, _COCO_G, 200, ""),
+    ("coco-panoptic", "dinov2-l", 1280, 12, _COCO_L, 200, ""),
+    ("coco-panoptic", "dinov2-g", 1280, 12, _COCO_G, 200, ""),
+    ("coco-instance", "dinov2-l", 640, 12, _COCO_L, 200, ""),
+    ("coco-instance", "dinov2-l", 1280, 12, _COCO_L, 200, ""),
+    ("ade20k-150", "dinov2-l", 512, 31, _ADE_L, 100, ""),
+    ("ade20k-full-847", "dinov2-l", 512, 31, _ADE_L, 100, ""),  # ours: the ADE20K-150 recipe, 847 classes
+    ("ade20k-panoptic", "dinov2-l", 640, 31, _ADE_L, 200, ""),
+    ("ade20k-panoptic", "dinov2-g", 640, 31, _ADE_G, 200, ""),
+    ("ade20k-panoptic", "dinov2-l", 1280, 31, _ADE_L, 200, ""),
+    ("ade20k-panoptic", "dinov2-g", 1280, 31, _ADE_G, 200, ""),
+    ("cityscapes", "dinov2-l", 1024, 107, _CITYSCAPES_L, 100, ""),
+    ("coco-panoptic", "dinov3-s", 640, 24, _COCO_SB_2X_V3, 200, "2x"),
+    ("coco-panoptic", "dinov3-b", 640, 24, _COCO_SB_2X_V3, 200, "2x"),
+    ("coco-panoptic", "dinov3-l", 640, 12, _COCO_L_V3, 200, ""),
+    ("coco-panoptic", "dinov3-l", 1280, 12, _COCO_L_V3, 200, ""),
+    ("coco-instance", "dinov3-l", 640, 12, _COCO_L, 200, ""),
+    ("coco-instance", "dinov3-l", 1280, 12, _COCO_L, 200, ""),
+    ("ade20k-150", "dinov3-l", 512, 16, _ADE_L_V3, 100, ""),
+]
+
+
 _PRESETS = {
     "ade20k-150-r50": lambda: _semantic("ade20k-150-r50", 150),
     "ade20k-150-r101": lambda: _semantic("ade20k-150-r101", 150, "resnet101"),
@@ -374,6 +489,7 @@ _PRESETS = {
     "mask2former-coco-instance-r50": lambda: _m2f_coco("coco-instance-r50", "instance"),
     "mask2former-cityscapes-panoptic-r50": lambda: _m2f_cityscapes_panoptic("cityscapes-panoptic-r50"),
 }
+_PRESETS.update({_eomt_name(p[0], p[1], p[2], p[6]): (lambda p=p: _eomt(*p)) for p in _EOMT_PRESETS})
 
 
 def _meta(cfg: Config, meta_arch: str) -> Config:
@@ -401,6 +517,8 @@ def _apply_dataset_defaults(cfg: Config) -> Config:
     if cfg.data.dataset == "ade20k-panoptic":  # the semantic pipeline at 640 crops
         cfg.data.max_size_train = 2560
         cfg.data.min_size_test, cfg.data.max_size_test = 640, 2560
+    if cfg.model.meta_arch == "eomt":
+        _eomt_test_sizes(cfg)
     return cfg
 
 

@@ -20,6 +20,11 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from ..config import ModelConfig
+from .hf_common import (
+    HF_MEAN, HF_STD, backbone_config_from_hf, canonical_key, finish_state, place, resnet_key, swin_key,
+)
+
 # (HF name pattern, our name); \1.. are the pattern's groups.
 _PIXEL_DECODER_RULES = [
     (r"level_embed", r"level_embed"),
@@ -107,8 +112,6 @@ _SWIN_BACKBONE_BLOCK = [  # transformers 5 SwinBackbone block names -> timm
 def _swin_backbone_key(rest: str) -> str | None:
     """``rest`` follows "model.pixel_level_module.encoder." (HF ``SwinBackbone``) -> timm Swin;
     "" for entries with no counterpart (the unused final norm, fixed index buffers)."""
-    from .hf import _swin_key
-
     m = re.fullmatch(r"hidden_states_norms\.stage(\d)\.(.+)", rest)
     if m:
         return f"backbone.norms.{int(m.group(1)) - 1}.{m.group(2)}"
@@ -120,15 +123,13 @@ def _swin_backbone_key(rest: str) -> str | None:
             if re.fullmatch(pattern, m.group(3)):
                 return f"backbone.body.layers_{m.group(1)}.blocks.{m.group(2)}." + re.sub(pattern, target, m.group(3))
     if rest.startswith("swin."):  # embeddings and patch merging: the MaskFormer-Swin rules apply
-        return _swin_key("model." + rest[len("swin."):])
+        return swin_key("model." + rest[len("swin."):])
     return None
 
 
 def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str = "resnet") -> dict[str, Tensor]:
     """A ``Mask2FormerForUniversalSegmentation`` state dict -> our ``Mask2Former``'s. Raises a
     ValueError naming HF tensors with no destination (nothing is dropped silently)."""
-    from .hf import _canonical, _resnet_key, finish_state, place
-
     if backbone_kind not in ("resnet", "swin"):
         raise ValueError(f"backbone_kind must be 'resnet' or 'swin', got {backbone_kind!r}")
     enc, dec, tm = "model.pixel_level_module.encoder.", "model.pixel_level_module.decoder.", "model.transformer_module."
@@ -138,13 +139,13 @@ def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str
     pixel = {k: v for k, v in hf_state.items() if k.startswith(dec)}
     out.update({"pixel_decoder." + k: v for k, v in pixel_decoder_state_from_hf(pixel, prefix=dec).items()})
     for raw_key, value in hf_state.items():
-        key = raw_key if raw_key.startswith(enc) else _canonical(raw_key)  # backbone rules take raw names
+        key = raw_key if raw_key.startswith(enc) else canonical_key(raw_key)  # backbone rules take raw names
         if raw_key in pixel or _SKIP.fullmatch(key):
             continue
         ours = None
         if key.startswith(enc):
             rest = key[len(enc):]
-            ours = _resnet_key(rest) if backbone_kind == "resnet" else _swin_backbone_key(rest)
+            ours = resnet_key(rest) if backbone_kind == "resnet" else _swin_backbone_key(rest)
             if ours == "":
                 continue
         elif key.startswith("class_predictor."):
@@ -164,13 +165,11 @@ def mask2former_state_from_hf(hf_state: Mapping[str, Tensor], backbone_kind: str
 
 def mask2former_config_from_hf(hf_config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None):
     """Our ``ModelConfig`` (meta_arch mask2former) from a HF ``Mask2FormerConfig`` as a dict."""
-    from ..config import ModelConfig
-    from .hf import _HF_MEAN, _HF_STD, _backbone_config
 
     if hf_config.get("enforce_input_projection", False):
         raise ValueError("HF Mask2Former with enforce_input_projection=True is not supported (official: False)")
     num_classes = len(hf_config["id2label"]) if "id2label" in hf_config else int(hf_config["num_labels"])
-    mean, std = _HF_MEAN, _HF_STD
+    mean, std = HF_MEAN, HF_STD
     if preprocessor:
         mean = tuple(preprocessor.get("image_mean", mean))
         std = tuple(preprocessor.get("image_std", std))
@@ -178,7 +177,7 @@ def mask2former_config_from_hf(hf_config: Mapping[str, Any], preprocessor: Mappi
     conv_dim, mask_dim = kwargs.pop("conv_dim"), kwargs.pop("mask_dim")
     return ModelConfig(
         meta_arch="mask2former", pixel_decoder="msdeformattn", pixel_decoder_kwargs=kwargs,
-        backbone=_backbone_config(hf_config["backbone_config"]), num_classes=num_classes,
+        backbone=backbone_config_from_hf(hf_config["backbone_config"]), num_classes=num_classes,
         num_queries=int(hf_config["num_queries"]), hidden_dim=int(hf_config["hidden_dim"]), mask_dim=int(mask_dim),
         conv_dim=int(conv_dim), nheads=int(hf_config["num_attention_heads"]),
         dim_feedforward=int(hf_config["dim_feedforward"]), dropout=float(hf_config.get("dropout", 0.0)),

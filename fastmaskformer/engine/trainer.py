@@ -175,6 +175,8 @@ class Trainer:
         self.criterion = None if hasattr(self.model, "losses") else build_criterion(cfg).to(self.device)
         if self.criterion is not None and hasattr(self.criterion, "seed"):
             self.criterion.seed += self.dist.rank  # each rank draws its own points (as the official global RNG)
+        if self.mask_annealing is not None:
+            self.mask_annealing.seed += self.dist.rank  # and drops its own masks (EoMT)
         self.optimizer = build_optimizer(self.model, solver)
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.ddp = self.model
@@ -266,12 +268,23 @@ class Trainer:
         if self.criterion is not None and "criterion" in state["rng"][self.dist.rank]:
             # The criterion's own point generator (Mask2Former), per rank like the global RNGs.
             self.criterion.load_state_dict(state["rng"][self.dist.rank]["criterion"])
+        if self.mask_annealing is not None and "mask_annealing" in state["rng"][self.dist.rank]:
+            # EoMT's mask-dropping generator, per rank (the model state holds rank 0's)
+            self.mask_annealing.set_extra_state(state["rng"][self.dist.rank]["mask_annealing"])
+
+    @property
+    def mask_annealing(self):
+        """EoMT's ``MaskAnnealing`` (None for the other architectures)."""
+        return getattr(self.model, "mask_annealing", None)
 
     def capture_rng(self) -> dict:
-        """This rank's global RNG states plus the criterion's state (its point generator)."""
+        """This rank's global RNG states plus the criterion's state (its point generator) and
+        EoMT's mask-annealing state (its generator)."""
         rng = capture_rng_state()
         if self.criterion is not None and self.criterion.state_dict():
             rng["criterion"] = self.criterion.state_dict()
+        if self.mask_annealing is not None:
+            rng["mask_annealing"] = self.mask_annealing.get_extra_state()
         return rng
 
     def save(self) -> Path | None:
@@ -280,7 +293,8 @@ class Trainer:
         rng = du.gather_to_main(self.capture_rng())
         path = None
         if self.dist.is_main:
-            bad = [n for n, p in self.model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+            bad = [n for n, p in self.model.state_dict().items()  # (EoMT's extra state is a dict)
+                   if torch.is_tensor(p) and p.is_floating_point() and not torch.isfinite(p).all()]
             if bad:
                 raise NonFiniteLossError(f"refusing to write a checkpoint at iteration {self.iteration}: "
                                          f"non-finite values in {bad[:3]}")
@@ -326,6 +340,8 @@ class Trainer:
         """One optimiser step; returns the logged scalars (loss terms averaged over micro-batches)."""
         accum = self.cfg.solver.grad_accum
         sums: dict[str, float] = {}
+        if self.mask_annealing is not None:  # EoMT: this iteration's mask probabilities (official: per step)
+            self.mask_annealing.set_step(self.iteration)
         for micro in range(accum):
             batch = next(data_iter)
             self.samples += self.micro_batch

@@ -1,13 +1,14 @@
 """Models: MaskFormer and the per-pixel baselines, built from a ``ModelConfig``.
 
 ``build_model(cfg.model)`` picks the architecture from ``meta_arch``:
-``maskformer`` | ``mask2former`` | ``per_pixel_baseline`` | ``per_pixel_baseline_plus``.
+``maskformer`` | ``mask2former`` | ``eomt`` | ``per_pixel_baseline`` | ``per_pixel_baseline_plus``.
 
 Shared by both architectures: backbones (``backbone.py``), input handling and outputs
 (``maskformer.SegmentationModel``, ``MaskFormerOutput``). Pixel decoders: ``pixel_decoder.py``
 (MaskFormer's FPN, optionally "+6 Enc") and ``msdeformattn.py`` (Mask2Former's deformable one).
 Transformer decoders: ``transformer.py`` (DETR, MaskFormer) and ``masked_attention_decoder.py``
-(multi-scale masked attention, Mask2Former).
+(multi-scale masked attention, Mask2Former). EoMT (``eomt.py``) has neither: queries join the
+last blocks of a plain ViT (``vit.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .baselines import (
     build_per_pixel_baseline,
     build_per_pixel_baseline_plus,
 )
+from .eomt import EoMT, build_eomt
 from .mask2former import Mask2Former, build_mask2former
 from .masked_attention_decoder import MaskedAttentionDecoder
 from .maskformer import MaskFormer, MaskFormerOutput, TransformerPredictor, build_maskformer
@@ -31,6 +33,7 @@ from .transformer import TransformerDecoder, TransformerEncoder
 _BUILDERS = {
     "maskformer": build_maskformer,
     "mask2former": build_mask2former,
+    "eomt": build_eomt,
     "per_pixel_baseline": build_per_pixel_baseline,
     "per_pixel_baseline_plus": build_per_pixel_baseline_plus,
 }
@@ -53,8 +56,8 @@ def num_classes_of(model: nn.Module) -> int | None:
 
 
 __all__ = [
-    "Backbone", "Mask2Former", "MaskFormer", "MaskedAttentionDecoder", "MaskFormerOutput", "PerPixelBaseline",
+    "Backbone", "EoMT", "Mask2Former", "MaskFormer", "MaskedAttentionDecoder", "MaskFormerOutput", "PerPixelBaseline",
     "PerPixelBaselinePlus", "PerPixelOutput",
     "PixelDecoder", "PositionEmbeddingSine", "TransformerDecoder", "TransformerEncoder", "TransformerPredictor",
-    "build_backbone", "build_mask2former", "build_model", "num_classes_of",
+    "build_backbone", "build_eomt", "build_mask2former", "build_model", "num_classes_of",
 ]
