@@ -30,9 +30,8 @@ def test_kernel_modules_import_only_leaves():
 
 # ---------------------------------------------------------------------------- import circles
 REPO = KERNELS.parent
-# Circles not yet removed (issue 24, item 10, another part of it): listed so that a new circle
-# fails the test; delete an entry when its circle is gone.
-PENDING_CIRCLES = [{"fastmaskformer.convert.hf", "fastmaskformer.convert.hf_mask2former"}]
+# Circles not yet removed: listed so that a new circle fails the test (none left).
+PENDING_CIRCLES: list[set[str]] = []
 
 
 def project_modules() -> dict[str, Path]:
