@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..generators import generator_on
 from ..ops._checks import check_embeddings, check_targets, default_input_size, select_pixel_embed
 from ..ops._dispatch import preload_kernels
 from ..ops.matching_cost import pack_targets
@@ -197,15 +198,8 @@ class PointSampledCriterion(SetCriterion):
         self._pending_state: Tensor | None = None
 
     # ------------------------------------------------------------- the point generator
-    def _generator_on(self, device: torch.device) -> torch.Generator:
-        device = torch.device(device)
-        if self.generator is None or self.generator.device.type != device.type:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self.generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self.generator
+    def _generator_on(self, device) -> torch.Generator:
+        return generator_on(self, device)
 
     def get_extra_state(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._pending_state

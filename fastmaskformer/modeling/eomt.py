@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from ..generators import generator_on
 from .maskformer import MaskFormerOutput, SegmentationModel
 from .vit import ViTEncoder
 
@@ -94,13 +95,7 @@ class MaskAnnealing(nn.Module):
         return torch.rand(batch, num_queries, generator=generator, device=device) > prob
 
     def _generator_on(self, device) -> torch.Generator:
-        device = torch.device(device)
-        if self.generator is None or self.generator.device.type != device.type:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-            if self._pending_state is not None:
-                self.generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self.generator
+        return generator_on(self, device)
 
     def get_extra_state(self) -> dict:
         state = self.generator.get_state() if self.generator is not None else self._pending_state
