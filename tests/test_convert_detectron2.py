@@ -224,6 +224,26 @@ def test_convert_file(tmp_path):
     _assert_same_outputs(ours, rebuilt)
 
 
+# ----------------------------------------------------------------------------- official names
+# Transcribed from the official code: detectron2/modeling/backbone/resnet.py (BasicStem,
+# BottleneckBlock, ResNet "res{i}"), mask_former/modeling/heads/pixel_decoder.py,
+# mask_former/modeling/transformer/{transformer,transformer_predictor}.py.
+TRANSCRIBED_R50 = [
+    "backbone.stem.conv1.weight", "backbone.stem.conv1.norm.weight", "backbone.stem.conv1.norm.running_var",
+    "backbone.res2.0.shortcut.weight", "backbone.res2.0.shortcut.norm.bias", "backbone.res2.0.conv1.weight",
+    "backbone.res2.2.conv3.norm.running_mean", "backbone.res4.5.conv2.weight", "backbone.res5.0.conv3.weight",
+    "sem_seg_head.pixel_decoder.adapter_1.weight", "sem_seg_head.pixel_decoder.adapter_3.norm.bias",
+    "sem_seg_head.pixel_decoder.layer_1.weight", "sem_seg_head.pixel_decoder.layer_4.norm.weight",
+    "sem_seg_head.pixel_decoder.mask_features.bias",
+    "sem_seg_head.predictor.query_embed.weight", "sem_seg_head.predictor.input_proj.weight",
+    "sem_seg_head.predictor.transformer.decoder.layers.0.self_attn.in_proj_weight",
+    "sem_seg_head.predictor.transformer.decoder.layers.5.multihead_attn.out_proj.bias",
+    "sem_seg_head.predictor.transformer.decoder.layers.3.linear1.weight",
+    "sem_seg_head.predictor.transformer.decoder.layers.2.norm3.bias",
+    "sem_seg_head.predictor.transformer.decoder.norm.weight",
+    "sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.mask_embed.layers.2.bias",
+]
+
 
 def _official_r50_name_set() -> set:
     """Every tensor of the official R50 MaskFormer (ADE20K-150 config), from the module structure."""
