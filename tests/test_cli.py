@@ -204,8 +204,10 @@ def test_bench_lists_parts(capfd):
     assert "train_step" in out and "bench_assignment.py" in out
 
 
+@pytest.mark.slow
 def test_demo_quick_learns(tmp_path):
-    """The README's demo, short: training lowers the loss and beats the trivial baseline."""
+    """The README's demo, short: training lowers the loss and beats the trivial baseline (in the
+    default suite test_demo_install runs the same quick demo from a fresh install and checks this)."""
     from fastmaskformer.engine.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", quick=True, progress=False)
