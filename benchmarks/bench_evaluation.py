@@ -12,7 +12,7 @@
   InstanceEvaluator (encode bool masks image by image, then compute) on the first case.
 
     python benchmarks/bench_evaluation.py [--semantic-images 2000] [--panoptic-images 200]
-        [--instance-images 100] [--coco-val-images 5000]
+        [--instance-images 100] [--coco-val-images 5000] [--sections semantic panoptic instance]
 
 Each measurement is repeated (--repeats; the COCO-val-sized run --val-repeats) and the median
 reported, with the minimum beside it: the cores may be shared. Peak memory: the rise of the
@@ -49,6 +49,7 @@ from fastmaskformer.evaluation.instance import encode_masks  # noqa: E402
 
 ADE_SIZE = (512, 683)
 COCO_SIZE = (480, 640)
+SECTIONS = ["semantic", "panoptic", "instance"]
 POOL = 8  # distinct inputs cycled through; generating 2000 maps would dominate the run
 
 
@@ -113,6 +114,8 @@ def bench_semantic(rng, args):
             ("semantic mIoU", "torchmetrics", torchmetrics_miou),
             ("semantic mIoU", "hotcoco", hotcoco_miou),
             ("semantic PQ^St", "ours", ours(lambda: SemanticPQEvaluator(k)))]
+    if args.skip_torchmetrics:
+        rows = [row for row in rows if row[1] != "torchmetrics"]
     return [(case, provider, n, timed(fn, args.repeats, warmup=1)) for case, provider, fn in rows]
 
 
@@ -355,20 +358,30 @@ def main():
     parser.add_argument("--coco-val-images", type=int, default=5000, help="0 skips the COCO-val-sized run")
     parser.add_argument("--skip-val-references", action="store_true",
                         help="COCO-val-sized run: time only the hotcoco providers")
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
+                        help="which cases to run (default all)")
+    parser.add_argument("--skip-torchmetrics", action="store_true",
+                        help="semantic: leave out torchmetrics (about 75 s a call on 2 cores)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--val-repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/...)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    timings = bench_semantic(rng, args)
-    panoptic, panoptic_diff = bench_panoptic(rng, args)
-    instance, instance_diff = bench_instance(rng, args)
-    timings += panoptic + instance
+    timings, panoptic_diff, instance_diff = [], None, None
+    if "semantic" in args.sections:
+        timings += bench_semantic(rng, args)
+    if "panoptic" in args.sections:
+        panoptic, panoptic_diff = bench_panoptic(rng, args)
+        timings += panoptic
+    if "instance" in args.sections:
+        instance, instance_diff = bench_instance(rng, args)
+        timings += instance
 
     hotcoco_time = {case: t["median_s"] for case, provider, _, t in timings if provider == "hotcoco"}
     # hotcoco has no in-memory panoptic evaluator: its time from files (PNG decoding included)
-    hotcoco_time["panoptic in-memory"] = hotcoco_time["panoptic pq_compute files"]
+    if "panoptic pq_compute files" in hotcoco_time:
+        hotcoco_time["panoptic in-memory"] = hotcoco_time["panoptic pq_compute files"]
     rows = []
     for case, provider, images, t in timings:
         peer = hotcoco_time.get(case)  # PQ^St: no hotcoco counterpart

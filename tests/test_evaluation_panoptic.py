@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from fastmaskformer.evaluation import PanopticEvaluator, pq_compute, read_id_png
+from fastmaskformer.evaluation.panoptic import _dense_index, segment_intersections, segment_pair_counts
 
 panopticapi_evaluation = pytest.importorskip("panopticapi.evaluation")
 
@@ -242,6 +243,54 @@ def test_large_ids_take_the_binary_search_and_agree():
     gt, gt_segments = _tiny()
     with pytest.raises(ValueError, match=f"contains segment id {shift + 9}"):
         large.update(np.array([[shift + 1, 0], [shift + 9, 0]]), [{"id": shift + 1, "category_id": 1}], gt, gt_segments)
+
+
+def _renumbered(id_map, segments):
+    """The same image with segment ids 1..S (small enough for uint8 maps)."""
+    new_id = {s["id"]: i + 1 for i, s in enumerate(segments)}
+    lookup = np.vectorize(lambda x: new_id.get(int(x), 0), otypes=[np.int64])
+    return lookup(id_map), [dict(s, id=new_id[s["id"]]) for s in segments]
+
+
+def test_lookup_path_agrees_across_dtypes_and_image_sizes():
+    """The table-gather path (ids < 2^24) on uint8 / uint16 / int32 / int64 maps and on images
+    of changing size (the evaluator's scratch buffer is reused and regrown) counts what the
+    binary search counts, image by image."""
+    rng = np.random.default_rng(7)
+    images = []
+    for h, w in [(48, 64), (12, 16), (64, 80), (16, 12)]:
+        gt_map, gt_segments = _renumbered(*_synthetic_gt(rng, h, w))
+        images.append((gt_map, gt_segments, *_renumbered(*_synthetic_pred(rng, gt_map, gt_segments))))
+    for gt_map, gt_segments, pred_map, pred_segments in images:
+        gt_ids, pred_ids = (np.array(sorted(s["id"] for s in seg)) for seg in (gt_segments, pred_segments))
+        expected = segment_intersections(_dense_index(gt_map, gt_ids, "gt", 0), len(gt_ids),
+                                         _dense_index(pred_map, pred_ids, "pred", 0), len(pred_ids))
+        assert expected[1:, 1:].any() and expected[0].any()  # segments overlap, and GT has void
+        for dtype in (np.uint8, np.uint16, np.int32, np.int64):
+            got = segment_pair_counts(gt_map.astype(dtype), gt_ids, pred_map.astype(dtype), pred_ids, 0)
+            np.testing.assert_array_equal(got, expected, err_msg=str(dtype))
+    reused, fresh = PanopticEvaluator(SYNTH_CATEGORIES), []
+    for gt_map, gt_segments, pred_map, pred_segments in images:
+        reused.update(torch.from_numpy(pred_map).to(torch.int32), pred_segments, gt_map.astype(np.uint16), gt_segments)
+        fresh.append(PanopticEvaluator(SYNTH_CATEGORIES))
+        fresh[-1].update(pred_map, pred_segments, gt_map, gt_segments)
+    for name in ("tp", "fp", "fn", "iou"):
+        np.testing.assert_array_equal(getattr(reused.stats, name), sum(getattr(f.stats, name) for f in fresh))
+
+
+def test_lookup_path_names_unlisted_and_negative_ids():
+    gt, gt_segments = _tiny()
+    pred_segments = [{"id": 1, "category_id": 1}]
+    ev = PanopticEvaluator(SYNTH_CATEGORIES)
+    with pytest.raises(ValueError, match="image 3: ground-truth id map contains segment id 6"):
+        ev.update(np.array([[1, 1], [0, 0]]), pred_segments, np.array([[1, 6], [2, 0]]), gt_segments, image_id=3)
+    with pytest.raises(ValueError, match="predicted id map contains segment id 300"):  # past the table
+        ev.update(np.array([[1, 300], [0, 0]], dtype=np.uint16), pred_segments, gt, gt_segments)
+    with pytest.raises(ValueError, match="predicted id map contains segment id -2"):  # never void
+        ev.update(np.array([[1, -2], [0, 0]]), pred_segments, gt, gt_segments)
+    assert ev.num_images == 0 and ev.stats.tp.sum() == ev.stats.fp.sum() == ev.stats.fn.sum() == 0
+    ev.update(np.zeros((0, 0), dtype=np.int64), [], np.zeros((0, 0), dtype=np.int64), [])  # empty image
+    assert ev.num_images == 1 and ev.stats.fn.sum() == 0
 
 
 def test_hand_computed_case():

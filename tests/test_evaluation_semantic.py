@@ -142,6 +142,41 @@ def test_backends_count_the_same_pixels():
         assert torch.equal(ev.confusion, expected.confusion), (pred_dtype, gt_dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_update_counts_nothing(backend):
+    ev = SemanticEvaluator(5, backend=backend)
+    ev.update(np.array([[0, 1]]), np.array([[0, 1]]))
+    before = ev.confusion.clone()
+    with pytest.raises(ValueError, match="label 7"):
+        ev.update(np.array([[0, 1], [2, 3]]), np.array([[0, 1], [2, 7]]))
+    assert torch.equal(ev.confusion, before)
+
+
+def test_counts_of_both_engines_add_up():
+    """CUDA inputs of a hotcoco-backend evaluator are counted by the reference: the two parts of
+    the state add up (here the reference is forced on CPU inputs)."""
+    pred, gt = _random_labels(6, (2, 10, 12), seed=12)
+    expected = SemanticEvaluator(6, backend="reference")
+    expected.update(pred, gt)
+    ev = SemanticEvaluator(6, backend="hotcoco")
+    ev.update(pred[0], gt[0])
+    ev.backend = "reference"
+    ev.update(pred[1], gt[1])
+    assert torch.equal(ev.confusion, expected.confusion)
+
+
+def test_negative_ignore_label_counts_with_the_reference():
+    pred, gt = _random_labels(4, (2, 7, 9), seed=11)
+    expected = SemanticEvaluator(4)
+    expected.update(pred, gt)
+    ev = SemanticEvaluator(4, ignore_label=-1)  # auto: hotcoco takes only ignore labels >= 0
+    assert ev.backend == "reference"
+    ev.update(pred, gt.masked_fill(gt == IGNORE, -1))
+    assert torch.equal(ev.confusion, expected.confusion)
+    with pytest.raises(ValueError, match="ignore_label >= 0"):
+        SemanticEvaluator(4, ignore_label=-1, backend="hotcoco")
+
+
 def _semantic_to_panoptic(labels):
     """Label map -> (id map, segments_info) with one stuff segment per class, ignore -> void."""
     labels = np.asarray(labels)
@@ -223,7 +258,9 @@ def test_distributed_sum_over_two_gloo_ranks(tmp_path):
 def test_sync_twice_or_update_after_sync_raises():
     ev = SemanticEvaluator(3)
     ev.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
+    before = ev.confusion.clone()
     ev.sync()  # no process group: a no-op sum
+    assert torch.equal(ev.confusion, before)
     with pytest.raises(RuntimeError):
         ev.sync()
     with pytest.raises(RuntimeError):

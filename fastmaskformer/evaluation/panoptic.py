@@ -74,37 +74,26 @@ def _segment_table(segments_info: Sequence[dict], category_index: dict, what: st
     return ids, np.asarray(categories, dtype=np.int64)[order], np.asarray(crowd, dtype=bool)[order]
 
 
-def _dense_index(id_map: np.ndarray, ids: np.ndarray, what: str, image) -> np.ndarray:
-    """Map segment ids to 1 + their position in ``ids`` (sorted [S]) and void to 0.
+def _unlisted_id_error(id_map: np.ndarray, unlisted: np.ndarray, what: str, image) -> ValueError:
+    """The error for the first pixel of ``id_map`` whose id is not listed (unlisted: bool mask)."""
+    bad = int(id_map[unlisted][0])
+    return ValueError(f"image {image}: {what} id map contains segment id {bad}, "
+                      f"which is not in its segments_info")
 
-    id_map: int64 [H, W] -> intp [H, W] in [0, S]. An id that is neither void nor listed is an
-    error: its pixels would otherwise be silently dropped or miscounted. Ids in [0, 2^24) (every
-    COCO id: an RGB colour) go through a lookup table, one gather per pixel; larger or negative
-    ids through a binary search.
+
+def _dense_index(id_map: np.ndarray, ids: np.ndarray, what: str, image) -> np.ndarray:
+    """Map segment ids to 1 + their position in ``ids`` (sorted [S]) and void to 0 with a
+    binary search: the path for ids too large (or negative) for a lookup table.
+
+    id_map: int [H, W] -> intp [H, W] in [0, S]. An id that is neither void nor listed is an
+    error: its pixels would otherwise be silently dropped or miscounted.
     """
-    lo, hi = (int(id_map.min()), int(id_map.max())) if id_map.size else (0, 0)
-    largest = max(hi, int(ids[-1]) if len(ids) else 0)
-    if lo >= 0 and largest < LOOKUP_IDS:
-        # Zero-filled, so only the pages of listed ids are ever written; 0 marks unknown ids,
-        # void is stored as 1 and segment i as i + 2, shifted back after the check.
-        table = np.zeros(largest + 1, dtype=np.intp)
-        table[VOID] = 1
-        table[ids] = np.arange(2, len(ids) + 2)
-        index = table[id_map]
-        if not index.all():
-            bad = int(id_map[index == 0][0])
-            raise ValueError(f"image {image}: {what} id map contains segment id {bad}, "
-                             f"which is not in its segments_info")
-        index -= 1
-        return index
     table = np.concatenate([[VOID], ids])
     index = np.searchsorted(table, id_map)
     np.minimum(index, len(table) - 1, out=index)  # ids past the end: rejected just below
     unknown = table[index] != id_map
     if unknown.any():
-        bad = int(id_map[unknown][0])
-        raise ValueError(f"image {image}: {what} id map contains segment id {bad}, "
-                         f"which is not in its segments_info")
+        raise _unlisted_id_error(id_map, unknown, what, image)
     return index
 
 
@@ -121,6 +110,58 @@ def segment_intersections(gt_index: np.ndarray, num_gt: int, pred_index: np.ndar
     return counts.reshape(num_gt + 1, num_pred + 1)
 
 
+def _lookup_table(ids: np.ndarray, step: int) -> np.ndarray:
+    """intp [max id + 2]: void -> step, ids[i] -> (i + 2) * step, every other id -> 0 ("not
+    listed"); the last entry stands for every id above the largest listed one (``mode="clip"``).
+    Zero-filled, so only the pages of listed ids are written (ids are RGB colours up to 2^24)."""
+    table = np.zeros((int(ids[-1]) if len(ids) else 0) + 2, dtype=np.intp)
+    table[VOID] = step
+    table[ids] = np.arange(2, len(ids) + 2) * step
+    return table
+
+
+def _fits_lookup(id_map: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether the listed ids fit a lookup table and the map has no negative id (one pass over
+    signed maps; a negative id would be clipped onto void)."""
+    if len(ids) and ids[-1] >= LOOKUP_IDS:
+        return False
+    return not (np.issubdtype(id_map.dtype, np.signedinteger) and id_map.size and id_map.min() < 0)
+
+
+def segment_pair_counts(gt_map: np.ndarray, gt_ids: np.ndarray, pred_map: np.ndarray,
+                        pred_ids: np.ndarray, image, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Pixel counts of every (GT segment, predicted segment) pair of one image.
+
+    gt_map, pred_map: int [H, W] segment ids (0 = void); gt_ids [G], pred_ids [P]: the listed
+    ids, sorted. Returns int64 [G + 1, P + 1], row / column 0 = void, then the ids' order. An id
+    in a map that is not listed raises ValueError naming it (GT first).
+
+    Ids below 2^24 (every COCO colour) take two table gathers into one flat bin index per pixel
+    and one bincount, written into ``scratch`` (intp, >= 2 H W elements; allocated when None or
+    too small) so that no image-sized array is allocated; larger ids take a binary search.
+    """
+    num_gt, num_pred = len(gt_ids), len(pred_ids)
+    if not (_fits_lookup(gt_map, gt_ids) and _fits_lookup(pred_map, pred_ids)):
+        return segment_intersections(_dense_index(gt_map, gt_ids, "ground-truth", image), num_gt,
+                                     _dense_index(pred_map, pred_ids, "predicted", image), num_pred)
+    # Bins of a [G + 2, P + 2] grid: row / column 0 collect pixels of unlisted ids, 1 is void.
+    width = num_pred + 2
+    pixels = gt_map.size
+    if scratch is None or scratch.size < 2 * pixels:
+        scratch = np.empty(2 * pixels, dtype=np.intp)
+    flat = scratch[:pixels].reshape(gt_map.shape)
+    pred_bins = scratch[pixels:2 * pixels].reshape(gt_map.shape)
+    np.take(_lookup_table(gt_ids, width), gt_map, out=flat, mode="clip")
+    np.take(_lookup_table(pred_ids, 1), pred_map, out=pred_bins, mode="clip")
+    flat += pred_bins
+    counts = np.bincount(flat.ravel(), minlength=(num_gt + 2) * width).reshape(num_gt + 2, width)
+    if counts[0].any():
+        raise _unlisted_id_error(gt_map, flat < width, "ground-truth", image)
+    if counts[:, 0].any():
+        raise _unlisted_id_error(pred_map, flat % width == 0, "predicted", image)
+    return counts[1:, 1:]
+
+
 class PanopticEvaluator(PQAccumulator):
     """Streaming PQ over in-memory panoptic predictions.
 
@@ -131,6 +172,7 @@ class PanopticEvaluator(PQAccumulator):
     def reset(self) -> None:
         super().reset()
         self.num_images = 0
+        self._scratch = None  # intp [2 H W] reused by segment_pair_counts (no per-image allocation)
 
     def update(self, pred_id_map, pred_segments_info, gt_id_map, gt_segments_info,
                image_id=None) -> None:
@@ -152,9 +194,9 @@ class PanopticEvaluator(PQAccumulator):
             pred_segments_info, self.category_index, "predicted", image)
         gt_ids, gt_category, gt_crowd = _segment_table(
             gt_segments_info, self.category_index, "ground-truth", image)
-        inter = segment_intersections(
-            _dense_index(gt_map, gt_ids, "ground-truth", image), len(gt_ids),
-            _dense_index(pred_map, pred_ids, "predicted", image), len(pred_ids))
+        if self._scratch is None or self._scratch.size < 2 * gt_map.size:
+            self._scratch = np.empty(2 * gt_map.size, dtype=np.intp)
+        inter = segment_pair_counts(gt_map, gt_ids, pred_map, pred_ids, image, self._scratch)
         absent = pred_ids[inter[:, 1:].sum(axis=0) == 0]
         if len(absent):
             raise ValueError(f"image {image}: predicted segments {absent.tolist()} are in "
