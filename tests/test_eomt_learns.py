@@ -31,3 +31,8 @@ def test_demo_config_eomt():
     assert isinstance(model, EoMT) and model.backbone.patch_size == EOMT_PATCH and len(model.backbone.blocks) == 6
     model.mask_annealing.set_step(cfg.solver.max_iter)
     assert model.mask_annealing.probs == [0.0, 0.0]
+    # a shorter run moves the annealing along; an explicit schedule stays
+    short = demo_config("/nonexistent", arch="eomt", overrides=("solver.max_iter=20",))
+    assert max(short.model.mask_annealing_end) < 20
+    kept = demo_config("/nonexistent", arch="eomt", overrides=("solver.max_iter=20", "model.mask_annealing_end=[30,40]"))
+    assert tuple(kept.model.mask_annealing_end) == (30, 40)

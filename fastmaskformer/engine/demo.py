@@ -32,7 +32,8 @@ ARCHS = ("maskformer", "mask2former", "eomt")
 ARCH_NAMES = {"maskformer": "MaskFormer", "mask2former": "Mask2Former", "eomt": "EoMT"}
 
 
-def demo_config(data_root: str | Path, quick: bool = False, arch: str = "maskformer") -> Config:
+def demo_config(data_root: str | Path, quick: bool = False, arch: str = "maskformer",
+                overrides: tuple[str, ...] = ()) -> Config:
     """The demo's small MaskFormer (or Mask2Former) on ``synthetic-panoptic`` under ``data_root``.
 
     Mask2Former: the same backbone, widths, queries and schedule at lr 1e-3; its deformable pixel decoder
@@ -43,7 +44,8 @@ def demo_config(data_root: str | Path, quick: bool = False, arch: str = "maskfor
     EoMT: a random-init DINOv2-style ViT (``EOMT_VIT``: depth 6, width 128, 4 heads, patch 8,
     4 registers, layer scale 1) with the 24 queries in its last 2 blocks, lr 1e-3, the
     Mask2Former losses above, and mask annealing that ends before the final evaluation (so it runs unmasked, as a
-    trained official model does)."""
+    trained official model does; ``overrides`` that change ``solver.max_iter`` move it along unless
+    they set ``model.mask_annealing_*`` themselves)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown demo architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     cfg = get_config("coco-panoptic-r50")
@@ -77,11 +79,14 @@ def demo_config(data_root: str | Path, quick: bool = False, arch: str = "maskfor
         s.lr = 1e-3  # at 3e-4 the quick run reached 13 mIoU, at 1e-3 43 (README)
         m.meta_arch, m.num_blocks, m.patch_size, m.size_divisibility = "eomt", 2, EOMT_PATCH, 32
         m.backbone.name, m.backbone.img_size, m.backbone.kwargs = "dinov2_small", IMAGE_SIZE, dict(EOMT_VIT)
-        m.mask_annealing_start, m.mask_annealing_end = _annealing_steps(s.max_iter)
     if arch in ("mask2former", "eomt"):
         loss = cfg.loss
         loss.class_weight, loss.mask_weight, loss.dice_weight = 2.0, 5.0, 5.0
         loss.mask_loss, loss.mask_sampling, loss.num_points = "bce", "points", 1024
+    for assignment in overrides:
+        cfg.override(assignment)
+    if arch == "eomt" and not any(a.startswith("model.mask_annealing") for a in overrides):
+        m.mask_annealing_start, m.mask_annealing_end = _annealing_steps(s.max_iter)
     return cfg
 
 
@@ -132,9 +137,7 @@ def run_demo(output_dir: str | Path = "demo_output/maskformer", quick: bool = Fa
     num_train, num_val = (64, 8) if quick else (400, 100)  # 100: PQ not decided by a few segments
     print(f"[1/5] writing {num_train}+{num_val} synthetic images ({IMAGE_SIZE}px) to {data_root}")
     synthetic.generate(data_root, num_train=num_train, num_val=num_val, size=IMAGE_SIZE, seed=0)
-    cfg = demo_config(data_root, quick, arch)
-    for assignment in overrides:
-        cfg.override(assignment)
+    cfg = demo_config(data_root, quick, arch, overrides)
     train_ds = build_dataset(cfg.data, "train", train=True, augment=train_augmentation(), seed=cfg.solver.seed)
     val_ds = build_dataset(cfg.data, "val", train=False)
 
