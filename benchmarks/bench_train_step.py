@@ -1,4 +1,4 @@
-"""End-to-end MaskFormer / Mask2Former training step: eager vs torch.compile vs fused, side by side.
+"""End-to-end MaskFormer / Mask2Former / EoMT training step: eager vs torch.compile vs fused, side by side.
 
 ``--arch mask2former`` runs the ``mask2former-<preset>`` config (10 predictions, point-sampled
 criterion) with the providers eager (point sampling, scipy loop), compile, batched (point
@@ -8,6 +8,14 @@ by the plain-PyTorch reference or through the fused mask-loss kernels, CUDA only
 ``transformers``: Hugging Face's
 ``Mask2FormerForUniversalSegmentation`` and its own loss (point sampling, scipy matcher) with the
 same weights (ResNet presets; every provider then starts from the converted HF model).
+
+``--arch eomt`` runs an ``eomt-*`` preset (default ``eomt-coco-panoptic-dinov2-s-640`` at
+``--size``; its ViT, queries in the last blocks, point-sampled criterion on every prediction,
+masked attention on as at the start of training) with eager (the official-style step: the
+reference criterion and the per-image scipy matcher on the CPU), batched, fused, compile and
+``transformers``: ``EomtForUniversalSegmentation`` with its own loss (the Mask2Former loss
+ported layer by layer, scipy matcher); ours is converted from it (``convert/hf_eomt.py``), so
+every provider computes the same network from the same weights.
 
 Providers (same weights, same batch, one process):
 - eager:   reference torch ops + the official per-image scipy matcher loop;
@@ -27,6 +35,8 @@ and (``--headroom``) finds the largest batch that fits for eager vs fused.
 GPU (one ~8-minute device call):
     python benchmarks/bench_train_step.py --device cuda --preset ade20k-150-r50 --size 512 --batch 16
 CPU (small, committed under benchmarks/results/):
+    python benchmarks/bench_train_step.py --device cpu --arch eomt --size 128 --batch 2 --amp fp32 \
+        --providers eager batched transformers --steps 3 [--cpu-memory]
     python benchmarks/bench_train_step.py --device cpu --size 128 --batch 2 --queries 100
     python benchmarks/bench_train_step.py --device cpu --arch mask2former --size 256 --batch 2 --amp fp32 \
         --providers eager batched eager-full transformers --steps 0 [--cpu-memory]
@@ -59,9 +69,10 @@ PROVIDERS = {
     "fused+compile": ("triton", "batched", True),
     "eager-full": ("torch", "batched", False),  # Mask2Former only: full-resolution BCE + dice
     "fused-full": ("triton", "batched", False),
-    "transformers": (None, None, False),  # Mask2Former only: HF's model and loss, same weights
+    "transformers": (None, None, False),  # Mask2Former and EoMT: HF's model and loss, same weights
 }
-MASK2FORMER_ONLY = ("eager-full", "fused-full", "transformers")
+MASK2FORMER_ONLY = ("eager-full", "fused-full", "transformers")  # and EoMT (point-sampled criterion)
+EOMT_DEFAULT_PRESET = "eomt-coco-panoptic-dinov2-s-640"
 _HF_RESNET_DEPTHS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
 
 
@@ -119,12 +130,45 @@ def hf_mask2former(cfg):
     return Mask2FormerForUniversalSegmentation(config)
 
 
+def hf_eomt(cfg):
+    """transformers' ``EomtForUniversalSegmentation`` shaped like ``cfg`` (a DINOv2 ViT preset: width,
+    depth, heads, query blocks, loss weights and point counts), random weights, or None when
+    transformers is not installed."""
+    try:
+        from transformers import EomtConfig, EomtForUniversalSegmentation
+    except ImportError:
+        return None
+    m, loss = cfg.model, cfg.loss
+    arch = {**_DINOV2_SHAPES[m.backbone.name], **{k: v for k, v in (m.backbone.kwargs or {}).items()
+                                                   if k in ("embed_dim", "depth", "num_heads")}}
+    config = EomtConfig(
+        hidden_size=arch["embed_dim"], num_hidden_layers=arch["depth"], num_attention_heads=arch["num_heads"],
+        use_swiglu_ffn=m.backbone.name == "dinov2_giant", image_size=m.backbone.img_size, patch_size=m.patch_size,
+        num_blocks=m.num_blocks, num_queries=m.num_queries, num_labels=m.num_classes,
+        train_num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio, class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight, dice_weight=loss.dice_weight, no_object_weight=loss.no_object_weight)
+    torch.manual_seed(0)
+    return EomtForUniversalSegmentation(config)
+
+
+_DINOV2_SHAPES = {  # our alias -> the timm ViT's width, depth, heads
+    "dinov2_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "dinov2_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "dinov2_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "dinov2_giant": {"embed_dim": 1536, "depth": 40, "num_heads": 24},
+}
+
+
 def base_models(cfg):
-    """(our model, the HF twin or None): for Mask2Former with a ResNet backbone and transformers
-    installed, ours is the converted HF model (the same weights); otherwise a seeded build."""
+    """(our model, the HF twin or None): for Mask2Former with a ResNet backbone or EoMT with a
+    DINOv2 ViT, and transformers installed, ours is the converted HF model (the same weights);
+    otherwise a seeded build."""
     hf = None
     if cfg.model.meta_arch == "mask2former" and cfg.model.backbone.name in _HF_RESNET_DEPTHS:
         hf = hf_mask2former(cfg)
+    elif cfg.model.meta_arch == "eomt" and cfg.model.backbone.name in _DINOV2_SHAPES:
+        hf = hf_eomt(cfg)
     if hf is None:
         torch.manual_seed(0)
         return fmf.build_model(cfg.model), None
@@ -155,7 +199,7 @@ def build(cfg, provider: str, device, base_model):
     model = copy.deepcopy(base_model).to(device).train()
     if provider == "transformers":  # base_model is the HF model, whose forward computes its loss
         return model, None, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
-    if cfg.model.meta_arch == "mask2former":
+    if cfg.model.meta_arch in ("mask2former", "eomt"):
         loss = cfg.loss
         matcher = PointMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, solver=solver, impl=impl)
         criterion = PointSampledCriterion(cfg.model.num_classes, matcher, impl=impl, num_points=loss.num_points,
@@ -174,15 +218,18 @@ def available(provider: str, device, hf_model) -> str | None:
     if provider.startswith("fused") and device.type != "cuda":
         return "needs CUDA (the Triton interpreter is not a performance path)"
     if provider == "transformers" and hf_model is None:
-        return "needs transformers and a ResNet-50/101 Mask2Former preset"
+        return "needs transformers and a ResNet-50/101 Mask2Former or DINOv2 EoMT preset"
     return None
 
 
 def config_for(args):
-    """The preset (``mask2former-`` prefixed for ``--arch mask2former``) with the CLI's sizes."""
-    name = args.preset
-    if getattr(args, "arch", "maskformer") == "mask2former" and not name.startswith("mask2former-"):
+    """The preset (``mask2former-`` prefixed for ``--arch mask2former``; for ``--arch eomt`` an
+    ``eomt-*`` preset, ``EOMT_DEFAULT_PRESET`` unless one is named) with the CLI's sizes."""
+    name, arch = args.preset, getattr(args, "arch", "maskformer")
+    if arch == "mask2former" and not name.startswith("mask2former-"):
         name = "mask2former-" + name
+    if arch == "eomt" and not name.startswith("eomt-"):
+        name = EOMT_DEFAULT_PRESET
     cfg = fmf.get_config(name)
     cfg.model.num_queries = args.queries
     cfg.model.num_classes = args.classes or cfg.model.num_classes
@@ -198,7 +245,7 @@ def run(args) -> list[dict]:
     rows, first_losses = [], {}
     for amp in ([False, True] if args.amp == "both" else [args.amp == "bf16"]):
         for provider in args.providers:
-            if provider in MASK2FORMER_ONLY and cfg.model.meta_arch != "mask2former":
+            if provider in MASK2FORMER_ONLY and cfg.model.meta_arch not in ("mask2former", "eomt"):
                 continue
             row = {"provider": provider, "precision": "bf16" if amp else "fp32", "batch": args.batch,
                    "size": args.size, "K": cfg.model.num_classes, "backbone": cfg.model.backbone.name}
@@ -285,8 +332,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="ade20k-150-r50", help="model preset (backbone, K)")
-    p.add_argument("--arch", choices=["maskformer", "mask2former"], default="maskformer",
-                   help="mask2former: the mask2former-<preset> config and point-sampled criterion")
+    p.add_argument("--arch", choices=["maskformer", "mask2former", "eomt"], default="maskformer",
+                   help="mask2former: the mask2former-<preset> config and point-sampled criterion; "
+                        f"eomt: an eomt-* preset (default {EOMT_DEFAULT_PRESET})")
     p.add_argument("--classes", type=int, default=None, help="override K (e.g. 847)")
     p.add_argument("--size", type=int, default=512, help="square crop size")
     p.add_argument("--batch", type=int, default=16)
@@ -314,7 +362,7 @@ def main(argv=None):
         extra["headroom"] = headroom(args)
     columns = ["provider", "precision", "backbone", "K", "batch", "size", "median_ms", "images_per_s",
                "peak_mem_mib", "speedup_vs_eager", "mem_ratio_vs_eager", "loss_step0", "skipped"]
-    name = ("train-step" + ("-mask2former" if args.arch == "mask2former" else "")
+    name = ("train-step" + (f"-{args.arch}" if args.arch != "maskformer" else "")
             + ("-memory" if args.cpu_memory else ""))
     path = args.json or result_path(name, args.device)
     print(write_results(path, rows, args.device, columns, extra))

@@ -394,13 +394,15 @@ def fused_semantic(classes: int, precision: str) -> Work:
     return work.add(dot_work(2.0 * qp * kp * pixels, precision))
 
 
-def fused_panoptic(kept: int) -> Work:
-    """kernels/panoptic.py per image (output = image size: 4 taps), plus its low-res matmul."""
-    hw, pixels = INPUT[0] * INPUT[1] // 16, B * IMAGE[0] * IMAGE[1]
+def fused_panoptic(kept: int, batch: int = B, channels: int = C, input_hw: tuple = INPUT,
+                   image_hw: tuple = IMAGE) -> Work:
+    """kernels/panoptic.py per image (output = image size: 4 taps), plus its low-res matmul;
+    the defaults: the benchmark sizes (EoMT: ``eomt_inference``)."""
+    hw, pixels = input_hw[0] * input_hw[1] // 16, batch * image_hw[0] * image_hw[1]
     kp = _pad(kept, 16)
-    work = Work(bytes=4 * (B * C * hw + 2 * B * hw * kp) + 8 * pixels, fp32_flops=14.0 * kp * pixels,
-                sfu=2.0 * kp * pixels, kernels=3 * B)
-    return work.add(dot_work(2.0 * B * kept * C * hw, "ieee"))
+    work = Work(bytes=4 * (batch * channels * hw + 2 * batch * hw * kp) + 8 * pixels, fp32_flops=14.0 * kp * pixels,
+                sfu=2.0 * kp * pixels, kernels=3 * batch)
+    return work.add(dot_work(2.0 * batch * kept * channels * hw, "ieee"))
 
 
 # Mask2Former pixel decoder, one deformable-attention call (encoder self-attention: Lq = S), levels at
@@ -519,11 +521,13 @@ class _DeformStandIn(torch.autograd.Function):
         return torch.empty_like(value), None, torch.empty_like(loc), torch.empty_like(weights)
 
 
-def mask2former_dense_profile(preset: str, batch: int, size: int) -> dict:
-    """Our Mask2Former (``fmf.build_model``) forward + backward on fake tensors (nothing computed):
-    per top-level part the forward FLOPs by op (``FlopCounterMode``: convolution / addmm / mm /
-    bmm) and the bytes saved for backward in fp32 (``saved_tensors_hooks``), and the parameter
-    count. The deformable attention core is a stand-in (its rows model it)."""
+def dense_profile(preset: str, batch: int, size: int, parts: tuple = DENSE_PARTS, train: bool = True) -> dict:
+    """Our model of ``preset`` (``fmf.build_model``) forward (+ backward when ``train``) on fake
+    tensors (nothing computed): per top-level part (``""``: the whole model) the forward FLOPs by op
+    (``FlopCounterMode``: convolution / addmm / mm / bmm) and the bytes saved for backward in fp32
+    (``saved_tensors_hooks``), and the parameter count. Mask2Former's deformable attention core is a
+    stand-in (its rows model it). EoMT in training masks its attention (annealing probability 1, the
+    first phase); with ``train=False`` it runs as a trained model (no masks)."""
     from unittest import mock
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -533,13 +537,15 @@ def mask2former_dense_profile(preset: str, batch: int, size: int) -> dict:
     import fastmaskformer.ops
 
     cfg = fmf.get_config(preset)
-    model = fmf.build_model(cfg.model).train()
-    saved = {part: 0 for part in DENSE_PARTS}
+    model = fmf.build_model(cfg.model).train(train)
+    if not train and hasattr(model, "mask_annealing"):
+        model.mask_annealing.probs = [0.0] * len(model.mask_annealing.probs)
+    saved = {part: 0 for part in parts}
     current = []
-    for part in DENSE_PARTS:
-        module = getattr(model, part)
-        module.register_forward_pre_hook(lambda *_, part=part: current.append(part) and None)
-        module.register_forward_hook(lambda *_: current.pop() and None)  # a hook's result replaces the output
+    for part in parts:
+        module = getattr(model, part) if part else model
+        module.register_forward_pre_hook(lambda *_, part=part: current.append(part))
+        module.register_forward_hook(lambda *_: [current.pop()] and None)  # a hook's result replaces the output
 
     def pack(t):
         if current:
@@ -549,11 +555,13 @@ def mask2former_dense_profile(preset: str, batch: int, size: int) -> dict:
     counter = FlopCounterMode(display=False)
     stand_in = lambda value, shapes, loc, weights, **_: _DeformStandIn.apply(value, shapes, loc, weights)  # noqa: E731
     with mock.patch.object(fastmaskformer.ops, "ms_deform_attn", stand_in), FakeTensorMode(allow_non_fake_inputs=True):
-        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the forward only
-            out = model(torch.empty(batch, 3, size, size))
-        (out.class_logits.sum() + out.mask_embed.sum() + out.pixel_embed.sum()).backward()
-    flops = {part: {str(op).split(".")[1]: f for op, f in counter.get_flop_counts().get(
-        f"{type(model).__name__}.{part}", {}).items()} for part in DENSE_PARTS}
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.set_grad_enabled(train):
+            out = model(torch.empty(batch, 3, size, size))  # (the forward only)
+        if train:
+            (out.class_logits.sum() + out.mask_embed.sum() + out.pixel_embed.sum()).backward()
+    counts = counter.get_flop_counts()
+    flops = {part: {str(op).split(".")[1]: f for op, f in counts.get(
+        f"{type(model).__name__}.{part}" if part else "Global", {}).items()} for part in parts}
     layers = sum(type(m).__name__ == "MSDeformAttn" for m in model.modules())
     return dict(flops=flops, saved_bytes=saved, params=sum(p.numel() for p in model.parameters()), deform_layers=layers)
 
@@ -598,7 +606,7 @@ def mask2former_step(hw: dict, profile: dict, official: bool, mfu: float = M2F_S
 
 
 def mask2former_step_rows() -> list[dict]:
-    profile = mask2former_dense_profile(M2F_STEP["preset"], M2F_STEP["batch"], M2F_STEP["size"])
+    profile = dense_profile(M2F_STEP["preset"], M2F_STEP["batch"], M2F_STEP["size"])
     rows = []
     for tag, hw in HARDWARE.items():
         for official in (False, True):
@@ -609,6 +617,105 @@ def mask2former_step_rows() -> list[dict]:
                          "images_per_s": step["images_per_s"], "memory_gb": step["memory_gb"],
                          **{f"{k}_ms": v for k, v in step["parts_ms"].items()}})
     return rows
+
+
+# EoMT ViT-L 640 COCO panoptic (eomt-coco-panoptic-dinov2-l-640): one GPU's training step (the
+# official 4 images per GPU) and batch-1 inference as the paper times it (128 FPS on an H100,
+# post-processing left out). mfu: as M2F_STEP's, an assumption; paper_fps gives the MFU the
+# paper's figure implies at these FLOPs. kept: queries the panoptic post-processing keeps.
+EOMT_STEP = dict(preset="eomt-coco-panoptic-dinov2-l-640", batch=4, size=640, mfu=0.4, paper_fps=128.0, kept=50)
+
+
+def _vit_shape(model_cfg, size: int) -> dict:
+    """EoMT's ViT at ``size``: depth, width, query blocks, tokens without and with the queries."""
+    import fastmaskformer as fmf
+
+    vit = fmf.build_model(model_cfg).backbone
+    plain = vit.num_prefix_tokens + (size // model_cfg.patch_size) ** 2
+    return dict(depth=len(vit.blocks), width=vit.embed_dim, query_blocks=model_cfg.num_blocks, tokens=plain,
+                tokens_with_queries=plain + model_cfg.num_queries)
+
+
+def _attention_flops(vit: dict, batch: int) -> float:
+    """QK^T and AV of every ViT block (4 N^2 C per image; N = prefix + patches, + queries in the
+    query blocks): scaled_dot_product_attention has no FlopCounterMode formula on the CPU."""
+    return 4.0 * batch * vit["width"] * ((vit["depth"] - vit["query_blocks"]) * vit["tokens"] ** 2
+                                         + vit["query_blocks"] * vit["tokens_with_queries"] ** 2)
+
+
+def eomt_profiles() -> dict:
+    """The training (masked, B = EOMT_STEP batch) and inference (unmasked, B = 1) dense profiles of
+    EoMT-L 640 with the attention FLOPs added (``sdpa``) and the ViT's shape (``vit``)."""
+    import fastmaskformer as fmf
+
+    vit = _vit_shape(fmf.get_config(EOMT_STEP["preset"]).model, EOMT_STEP["size"])
+    out = {}
+    for phase, batch, train in (("train", EOMT_STEP["batch"], True), ("inference", 1, False)):
+        profile = dense_profile(EOMT_STEP["preset"], batch, EOMT_STEP["size"], parts=("",), train=train)
+        profile["flops"][""]["sdpa"] = _attention_flops(vit, batch)
+        out[phase] = dict(profile, vit=vit)
+    return out
+
+
+def eomt_step(hw: dict, profile: dict, code: str, mfu: float = EOMT_STEP["mfu"]) -> dict:
+    """Predicted EoMT-L 640 training step (ms, images/s, GB) for ``code``: "official" (tue-mps/eomt:
+    the ViT under mixed precision, the criterion eager - its host-side scipy matching not counted),
+    "ours" (bf16 autocast, the fused criterion kernels) or "ours+checkpointing" (activation
+    checkpointing per ViT block: one more forward, only the blocks' inputs saved). ViT + heads: 3x
+    (4x with checkpointing) the forward FLOPs at ``mfu`` of the bf16 tensor-core rate. Memory:
+    parameters, gradients, AdamW moments (16 B / parameter) and the saved activations in 16 bit
+    (half the fp32 trace); the official code also keeps each prediction's [B, Q, H/4, W/4] mask
+    logits (16 bit) for the point sampling's backward, ours forms none; workspaces left out."""
+    sizes, batch = EOMT_L640, EOMT_STEP["batch"]
+    forward = sum(profile["flops"][""].values())
+    passes = 4 if code == "ours+checkpointing" else 3
+    parts = {"ViT + heads": passes * forward / hw["bf16_tflops"] / mfu / 1e9}
+    if code == "official":
+        criterion = eager_point_loss(sizes)[1][hw["tag"]] + eager_point_matching_cost(sizes)[1][hw["tag"]]
+    else:
+        criterion = fused_point_loss("ieee", sizes).seconds(hw) + fused_point_matching_cost("tf32", sizes).seconds(hw)
+    parts["criterion (point loss + matching cost)"] = criterion * 1e3
+    parts["AdamW"] = Work(bytes=28.0 * profile["params"], kernels=1).seconds(hw) * 1e3
+    activations = profile["saved_bytes"][""] / 2
+    if code == "ours+checkpointing":  # block inputs [B, N, C] in 16 bit, plus one block's activations
+        vit = profile["vit"]
+        activations = vit["depth"] * batch * vit["tokens_with_queries"] * vit["width"] * 2 + activations / vit["depth"]
+    memory = 16.0 * profile["params"] + activations
+    if code == "official":
+        memory += 2.0 * sizes["layers"] * batch * sizes["queries"] * sizes["low"] ** 2
+    total = sum(parts.values())
+    return dict(step_ms=total, images_per_s=batch / total * 1e3, memory_gb=memory / 1e9, parts_ms=parts)
+
+
+def eomt_inference(hw: dict, profile: dict, mfu: float) -> dict:
+    """Batch-1 EoMT-L 640 panoptic inference: the unmasked forward at ``mfu`` of the bf16 rate plus
+    our fused panoptic post-processing (EOMT_STEP kept queries, 640 x 640 output)."""
+    forward = sum(profile["flops"][""].values())
+    model_ms = forward / hw["bf16_tflops"] / mfu / 1e9
+    size = EOMT_STEP["size"]
+    post_ms = fused_panoptic(EOMT_STEP["kept"], 1, EOMT_L640["channels"], (size, size), (size, size)).seconds(hw) * 1e3
+    return dict(model_ms=model_ms, post_ms=post_ms, fps=1e3 / (model_ms + post_ms), fps_model_only=1e3 / model_ms)
+
+
+def eomt_rows() -> tuple[list[dict], list[dict]]:
+    """(training-step rows, inference rows) per hardware; the inference at EOMT_STEP's mfu and at
+    the MFU the paper's 128 FPS implies on an H100 (model only)."""
+    profiles = eomt_profiles()
+    forward = sum(profiles["inference"]["flops"][""].values())
+    paper_mfu = forward * EOMT_STEP["paper_fps"] / (HARDWARE["H100"]["bf16_tflops"] * 1e12)
+    step_rows, inference_rows = [], []
+    for tag, hw in HARDWARE.items():
+        hw = dict(hw, tag=tag)
+        for code in ("official", "ours", "ours+checkpointing"):
+            step = eomt_step(hw, profiles["train"], code)
+            step_rows.append({"hardware": tag, "code": code, "batch": EOMT_STEP["batch"], "size": EOMT_STEP["size"],
+                              "mfu": EOMT_STEP["mfu"], "step_ms": step["step_ms"],
+                              "images_per_s": step["images_per_s"], "memory_gb": step["memory_gb"],
+                              **{f"{k}_ms": v for k, v in step["parts_ms"].items()}})
+        for label, mfu in (("stated", EOMT_STEP["mfu"]), ("paper-implied", paper_mfu)):
+            inference_rows.append({"hardware": tag, "mfu_basis": label, "mfu": mfu,
+                                   "forward_tflop": forward / 1e12, **eomt_inference(hw, profiles["inference"], mfu)})
+    return step_rows, inference_rows
 
 
 def eomt_problems():
@@ -768,12 +875,18 @@ def main(argv=None) -> int:
         return 0
     table_rows = rows()
     step_rows = mask2former_step_rows()
+    eomt_step_rows, eomt_inference_rows = eomt_rows()
     table = markdown_table(table_rows, COLUMNS) + "\n\nMask2Former training step (one GPU, " + \
         f"{M2F_STEP['preset']}, B={M2F_STEP['batch']}, {M2F_STEP['size']}x{M2F_STEP['size']}):\n\n" + \
-        markdown_table(step_rows, list(step_rows[0]))
+        markdown_table(step_rows, list(step_rows[0])) + "\n\nEoMT training step (one GPU, " + \
+        f"{EOMT_STEP['preset']}, B={EOMT_STEP['batch']}, masked attention):\n\n" + \
+        markdown_table(eomt_step_rows, list(eomt_step_rows[0])) + "\n\nEoMT panoptic inference (B=1, " + \
+        f"{EOMT_STEP['size']}x{EOMT_STEP['size']}, our fused post-processing, {EOMT_STEP['kept']} kept queries):\n\n" + \
+        markdown_table(eomt_inference_rows, list(eomt_inference_rows[0]))
     payload = {"hardware": HARDWARE, "launch_us": LAUNCH_US, "sizes": dict(B=B, layers=LAYERS, Q=Q, C=C, crop=SIZE,
                image=IMAGE, input=INPUT, mask2former=M2F, eomt=EOMT_L640), "rows": table_rows,
-               "mask2former_step": step_rows, "table": table}
+               "mask2former_step": step_rows, "eomt_step": eomt_step_rows, "eomt_inference": eomt_inference_rows,
+               "eomt_step_config": EOMT_STEP, "table": table}
     out = pathlib.Path(args.out)
     out.write_text(json.dumps(payload, indent=1))
     out.with_suffix(".md").write_text(table + "\n")

@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a previous demo run in --output (refused without --force)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (tests)")
-    p.add_argument("--arch", choices=("maskformer", "mask2former"), default="maskformer",
+    p.add_argument("--arch", choices=("maskformer", "mask2former", "eomt"), default="maskformer",
                    help="the architecture to train (default: maskformer)")
     p.add_argument("--device", metavar="DEV", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
