@@ -63,20 +63,23 @@ def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) ->
     b, h, w = seg_maps.shape
     index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
     taps = torch.gather(seg_maps.reshape(b, h * w), 1, index.reshape(b, -1)).view_as(index)
-    return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
+    return torch.where(taps == segment[:, :, None, None], weight.float(), 0.0).sum(-1)
 
 
 def sample_shared_point_targets(seg_maps: Tensor, num_segments: int, coords: Tensor) -> Tensor:
     """:func:`sample_segment_targets` of segments 0..num_segments-1 at points shared by all of
     them: seg_maps int32 [B, H, W]; coords [L, B, P, 2] -> float32 [L, B, M, P], the same values.
-    The taps are computed and gathered once per point ([L, B, P, 4]), not once per segment."""
+    The taps are computed and gathered once per point ([L, B, P, 4]) and each tap's weight is
+    added to the row of its segment (a scatter-add; taps of no segment go to a spare row), so no
+    [L, B, M, P, 4] comparison is formed."""
     b, h, w = seg_maps.shape
-    layers = coords.shape[0]
+    layers, p = coords.shape[0], coords.shape[2]
     index, weight = bilinear_taps(coords, h, w)  # [L, B, P, 4]
     taps = torch.gather(seg_maps.reshape(1, b, h * w).expand(layers, b, h * w), 2, index.flatten(2)).view_as(index)
-    segments = torch.arange(num_segments, device=seg_maps.device, dtype=taps.dtype)[:, None, None]
-    hit = (taps[:, :, None] == segments).float()  # [L, B, M, P, 4]
-    return (weight.float()[:, :, None] * hit).sum(-1)
+    rows = torch.where((taps >= 0) & (taps < num_segments), taps, num_segments).long()
+    out = torch.zeros(layers, b, num_segments + 1, p, dtype=torch.float32, device=seg_maps.device)
+    out.scatter_add_(2, rows.transpose(2, 3), weight.float().transpose(2, 3))
+    return out[:, :, :num_segments]
 
 
 def _point_sample(maps: Tensor, coords: Tensor) -> Tensor:
@@ -134,9 +137,10 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
         pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
         logit_maps = torch.einsum("bqc,bchw->bqhw", mask_embed[layer].float(), pixels.float())
         logits = sample_logits_shared(logit_maps, pts)  # (b, q, p)
-        pos = F.softplus(-logits)  # BCE against 1
+        # BCE against t: softplus(x) - x * t (softplus(-x) = softplus(x) - x): one softplus and one
+        # product instead of the official two of each (BCE against 1 and against 0)
         neg = F.softplus(logits)  # BCE against 0
-        cost_mask = (torch.einsum("bqp,bmp->bqm", pos, target) + torch.einsum("bqp,bmp->bqm", neg, 1 - target)) / p
+        cost_mask = (neg.sum(-1)[:, :, None] - torch.einsum("bqp,bmp->bqm", logits, target)) / p
         sig = logits.sigmoid()
         numer = 2 * torch.einsum("bqp,bmp->bqm", sig, target)
         denom = sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :]
