@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ._checks import check_embeddings
 from ._dispatch import load_kernel, resolve_impl
+from .mask_logits import embed_product
 
 
 def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -257,7 +258,7 @@ def point_mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignmen
         query = assignment[layer].clamp(min=0)
         emb = torch.gather(mask_embed[layer], 1, query[..., None].expand(b, m, mask_embed.shape[-1]))  # (b, m, c)
         pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
-        logit_maps = torch.einsum("bmc,bchw->bmhw", emb.float(), pixels.float())
+        logit_maps = embed_product(emb, pixels)
         pts = importance_points(logit_maps.detach(), candidates[layer], extra[layer], num_uncertain)
         logits = sample_logits(logit_maps, pts)  # (b, m, p)
         target = sample_segment_targets(seg_maps, segments, pts)
