@@ -1,16 +1,25 @@
 """End-to-end inference: model forward + semantic (K = 150, 847) or panoptic post-processing,
 images/s and peak memory, reference torch ops vs fused Triton kernels, side by side.
 
+``--arch mask2former``: the ``mask2former-<preset>`` model (ours: forward + our post-processing,
+the fused kernels on CUDA, the torch reference on the CPU) beside transformers'
+``Mask2FormerForUniversalSegmentation`` with the same weights (ours is converted from it, as in
+``bench_train_step.py``) and its image processor's ``post_process_semantic_segmentation`` /
+``post_process_panoptic_segmentation``. Both keep every query (object threshold 0, overlap 0.8,
+classes >= 80 are stuff); the semantic rows also give the share of pixels whose label agrees
+with ours, the panoptic rows the segments found per image (transformers resamples the mask logits to 384 x 384 before the output size, we do not).
+
 ``--arch eomt``: an ``eomt-*`` preset (default ``eomt-coco-panoptic-dinov2-s-640``; ``--preset``
-names another) with masking off (a trained model), ours (our EoMT + fused post-processing;
-reference ops on the CPU) vs ``transformers`` (``EomtForUniversalSegmentation`` + its
-``EomtImageProcessor`` post-processing), the same weights (ours converted from HF), semantic and
-panoptic (every query kept: threshold 0, overlap 0.8 in both, so the whole post-processing runs).
+names another) with masking off (a trained model), ours (our EoMT + our post-processing) vs
+transformers' ``EomtForUniversalSegmentation`` + its ``EomtImageProcessor`` post-processing, the
+same weights (ours converted from HF), semantic and panoptic, the same thresholds and rows.
 
 GPU:  python benchmarks/bench_inference_e2e.py --device cuda --size 512 --batch 16
       python benchmarks/bench_inference_e2e.py --device cuda --arch eomt --preset eomt-coco-panoptic-dinov2-l-640 \
           --size 640 --batch 8 --classes 133 --amp
 CPU:  python benchmarks/bench_inference_e2e.py --device cpu --size 128 --batch 2
+      python benchmarks/bench_inference_e2e.py --device cpu --arch mask2former --size 512 --batch 1 \
+          --classes 150 [--cpu-memory]
       python benchmarks/bench_inference_e2e.py --device cpu --arch eomt --size 256 --batch 2 --classes 133
 """
 from __future__ import annotations
@@ -21,11 +30,12 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from bench_train_step import EOMT_DEFAULT_PRESET, base_models  # noqa: E402
-from common import measure, report, result_path  # noqa: E402
+from common import measure, report, result_path, track_cpu_memory  # noqa: E402
 
 import fastmaskformer as fmf  # noqa: E402
 from fastmaskformer import ops  # noqa: E402
+
+NUM_THINGS = 80  # panoptic rows: classes below are things, the rest stuff (COCO's split)
 
 
 def infer(model, images, task: str, impl: str, amp: bool):
@@ -35,69 +45,80 @@ def infer(model, images, task: str, impl: str, amp: bool):
     last = (out.class_logits[-1].float(), out.mask_embed[-1].float(), ops.final_pixel_embed(out.pixel_embed).float())
     if task == "semantic":
         return ops.semantic_inference(*last, sizes, impl=impl)
-    return ops.panoptic_inference(*last, sizes, object_mask_threshold=0.0, thing_classes=range(80), impl=impl)
+    return ops.panoptic_inference(*last, sizes, object_mask_threshold=0.0, thing_classes=range(NUM_THINGS), impl=impl)
 
 
-def infer_transformers(model, processor, images, task: str, amp: bool):
-    """transformers' EoMT forward + its image processor's post-processing (square inputs, no
-    windows), thresholds as ``infer``'s."""
+def hf_infer(model, processor, images, task: str, amp: bool):
+    """transformers' forward and its image processor's post-processing (labels [H, W] per image
+    for semantic, its panoptic dicts otherwise; Mask2Former's processor fuses stuff by
+    ``label_ids_to_fuse``, EoMT's takes ``stuff_classes``)."""
     with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(pixel_values=images)
     out.masks_queries_logits, out.class_queries_logits = out.masks_queries_logits.float(), out.class_queries_logits.float()
     sizes = [tuple(images.shape[-2:])] * images.shape[0]
     if task == "semantic":
         return processor.post_process_semantic_segmentation(out, target_sizes=sizes)
-    return processor.post_process_panoptic_segmentation(out, target_sizes=sizes, threshold=0.0,
-                                                        overlap_mask_area_threshold=0.8,
-                                                        stuff_classes=list(range(80, model.config.num_labels)))
+    stuff = list(range(NUM_THINGS, out.class_queries_logits.shape[-1] - 1))
+    fuse = {"stuff_classes": stuff} if model.config.model_type.startswith("eomt") else {"label_ids_to_fuse": set(stuff)}
+    return processor.post_process_panoptic_segmentation(out, threshold=0.0, overlap_mask_area_threshold=0.8,
+                                                        target_sizes=sizes, **fuse)
 
 
-def eomt_rows(args, device, images) -> list[dict]:
-    """Ours vs transformers' EoMT (same weights, masking off) for each K, semantic and panoptic."""
-    from transformers import EomtImageProcessor
+def segments_per_image(result) -> float:
+    """Panoptic segments per image, ours ((id map, segments_info) pairs) or transformers' dicts."""
+    return sum(len(r["segments_info"] if isinstance(r, dict) else r[1]) for r in result) / len(result)
 
+
+def twin_rows(args, device, images) -> list[dict]:
+    """``--arch mask2former`` / ``eomt``: ours (each impl) and transformers', same weights, per K
+    and task."""
+    import bench_train_step
+    from transformers import EomtImageProcessor, Mask2FormerImageProcessor
+
+    impls = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    if args.arch == "eomt":
+        processor = EomtImageProcessor(size={"shortest_edge": args.size, "longest_edge": args.size})
+    else:
+        processor = Mask2FormerImageProcessor()
     rows = []
     for num_classes in args.classes:
-        cfg = fmf.get_config(args.preset if args.preset.startswith("eomt-") else EOMT_DEFAULT_PRESET)
-        cfg.model.num_classes, cfg.model.backbone.img_size = num_classes, args.size
-        ours, hf = base_models(cfg)
+        cfg = bench_train_step.config_for(argparse.Namespace(preset=args.preset, arch=args.arch, queries=None,
+                                                             classes=num_classes, size=args.size))
+        ours, hf = bench_train_step.base_models(cfg)
         if hf is None:
-            raise SystemExit(f"--arch eomt needs transformers and a DINOv2 EoMT preset, got {cfg.name}")
-        with torch.no_grad():
-            hf.attn_mask_probs.zero_()  # a trained model: no masks, no intermediate predictions
-        ours.mask_annealing.probs = [0.0] * len(ours.mask_annealing.probs)
+            raise SystemExit(f"--arch {args.arch} needs transformers and a ResNet-50/101 Mask2Former or DINOv2 EoMT "
+                             f"preset, got {cfg.name}")
+        if args.arch == "eomt":  # a trained model: no masks, no intermediate predictions
+            with torch.no_grad():
+                hf.attn_mask_probs.zero_()
+            ours.mask_annealing.probs = [0.0] * len(ours.mask_annealing.probs)
+        else:
+            hf.config.output_auxiliary_logits = False
         ours, hf = ours.to(device).eval(), hf.to(device).eval()
-        processor = EomtImageProcessor(size={"shortest_edge": args.size, "longest_edge": args.size})
-        impl = "triton" if device.type == "cuda" else "torch"
         for task in ("semantic", "panoptic"):
-            for provider, fn in (("ours", lambda: infer(ours, images, task, impl, args.amp)),
-                                 ("transformers", lambda: infer_transformers(hf, processor, images, task, args.amp))):
-                timing = measure(fn, device, warmup=1, repeats=args.repeats)
-                rows.append({"task": task, "K": num_classes, "impl": provider if provider != "ours" else f"ours ({impl})",
-                             "batch": args.batch, "size": args.size, **timing,
-                             "images_per_s": args.batch / (timing["median_ms"] / 1e3)})
+            runs = {f"ours ({impl})": (lambda impl=impl: infer(ours, images, task, impl, args.amp)) for impl in impls}
+            runs["transformers"] = lambda: hf_infer(hf, processor, images, task, args.amp)
+            # one untimed run each: the semantic labels' agreement with ours, the panoptic segment counts
+            results = {name: fn() for name, fn in runs.items()}
+            ours_name = next(iter(runs))
+            for name, fn in runs.items():
+                timing = measure(fn, device, warmup=0, repeats=args.repeats)  # the run above warmed up
+                row = {"task": task, "K": num_classes, "impl": name, "batch": args.batch, "size": args.size,
+                       **timing, "images_per_s": args.batch / (timing["median_ms"] / 1e3)}
+                if task == "semantic":
+                    row["label_agreement"] = float(torch.stack(list(results[name])).eq(
+                        torch.stack(list(results[ours_name])).to(torch.int64)).float().mean())
+                else:
+                    row["segments_per_image"] = segments_per_image(results[name])
+                rows.append(row)
         del ours, hf
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--arch", choices=["maskformer", "eomt"], default="maskformer",
-                   help=f"eomt: ours vs transformers' EoMT (an eomt-* --preset, default {EOMT_DEFAULT_PRESET})")
-    p.add_argument("--preset", default="ade20k-150-r50")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--classes", type=int, nargs="+", default=[150, 847])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for the model forward")
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
+def maskformer_rows(args, device, images) -> list[dict]:
     impls = ["torch", "triton"] if device.type == "cuda" else ["torch"]
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    rows = eomt_rows(args, device, images) if args.arch == "eomt" else []
-    for num_classes in args.classes if args.arch != "eomt" else ():
+    rows = []
+    for num_classes in args.classes:
         cfg = fmf.get_config(args.preset)
         cfg.model.num_classes = num_classes
         cfg.model.backbone.img_size = args.size
@@ -110,8 +131,36 @@ def main(argv=None):
                 rows.append({"task": task, "K": num_classes, "impl": impl, "batch": args.batch, "size": args.size,
                              **timing, "images_per_s": args.batch / (timing["median_ms"] / 1e3)})
         del model
-    columns = ["task", "K", "impl", "batch", "size", "median_ms", "images_per_s", "peak_mem_mib"]
-    path = args.json or result_path("inference-e2e" + ("-eomt" if args.arch == "eomt" else ""), device)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=["maskformer", "mask2former", "eomt"], default="maskformer",
+                   help="mask2former / eomt: ours vs transformers' model + post-processing, same weights "
+                        "(eomt: an eomt-* --preset, default eomt-coco-panoptic-dinov2-s-640)")
+    p.add_argument("--preset", default="ade20k-150-r50")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--classes", type=int, nargs="+", default=[150, 847])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the model forward")
+    p.add_argument("--cpu-memory", action="store_true",
+                   help="CPU: also report peak memory (a fixed glibc mmap threshold slows allocation: time "
+                        "such a run separately)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.cpu_memory:
+        track_cpu_memory()
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = (maskformer_rows if args.arch == "maskformer" else twin_rows)(args, device, images)
+    columns = ["task", "K", "impl", "batch", "size", "median_ms", "p20_ms", "p80_ms", "images_per_s", "peak_mem_mib"]
+    if args.arch != "maskformer":
+        columns += ["label_agreement", "segments_per_image"]
+    name = "inference-e2e" + ("" if args.arch == "maskformer" else f"-{args.arch}") + ("-memory" if args.cpu_memory else "")
+    path = args.json or result_path(name, device)
     report(path, rows, device, columns, {"args": vars(args)})
 
 

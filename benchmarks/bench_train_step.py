@@ -7,7 +7,14 @@ eager-full and fused-full (``loss.mask_sampling: full``: the exact full-resoluti
 by the plain-PyTorch reference or through the fused mask-loss kernels, CUDA only), beside
 ``transformers``: Hugging Face's
 ``Mask2FormerForUniversalSegmentation`` and its own loss (point sampling, scipy matcher) with the
-same weights (ResNet presets; every provider then starts from the converted HF model).
+same weights (ResNet presets; every provider then starts from the converted HF model), and
+``official``: facebookresearch/Mask2Former's own model and criterion (detectron2) from a checkout
+given by ``--official PATH`` (never vendored; the row is skipped without the option), loaded with
+the same weights through ``convert.detectron2_name_table``. It needs detectron2 and the checkout's
+compiled ``MultiScaleDeformableAttention`` extension (its ``make.sh``; a CUDA toolkit, no GPU, with
+``FORCE_CUDA=1``) to import; on CPU tensors the official module falls back to its pure-PyTorch
+deformable attention. The official R50 runs FrozenBN, as ours; transformers' ResNet trains its
+BatchNorm.
 
 ``--arch eomt`` runs an ``eomt-*`` preset (default ``eomt-coco-panoptic-dinov2-s-640`` at
 ``--size``; its ViT, queries in the last blocks, point-sampled criterion on every prediction,
@@ -40,12 +47,15 @@ CPU (small, committed under benchmarks/results/):
     python benchmarks/bench_train_step.py --device cpu --size 128 --batch 2 --queries 100
     python benchmarks/bench_train_step.py --device cpu --arch mask2former --size 256 --batch 2 --amp fp32 \
         --providers eager batched eager-full transformers --steps 0 [--cpu-memory]
+    ... --providers batched transformers official --official ~/src/Mask2Former
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import sys
+from pathlib import Path
 
 import torch
 
@@ -70,9 +80,13 @@ PROVIDERS = {
     "eager-full": ("torch", "batched", False),  # Mask2Former only: full-resolution BCE + dice
     "fused-full": ("triton", "batched", False),
     "transformers": (None, None, False),  # Mask2Former and EoMT: HF's model and loss, same weights
+    "official": (None, None, False),  # Mask2Former only: the official code (--official PATH), same weights
 }
-MASK2FORMER_ONLY = ("eager-full", "fused-full", "transformers")  # and EoMT (point-sampled criterion)
+MASK2FORMER_ONLY = ("eager-full", "fused-full", "transformers", "official")  # and EoMT, but "official"
 EOMT_DEFAULT_PRESET = "eomt-coco-panoptic-dinov2-s-640"
+# the official ADE20K semantic configs, by backbone (the model's shape is then overridden from ours)
+_OFFICIAL_CONFIGS = {"resnet50": "configs/ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml",
+                     "resnet101": "configs/ade20k/semantic-segmentation/maskformer2_R101_bs16_90k.yaml"}
 _HF_RESNET_DEPTHS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
 
 
@@ -177,10 +191,15 @@ def base_models(cfg):
     return from_hf(hf), hf
 
 
+def target_masks(targets) -> list:
+    """Each target's binary masks bool [M, H, W] (segment order), the layout of the other codes."""
+    return [t.segment_map[None] == torch.arange(t.num_segments, device=t.segment_map.device)[:, None, None]
+            for t in targets]
+
+
 def make_hf_step(model, optimizer, images, targets, amp: bool, device):
     """A transformers training step: its forward computes its own (point-sampled) loss."""
-    masks = [(t.segment_map[None] == torch.arange(t.num_segments, device=device)[:, None, None]).float()
-             for t in targets]
+    masks = [m.float() for m in target_masks(targets)]
     classes = [t.labels for t in targets]
 
     def step():
@@ -194,8 +213,92 @@ def make_hf_step(model, optimizer, images, targets, amp: bool, device):
     return step
 
 
-def build(cfg, provider: str, device, base_model):
+def official_problem(path) -> str | None:
+    """Why the official code at ``path`` cannot run here (one line), or None."""
+    root = Path(path).expanduser()
+    if not (root / "mask2former" / "maskformer_model.py").is_file():
+        return f"--official {path}: not a facebookresearch/Mask2Former checkout (no mask2former/maskformer_model.py)"
+    if importlib.util.find_spec("detectron2") is None:
+        return ("--official needs detectron2, which is not installed (not on PyPI: "
+                "pip install 'git+https://github.com/facebookresearch/detectron2.git')")
+    if importlib.util.find_spec("MultiScaleDeformableAttention") is None:
+        return ("--official needs the checkout's compiled MultiScaleDeformableAttention extension (cd "
+                f"{root / 'mask2former/modeling/pixel_decoder/ops'} && FORCE_CUDA=1 sh make.sh; a CUDA toolkit, no GPU)")
+    return None
+
+
+def official_mask2former(path, cfg, our_model, device):
+    """facebookresearch/Mask2Former's ``MaskFormer`` (model + its criterion) from the checkout at
+    ``path``, shaped like ``cfg`` and holding ``our_model``'s weights, in training mode. Inputs are
+    taken as already normalised (pixel mean 0, std 1), as the other providers'."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    from fastmaskformer.convert.detectron2 import detectron2_name_table
+
+    root = str(Path(path).expanduser().resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from mask2former import add_maskformer2_config
+
+    m, loss = cfg.model, cfg.loss
+    if m.backbone.name not in _OFFICIAL_CONFIGS:
+        raise ValueError(f"the official provider knows the ResNet presets {sorted(_OFFICIAL_CONFIGS)}, "
+                         f"got backbone {m.backbone.name!r}")
+    d2 = get_cfg()
+    add_deeplab_config(d2)
+    add_maskformer2_config(d2)
+    d2.merge_from_file(str(Path(root) / _OFFICIAL_CONFIGS[m.backbone.name]))
+    enc_layers = {"enc_layers": 6, **m.pixel_decoder_kwargs}["enc_layers"]
+    d2.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device),
+        "MODEL.PIXEL_MEAN", [0.0, 0.0, 0.0], "MODEL.PIXEL_STD", [1.0, 1.0, 1.0],
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", int(m.num_classes), "MODEL.SEM_SEG_HEAD.CONVS_DIM", int(m.conv_dim),
+        "MODEL.SEM_SEG_HEAD.MASK_DIM", int(m.mask_dim), "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", int(enc_layers),
+        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", int(m.num_queries), "MODEL.MASK_FORMER.DEC_LAYERS", int(m.dec_layers),
+        "MODEL.MASK_FORMER.HIDDEN_DIM", int(m.hidden_dim), "MODEL.MASK_FORMER.NHEADS", int(m.nheads),
+        "MODEL.MASK_FORMER.DIM_FEEDFORWARD", int(m.dim_feedforward), "MODEL.MASK_FORMER.DROPOUT", float(m.dropout),
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", int(loss.num_points),
+        "MODEL.MASK_FORMER.OVERSAMPLE_RATIO", float(loss.oversample_ratio),
+        "MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO", float(loss.importance_sample_ratio),
+        "MODEL.MASK_FORMER.CLASS_WEIGHT", float(loss.class_weight), "MODEL.MASK_FORMER.MASK_WEIGHT",
+        float(loss.mask_weight), "MODEL.MASK_FORMER.DICE_WEIGHT", float(loss.dice_weight),
+        "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", float(loss.no_object_weight)])
+    model = build_model(d2)
+    ours = our_model.state_dict()
+    state = {official: ours[key] for official, key in detectron2_name_table(our_model).items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(("num_batches_tracked", "criterion.empty_weight"))]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"the official model does not take our weights: missing {missing[:8]}, "
+                           f"unexpected {result.unexpected_keys[:8]}")
+    return model.to(device).train()
+
+
+def make_official_step(model, optimizer, images, targets, amp: bool, device):
+    """An official training step: the model's forward returns its weighted loss terms."""
+    from detectron2.structures import Instances
+
+    inputs = [{"image": image, "instances": Instances(tuple(image.shape[-2:]), gt_classes=t.labels, gt_masks=masks)}
+              for image, t, masks in zip(images, targets, target_masks(targets))]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            total = sum(model(inputs).values())
+        total.backward()
+        optimizer.step()
+        return total.detach()
+
+    return step
+
+
+def build(cfg, provider: str, device, base_model, official_path=None):
     impl, solver, compiled = PROVIDERS[provider]
+    if provider == "official":  # the official code's model and criterion with base_model's weights
+        model = official_mask2former(official_path, cfg, base_model, device)
+        return model, None, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
     model = copy.deepcopy(base_model).to(device).train()
     if provider == "transformers":  # base_model is the HF model, whose forward computes its loss
         return model, None, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-4)
@@ -214,11 +317,15 @@ def build(cfg, provider: str, device, base_model):
     return model, criterion, optimizer
 
 
-def available(provider: str, device, hf_model) -> str | None:
+def available(provider: str, device, hf_model, official_path=None) -> str | None:
     if provider.startswith("fused") and device.type != "cuda":
         return "needs CUDA (the Triton interpreter is not a performance path)"
     if provider == "transformers" and hf_model is None:
         return "needs transformers and a ResNet-50/101 Mask2Former or DINOv2 EoMT preset"
+    if provider == "official" and official_path is None:
+        return "needs --official PATH (a facebookresearch/Mask2Former checkout)"
+    if provider == "official" and hf_model is None:  # base_model is then not the ResNet twin
+        return "needs a ResNet-50/101 Mask2Former preset (and transformers, for the shared weights)"
     return None
 
 
@@ -231,7 +338,7 @@ def config_for(args):
     if arch == "eomt" and not name.startswith("eomt-"):
         name = EOMT_DEFAULT_PRESET
     cfg = fmf.get_config(name)
-    cfg.model.num_queries = args.queries
+    cfg.model.num_queries = args.queries or cfg.model.num_queries
     cfg.model.num_classes = args.classes or cfg.model.num_classes
     cfg.model.backbone.img_size = args.size
     return cfg
@@ -247,15 +354,21 @@ def run(args) -> list[dict]:
         for provider in args.providers:
             if provider in MASK2FORMER_ONLY and cfg.model.meta_arch not in ("mask2former", "eomt"):
                 continue
+            if provider == "official" and cfg.model.meta_arch != "mask2former":
+                continue
             row = {"provider": provider, "precision": "bf16" if amp else "fp32", "batch": args.batch,
                    "size": args.size, "K": cfg.model.num_classes, "backbone": cfg.model.backbone.name}
-            reason = available(provider, device, hf_model)
+            official = getattr(args, "official", None)
+            reason = available(provider, device, hf_model, official)
             if reason:
                 rows.append({**row, "skipped": reason})
                 continue
             if provider == "transformers":
                 model, criterion, optimizer = build(cfg, provider, device, hf_model)
                 step = make_hf_step(model, optimizer, images, targets, amp, device)
+            elif provider == "official":
+                model, criterion, optimizer = build(cfg, provider, device, base_model, official)
+                step = make_official_step(model, optimizer, images, targets, amp, device)
             else:
                 model, criterion, optimizer = build(cfg, provider, device, base_model)
                 step = make_step(model, criterion, optimizer, images, targets, amp, device)
@@ -349,8 +462,12 @@ def main(argv=None):
     p.add_argument("--cpu-memory", action="store_true",
                    help="CPU: also report peak memory (runs with a fixed glibc mmap threshold, which makes "
                         "every large allocation a system call: time such a run separately)")
+    p.add_argument("--official", default=None, metavar="PATH",
+                   help="a facebookresearch/Mask2Former checkout for the official provider (needs detectron2)")
     p.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)
+    if args.official is not None and (problem := official_problem(args.official)):
+        p.error(problem)
     if args.device == "cpu" and args.cpu_memory:
         track_cpu_memory()
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -202,7 +202,7 @@ def point_taps(pts_ptr, ps, p_ok, h, w):
     """detectron2's ``point_sample`` (``grid_sample``, align_corners=False, zeros outside) at the
     points ``ps`` [P] of ``pts_ptr`` ([*, 2] fp32, x then y in [0, 1]) on an h x w grid: the 4
     flat tap indices (clamped inside the grid) and weights (zero outside the grid and for masked
-    points), in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1) of ``ops.point_loss.bilinear_taps``."""
+    points), in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1) of ``ops.point_loss.segment_taps``."""
     px = tl.load(pts_ptr + ps * 2, mask=p_ok, other=0.0)
     py = tl.load(pts_ptr + ps * 2 + 1, mask=p_ok, other=0.0)
     fx = px * w - 0.5

@@ -73,7 +73,7 @@ def test_inference_providers_agree():
     images = torch.randn(2, 3, 64, 64)
     processor = EomtImageProcessor(size={"shortest_edge": 64, "longest_edge": 64})
     mine = e2e.infer(ours, images, "semantic", "torch", False)  # [H, W] labels per image
-    theirs = e2e.infer_transformers(hf, processor, images, "semantic", False)
+    theirs = e2e.hf_infer(hf, processor, images, "semantic", False)
     with torch.no_grad():
         out = ours(images)
         scores = processor.post_process_semantic_segmentation(hf(pixel_values=images), [(64, 64)] * 2,
@@ -83,5 +83,5 @@ def test_inference_providers_agree():
     for a, b, score, ref in zip(mine, theirs, my_scores, scores):
         torch.testing.assert_close(score, ref.segmentation_scores.max(0).values, rtol=1e-4, atol=1e-5)
         assert (a == b).float().mean() > 0.99  # labels: equal but for near-ties
-    panoptic = e2e.infer_transformers(hf, processor, images, "panoptic", False)
+    panoptic = e2e.hf_infer(hf, processor, images, "panoptic", False)
     assert len(panoptic) == 2 and panoptic[0]["segments_info"]  # threshold 0: segments kept

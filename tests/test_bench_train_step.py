@@ -69,3 +69,30 @@ def test_cpu_peak_memory_follows_live_tensors():
     big, small = map(float, out.stdout.split())
     assert 60 <= big <= 80, out.stdout  # the 64 MiB float32 tensor (and a little more)
     assert small < 8, out.stdout
+
+
+def test_official_provider_is_skipped_without_a_checkout():
+    import bench_train_step as bench
+
+    assert "official" in bench.PROVIDERS
+    reason = bench.available("official", torch.device("cpu"), object(), None)
+    assert reason and "--official PATH" in reason
+    assert bench.available("official", torch.device("cpu"), object(), "/some/checkout") is None
+
+
+def test_official_provider_names_what_is_missing(tmp_path, capsys):
+    """A path that is no checkout, then a checkout without detectron2 (not installable here):
+    one-line errors from the argument parser, before any model is built."""
+    import bench_train_step as bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--arch", "mask2former", "--official", str(tmp_path / "absent")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not a facebookresearch/Mask2Former checkout" in err and "absent" in err
+    (tmp_path / "mask2former").mkdir()
+    (tmp_path / "mask2former" / "maskformer_model.py").write_text("")
+    if bench.importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here")
+    with pytest.raises(SystemExit):
+        bench.main(["--arch", "mask2former", "--official", str(tmp_path)])
+    assert "needs detectron2" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -104,6 +104,25 @@ def test_sample_segment_targets_is_point_sample_of_the_binary_mask():
         torch.testing.assert_close(ours[i], ref, rtol=0, atol=1e-6)
 
 
+def test_segment_targets_off_the_map_are_zero_padding():
+    """Points beyond the map (segment_taps clamps them onto its -1 border) and on its edges: the
+    values of grid_sample's zero padding, for the per-segment and the shared-point sampling."""
+    from fastmaskformer.ops.point_loss import sample_shared_point_targets
+
+    g = torch.Generator().manual_seed(4)
+    seg = torch.randint(-1, 3, (2, 7, 5), generator=g, dtype=torch.int32)
+    pts = torch.rand(2, 1, 400, 2, generator=g, dtype=torch.float64) * 1.8 - 0.4
+    pts[:, :, :4] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    segments = torch.arange(3)[None].expand(2, 3)
+    ours = sample_segment_targets(seg, segments, pts.expand(2, 3, 400, 2))
+    shared = sample_shared_point_targets(seg, 3, pts[:, 0][None])[0]
+    for i in range(2):
+        masks = (seg[i][None] == segments[i][:, None, None]).double()
+        ref = point_sample(masks[:, None], pts[i].expand(3, 400, 2))[:, 0]
+        torch.testing.assert_close(ours[i].double(), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(shared[i].double(), ref, rtol=0, atol=1e-6)
+
+
 def test_importance_points_replay_the_official_selection():
     maps = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     cand = coords_like(2, 3, 30)

@@ -21,6 +21,7 @@ from ..shared import FOCAL_ALPHA, FOCAL_GAMMA
 from ._checks import check_embeddings, check_targets, default_input_size
 from ._dispatch import load_kernel, resolve_impl
 from ._library import reference_operator
+from .mask_logits import embed_product
 
 Indices = Sequence[tuple[Tensor, Tensor]]
 
@@ -102,7 +103,7 @@ def mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignment: Ten
         query = assignment[layer].clamp_min(0)[..., None].expand(batch, m, channels)
         embed = mask_embed[layer].float().gather(1, query)  # [B, M, C]
         pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
-        logits = torch.einsum("bmc,bchw->bmhw", embed, pixels.float())
+        logits = embed_product(embed, pixels)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).flatten(2)  # [B, M, H*W]
         matched = (assignment[layer] >= 0).float().flatten()
         first = sigmoid_bce_per_mask if loss == "bce" else sigmoid_focal_loss_per_mask

@@ -36,47 +36,53 @@ from torch import Tensor
 
 from ._checks import check_embeddings
 from ._dispatch import load_kernel, resolve_impl
+from .mask_logits import embed_product
 
 
-def bilinear_taps(coords: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """coords [..., 2] in [0, 1] (x, y) on a height x width grid, ``align_corners=False`` ->
-    (flat indices int64 [..., 4] into height*width, clamped in range; weights [..., 4], zero for
-    taps outside the grid: ``grid_sample``'s zero padding)."""
+def segment_taps(seg_maps: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+    """The 4 bilinear taps of points on segment maps (``align_corners=False``): seg_maps int
+    [B, H, W]; coords [B, K, 2] in [0, 1] (x, y) -> (the taps' segment ids [B, K, 4] in the order
+    (y0, x0), (y0, x1), (y1, x0), (y1, x1), -1 off the map: ``grid_sample``'s zero padding;
+    weights [B, K, 4]). The map gets a border of -1 (1 before, 2 after) and the points are clamped
+    to it, which moves no weight onto the map, so no tap needs a bounds test or a clamp."""
+    b, h, w = seg_maps.shape
+    row = w + 3
+    padded = F.pad(seg_maps, (1, 2, 1, 2), value=-1).reshape(b, (h + 3) * row)
     coords = coords.to(torch.promote_types(coords.dtype, torch.float32))
-    x = coords[..., 0] * width - 0.5
-    y = coords[..., 1] * height - 0.5
+    x = (coords[..., 0] * w - 0.5).clamp(-1, w)
+    y = (coords[..., 1] * h - 0.5).clamp(-1, h)
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
-    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
-    w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
-    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
-    index = ys.clamp(0, height - 1) * width + xs.clamp(0, width - 1)
-    return index, torch.where(inside, w, torch.zeros_like(w))
+    corner = (y0.long() + 1) * row + (x0.long() + 1)  # [B, K], in the padded map
+    ids = torch.stack([torch.gather(padded, 1, corner + offset) for offset in (0, 1, row, row + 1)], -1)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    return ids, weights
 
 
 def sample_segment_targets(seg_maps: Tensor, segment: Tensor, coords: Tensor) -> Tensor:
     """seg_maps int32 [B, H, W] (-1: no segment); segment int64 [B, N] (segment ids, any value for
     unused rows); coords [B, N, P, 2] -> float32 [B, N, P]: the binary mask of each segment
     sampled bilinearly at the points (``point_sample`` of the 0/1 mask)."""
-    b, h, w = seg_maps.shape
-    index, weight = bilinear_taps(coords, h, w)  # [B, N, P, 4]
-    taps = torch.gather(seg_maps.reshape(b, h * w), 1, index.reshape(b, -1)).view_as(index)
-    return (weight.float() * (taps == segment[:, :, None, None]).float()).sum(-1)
+    b, n, p = coords.shape[:3]
+    ids, weight = segment_taps(seg_maps, coords.reshape(b, n * p, 2))
+    hit = ids.view(b, n, p, 4) == segment[:, :, None, None]
+    return torch.where(hit, weight.float().view(b, n, p, 4), 0.0).sum(-1)
 
 
 def sample_shared_point_targets(seg_maps: Tensor, num_segments: int, coords: Tensor) -> Tensor:
     """:func:`sample_segment_targets` of segments 0..num_segments-1 at points shared by all of
     them: seg_maps int32 [B, H, W]; coords [L, B, P, 2] -> float32 [L, B, M, P], the same values.
-    The taps are computed and gathered once per point ([L, B, P, 4]), not once per segment."""
-    b, h, w = seg_maps.shape
-    layers = coords.shape[0]
-    index, weight = bilinear_taps(coords, h, w)  # [L, B, P, 4]
-    taps = torch.gather(seg_maps.reshape(1, b, h * w).expand(layers, b, h * w), 2, index.flatten(2)).view_as(index)
-    segments = torch.arange(num_segments, device=seg_maps.device, dtype=taps.dtype)[:, None, None]
-    hit = (taps[:, :, None] == segments).float()  # [L, B, M, P, 4]
-    return (weight.float()[:, :, None] * hit).sum(-1)
+    The taps are computed and gathered once per point ([L, B, P, 4]) and each tap's weight is
+    added to the row of its segment (a scatter-add; taps of no segment go to a spare row), so no
+    [L, B, M, P, 4] comparison is formed."""
+    layers, b, p = coords.shape[:3]
+    ids, weight = segment_taps(seg_maps, coords.transpose(0, 1).reshape(b, layers * p, 2))
+    ids = ids.view(b, layers, p, 4).transpose(0, 1)  # [L, B, P, 4]
+    weight = weight.float().view(b, layers, p, 4).transpose(0, 1)
+    rows = torch.where((ids >= 0) & (ids < num_segments), ids, num_segments).long()
+    out = torch.zeros(layers, b, num_segments + 1, p, dtype=torch.float32, device=seg_maps.device)
+    out.scatter_add_(2, rows.transpose(2, 3), weight.transpose(2, 3))
+    return out[:, :, :num_segments]
 
 
 def _point_sample(maps: Tensor, coords: Tensor) -> Tensor:
@@ -134,9 +140,10 @@ def point_matching_cost(class_logits: Tensor, mask_embed: Tensor, pixel_embed: T
         pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
         logit_maps = torch.einsum("bqc,bchw->bqhw", mask_embed[layer].float(), pixels.float())
         logits = sample_logits_shared(logit_maps, pts)  # (b, q, p)
-        pos = F.softplus(-logits)  # BCE against 1
+        # BCE against t: softplus(x) - x * t (softplus(-x) = softplus(x) - x): one softplus and one
+        # product instead of the official two of each (BCE against 1 and against 0)
         neg = F.softplus(logits)  # BCE against 0
-        cost_mask = (torch.einsum("bqp,bmp->bqm", pos, target) + torch.einsum("bqp,bmp->bqm", neg, 1 - target)) / p
+        cost_mask = (neg.sum(-1)[:, :, None] - torch.einsum("bqp,bmp->bqm", logits, target)) / p
         sig = logits.sigmoid()
         numer = 2 * torch.einsum("bqp,bmp->bqm", sig, target)
         denom = sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :]
@@ -253,7 +260,7 @@ def point_mask_loss_reference(mask_embed: Tensor, pixel_embed: Tensor, assignmen
         query = assignment[layer].clamp(min=0)
         emb = torch.gather(mask_embed[layer], 1, query[..., None].expand(b, m, mask_embed.shape[-1]))  # (b, m, c)
         pixels = pixel_embed[layer] if pixel_embed.dim() == 5 else pixel_embed
-        logit_maps = torch.einsum("bmc,bchw->bmhw", emb.float(), pixels.float())
+        logit_maps = embed_product(emb, pixels)
         pts = importance_points(logit_maps.detach(), candidates[layer], extra[layer], num_uncertain)
         logits = sample_logits(logit_maps, pts)  # (b, m, p)
         target = sample_segment_targets(seg_maps, segments, pts)
