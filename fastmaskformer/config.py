@@ -122,6 +122,8 @@ class SolverConfig:
     clip_grad_norm: float = 0.01  # full-model clipping (official)
     amp: bool = False  # bf16 autocast (our option)
     compile: bool = False  # torch.compile the model forward and the criterion's loss region (our option)
+    fsdp: bool = False  # FSDP2 (fully_shard per ViT block) instead of DDP under torchrun; EoMT only
+    activation_checkpointing: bool = False  # recompute each ViT block in the backward pass; EoMT only
     grad_accum: int = 1
     checkpoint_period: int = 5000
     eval_period: int = 5000

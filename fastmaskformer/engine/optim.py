@@ -21,11 +21,13 @@
 """
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _NORM_TYPES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -205,10 +207,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, solver) -> torch.optim.
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Full-model clipping: one L2 norm over every gradient. Returns the norm before clipping
-    (non-finite when a gradient is; the caller decides). ``max_norm <= 0`` only measures."""
+    (non-finite when a gradient is; the caller decides; a plain tensor under FSDP too).
+    ``max_norm <= 0`` only measures."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+    # max_norm inf: a clip coefficient of exactly 1 (FSDP's sharded gradients need the library's norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, error_if_nonfinite=False)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
