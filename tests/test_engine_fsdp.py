@@ -170,7 +170,7 @@ def test_activation_checkpointing_gradients_and_bad_use(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     calls = []
     for block in model.backbone.blocks:
-        block.register_forward_hook(lambda *_: calls.append(1))
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation stops early: no post hook
 
     def grads():
         model.zero_grad()
