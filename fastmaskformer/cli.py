@@ -164,11 +164,15 @@ def cmd_train(args) -> int:
     cfg = build_config(args)
     _check_dataset(cfg)
     _check_model(cfg)
-    _check_solver(cfg)
     if args.amp:
         cfg.solver.amp = True
     if args.compile:
         cfg.solver.compile = True
+    if args.fsdp:
+        cfg.solver.fsdp = True
+    if args.activation_checkpointing:
+        cfg.solver.activation_checkpointing = True
+    _check_solver(cfg)
     resume = _resume_arg(args)
     if args.weights is not None and not Path(args.weights).is_file():
         raise UserError(f"--weights {args.weights}: no such checkpoint")
@@ -199,6 +203,12 @@ def _check_solver(cfg: Config) -> None:
     if cfg.solver.grad_accum < 1 or cfg.solver.batch_size % (world * cfg.solver.grad_accum):
         raise UserError(f"solver.batch_size {cfg.solver.batch_size} must be divisible by the number of processes "
                         f"({world}) x solver.grad_accum ({cfg.solver.grad_accum})")
+    from .engine.sharding import check_options
+
+    try:
+        check_options(cfg.solver, cfg.model.meta_arch, world)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _resume_arg(args):
@@ -469,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "must be the dataset's) at iteration 0 with a fresh optimiser; --resume wins over it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model and the loss (solver.compile; the matcher's one host sync stays)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="EoMT under torchrun: FSDP2, one shard unit per ViT block, instead of DDP (solver.fsdp; "
+                        "checkpoints stay full state dicts; needs solver.eval_period=0)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="EoMT: recompute each ViT block in the backward pass (solver.activation_checkpointing)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip the update of an iteration with a NaN/inf loss or gradient instead of stopping")
     p.add_argument("--deterministic", action="store_true",

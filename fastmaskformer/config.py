@@ -112,12 +112,18 @@ class SolverConfig:
     warmup_iters: int = 0
     warmup_factor: float = 1.0
     lr_scheduler: str = "poly"  # poly (detectron2 WarmupPolyLR) | step (WarmupMultiStepLR: x gamma at each of steps)
+    # | two_stage_poly (EoMT: heads warm up over warmup_iters, then the backbone over backbone_warmup_iters; poly)
+    backbone_warmup_iters: int = 0  # two_stage_poly: the backbone's own warm-up, after warmup_iters
+    layer_decay: float = 1.0  # ViT layer-wise lr decay (EoMT official 0.8): block i x decay**(depth-1-i); 1.0 = off
+    layer_decay_query_blocks: bool = True  # false: EoMT's query blocks keep the full lr (official llrd_l2_enabled)
     poly_power: float = 0.9
     steps: tuple = ()
     gamma: float = 0.1
     clip_grad_norm: float = 0.01  # full-model clipping (official)
     amp: bool = False  # bf16 autocast (our option)
     compile: bool = False  # torch.compile the model forward and the criterion's loss region (our option)
+    fsdp: bool = False  # FSDP2 (fully_shard per ViT block) instead of DDP under torchrun; EoMT only
+    activation_checkpointing: bool = False  # recompute each ViT block in the backward pass; EoMT only
     grad_accum: int = 1
     checkpoint_period: int = 5000
     eval_period: int = 5000
@@ -348,14 +354,15 @@ def _eomt(dataset: str, vit: str, size: int, epochs: int, annealing: tuple, quer
     ``vit`` "dinov2-l" etc. (ViT S/B/L/g, queries in the last 3/3/4/5 blocks), ``size`` the
     square input (crop and test size), ``annealing`` the mask-annealing (start, end) steps per
     query block (power 0.9). Recipe (``training/lightning_module.py`` defaults, ``main.py``): batch 16, AdamW
-    lr 1e-4 (DINOv3 2e-4), weight decay 0.05 on every parameter, poly 0.9 per iteration, clipping
-    0.01, class 2 / BCE 5 / dice 5 / no-object 0.1 on 12544 points (oversample 3, importance
-    0.75), test thresholds 0.8. Not expressible here yet: layer-wise lr decay 0.8 over the ViT
-    blocks (the query blocks exempt), the two-stage warm-up (head 500 iterations, then the ViT
-    1000; DINOv3 2000 + 3000; approximated by one linear warm-up from 0 over the sum), fp16
-    mixed precision (``amp`` is bf16 here), DINOv3's delta-weight fine-tuning. (The DINOv3 ADE20K
-    config's ``lr_mult: 0.1`` changes no learning rate in the official optimizer: its branch is
-    unreachable; with ``llrd: 1.0`` every ViT parameter gets the full lr, as here.)"""
+    lr 1e-4 (DINOv3 2e-4), weight decay 0.05 on every parameter, layer-wise lr decay 0.8 over
+    the ViT blocks (DINOv2: the query blocks too; DINOv3, ``llrd_l2_enabled: False``: the query
+    blocks keep the full lr; DINOv3 ADE20K: ``llrd: 1.0``, no decay), the two-stage warm-up
+    (heads 500 iterations, then the ViT 1000; DINOv3 2000 + 3000) then poly 0.9 per iteration,
+    clipping 0.01, class 2 / BCE 5 / dice 5 / no-object 0.1 on 12544 points (oversample 3,
+    importance 0.75), test thresholds 0.8. Not expressible here: fp16 mixed precision (``amp``
+    is bf16 here), DINOv3's delta-weight fine-tuning. (The DINOv3 ADE20K config's ``lr_mult:
+    0.1`` changes no learning rate in the official optimizer: its branch is unreachable; with
+    ``llrd: 1.0`` every ViT parameter gets the full lr, as here.)"""
     family, letter = vit.split("-")
     width, num_blocks = _EOMT_DEPTH_BLOCKS[letter]
     task = {"coco-instance": "instance", "ade20k-150": "semantic", "ade20k-full-847": "semantic",
@@ -372,11 +379,14 @@ def _eomt(dataset: str, vit: str, size: int, epochs: int, annealing: tuple, quer
     loss.mask_loss, loss.mask_sampling = "bce", "points"
     loss.num_points, loss.oversample_ratio, loss.importance_sample_ratio = 12544, 3.0, 0.75
     s = cfg.solver
-    s.batch_size, s.max_iter, s.lr_scheduler, s.poly_power = 16, epochs * _EOMT_EPOCH_ITERS[dataset], "poly", 0.9
+    s.batch_size, s.max_iter, s.poly_power = 16, epochs * _EOMT_EPOCH_ITERS[dataset], 0.9
+    s.lr_scheduler = "two_stage_poly"
     s.lr = 2e-4 if family == "dinov3" else 1e-4
     s.weight_decay = s.weight_decay_norm = s.weight_decay_embed = 0.05
     s.backbone_multiplier, s.clip_grad_norm, s.amp = 1.0, 0.01, True
-    s.warmup_iters, s.warmup_factor = (5000 if family == "dinov3" else 1500), 0.0
+    s.warmup_iters, s.backbone_warmup_iters = (2000, 3000) if family == "dinov3" else (500, 1000)
+    s.layer_decay = 1.0 if (family, dataset) == ("dinov3", "ade20k-150") else 0.8
+    s.layer_decay_query_blocks = family == "dinov2"
     d = cfg.data
     d.dataset, d.task, d.crop_size = dataset, task, (size, size)
     d.ignore_label = 65535 if dataset == "ade20k-full-847" else 255

@@ -13,8 +13,8 @@ import importlib
 _LAZY = {
     "CheckpointError": "checkpoint", "CheckpointManager": "checkpoint", "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint", "init_distributed": "distributed", "evaluate_dataset": "evaluator",
-    "WarmupPoly": "optim", "build_lr_scheduler": "optim", "build_optimizer": "optim",
-    "build_param_groups": "optim", "Predictor": "predictor", "load_image": "predictor",
+    "WarmupPoly": "optim", "TwoStageWarmupPoly": "optim", "build_lr_scheduler": "optim",
+    "build_optimizer": "optim", "build_param_groups": "optim", "Predictor": "predictor", "load_image": "predictor",
     "NonFiniteLossError": "trainer", "Trainer": "trainer", "run_demo": "demo", "plot_metrics": "plot",
 }
 

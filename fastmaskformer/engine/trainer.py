@@ -4,7 +4,9 @@ One iteration = ``grad_accum`` micro-batches of ``batch_size / (world_size * gra
 images per rank, their gradients summed (each loss divided by ``grad_accum``), full-model
 gradient clipping, one AdamW step, one scheduler step. ``cfg.solver`` drives everything:
 ``max_iter``, ``eval_period``, ``checkpoint_period``, ``keep_checkpoints``, ``amp`` (bf16
-autocast), ``seed``.
+autocast), ``seed``, ``fsdp`` and ``activation_checkpointing`` (EoMT; ``sharding.py``: FSDP2
+replaces DDP under torchrun, checkpoints stay full state dicts written by rank 0, so one
+file serves one process, DDP and FSDP alike).
 
 Outputs in ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one JSON object per logged
 iteration: iter, lr, every loss term, total_loss, grad_norm, images_per_s, time; evaluation
@@ -59,6 +61,14 @@ from .checkpoint import (
     restore_rng_state,
 )
 from .optim import build_lr_scheduler, build_optimizer, clip_grad_norm
+from .sharding import check_options as check_sharding_options
+from .sharding import (
+    enable_activation_checkpointing,
+    full_state,
+    shard_model,
+    shard_model_state,
+    shard_optimizer_state,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,6 +160,7 @@ class Trainer:
             raise ValueError(f"solver.batch_size {solver.batch_size} is not divisible by world_size {world} "
                              f"x solver.grad_accum {solver.grad_accum}")
         self.micro_batch = solver.batch_size // (world * solver.grad_accum)
+        check_sharding_options(solver, cfg.model.meta_arch, world)
 
         # datasets first: a missing dataset fails before any model is built, not mid-run
         self.train_dataset = train_dataset if train_dataset is not None else build_dataset(
@@ -172,6 +183,10 @@ class Trainer:
         seed_all(solver.seed)  # same initial weights on every rank
         self.model = build_model(cfg.model).to(self.device)
         self.model.train()
+        if solver.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if solver.fsdp:
+            shard_model(self.model)
         self.criterion = None if hasattr(self.model, "losses") else build_criterion(cfg).to(self.device)
         if self.criterion is not None and hasattr(self.criterion, "seed"):
             self.criterion.seed += self.dist.rank  # each rank draws its own points (as the official global RNG)
@@ -181,7 +196,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, solver)
         self.ddp = self.model
         self.forward = self.ddp  # the model forward the step calls (compiled with solver.compile)
-        if world > 1:
+        if world > 1 and not solver.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if solver.compile:
@@ -206,13 +221,14 @@ class Trainer:
             self.load_weights(weights)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self, rng: list[dict]) -> dict:
-        """The checkpoint contents; ``rng``: every rank's ``capture_rng_state()``, indexed by rank."""
+    def state_dict(self, rng: list[dict], model: dict, optimizer: dict) -> dict:
+        """The checkpoint contents; ``rng``: every rank's ``capture_rng_state()``, indexed by rank;
+        ``model`` / ``optimizer``: their full state dicts (:meth:`full_states`)."""
         return {
-            "model": self.model.state_dict(),
+            "model": model,
             "config": self.cfg.to_dict(),
             "iteration": self.iteration,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "data": {"samples": self.samples, "seed": self.cfg.solver.seed, "world_size": self.dist.world_size},
@@ -232,7 +248,8 @@ class Trainer:
         path = Path(path)
         state = load_checkpoint(path, map_location="cpu")
         self._check_saved_classes(state, path)
-        load_model_weights(self.model, state["model"], path, "; --weights needs a checkpoint of this architecture")
+        load_model_weights(self.model, shard_model_state(state["model"], self.model), path,
+                           "; --weights needs a checkpoint of this architecture")
 
     def load(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint written by :meth:`save` (any rank reads the same file)."""
@@ -255,9 +272,9 @@ class Trainer:
         if not isinstance(state["rng"], list) or len(state["rng"]) != world:
             raise CheckpointError(f"checkpoint {path} has no per-rank RNG states (written by an older fastmaskformer); "
                                   "it cannot resume exactly")
-        load_model_weights(self.model, state["model"], path,
+        load_model_weights(self.model, shard_model_state(state["model"], self.model), path,
                            f"; resume with the config it was written with ({path.parent / 'config.yaml'})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         self.samples = int(state["data"]["samples"])
@@ -291,16 +308,21 @@ class Trainer:
         """Checkpoint the current iteration (every rank sends its RNG state, rank 0 writes, every
         rank waits)."""
         rng = du.gather_to_main(self.capture_rng())
+        model, optimizer = self.full_states()
         path = None
         if self.dist.is_main:
-            bad = [n for n, p in self.model.state_dict().items()  # (EoMT's extra state is a dict)
+            bad = [n for n, p in model.items()  # (EoMT's extra state is a dict)
                    if torch.is_tensor(p) and p.is_floating_point() and not torch.isfinite(p).all()]
             if bad:
                 raise NonFiniteLossError(f"refusing to write a checkpoint at iteration {self.iteration}: "
                                          f"non-finite values in {bad[:3]}")
-            path = self.checkpoints.save(self.iteration, self.state_dict(rng))
+            path = self.checkpoints.save(self.iteration, self.state_dict(rng, model, optimizer))
         du.barrier()
         return path
+
+    def full_states(self) -> tuple[dict, dict]:
+        """The model's and the optimiser's full state dicts (FSDP shards gathered: every rank calls it)."""
+        return full_state(self.model.state_dict()), full_state(self.optimizer.state_dict())
 
     # ------------------------------------------------------------------ data
     def _loader(self) -> DataLoader:
@@ -322,6 +344,8 @@ class Trainer:
         images, _ = self.model.preprocess(batch["images"])
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.solver.amp)
         no_sync = self.ddp.no_sync() if (not sync and self.ddp is not self.model) else nullcontext()
+        if self.cfg.solver.fsdp:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+            self.model.set_requires_gradient_sync(sync)
         with no_sync:
             with autocast:
                 outputs = self.forward(images)

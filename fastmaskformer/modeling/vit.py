@@ -16,7 +16,9 @@ downloaded unless asked.
 from __future__ import annotations
 
 import timm
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 _ALIASES = {
     "dinov2_small": "vit_small_patch14_reg4_dinov2",
@@ -45,7 +47,8 @@ class ViTEncoder(nn.Module):
 
     ``embed_dim``: C. ``num_prefix_tokens``: class + register tokens in front of the patches.
     ``timm_kwargs`` override the timm model's arguments (depth, embed_dim, ... for converted or
-    test models).
+    test models). ``activation_checkpointing``: recompute each block in the backward pass
+    (non-reentrant ``torch.utils.checkpoint``; the trainer's ``solver.activation_checkpointing``).
     """
 
     def __init__(self, name: str = "dinov2_large", img_size: int = 640, patch_size: int = 16,
@@ -57,6 +60,7 @@ class ViTEncoder(nn.Module):
         self.embed_dim = self.vit.embed_dim
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.uses_rope = getattr(self.vit, "rope", None) is not None
+        self.activation_checkpointing = False
 
     @property
     def blocks(self) -> nn.Sequential:
@@ -91,6 +95,8 @@ class ViTEncoder(nn.Module):
 
     def block(self, index: int, x: Tensor, attn_mask: Tensor | None, rope: Tensor | None) -> Tensor:
         """Block ``index`` on x [B, N, C]; attn_mask: bool [B, 1, N, N] (True = may attend) or None."""
-        if self.uses_rope:
-            return self.blocks[index](x, rope=rope, attn_mask=attn_mask)
-        return self.blocks[index](x, attn_mask=attn_mask)
+        block = self.blocks[index]
+        kwargs = {"attn_mask": attn_mask, **({"rope": rope} if self.uses_rope else {})}
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)
