@@ -149,6 +149,9 @@ def test_dinov3_delta_weights_equal_the_official_code(official_eomt, tmp_path):
             if not name.startswith("encoder."):
                 p.zero_()
     official = nontrivial_(network(), seed=2).eval()
+    with torch.no_grad():  # fine-tuning moved every backbone weight
+        for p in official.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     delta = {"network." + k: v - initial.state_dict()[k] for k, v in official.state_dict().items()}
     delta["criterion.empty_weight"] = torch.ones(6)
     cfg = fmf.get_config("eomt-coco-panoptic-dinov3-s-640-2x")
