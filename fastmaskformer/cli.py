@@ -392,12 +392,14 @@ def cmd_convert(args) -> int:
 
     try:
         src, preset = _convert_source(args)
+        if args.backbone and args.from_format != "eomt":
+            raise UserError("--backbone is for --from eomt (the DINOv3 backbone of a DINOv3 EoMT checkpoint)")
         if args.from_format == "hf":
             cfg = convert.convert_hf_directory(src, args.out)
         elif args.from_format == "eomt":
             if not preset:
                 raise UserError("convert --from eomt needs --preset NAME (the eomt-* preset of the checkpoint)")
-            cfg = convert.convert_eomt_file(src, args.out, preset)
+            cfg = convert.convert_eomt_file(src, args.out, preset, args.backbone)
         else:
             if not preset:
                 raise UserError("convert --from detectron2 needs --preset NAME (the architecture of the checkpoint)")
@@ -571,8 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(facebook/maskformer-swin-base-ade, tue-mps/coco_panoptic_eomt_large_640), "
                                    "downloaded; --from detectron2 FILE_URL_OR_PRESET [--preset NAME]: an official "
                                    "MaskFormer .pkl/.pth, its URL, or a preset name for its model-zoo checkpoint "
-                                   "(fastmaskformer weights list); --from eomt FILE_OR_URL --preset NAME: an official "
-                                   "EoMT (tue-mps/eomt, DINOv2) pytorch_model.bin and its eomt-* preset. Downloads go "
+                                   "(fastmaskformer weights list); --from eomt FILE_OR_URL --preset NAME [--backbone PATH]: "
+                                   "an official EoMT (tue-mps/eomt) pytorch_model.bin and its eomt-* preset; DINOv3 "
+                                   "releases hold deltas and need the DINOv3 backbone they were fine-tuned from. "
+                                   "Downloads go "
                                    "to $FASTMASKFORMER_CACHE (default ~/.cache/fastmaskformer), verified, resumable.")
     p.add_argument("--from", dest="from_format", choices=("hf", "detectron2", "eomt"), required=True,
                    help="source format")
@@ -580,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CKPT", help="output checkpoint (.pt)")
     p.add_argument("--preset", metavar="NAME",
                    help="architecture preset (detectron2: default for a model-zoo URL: its preset; eomt: required)")
+    p.add_argument("--backbone", metavar="PATH",
+                   help="eomt, DINOv3 checkpoints: the DINOv3 ViT they were fine-tuned from: a transformers "
+                        "DINOv3ViTModel folder (config.json + model.safetensors) or weights file, timm "
+                        "vit_*_patch16_dinov3 weights (.safetensors/.pth) or Meta's original .pth")
     p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     p.set_defaults(func=cmd_convert)
 

@@ -3,8 +3,10 @@
 With the official code (``models/eomt.py``, run unchanged; a checkout named by
 $FASTMASKFORMER_EOMT_OFFICIAL, skipped when unset): every prediction's class and mask logits equal
 after converting its ``network.*`` state dict (random weights, non-trivial norms and layer
-scales; masking on and off; eval and training). Without it: the key layout round trip, the
-preset check and the errors."""
+scales; masking on and off; eval and training), DINOv2 and DINOv3 (delta weights over a
+transformers DINOv3ViTModel: the official code pins transformers 4.56.1, whose DINOv3ViTModel
+has the ``layer`` its ``ViT`` renames; skipped on transformers 5). Without it: the key layout
+round trip, the preset check and the errors."""
 import importlib
 import os
 import sys
@@ -119,6 +121,62 @@ def test_cli_converts_an_official_sized_checkpoint(official_eomt, tmp_path):
     ours = fmf.build_model(fmf.Config.from_dict(ckpt["config"]).model)
     ours.load_state_dict(ckpt["model"])
     compare(official, ours.eval(), torch.randint(0, 256, (1, 3, 640, 640)).float(), 4)
+
+
+def test_dinov3_delta_weights_equal_the_official_code(official_eomt, tmp_path):
+    """DINOv3: the official ``ViT`` around a transformers ``DINOv3ViTModel`` (a saved folder: the
+    'pretrained' backbone), the network fine-tuned (random non-trivial weights), published as the
+    delta the official loader adds back to a fresh network; converted with ``--backbone FOLDER``."""
+    transformers = pytest.importorskip("transformers")
+    from fastmaskformer.convert.eomt import load_dinov3_backbone
+
+    EoMT, vit = official_eomt
+    config = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                          intermediate_size=128, image_size=64, num_register_tokens=4)
+    torch.manual_seed(1)
+    nontrivial_(transformers.DINOv3ViTModel(config), seed=1).save_pretrained(tmp_path / "dinov3")
+    if not hasattr(transformers.AutoModel.from_pretrained(tmp_path / "dinov3"), "layer"):
+        pytest.skip(f"the official ViT needs DINOv3ViTModel.layer (transformers 4.x; it pins 4.56.1), "
+                    f"transformers {transformers.__version__} has none")
+
+    def network():
+        encoder = vit.ViT((64, 64), backbone_name=str(tmp_path / "dinov3"))
+        return EoMT(encoder, num_classes=5, num_q=6, num_blocks=2)
+
+    initial = network()  # the official delta loader's start: the backbone, zeros elsewhere, initial buffers
+    with torch.no_grad():
+        for name, p in initial.named_parameters():
+            if not name.startswith("encoder."):
+                p.zero_()
+    official = nontrivial_(network(), seed=2).eval()
+    with torch.no_grad():  # fine-tuning moved every backbone weight
+        for p in official.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    delta = {"network." + k: v - initial.state_dict()[k] for k, v in official.state_dict().items()}
+    delta["criterion.empty_weight"] = torch.ones(6)
+    cfg = fmf.get_config("eomt-coco-panoptic-dinov3-s-640-2x")
+    m = cfg.model
+    m.backbone.kwargs = dict(embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0)
+    m.backbone.img_size, m.num_blocks, m.num_queries, m.num_classes = 64, 2, 6, 5
+    m.mask_annealing_start = m.mask_annealing_end = ()
+    ours = from_eomt_official(delta, cfg, *load_dinov3_backbone(tmp_path / "dinov3"))
+    assert ours.mask_annealing.probs == [1.0, 1.0]
+    images = torch.randint(0, 256, (2, 3, 64, 64)).float()
+    compare(official, ours, images, 3)
+    with torch.no_grad():
+        official.attn_mask_probs.zero_()
+    ours.mask_annealing.probs = [0.0, 0.0]
+    compare(official, ours, images, 1)
+    official.train(), ours.train()  # training: DINOv3's RoPE rescaling draws the same (global RNG, first draw)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        reference = official(images / 255.0)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = ours(ours.preprocess(list(images))[0])
+    for layer in range(3):
+        torch.testing.assert_close(out.class_logits[layer], reference[1][layer], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.pred_masks(layer), reference[0][layer], rtol=1e-4, atol=1e-4)
 
 
 def test_official_layout_round_trip_and_errors(tmp_path):

@@ -44,9 +44,10 @@ from .hf_common import (
     HF_MEAN, HF_STD, backbone_config_from_hf, canonical_key, finish_state, place, resnet_key, swin_key,
 )
 from .hf_eomt import eomt_config_from_hf, eomt_state_from_hf
+from .hf_eomt_dinov3 import eomt_dinov3_config_from_hf, eomt_dinov3_state_from_hf
 from .hf_mask2former import mask2former_config_from_hf, mask2former_state_from_hf
 
-_MODEL_TYPES = ("maskformer", "mask2former", "eomt")
+_MODEL_TYPES = ("maskformer", "mask2former", "eomt", "eomt_dinov3")
 
 # ----------------------------------------------------------------------------- configuration
 def model_config_from_hf(hf_config: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None) -> ModelConfig:
@@ -166,11 +167,13 @@ def _load_into(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 def _convert(hf_config: Mapping[str, Any], hf_state: Mapping[str, Tensor],
              preprocessor: Mapping[str, Any] | None = None) -> tuple[ModelConfig, nn.Module]:
-    """Dispatch on the HF ``model_type``: maskformer (here), mask2former, eomt."""
+    """Dispatch on the HF ``model_type``: maskformer (here), mask2former, eomt, eomt_dinov3."""
     kind = hf_config.get("model_type")
-    if kind == "eomt":
-        model_cfg = eomt_config_from_hf(hf_config, preprocessor)
-        return model_cfg, _load_into(build_model(model_cfg), eomt_state_from_hf(hf_state))
+    if kind in ("eomt", "eomt_dinov3"):
+        config_from_hf, state_from_hf = ((eomt_config_from_hf, eomt_state_from_hf) if kind == "eomt" else
+                                         (eomt_dinov3_config_from_hf, eomt_dinov3_state_from_hf))
+        model_cfg = config_from_hf(hf_config, preprocessor)
+        return model_cfg, _load_into(build_model(model_cfg), state_from_hf(hf_state))
     if kind == "mask2former":
         model_cfg = mask2former_config_from_hf(hf_config, preprocessor)
         backbone = "swin" if model_cfg.backbone.name.startswith("swin") else "resnet"
@@ -184,7 +187,7 @@ def _convert(hf_config: Mapping[str, Any], hf_state: Mapping[str, Tensor],
 def from_hf(hf_model) -> nn.Module:
     """A ``transformers.MaskFormerForInstanceSegmentation`` (in memory) -> our ``MaskFormer``, a
     ``Mask2FormerForUniversalSegmentation`` (ResNet or Swin backbone) -> our ``Mask2Former``, or an
-    ``EomtForUniversalSegmentation`` (DINOv2) -> our ``EoMT``, with the same weights, in eval mode
+    ``EomtForUniversalSegmentation`` (DINOv2) / ``EomtDinov3ForUniversalSegmentation`` -> our ``EoMT``, with the same weights, in eval mode
     on the CPU, float32."""
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in hf_model.state_dict().items()}

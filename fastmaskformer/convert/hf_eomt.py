@@ -36,7 +36,7 @@ _DINOV2 = {
     (1536, 40, 24, True): "dinov2_giant",
 }
 
-_RULES = [  # (HF name pattern, our name); "#q|k|v" / "#gate|up" parts are packed
+_VIT_RULES = [  # (HF name pattern, our name) of the DINOv2 ViT; "#q|k|v" / "#gate|up" parts are packed
     (r"embeddings\.cls_token", r"backbone.vit.cls_token"),
     (r"embeddings\.register_tokens", r"backbone.vit.reg_token"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"backbone.vit.patch_embed.proj.\1"),
@@ -48,6 +48,8 @@ _RULES = [  # (HF name pattern, our name); "#q|k|v" / "#gate|up" parts are packe
     (r"layers\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)", r"backbone.vit.blocks.\1.mlp.fc1.\3#\2"),
     (r"layers\.(\d+)\.mlp\.down_proj\.(weight|bias)", r"backbone.vit.blocks.\1.mlp.fc2.\2"),
     (r"layernorm\.(weight|bias)", r"backbone.vit.norm.\1"),
+]
+_HEAD_RULES = [  # the EoMT parts outside the ViT, shared by the DINOv2 and DINOv3 models
     (r"query\.weight", r"queries.weight"),
     (r"upscale_block\.block\.(\d+)\.(conv[12])\.(weight|bias)", r"upscale.\1.\2.\3"),
     (r"upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)", r"upscale.\1.norm.\2"),
@@ -57,11 +59,12 @@ _RULES = [  # (HF name pattern, our name); "#q|k|v" / "#gate|up" parts are packe
 _SKIP = re.compile(r"criterion\.empty_weight|embeddings\.position_ids|attn_mask_probs")
 
 
-def _get(hf_config: Any, key: str, default=None):
+def hf_value(hf_config: Any, key: str, default=None):
+    """``hf_config.key`` of a HF config object or dict."""
     return hf_config.get(key, default) if isinstance(hf_config, Mapping) else getattr(hf_config, key, default)
 
 
-def _size(value) -> int:
+def hf_square_size(value) -> int:
     """HF image/patch sizes may be an int or a square pair."""
     if isinstance(value, (list, tuple)):
         if value[0] != value[1]:
@@ -72,14 +75,14 @@ def _size(value) -> int:
 
 def eomt_config_from_hf(hf_config: Any, preprocessor: Mapping[str, Any] | None = None) -> ModelConfig:
     """Our ``ModelConfig`` (meta_arch eomt) from a HF ``EomtConfig`` (object or dict)."""
-    if _get(hf_config, "model_type") != "eomt":
-        raise ValueError(f"HF model_type {_get(hf_config, 'model_type')!r} is not 'eomt' (DINOv2 EoMT); "
-                         "DINOv3 EoMT (eomt_dinov3) does not convert yet")
-    if _get(hf_config, "hidden_act", "gelu") != "gelu" or float(_get(hf_config, "layer_norm_eps", 1e-6)) != 1e-6:
+    if hf_value(hf_config, "model_type") != "eomt":
+        raise ValueError(f"HF model_type {hf_value(hf_config, 'model_type')!r} is not 'eomt' (DINOv2 EoMT; "
+                         "DINOv3 EoMT, eomt_dinov3, converts in hf_eomt_dinov3)")
+    if hf_value(hf_config, "hidden_act", "gelu") != "gelu" or float(hf_value(hf_config, "layer_norm_eps", 1e-6)) != 1e-6:
         raise ValueError("only HF EoMT with GELU and LayerNorm eps 1e-6 (DINOv2, as released) converts")
-    dim, depth, heads = (int(_get(hf_config, k)) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
-    swiglu = bool(_get(hf_config, "use_swiglu_ffn", False))
-    mlp_ratio = float(_get(hf_config, "mlp_ratio", 4))
+    dim, depth, heads = (int(hf_value(hf_config, k)) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
+    swiglu = bool(hf_value(hf_config, "use_swiglu_ffn", False))
+    mlp_ratio = float(hf_value(hf_config, "mlp_ratio", 4))
     name = _DINOV2.get((dim, depth, heads, swiglu)) if mlp_ratio == 4 else None
     kwargs: dict[str, Any] = {}
     if name is None:
@@ -88,23 +91,46 @@ def eomt_config_from_hf(hf_config: Any, preprocessor: Mapping[str, Any] | None =
         if swiglu:  # HF keeps 2/3 of the hidden size rounded up to 8; timm packs gate and up in one fc1
             hidden = 2 * ((int(hidden * 2 / 3) + 7) // 8 * 8)
         kwargs = dict(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=(hidden + 0.5) / dim)
-    kwargs["reg_tokens"] = int(_get(hf_config, "num_register_tokens", 4))
+    kwargs["reg_tokens"] = int(hf_value(hf_config, "num_register_tokens", 4))
     if kwargs["reg_tokens"] == 4:
         del kwargs["reg_tokens"]
-    labels = _get(hf_config, "id2label")
-    num_classes = len(labels) if labels else int(_get(hf_config, "num_labels"))
+    return eomt_model_config(hf_config, name, kwargs, preprocessor)
+
+
+def eomt_model_config(hf_config: Any, vit: str, vit_kwargs: dict, preprocessor: Mapping[str, Any] | None) -> ModelConfig:
+    """Our EoMT ``ModelConfig`` around the ViT ``vit`` (alias + timm kwargs): queries, query
+    blocks, classes, input and patch size from a HF EoMT config; pixel mean/std from its image
+    processor (ImageNet by default)."""
+    labels = hf_value(hf_config, "id2label")
+    num_classes = len(labels) if labels else int(hf_value(hf_config, "num_labels"))
     mean, std = HF_MEAN, HF_STD
     if preprocessor:
         mean = tuple(preprocessor.get("image_mean", mean))
         std = tuple(preprocessor.get("image_std", std))
-    patch = _size(_get(hf_config, "patch_size", 16))
+    patch = hf_square_size(hf_value(hf_config, "patch_size", 16))
+    image_size = hf_square_size(hf_value(hf_config, "image_size", 640))
     return ModelConfig(
-        meta_arch="eomt", backbone=BackboneConfig(name=name, img_size=_size(_get(hf_config, "image_size", 640)),
-                                                  kwargs=kwargs),
-        num_classes=num_classes, num_queries=int(_get(hf_config, "num_queries")),
-        num_blocks=int(_get(hf_config, "num_blocks")), patch_size=patch, size_divisibility=patch,
+        meta_arch="eomt", backbone=BackboneConfig(name=vit, img_size=image_size, kwargs=vit_kwargs),
+        num_classes=num_classes, num_queries=int(hf_value(hf_config, "num_queries")),
+        num_blocks=int(hf_value(hf_config, "num_blocks")), patch_size=patch, size_divisibility=patch,
         pixel_mean=tuple(round(255.0 * m, 6) for m in mean), pixel_std=tuple(round(255.0 * s, 6) for s in std),
     )
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, target in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, target, key)
+    return None
+
+
+def head_key(key: str) -> str | None:
+    """HF EoMT name outside the ViT (queries, class head, mask head, upscaling) -> ours, or None."""
+    ours = _rename(key, _HEAD_RULES)
+    if ours is not None and ours.startswith("mask_head."):  # HF fc1/2/3 -> our Sequential's Linear 0/2/4
+        index, leaf = ours.split(".")[1:]
+        ours = f"mask_head.{2 * (int(index) - 1)}.{leaf}"
+    return ours
 
 
 def eomt_state_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -121,20 +147,14 @@ def eomt_state_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key == "embeddings.position_embeddings.weight":
             out["backbone.vit.pos_embed"] = value[None]
             continue
-        for pattern, target in _RULES:
-            if re.fullmatch(pattern, key):
-                ours = re.sub(pattern, target, key)
-                if ours.startswith("mask_head."):  # HF fc1/2/3 -> our Sequential's Linear 0/2/4
-                    index, leaf = ours.split(".")[1:]
-                    ours = f"mask_head.{2 * (int(index) - 1)}.{leaf}"
-                if ours.endswith(("#gate", "#up")):
-                    target_key, part = ours.split("#")
-                    swiglu.setdefault(target_key, {})[part] = value
-                else:
-                    place(out, packed, ours, value)
-                break
-        else:
+        ours = head_key(key) or _rename(key, _VIT_RULES)
+        if ours is None:
             unknown.append(key)
+        elif ours.endswith(("#gate", "#up")):
+            target_key, part = ours.split("#")
+            swiglu.setdefault(target_key, {})[part] = value
+        else:
+            place(out, packed, ours, value)
     for target_key, parts in swiglu.items():
         if set(parts) != {"gate", "up"}:
             raise ValueError(f"incomplete SwiGLU projections for {target_key}: found {sorted(parts)}")

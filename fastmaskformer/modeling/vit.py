@@ -15,8 +15,11 @@ downloaded unless asked.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import timm
 import torch
+from timm.layers import LayerNorm
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -47,13 +50,16 @@ class ViTEncoder(nn.Module):
 
     ``embed_dim``: C. ``num_prefix_tokens``: class + register tokens in front of the patches.
     ``timm_kwargs`` override the timm model's arguments (depth, embed_dim, ... for converted or
-    test models). ``activation_checkpointing``: recompute each block in the backward pass
-    (non-reentrant ``torch.utils.checkpoint``; the trainer's ``solver.activation_checkpointing``).
+    test models); ``norm_eps`` sets every LayerNorm's epsilon (timm: 1e-6 DINOv2, 1e-5 DINOv3).
+    ``activation_checkpointing``: recompute each block in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``; the trainer's ``solver.activation_checkpointing``).
     """
 
     def __init__(self, name: str = "dinov2_large", img_size: int = 640, patch_size: int = 16,
-                 pretrained: bool = False, **timm_kwargs):
+                 pretrained: bool = False, norm_eps: float | None = None, **timm_kwargs):
         super().__init__()
+        if norm_eps is not None:
+            timm_kwargs["norm_layer"] = partial(LayerNorm, eps=float(norm_eps))
         self.vit = timm.create_model(resolve_vit_name(name), pretrained=pretrained, img_size=img_size,
                                      patch_size=patch_size, num_classes=0, dynamic_img_size=True, **timm_kwargs)
         self.patch_size = patch_size
