@@ -91,6 +91,9 @@ class DataConfig:
     base_size_train: int | None = None  # shortest edges = int(f * base); None -> max(crop_size)
     min_size_test: int = 512
     max_size_test: int = 2048
+    # test resize: shortest-edge (detectron2: shortest edge min_size_test, longest <= max_size_test) |
+    # eomt (official EoMT: semantic: shorter side, panoptic/instance: longer side to min_size_test)
+    test_resize: str = "shortest-edge"
     single_category_max_area: float = 1.0
     color_jitter: bool = True
     augmentation: str | None = None  # training pipeline: semantic | detr | lsj; None: detr for COCO panoptic only
@@ -392,7 +395,7 @@ def _eomt_test_sizes(cfg: Config) -> Config:
     """Official EoMT inference: panoptic/instance images resized to fit the square input size (then
     padded), semantic images with their shorter side at the input size (then windowed)."""
     size = cfg.data.crop_size[0]
-    cfg.data.min_size_test = size
+    cfg.data.min_size_test, cfg.data.test_resize = size, "eomt"
     if cfg.data.task != "semantic":
         cfg.data.max_size_test = size
     return cfg

@@ -84,6 +84,46 @@ def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple:
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def eomt_test_size(h: int, w: int, size: int, task: str) -> tuple:
+    """Output (h, w) of the official EoMT test resize to the square model size ``size``
+    (``scale_img_size_semantic`` / ``scale_img_size_instance_panoptic``): "semantic" scales the
+    shorter side to ``size`` (the image is then cut into windows), "panoptic" / "instance" the
+    longer side (the image is then padded); sides rounded as Python's ``round``, as there."""
+    pick = max if task == "semantic" else min
+    factor = pick(size / h, size / w)
+    return round(h * factor), round(w * factor)
+
+
+TEST_RESIZES = ("shortest-edge", "eomt")
+
+
+def resized_test_size(data_cfg, h: int, w: int, task: str | None = None) -> tuple:
+    """The test-resized (h, w) of an (h, w) image under ``data_cfg.test_resize``: "shortest-edge"
+    (detectron2: shortest edge ``min_size_test``, longest <= ``max_size_test``) or "eomt"
+    (:func:`eomt_test_size` at ``min_size_test`` for ``task``, default ``data_cfg.task``)."""
+    mode = getattr(data_cfg, "test_resize", "shortest-edge")
+    if mode == "eomt":
+        return eomt_test_size(h, w, int(data_cfg.min_size_test), task or data_cfg.task)
+    if mode != "shortest-edge":
+        raise ValueError(f"data.test_resize must be one of {', '.join(TEST_RESIZES)}, got {mode!r}")
+    return shortest_edge_size(h, w, int(data_cfg.min_size_test), int(data_cfg.max_size_test))
+
+
+class ResizeForTest:
+    """The test-time resize of :func:`resized_test_size` (``data_cfg``: a ``DataConfig``)."""
+
+    def __init__(self, data_cfg):
+        resized_test_size(data_cfg, 1, 1)  # a bad mode fails here, at build time
+        self.data_cfg = data_cfg
+
+    def __call__(self, image, seg, rng):
+        return resize(image, seg, resized_test_size(self.data_cfg, *image.shape[:2]))
+
+    def __repr__(self):
+        d = self.data_cfg
+        return f"ResizeForTest({getattr(d, 'test_resize', 'shortest-edge')}, {d.min_size_test}, {d.max_size_test})"
+
+
 class ResizeShortestEdge:
     """Resize the shortest edge to a random choice of ``short_edges``, longest <= max_size."""
 
@@ -391,6 +431,8 @@ def build_augmentation(data_cfg, train: bool, ignore_label: int) -> Compose:
     ``ignore_label``: the seg value of unlabelled pixels (padding, crop statistics): the
     dataset's ignore label for label maps, 0 (void) for panoptic id maps."""
     if not train:
+        if getattr(data_cfg, "test_resize", "shortest-edge") == "eomt":
+            return Compose([ResizeForTest(data_cfg)])
         return test_augmentation(data_cfg.min_size_test, data_cfg.max_size_test)
     pipeline = data_cfg.augmentation or ("detr" if data_cfg.dataset == "coco-panoptic" else "semantic")
     if pipeline == "detr":

@@ -17,6 +17,7 @@ from ..data import build_test_loader
 from ..data.metadata import check_label_space
 from ..evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 from ..modeling import num_classes_of
+from ..modeling.eomt import EoMT
 from . import distributed as du
 from .predictor import infer, semantic_tta
 
@@ -51,7 +52,8 @@ def evaluate_dataset(model: nn.Module, dataset, cfg, device: str | torch.device 
     check_label_space(num_classes_of(model), metadata, "the model", cfg.data.dataset)
     instance_data = getattr(dataset, "task", None) == "instance"  # InstanceSegmentation (or a wrapper saying so)
     panoptic_data = hasattr(dataset, "records") and not instance_data
-    queries = hasattr(model, "predictor") and getattr(model.predictor, "class_embed", None) is not None
+    queries = isinstance(model, EoMT) or (hasattr(model, "predictor")
+                                          and getattr(model.predictor, "class_embed", None) is not None)
     do_semantic = cfg.test.semantic_on and not instance_data
     do_panoptic = cfg.test.panoptic_on and panoptic_data and queries
     do_instance = cfg.test.instance_on and instance_data and queries
