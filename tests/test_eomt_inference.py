@@ -294,3 +294,71 @@ def test_confident_pixels_rule_is_the_official_one(impl):
         assert pairs.shape[1] == len(torch.unique(seg)) == len(torch.unique(ids))
         voids += int(((ids == 0) & (maskformer_rule[b][0] != 0)).sum())
     assert voids > 0  # the rule voids pixels MaskFormer's rule assigns
+
+
+# ----------------------------------------------------------------------------- data pipelines
+@pytest.mark.parametrize("name,scales,jitter", [
+    ("eomt-coco-panoptic-dinov2-l-640", (0.1, 2.0), False), ("eomt-coco-instance-dinov2-l-1280", (0.1, 2.0), False),
+    ("eomt-ade20k-150-dinov2-l-512", (0.5, 2.0), True), ("eomt-cityscapes-dinov2-l-1024", (0.5, 2.0), True),
+    ("eomt-ade20k-panoptic-dinov2-l-640", (0.1, 2.0), True)])
+def test_presets_use_the_official_training_pipeline(name, scales, jitter):
+    """datasets/<dataset>.py defaults: every dataset the same Transforms (colour jitter, flip,
+    ScaleJitter to the square size, black padding, RandomCrop); scale range and jitter per dataset."""
+    data = get_config(name).data
+    size = data.crop_size[0]
+    augment = build_augmentation(data, True, 255)
+    names = [type(t).__name__ for t in augment.transforms]
+    assert names == (["ColorJitterEoMT"] if jitter else []) + ["RandomFlip", "ResizeScale", "FixedSizeCrop"]
+    resize, crop = augment.transforms[-2], augment.transforms[-1]
+    assert (resize.min_scale, resize.max_scale, resize.target) == (*scales, (size, size))
+    assert crop.crop_size == (size, size) and crop.pad.image_value == 0 and crop.pad.seg_value == 255
+    assert data.test_resize == "eomt" and data.min_size_test == size
+    rng = np.random.default_rng(0)
+    image, seg = augment(np.full((30, 50, 3), 200, np.uint8), np.ones((30, 50), np.int64), rng)
+    assert image.shape == (size, size, 3) and seg.shape == (size, size)
+    assert (image[seg == 255] == 0).all() and (image[seg == 1] > 0).all()  # padding: black, ignored
+
+
+def test_eomt_colour_jitter_is_torchvision_s():
+    """Each step of ColorJitterEoMT against the torchvision function the official code calls
+    (within one level where float32 rounding of the blend differs, two for the hue)."""
+    import torchvision.transforms.v2.functional as TF
+    from fastmaskformer.data import transforms as T
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    tv = torch.from_numpy(image).permute(2, 0, 1)
+    back = lambda t: t.permute(1, 2, 0).numpy()  # noqa: E731
+    assert np.array_equal(T._blend(image, np.float32(0), 1.1), back(TF.adjust_brightness(tv, 1.1)))
+    contrast = T._blend(image, T._grey(image).mean(dtype=np.float32), 0.7)
+    assert np.abs(contrast.astype(int) - back(TF.adjust_contrast(tv, 0.7)).astype(int)).max() <= 1
+    saturation = T._blend(image, T._grey(image)[..., None], 1.3)
+    assert np.abs(saturation.astype(int) - back(TF.adjust_saturation(tv, 1.3)).astype(int)).max() <= 1
+    hue = T.shift_hue(image, 0.04 * 360)
+    assert np.abs(hue.astype(int) - back(TF.adjust_hue(tv, 0.04)).astype(int)).max() <= 2
+    jittered, _ = T.ColorJitterEoMT()(image, None, np.random.default_rng(3))
+    assert jittered.dtype == np.uint8 and jittered.shape == image.shape and not np.array_equal(jittered, image)
+
+
+def test_evaluator_runs_eomt_panoptic_and_semantic_as_predict(tmp_path):
+    """evaluate_dataset (also the in-training evaluation) on EoMT: panoptic is evaluated (an
+    EoMT is a mask-classification model), through the official inference of infer."""
+    from engine_tiny import make_data
+    from fastmaskformer.config import Config
+    from fastmaskformer.data import build_dataset
+    from fastmaskformer.engine.evaluator import evaluate_dataset
+
+    make_data(tmp_path)
+    model = _model()
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root, cfg.data.task = "synthetic-panoptic", str(tmp_path), "panoptic"
+    cfg.data.min_size_test, cfg.data.test_resize, cfg.data.num_workers = SIZE, "eomt", 0
+    cfg.test.semantic_on = cfg.test.panoptic_on = True
+    dataset = build_dataset(cfg.data, "val", train=False)
+    num_classes = dataset.metadata.num_classes
+    torch.manual_seed(0)
+    model.class_head = torch.nn.Linear(model.class_head.in_features, num_classes + 1)
+    model.num_classes = num_classes
+    out = evaluate_dataset(model, dataset, cfg, progress=False, batch_size=2)
+    assert set(out) == {"sem_seg", "panoptic"} and 0 <= out["panoptic"]["PQ"] <= 100
+    assert out["panoptic"]["PQ"] > 0 or out["sem_seg"]["mIoU"] > 0  # predictions reached the metrics
