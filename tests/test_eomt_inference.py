@@ -60,10 +60,11 @@ def _dense_logits(model, batch):
 
 
 @torch.no_grad()
-def official_semantic(model, images, average=True):
+def official_semantic(model, images, average=True, return_scores=False):
     """window_imgs_semantic -> network -> to_per_pixel_logits_semantic ->
     revert_window_logits_semantic -> argmax. ``average=False`` keeps the last window's scores
-    where windows overlap (what a broken implementation would do)."""
+    where windows overlap (what a broken implementation would do); ``return_scores``: the class scores
+    [K, H, W] instead of their argmax."""
     crops, origins = [], []
     for i, img in enumerate(images):
         factor = max(SIZE / img.shape[-2], SIZE / img.shape[-1])
@@ -88,8 +89,9 @@ def official_semantic(model, images, average=True):
         else:
             sums[i][region] = scores
             counts[i][region] = 1
-    return [F.interpolate((sums[i] / counts[i])[None], tuple(img.shape[-2:]), mode="bilinear")[0].argmax(0)
-            for i, img in enumerate(images)]
+    out = [F.interpolate((sums[i] / counts[i])[None], tuple(img.shape[-2:]), mode="bilinear")[0]
+           for i, img in enumerate(images)]
+    return out if return_scores else [o.argmax(0) for o in out]
 
 
 @torch.no_grad()
