@@ -339,10 +339,11 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """model + config + metadata -> predictions for image files, written under ``out_dir``.
 
-    Images are resized as the evaluation dataset resizes them (shortest edge
-    ``cfg.data.min_size_test``, longest <= ``max_size_test``, :func:`resize_image`), test-time
-    augmentation starts from that image as in evaluation, and batches of ``batch_size`` run
-    on ``device``; every output is at the original image size.
+    Images are resized as the evaluation dataset resizes them (``cfg.data.test_resize``:
+    shortest edge ``cfg.data.min_size_test``, longest <= ``max_size_test``, :func:`resize_image`;
+    EoMT: per task inside :func:`infer`, as its official inference), test-time augmentation
+    starts from that image as in evaluation, and batches of ``batch_size`` run on ``device``;
+    every output is at the original image size.
     """
 
     def __init__(self, model: nn.Module, cfg, metadata, device: str | torch.device = "cpu",
