@@ -1,6 +1,7 @@
 """Exported inference: one image -> semantic labels, a panoptic id map or instance masks, as a
-self-contained file that runs without fastmaskformer (README "Deploy"). MaskFormer and
-Mask2Former (``EXPORTABLE``).
+self-contained file that runs without fastmaskformer (README "Deploy"). MaskFormer,
+Mask2Former and EoMT (``EXPORTABLE``; EoMT with its official inference inside the program:
+black padding to its square size, or the semantic windows, :meth:`InferenceProgram._eomt_semantic`).
 
 - :class:`InferenceProgram`: the program that is exported. Inputs: the image already resized to
   the test size (uint8 ``[3, h, w]`` RGB) and the output size (int64 ``[2]``, the original
@@ -55,6 +56,7 @@ from .predictor import Predictor, resize_image
 
 FORMATS = ("pt2", "onnx")
 EXPORTABLE = {"maskformer": "MaskFormer", "mask2former": "Mask2Former", "eomt": "EoMT"}  # meta_arch -> name
+EXPORTABLE_NAMES = ", ".join(list(EXPORTABLE.values())[:-1]) + " and " + list(EXPORTABLE.values())[-1]
 TASKS = ("semantic", "panoptic", "instance")
 METADATA_KEY = "fastmaskformer"
 ONNX_OPSET = 18
@@ -94,7 +96,7 @@ class InferenceProgram(nn.Module):
         self.eomt = isinstance(model, EoMT)
         if not self.eomt and (not hasattr(model, "predictor") or getattr(model.predictor, "class_embed", None) is None):
             raise ExportError(f"{type(model).__name__} is not a mask-classification model with a class head; "
-                              f"only {', '.join(EXPORTABLE.values())} checkpoints can be exported")
+                              f"only {EXPORTABLE_NAMES} checkpoints can be exported")
         self.model = model.eval()
         self.task = task
         self.size_divisibility = int(model.size_divisibility)
