@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from .. import ops
@@ -183,9 +183,11 @@ def _eomt_images(images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int
     """Each image at its official EoMT test size (:func:`eomt_test_size` of its original size
     ``output_sizes[i]``), resized with :func:`resize_image` unless it already has that size (a
     dataset or ``Predictor`` resized it)."""
-    return [resize_image(im.cpu(), eomt_test_size(*out, size, task)).to(im.device)
-            if tuple(im.shape[-2:]) != eomt_test_size(*out, size, task) else im
-            for im, out in zip(images, output_sizes)]
+    resized = []
+    for image, original in zip(images, output_sizes):
+        target = eomt_test_size(*original, size, task)
+        resized.append(image if tuple(image.shape[-2:]) == target else resize_image(image.cpu(), target).to(image.device))
+    return resized
 
 
 def _eomt_infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int]], test_cfg,
