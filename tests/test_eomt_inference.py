@@ -82,7 +82,8 @@ def official_semantic(model, images, average=True, return_scores=False):
     sums = {i: torch.zeros(crop_scores.shape[1], *size) for i, _, _, size in origins}
     counts = {i: torch.zeros_like(s) for i, s in sums.items()}
     for scores, (i, start, tall, _) in zip(crop_scores, origins):
-        region = (slice(None), slice(start, start + SIZE)) if tall else (slice(None), slice(None), slice(start, start + SIZE))
+        window = slice(start, start + SIZE)
+        region = (slice(None), window) if tall else (slice(None), slice(None), window)
         if average:
             sums[i][region] += scores
             counts[i][region] += 1

@@ -177,7 +177,8 @@ class InferenceProgram(nn.Module):
         for j in range(self.max_windows):
             start = torch.floor(j * (size - shift)).long()
             top, left = torch.where(tall, start, 0), torch.where(tall, 0, start)
-            crops.append(image.index_select(1, (top + side).clamp(max=h - 1)).index_select(2, (left + side).clamp(max=w - 1)))
+            crop = image.index_select(1, (top + side).clamp(max=h - 1))
+            crops.append(crop.index_select(2, (left + side).clamp(max=w - 1)))
             placements.append((top, left, torch.tensor(j, dtype=torch.float64) < count))
         out = self.model(self._normalise(torch.stack(crops)))  # [n, 3, S, S]
         class_logits = out.class_logits[-1].float()  # [n, Q, K+1]

@@ -186,7 +186,8 @@ def _eomt_images(images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int
     resized = []
     for image, original in zip(images, output_sizes):
         target = eomt_test_size(*original, size, task)
-        resized.append(image if tuple(image.shape[-2:]) == target else resize_image(image.cpu(), target).to(image.device))
+        same = tuple(image.shape[-2:]) == target
+        resized.append(image if same else resize_image(image.cpu(), target).to(image.device))
     return resized
 
 
