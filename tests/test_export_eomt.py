@@ -134,7 +134,8 @@ def test_eager_program_equals_predict(eomt_checkpoint, task):
     assert task != "panoptic" or segments >= 2 * len(ORIGINALS)
 
 
-FILE_CASES = [("onnx", "semantic"), ("onnx", "panoptic"), ("onnx", "instance"),
+# the ONNX semantic case (6 windows per image, 31 s on 2 cores) is over the 30 s budget: slow
+FILE_CASES = [pytest.param("onnx", "semantic", marks=pytest.mark.slow), ("onnx", "panoptic"), ("onnx", "instance"),
               pytest.param("pt2", "semantic", marks=pytest.mark.slow),
               pytest.param("pt2", "panoptic", marks=pytest.mark.slow),
               pytest.param("pt2", "instance", marks=pytest.mark.slow)]
