@@ -284,7 +284,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.export import EXPORTABLE, FORMATS, TASKS, ExportError, export_program
+    from .engine.export import EXPORTABLE, EXPORTABLE_NAMES, FORMATS, TASKS, ExportError, export_program
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
@@ -311,7 +311,7 @@ def cmd_export(args) -> int:
     model, cfg = _load_model(args.checkpoint, args, device)
     if cfg.model.meta_arch not in EXPORTABLE:
         raise UserError(f"checkpoint {args.checkpoint} is a {cfg.model.meta_arch} model; only "
-                        f"{' and '.join(EXPORTABLE.values())} checkpoints can be exported")
+                        f"{EXPORTABLE_NAMES} checkpoints can be exported")
     try:
         out = export_program(model, cfg, _checked_metadata(model, cfg, args.checkpoint), args.task, args.format,
                              args.output, device=device)

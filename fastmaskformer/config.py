@@ -91,9 +91,13 @@ class DataConfig:
     base_size_train: int | None = None  # shortest edges = int(f * base); None -> max(crop_size)
     min_size_test: int = 512
     max_size_test: int = 2048
+    # test resize: shortest-edge (detectron2: shortest edge min_size_test, longest <= max_size_test) |
+    # eomt (official EoMT: semantic: shorter side, panoptic/instance: longer side to min_size_test)
+    test_resize: str = "shortest-edge"
     single_category_max_area: float = 1.0
     color_jitter: bool = True
-    augmentation: str | None = None  # training pipeline: semantic | detr | lsj; None: detr for COCO panoptic only
+    augmentation: str | None = None  # training pipeline: semantic | detr | lsj | eomt; None: detr for COCO panoptic only
+    jitter_scale: tuple = (0.1, 2.0)  # lsj / eomt: scale range of the large-scale jitter
     num_workers: int = 4
     task: str = "semantic"  # semantic | panoptic | instance
     on_bad_sample: str = "error"  # error: stop at an unreadable training sample | skip: replace it (logged once)
@@ -390,8 +394,11 @@ def _eomt(dataset: str, vit: str, size: int, epochs: int, annealing: tuple, quer
     d = cfg.data
     d.dataset, d.task, d.crop_size = dataset, task, (size, size)
     d.ignore_label = 65535 if dataset == "ade20k-full-847" else 255
-    d.augmentation = "lsj" if dataset.startswith("coco") else "semantic"
+    # the official pipeline of every dataset (datasets/transforms.py): jitter, flip, scale jitter,
+    # black padding, square crop; colour jitter and scales per dataset (datasets/<dataset>.py)
+    d.augmentation = "eomt"
     d.color_jitter = not dataset.startswith("coco")
+    d.jitter_scale = (0.5, 2.0) if task == "semantic" else (0.1, 2.0)
     t = cfg.test
     t.semantic_on, t.panoptic_on, t.instance_on = task == "semantic", task == "panoptic", task == "instance"
     t.object_mask_threshold = t.overlap_threshold = 0.8
@@ -402,7 +409,7 @@ def _eomt_test_sizes(cfg: Config) -> Config:
     """Official EoMT inference: panoptic/instance images resized to fit the square input size (then
     padded), semantic images with their shorter side at the input size (then windowed)."""
     size = cfg.data.crop_size[0]
-    cfg.data.min_size_test = size
+    cfg.data.min_size_test, cfg.data.test_resize = size, "eomt"
     if cfg.data.task != "semantic":
         cfg.data.max_size_test = size
     return cfg

@@ -160,7 +160,7 @@ def test_build_augmentation_from_config():
     assert type(ade_pan.transforms[1]).__name__ == "RandomCrop"
     assert ade_pan.transforms[0].short_edges[0] == 320 and ade_pan.transforms[0].max_size == 2560
     cfg.data.augmentation = "mosaic"
-    with pytest.raises(ValueError, match="must be 'semantic', 'detr' or 'lsj'"):
+    with pytest.raises(ValueError, match="must be 'semantic', 'detr', 'lsj' or 'eomt'"):
         T.build_augmentation(cfg.data, True, 255)
 
 

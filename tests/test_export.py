@@ -435,7 +435,7 @@ def test_export_other_architecture_and_missing_file_are_one_line(tmp_path, capsy
     save_checkpoint(path, {"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()})
     foreign = tmp_path / "foreign.pt"
     foreign.write_bytes(b"not a checkpoint at all")
-    for ckpt, message in ((path, "only MaskFormer and Mask2Former checkpoints can be exported"),
+    for ckpt, message in ((path, "only MaskFormer, Mask2Former and EoMT checkpoints can be exported"),
                           (tmp_path / "missing.pt", "not found"),
                           (foreign, "not a PyTorch checkpoint")):
         rc = main(["export", "--checkpoint", str(ckpt), "--task", "semantic", "--output", str(tmp_path / "m.onnx")])

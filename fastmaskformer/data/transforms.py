@@ -84,6 +84,46 @@ def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple:
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def eomt_test_size(h: int, w: int, size: int, task: str) -> tuple:
+    """Output (h, w) of the official EoMT test resize to the square model size ``size``
+    (``scale_img_size_semantic`` / ``scale_img_size_instance_panoptic``): "semantic" scales the
+    shorter side to ``size`` (the image is then cut into windows), "panoptic" / "instance" the
+    longer side (the image is then padded); sides rounded as Python's ``round``, as there."""
+    pick = max if task == "semantic" else min
+    factor = pick(size / h, size / w)
+    return round(h * factor), round(w * factor)
+
+
+TEST_RESIZES = ("shortest-edge", "eomt")
+
+
+def resized_test_size(data_cfg, h: int, w: int, task: str | None = None) -> tuple:
+    """The test-resized (h, w) of an (h, w) image under ``data_cfg.test_resize``: "shortest-edge"
+    (detectron2: shortest edge ``min_size_test``, longest <= ``max_size_test``) or "eomt"
+    (:func:`eomt_test_size` at ``min_size_test`` for ``task``, default ``data_cfg.task``)."""
+    mode = getattr(data_cfg, "test_resize", "shortest-edge")
+    if mode == "eomt":
+        return eomt_test_size(h, w, int(data_cfg.min_size_test), task or data_cfg.task)
+    if mode != "shortest-edge":
+        raise ValueError(f"data.test_resize must be one of {', '.join(TEST_RESIZES)}, got {mode!r}")
+    return shortest_edge_size(h, w, int(data_cfg.min_size_test), int(data_cfg.max_size_test))
+
+
+class ResizeForTest:
+    """The test-time resize of :func:`resized_test_size` (``data_cfg``: a ``DataConfig``)."""
+
+    def __init__(self, data_cfg):
+        resized_test_size(data_cfg, 1, 1)  # a bad mode fails here, at build time
+        self.data_cfg = data_cfg
+
+    def __call__(self, image, seg, rng):
+        return resize(image, seg, resized_test_size(self.data_cfg, *image.shape[:2]))
+
+    def __repr__(self):
+        d = self.data_cfg
+        return f"ResizeForTest({getattr(d, 'test_resize', 'shortest-edge')}, {d.min_size_test}, {d.max_size_test})"
+
+
 class ResizeShortestEdge:
     """Resize the shortest edge to a random choice of ``short_edges``, longest <= max_size."""
 
@@ -209,12 +249,13 @@ class ResizeScale:
 
 class FixedSizeCrop:
     """detectron2 ``FixedSizeCrop``: a ``crop_size`` window at a uniform random offset (clipped
-    to the image), then padding bottom/right to exactly ``crop_size`` (image 128, seg
-    ``seg_value``)."""
+    to the image), then padding bottom/right to exactly ``crop_size`` (image ``image_value``,
+    128 as detectron2; seg ``seg_value``). With ``image_value`` 0 it is also EoMT's pad to the
+    crop size followed by ``RandomCrop`` (its uint8 image padded with black)."""
 
-    def __init__(self, crop_size, seg_value: int = 255):
+    def __init__(self, crop_size, seg_value: int = 255, image_value: int = 128):
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
-        self.pad = PadTo(self.crop_size, 128, seg_value)
+        self.pad = PadTo(self.crop_size, image_value, seg_value)
 
     def __call__(self, image, seg, rng):
         h, w = image.shape[:2]
@@ -233,6 +274,18 @@ def lsj_train_augmentation(image_size: int = 1024, min_scale: float = 0.1, max_s
     ``ResizeScale(0.1, 2.0)`` towards image_size x image_size, ``FixedSizeCrop(image_size)``."""
     size = (image_size, image_size)
     return Compose([RandomFlip(0.5), ResizeScale(min_scale, max_scale, size), FixedSizeCrop(size, ignore_label)])
+
+
+def eomt_train_augmentation(image_size: int, min_scale: float, max_scale: float, ignore_label: int,
+                            color_jitter: bool) -> Compose:
+    """The official EoMT pipeline (tue-mps/eomt ``datasets/transforms.py``, every dataset):
+    colour jitter (:class:`ColorJitterEoMT`, when ``color_jitter``), horizontal flip, scale
+    jitter towards image_size x image_size (``ResizeScale(min_scale, max_scale)``: COCO 0.1-2.0,
+    ADE20K semantic and Cityscapes 0.5-2.0), black padding to the square, random square crop."""
+    size = (image_size, image_size)
+    steps = [ColorJitterEoMT()] if color_jitter else []
+    return Compose(steps + [RandomFlip(0.5), ResizeScale(min_scale, max_scale, size),
+                            FixedSizeCrop(size, ignore_label, image_value=0)])
 
 
 # ----------------------------------------------------------------------------- photometric
@@ -336,6 +389,54 @@ def short_edges_train(base_size: int, factors) -> tuple:
     return tuple(int(f * base_size) for f in factors)
 
 
+def _grey(image: np.ndarray) -> np.ndarray:
+    """torchvision's ``rgb_to_grayscale`` of a uint8 image: 0.2989 r + 0.587 g + 0.114 b,
+    truncated; float32 [H, W]."""
+    f = image.astype(np.float32)
+    return np.trunc(f[..., 0] * np.float32(0.2989) + f[..., 1] * np.float32(0.587) + f[..., 2] * np.float32(0.114))
+
+
+def _blend(image: np.ndarray, other, ratio: float) -> np.ndarray:
+    """torchvision's ``_blend``: ratio * image + (1 - ratio) * other, clamped and truncated to uint8."""
+    f = np.float32(ratio) * image.astype(np.float32) + np.float32(1.0 - ratio) * other
+    return np.clip(f, 0, 255).astype(np.uint8)
+
+
+class ColorJitterEoMT:
+    """The official EoMT colour jitter (torchvision ops, ``Transforms.color_jitter``): brightness
+    x U(1 +- 32/255) with probability 0.5, then in random order contrast (blend with the mean
+    grey by U(0.5, 1.5), p 0.5) and saturation (blend with the pixel's grey by U(0.5, 1.5),
+    p 0.5) followed by hue (U(+-18) degrees, p 0.5). Unlike :class:`ColorJitterSSD` brightness
+    and contrast scale, not shift, and the hue moves half as far. The hue step rounds to the
+    nearest level where torchvision truncates. Image only."""
+
+    def __call__(self, image, seg, rng):
+        if rng.uniform() < 0.5:
+            image = _blend(image, np.float32(0.0), rng.uniform(1 - 32 / 255, 1 + 32 / 255))
+        if rng.uniform() < 0.5:
+            image = self._saturation_and_hue(self._contrast(image, rng), rng)
+        else:
+            image = self._contrast(self._saturation_and_hue(image, rng), rng)
+        return image, seg
+
+    @staticmethod
+    def _contrast(image, rng):
+        if rng.uniform() < 0.5:
+            image = _blend(image, _grey(image).mean(dtype=np.float32), rng.uniform(0.5, 1.5))
+        return image
+
+    @staticmethod
+    def _saturation_and_hue(image, rng):
+        if rng.uniform() < 0.5:
+            image = _blend(image, _grey(image)[..., None], rng.uniform(0.5, 1.5))
+        if rng.uniform() < 0.5:
+            image = shift_hue(image, rng.uniform(-18.0, 18.0))
+        return image
+
+    def __repr__(self):
+        return "ColorJitterEoMT()"
+
+
 def semantic_train_augmentation(
     crop_size,
     short_edges,
@@ -385,20 +486,26 @@ def test_augmentation(min_size: int, max_size: int) -> Compose:
 def build_augmentation(data_cfg, train: bool, ignore_label: int) -> Compose:
     """The pipeline for ``data_cfg`` (a ``DataConfig``), train or test. The training pipeline is
     ``data_cfg.augmentation``: "semantic" (DESIGN 5; also the official ADE20K panoptic one),
-    "detr" (MaskFormer's COCO panoptic one, longest edge <= ``max_size_train``) or "lsj"
-    (Mask2Former's COCO large-scale jitter at ``crop_size``); None picks
-    "detr" for COCO panoptic only.
+    "detr" (MaskFormer's COCO panoptic one, longest edge <= ``max_size_train``), "lsj"
+    (Mask2Former's COCO large-scale jitter at ``crop_size``, ``jitter_scale``) or "eomt" (the
+    official EoMT pipeline, :func:`eomt_train_augmentation`); None picks "detr" for COCO
+    panoptic only. The test resize is ``data_cfg.test_resize`` (:func:`resized_test_size`).
     ``ignore_label``: the seg value of unlabelled pixels (padding, crop statistics): the
     dataset's ignore label for label maps, 0 (void) for panoptic id maps."""
     if not train:
+        if getattr(data_cfg, "test_resize", "shortest-edge") == "eomt":
+            return Compose([ResizeForTest(data_cfg)])
         return test_augmentation(data_cfg.min_size_test, data_cfg.max_size_test)
     pipeline = data_cfg.augmentation or ("detr" if data_cfg.dataset == "coco-panoptic" else "semantic")
     if pipeline == "detr":
         return panoptic_train_augmentation(max_size=data_cfg.max_size_train)
     if pipeline == "lsj":
-        return lsj_train_augmentation(max(data_cfg.crop_size), ignore_label=ignore_label)
+        return lsj_train_augmentation(max(data_cfg.crop_size), *data_cfg.jitter_scale, ignore_label=ignore_label)
+    if pipeline == "eomt":
+        return eomt_train_augmentation(max(data_cfg.crop_size), *data_cfg.jitter_scale, ignore_label,
+                                       data_cfg.color_jitter)
     if pipeline != "semantic":
-        raise ValueError(f"data.augmentation must be 'semantic', 'detr' or 'lsj', got {pipeline!r}")
+        raise ValueError(f"data.augmentation must be 'semantic', 'detr', 'lsj' or 'eomt', got {pipeline!r}")
     base = data_cfg.base_size_train or max(data_cfg.crop_size)
     return semantic_train_augmentation(
         data_cfg.crop_size,

@@ -1,6 +1,7 @@
 """Exported inference: one image -> semantic labels, a panoptic id map or instance masks, as a
-self-contained file that runs without fastmaskformer (README "Deploy"). MaskFormer and
-Mask2Former (``EXPORTABLE``).
+self-contained file that runs without fastmaskformer (README "Deploy"). MaskFormer,
+Mask2Former and EoMT (``EXPORTABLE``; EoMT with its official inference inside the program:
+black padding to its square size, or the semantic windows, :meth:`InferenceProgram._eomt_semantic`).
 
 - :class:`InferenceProgram`: the program that is exported. Inputs: the image already resized to
   the test size (uint8 ``[3, h, w]`` RGB) and the output size (int64 ``[2]``, the original
@@ -48,12 +49,14 @@ from torch import Tensor, nn
 
 from ..data.metadata import check_label_space
 from ..modeling import num_classes_of
+from ..modeling.eomt import EoMT
 from ..ops import final_pixel_embed
 from ..ops.inference import instance_count
 from .predictor import Predictor, resize_image
 
 FORMATS = ("pt2", "onnx")
-EXPORTABLE = {"maskformer": "MaskFormer", "mask2former": "Mask2Former"}  # meta_arch -> name
+EXPORTABLE = {"maskformer": "MaskFormer", "mask2former": "Mask2Former", "eomt": "EoMT"}  # meta_arch -> name
+EXPORTABLE_NAMES = ", ".join(list(EXPORTABLE.values())[:-1]) + " and " + list(EXPORTABLE.values())[-1]
 TASKS = ("semantic", "panoptic", "instance")
 METADATA_KEY = "fastmaskformer"
 ONNX_OPSET = 18
@@ -86,19 +89,24 @@ class InferenceProgram(nn.Module):
 
     def __init__(self, model: nn.Module, task: str, object_mask_threshold: float = 0.8,
                  overlap_threshold: float = 0.8, thing_classes: Iterable[int] = (), instance_topk: int | None = None,
-                 instance_things_only: bool = False):
+                 instance_things_only: bool = False, max_windows: int = 1):
         super().__init__()
         if task not in TASKS:
             raise ExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-        if not hasattr(model, "predictor") or getattr(model.predictor, "class_embed", None) is None:
+        self.eomt = isinstance(model, EoMT)
+        if not self.eomt and (not hasattr(model, "predictor") or getattr(model.predictor, "class_embed", None) is None):
             raise ExportError(f"{type(model).__name__} is not a mask-classification model with a class head; "
-                              "only MaskFormer and Mask2Former checkpoints can be exported")
+                              f"only {EXPORTABLE_NAMES} checkpoints can be exported")
         self.model = model.eval()
         self.task = task
         self.size_divisibility = int(model.size_divisibility)
+        # EoMT (official inference): the square model size; semantic: windows run per image
+        # (always max_windows, the most an image of the exported size range needs)
+        self.window = int(model.inference_size) if self.eomt else 0
+        self.max_windows = max(1, int(max_windows))
         self.object_mask_threshold = float(object_mask_threshold)
         self.overlap_threshold = float(overlap_threshold)
-        num_classes = model.predictor.class_embed.out_features - 1
+        num_classes = num_classes_of(model)
         self.instance_topk = instance_topk
         self.instance_things_only = bool(instance_things_only)
         isthing = torch.zeros(num_classes + 1, dtype=torch.bool)  # index K ("no object"): never kept
@@ -112,8 +120,13 @@ class InferenceProgram(nn.Module):
         out_w = output_size[1].item()
         torch._check(out_h > 0)
         torch._check(out_w > 0)
-        x = (image.float() - self.model.pixel_mean) / self.model.pixel_std
-        if self.size_divisibility > 1:  # zero padding after normalisation, bottom / right
+        if self.eomt and self.task == "semantic":
+            return self._eomt_semantic(image, (out_h, out_w))
+        if self.eomt:  # official: the uint8 image padded with black to the square model size
+            x = self._normalise(F.pad(image, (0, self.window - w, 0, self.window - h)))
+        else:
+            x = self._normalise(image)
+        if self.size_divisibility > 1 and not self.eomt:  # zero padding after normalisation, bottom / right
             d = self.size_divisibility
             x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d))
         input_size = (x.shape[-2], x.shape[-1])
@@ -137,6 +150,50 @@ class InferenceProgram(nn.Module):
             return (masks.flatten(1).t() @ probs).argmax(-1).view(out_h, out_w)
         masks = _resize(_crop(logits, h, w), (out_h, out_w)).sigmoid()  # [Q, H, W]
         return self._panoptic(class_logits, masks)
+
+    def _normalise(self, image: Tensor) -> Tensor:
+        """uint8 [..., 3, h, w] -> float32, normalised with the model's pixel mean and std."""
+        return (image.float() - self.model.pixel_mean) / self.model.pixel_std
+
+    def _eomt_semantic(self, image: Tensor, output_size) -> Tensor:
+        """``ops.window_semantic_inference`` of the official windows (``semantic_windows``) with
+        static shapes: the image (shorter side = the window side S) always gives
+        ``max_windows`` windows; window j starts at ``floor(j * (S - overlap / (n - 1)))``
+        along the longer side (rows when h > w) and is masked out where j >= n, the count
+        the image needs. Averaging is a gather per window (its scores placed by index, weight 0
+        outside it) instead of the op's slice-add, which would guard on the window offsets."""
+        size = self.window
+        h, w = image.shape[-2], image.shape[-1]
+        rows, cols = torch.arange(h, device=image.device), torch.arange(w, device=image.device)
+        height = torch.zeros((), dtype=torch.float64, device=image.device) + h
+        width = torch.zeros((), dtype=torch.float64, device=image.device) + w
+        tall = height > width
+        long = torch.maximum(height, width)
+        count = torch.ceil(long / size)  # windows this image needs
+        overlap = count * size - long
+        shift = torch.where(overlap > 0, overlap / (count - 1).clamp(min=1), torch.zeros_like(overlap))
+        side = torch.arange(size, device=image.device)
+        crops, placements = [], []
+        for j in range(self.max_windows):
+            start = torch.floor(j * (size - shift)).long()
+            top, left = torch.where(tall, start, 0), torch.where(tall, 0, start)
+            crop = image.index_select(1, (top + side).clamp(max=h - 1))
+            crops.append(crop.index_select(2, (left + side).clamp(max=w - 1)))
+            placements.append((top, left, torch.tensor(j, dtype=torch.float64) < count))
+        out = self.model(self._normalise(torch.stack(crops)))  # [n, 3, S, S]
+        class_logits = out.class_logits[-1].float()  # [n, Q, K+1]
+        logits = torch.einsum("nqc,nchw->nqhw", out.mask_embed[-1].float(), final_pixel_embed(out.pixel_embed).float())
+        masks = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False).sigmoid()
+        scores = torch.einsum("nqk,nqhw->nkhw", class_logits.softmax(-1)[..., :-1], masks)  # [n, K, S, S]
+        total = counts = None
+        for j, (top, left, used) in enumerate(placements):
+            r, c = rows - top, cols - left
+            inside = (((r >= 0) & (r < size))[:, None] & ((c >= 0) & (c < size))[None, :] & used).float()  # [h, w]
+            placed = scores[j].index_select(1, r.clamp(0, size - 1)).index_select(2, c.clamp(0, size - 1)) * inside
+            total = placed if total is None else total + placed
+            counts = inside if counts is None else counts + inside
+        mean = total / counts  # [K, h, w]
+        return _resize(mean, output_size).argmax(0)
 
     def _instance(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, input_size, image_size,
                   output_size):
@@ -177,6 +234,11 @@ class InferenceProgram(nn.Module):
         full = (masks >= 0.5).flatten(1).sum(1)  # [Q] confident pixels
         ratio = assigned.double() / full.clamp(min=1).double()  # python's area / full
         valid = keep & (assigned > 0) & (full > 0) & (ratio >= self.overlap_threshold)
+        confident = None
+        if self.eomt:  # official EoMT / Mask2Former: a segment keeps the won pixels where it is confident
+            confident = masks.gather(0, ids[None])[0] >= 0.5  # [H, W]
+            won = torch.zeros(q, dtype=torch.int64, device=ids.device).scatter_add(0, flat, confident.flatten().long())
+            valid = valid & (won > 0)
         isthing = self.isthing_table[labels]
         stuff = valid & ~isthing
         same = labels[:, None] == labels[None, :]  # [q, p]
@@ -186,23 +248,35 @@ class InferenceProgram(nn.Module):
         segment_id = torch.cumsum(new.int(), 0) * new.int()  # ids 1, 2, ... in query order
         first_owner = owners.int().argmax(1)  # a stuff query joins the first of its class
         lut = torch.where(stuff, segment_id[first_owner], segment_id).int()  # [Q]: 0 = void
-        id_map = lut[ids]
+        id_map = lut[ids] if confident is None else torch.where(confident, lut[ids], 0)
         return id_map, segment_id.int(), labels, isthing & new, scores
 
 
 # ----------------------------------------------------------------------------- export
-def dynamic_range(cfg) -> tuple[int, int]:
+def dynamic_range(cfg, task: str | None = None) -> tuple[int, int]:
     """(min, max) of the exported image sides: any test-resized image of the preset (longest
-    side <= ``max_size_test``, shortest = ``min_size_test`` unless the longest cap shrinks it)."""
+    side <= ``max_size_test``, shortest = ``min_size_test`` unless the longest cap shrinks it).
+    EoMT (square model size S = ``min_size_test``): semantic images have their shorter side at
+    S, the longer up to ``max_size_test``, so sides in [S, max]; panoptic / instance images fit
+    in S x S (sides in [2, S])."""
     top = max(int(cfg.data.max_size_test), int(cfg.data.min_size_test))
+    if cfg.model.meta_arch == "eomt":
+        size = int(cfg.model.backbone.img_size)
+        return (size, max(top, size)) if task == "semantic" else (2, size)
     return MIN_SIDE, top
+
+
+def eomt_max_windows(cfg) -> int:
+    """The most windows EoMT's semantic inference cuts from an image of the exported range."""
+    return -(-dynamic_range(cfg, "semantic")[1] // int(cfg.model.backbone.img_size))
 
 
 def export_metadata(cfg, metadata, task: str, fmt: str, device: str = "cpu") -> dict:
     """What ``predict --model`` needs besides the program: task, test sizes, label space."""
     return {"format": fmt, "task": task, "device": device, "preset": cfg.name, "dataset": cfg.data.dataset,
             "min_size_test": int(cfg.data.min_size_test), "max_size_test": int(cfg.data.max_size_test),
-            "size_range": list(dynamic_range(cfg)), "num_queries": int(cfg.model.num_queries),
+            "test_resize": getattr(cfg.data, "test_resize", "shortest-edge"),
+            "size_range": list(dynamic_range(cfg, task)), "num_queries": int(cfg.model.num_queries),
             "object_mask_threshold": float(cfg.test.object_mask_threshold),
             "overlap_threshold": float(cfg.test.overlap_threshold),
             "instance_topk": int(cfg.test.instance_topk), "architecture": cfg.model.meta_arch,
@@ -212,23 +286,30 @@ def export_metadata(cfg, metadata, task: str, fmt: str, device: str = "cpu") -> 
 
 def build_program(model: nn.Module, cfg, metadata, task: str) -> InferenceProgram:
     """The program of ``task`` with the thresholds and instance rules ``predict`` applies."""
+    if isinstance(model, EoMT) and int(model.inference_size) != int(cfg.data.min_size_test):
+        raise ExportError(f"EoMT runs at its square size {model.inference_size}, but data.min_size_test is "
+                          f"{cfg.data.min_size_test}: set them equal (the eomt presets do)")
     return InferenceProgram(model, task, cfg.test.object_mask_threshold, cfg.test.overlap_threshold,
                             metadata.thing_classes, cfg.test.instance_topk,
-                            bool(cfg.test.panoptic_on) and bool(len(metadata.thing_classes)))
+                            bool(cfg.test.panoptic_on) and bool(len(metadata.thing_classes)),
+                            eomt_max_windows(cfg) if isinstance(model, EoMT) else 1)
 
 
-def example_inputs(cfg, device: str = "cpu") -> tuple[Tensor, Tensor]:
+def example_inputs(cfg, device: str = "cpu", task: str | None = None) -> tuple[Tensor, Tensor]:
     """A test-size image (not square, not a multiple of 32) and its output size, for tracing."""
-    lo, hi = dynamic_range(cfg)
-    h = max(lo + 1, min(hi - 1, int(cfg.data.min_size_test) + 1))
-    w = max(lo + 1, min(hi - 1, h * 4 // 3 + 3))
+    lo, hi = dynamic_range(cfg, task)
+    if cfg.model.meta_arch == "eomt":  # inside the range, neither side at its ends
+        h, w = lo + 1 + (hi - lo - 2) // 3, hi - 1
+    else:
+        h = max(lo + 1, min(hi - 1, int(cfg.data.min_size_test) + 1))
+        w = max(lo + 1, min(hi - 1, h * 4 // 3 + 3))
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
     return image.to(device), torch.tensor([2 * h + 1, 2 * w - 1], dtype=torch.int64, device=device)
 
 
-def _dynamic_shapes(cfg):
-    lo, hi = dynamic_range(cfg)
+def _dynamic_shapes(cfg, task: str | None = None):
+    lo, hi = dynamic_range(cfg, task)
     dim = torch.export.Dim
     return ({1: dim("h", min=lo, max=hi), 2: dim("w", min=lo, max=hi)}, None)
 
@@ -249,10 +330,10 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
     info = json.dumps(export_metadata(cfg, metadata, task, fmt, torch.device(device).type))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    args = example_inputs(cfg, device)
+    args = example_inputs(cfg, device, task)
     with torch.no_grad():
         if fmt == "pt2":
-            ep = torch.export.export(program, args, dynamic_shapes=_dynamic_shapes(cfg), strict=False)
+            ep = torch.export.export(program, args, dynamic_shapes=_dynamic_shapes(cfg, task), strict=False)
             from torch._inductor import aoti_compile_and_package
 
             # no per-load bounds checks on the resampling gathers (their indices are clamped)
@@ -265,7 +346,7 @@ def export_program(model: nn.Module, cfg, metadata, task: str, fmt: str, output:
 
             # the optimiser warns once per Split it leaves unfolded (harmless): keep the CLI quiet
             logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
-            onnx_program = torch.onnx.export(program, args, dynamo=True, dynamic_shapes=_dynamic_shapes(cfg),
+            onnx_program = torch.onnx.export(program, args, dynamo=True, dynamic_shapes=_dynamic_shapes(cfg, task),
                                              input_names=["image", "output_size"],
                                              output_names=_output_names(task), opset_version=ONNX_OPSET,
                                              verbose=False)
@@ -324,6 +405,10 @@ class ExportedModel:
             raise ExportError(f"{self.path} was compiled for {self.device}, which this machine lacks")
 
     def __call__(self, image: Tensor, output_size: Sequence[int]) -> tuple[Tensor, ...]:
+        lo, hi = self.info.get("size_range", (1, float("inf")))
+        if not all(lo <= int(side) <= hi for side in image.shape[-2:]):
+            raise ExportError(f"{self.path} takes image sides in [{lo}, {hi}], got {tuple(image.shape[-2:])} "
+                              "(re-export with a larger data.max_size_test for longer images)")
         size = torch.tensor([int(output_size[0]), int(output_size[1])], dtype=torch.int64)
         image = image.contiguous()
         if self.format == "pt2":
@@ -365,7 +450,8 @@ class ExportedPredictor(Predictor):
         self.exported = exported
         cfg = SimpleNamespace(data=SimpleNamespace(min_size_test=info["min_size_test"],
                                                    max_size_test=info["max_size_test"],
-                                                   dataset=info.get("dataset", "")))
+                                                   test_resize=info.get("test_resize", "shortest-edge"),
+                                                   task=info["task"], dataset=info.get("dataset", "")))
         super().__init__(nn.Identity(), cfg, load_metadata(info), batch_size=1, sem_ids=sem_ids)
 
     def predict(self, images: Sequence[Tensor], tasks: Iterable[str] = ("semantic",)) -> list[dict]:

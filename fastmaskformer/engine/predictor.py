@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
@@ -26,8 +27,10 @@ from .. import ops
 from ..data import transforms
 from ..data.metadata import check_label_space
 from ..data.loader import padded_size
-from ..data.transforms import shortest_edge_size
+from ..data.transforms import eomt_test_size, resized_test_size, shortest_edge_size
 from ..modeling import num_classes_of
+from ..modeling.eomt import EoMT
+from ..ops.window_inference import semantic_windows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TASKS = ("semantic", "panoptic", "instance")
@@ -126,6 +129,8 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
     unknown = tasks - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    if isinstance(model, EoMT):
+        return _eomt_infer(model, images, output_sizes, test_cfg, tasks, thing_classes, amp)
     groups = same_padding_groups([tuple(im.shape[-2:]) for im in images], int(getattr(model, "size_divisibility", 0)))
     if len(groups) > 1:
         results: list[dict] = [{} for _ in images]
@@ -136,13 +141,20 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
                 results[i] = result
         return results
     outputs, sizes, input_size = run_model(model, images, amp)
-    results: list[dict] = [{} for _ in images]
     if not hasattr(outputs, "class_logits"):  # per-pixel baselines: semantic only
         if tasks - {"semantic"}:
             raise ValueError(f"{type(model).__name__} predicts semantic segmentation only, not {sorted(tasks - {'semantic'})}")
-        for r, labels in zip(results, _per_pixel_semantic(outputs, sizes, output_sizes, input_size)):
-            r["semantic"] = labels
-        return results
+        return [{"semantic": labels} for labels in _per_pixel_semantic(outputs, sizes, output_sizes, input_size)]
+    return _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg, tasks, thing_classes)
+
+
+def _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg, tasks: set,
+                                 thing_classes: list, confident_pixels: bool = False) -> list[dict]:
+    """The fused post-processing (``ops``) of the final prediction of ``outputs`` (lazy
+    ``MaskFormerOutput`` of a batch whose input was ``input_size``; ``sizes``: each image's size
+    inside it; ``output_sizes``: the original sizes) for ``tasks``: one dict per image.
+    ``confident_pixels``: the panoptic segment rule of ``ops.panoptic_inference``."""
+    results: list[dict] = [{} for _ in sizes]
     args = (outputs.class_logits[-1], outputs.mask_embed[-1], outputs.pixel_embed, sizes, output_sizes)
     if "semantic" in tasks:
         for r, labels in zip(results, ops.semantic_inference(*args, input_size=input_size)):
@@ -150,7 +162,7 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
     if "panoptic" in tasks:
         pan = ops.panoptic_inference(*args, object_mask_threshold=test_cfg.object_mask_threshold,
                                      overlap_threshold=test_cfg.overlap_threshold, thing_classes=thing_classes,
-                                     input_size=input_size)
+                                     input_size=input_size, confident_pixels=confident_pixels)
         for r, p in zip(results, pan):
             r["panoptic"] = p
     if "instance" in tasks:
@@ -166,6 +178,59 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
     return results
 
 
+def _eomt_images(images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int]], size: int,
+                 task: str) -> list[Tensor]:
+    """Each image at its official EoMT test size (:func:`eomt_test_size` of its original size
+    ``output_sizes[i]``), resized with :func:`resize_image` unless it already has that size (a
+    dataset or ``Predictor`` resized it)."""
+    resized = []
+    for image, original in zip(images, output_sizes):
+        target = eomt_test_size(*original, size, task)
+        same = tuple(image.shape[-2:]) == target
+        resized.append(image if same else resize_image(image.cpu(), target).to(image.device))
+    return resized
+
+
+def _eomt_infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tuple[int, int]], test_cfg,
+                tasks: set, thing_classes: list, amp: bool) -> list[dict]:
+    """:func:`infer` for EoMT as the official code runs it (tue-mps/eomt ``training/``), at the
+    model's square size S (``model.inference_size``):
+
+    - semantic: the shorter side resized to S, overlapping S x S windows run as one batch, their
+      class scores averaged and resized back (``ops.window_inference``);
+    - panoptic / instance: the longer side resized to S, zero-padded (black pixels, before
+      normalisation, as the official ``pad`` of the uint8 image) to S x S at the bottom / right;
+      then the fused post-processing crops the padding off the logits and resizes them to the
+      original size; panoptic segments keep only their query's confident pixels, as the
+      official ``to_per_pixel_preds_panoptic`` (``confident_pixels``).
+    Images come at any size (originals, or already at their test size); ``output_sizes`` are
+    the originals."""
+    size = int(model.inference_size)
+    results: list[dict] = [{} for _ in images]
+    if "semantic" in tasks:
+        resized = _eomt_images(images, output_sizes, size, "semantic")
+        crops, windows = [], []
+        for i, image in enumerate(resized):
+            for top, left in semantic_windows(tuple(image.shape[-2:]), size):
+                crops.append(image[:, top:top + size, left:left + size])
+                windows.append((i, top, left))
+        outputs, _, _ = run_model(model, crops, amp)
+        labels = ops.window_semantic_inference(outputs.class_logits[-1], outputs.mask_embed[-1], outputs.pixel_embed,
+                                               windows, [tuple(im.shape[-2:]) for im in resized], output_sizes, size)
+        for r, label in zip(results, labels):
+            r["semantic"] = label
+    if tasks - {"semantic"}:
+        resized = _eomt_images(images, output_sizes, size, "panoptic")
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
+        padded = [F.pad(im, (0, size - w, 0, size - h)) for im, (h, w) in zip(resized, sizes)]
+        outputs, _, input_size = run_model(model, padded, amp)
+        other = _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg,
+                                             tasks - {"semantic"}, thing_classes, confident_pixels=True)
+        for r, o in zip(results, other):
+            r.update(o)
+    return results
+
+
 @torch.no_grad()
 def semantic_tta(model: nn.Module, image: Tensor, output_size: tuple[int, int], test_cfg, amp: bool = False) -> Tensor:
     """Multi-scale (+ flip) semantic prediction of one test-resized image (uint8 ``[3, h, w]``)
@@ -173,6 +238,9 @@ def semantic_tta(model: nn.Module, image: Tensor, output_size: tuple[int, int], 
     scale of ``test_cfg.aug_scales`` (longest <= ``aug_max_size``; no scales: ``image`` as is)
     with :func:`resize_image`; scores are averaged at the original size ``output_size``.
     Returns int64 labels [H, W]."""
+    if isinstance(model, EoMT):
+        raise ValueError("test-time augmentation is not defined for EoMT (its official inference averages "
+                         "windows at one scale): unset test.aug_scales and test.aug_flip")
     height, width = int(image.shape[-2]), int(image.shape[-1])
     scales = tuple(test_cfg.aug_scales) or (min(height, width),)
     flips = (False, True) if test_cfg.aug_flip else (False,)
@@ -274,10 +342,11 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 class Predictor:
     """model + config + metadata -> predictions for image files, written under ``out_dir``.
 
-    Images are resized as the evaluation dataset resizes them (shortest edge
-    ``cfg.data.min_size_test``, longest <= ``max_size_test``, :func:`resize_image`), test-time
-    augmentation starts from that image as in evaluation, and batches of ``batch_size`` run
-    on ``device``; every output is at the original image size.
+    Images are resized as the evaluation dataset resizes them (``cfg.data.test_resize``:
+    shortest edge ``cfg.data.min_size_test``, longest <= ``max_size_test``, :func:`resize_image`;
+    EoMT: per task inside :func:`infer`, as its official inference), test-time augmentation
+    starts from that image as in evaluation, and batches of ``batch_size`` run on ``device``;
+    every output is at the original image size.
     """
 
     def __init__(self, model: nn.Module, cfg, metadata, device: str | torch.device = "cpu",
@@ -294,7 +363,7 @@ class Predictor:
         self.failures: list[tuple[Path, str]] = []  # (image, reason) of the last predict_files
 
     def _test_size(self, h: int, w: int) -> tuple[int, int]:
-        return shortest_edge_size(h, w, self.cfg.data.min_size_test, self.cfg.data.max_size_test)
+        return resized_test_size(self.cfg.data, h, w)
 
     def predict(self, images: Sequence[Tensor], tasks: Iterable[str] = ("semantic",)) -> list[dict]:
         """uint8 ``[3, H_i, W_i]`` images -> :func:`infer` results at the original sizes, in order.
@@ -304,7 +373,8 @@ class Predictor:
         results: list[dict] = [{} for _ in images]
         use_tta = "semantic" in tasks and (self.cfg.test.aug_scales or self.cfg.test.aug_flip)
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        test_sizes = [self._test_size(*s) for s in sizes]
+        # EoMT resizes inside infer, from the original, as each task's official inference does
+        test_sizes = sizes if isinstance(self.model, EoMT) else [self._test_size(*s) for s in sizes]
         divisibility = int(getattr(self.model, "size_divisibility", 0))
         order = [i for group in same_padding_groups(test_sizes, divisibility) for i in group]
         for start in range(0, len(order), self.batch_size):

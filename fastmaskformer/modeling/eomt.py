@@ -122,6 +122,8 @@ class EoMT(SegmentationModel):
         self.backbone = backbone
         self.num_classes, self.num_queries = num_classes, num_queries
         self.num_blocks, self.masked_attn = num_blocks, masked_attn
+        # the square size the official inference runs at (its ``img_size``: windows / padding)
+        self.inference_size = backbone.img_size
         self.mask_annealing = mask_annealing or MaskAnnealing(num_blocks, masked_attn=masked_attn)
         self.queries = nn.Embedding(num_queries, dim)
         self.class_head = nn.Linear(dim, num_classes + 1)

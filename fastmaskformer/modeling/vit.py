@@ -63,6 +63,7 @@ class ViTEncoder(nn.Module):
         self.vit = timm.create_model(resolve_vit_name(name), pretrained=pretrained, img_size=img_size,
                                      patch_size=patch_size, num_classes=0, dynamic_img_size=True, **timm_kwargs)
         self.patch_size = patch_size
+        self.img_size = int(img_size)
         self.embed_dim = self.vit.embed_dim
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.uses_rope = getattr(self.vit, "rope", None) is not None

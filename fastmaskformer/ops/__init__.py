@@ -15,4 +15,5 @@ from .mask_loss import mask_loss, mask_loss_assigned
 from .matching_cost import matching_cost, matching_cost_packed, matching_cost_padded
 from .assignment import linear_sum_assignment_batch
 from .mask_probs import mask_probs
+from .window_inference import window_semantic_inference
 from .ms_deform_attn import MSDeformAttnFunction, ms_deform_attn, ms_deform_attn_reference

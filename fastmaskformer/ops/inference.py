@@ -410,18 +410,22 @@ def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: T
 
 
 def assemble_panoptic(classes: Sequence[int], scores: Sequence[float], assigned_area: Sequence[int],
-                      mask_area: Sequence[int], overlap_threshold: float, thing_classes: set[int]):
+                      mask_area: Sequence[int], overlap_threshold: float, thing_classes: set[int],
+                      confident_area: Sequence[int] | None = None):
     """Turn per-query areas into segments (official general inference), O(k) python.
 
     Returns ``lut`` (int32 list: kept query -> segment id, 0 = void) and ``segments_info``.
     A query with no assigned pixels, no confident pixels, or whose assigned area is below
     ``overlap_threshold`` of its confident area is dropped; stuff queries of one class merge.
+    ``confident_area`` (Mask2Former / EoMT): per query the pixels it wins where it is also
+    confident; a query with none is dropped too.
     """
     lut = [0] * len(classes)
     segments_info: list[dict] = []
     stuff_ids: dict[int, int] = {}
-    for k, (cls, score, area, full) in enumerate(zip(classes, scores, assigned_area, mask_area)):
-        if area <= 0 or full <= 0 or area / full < overlap_threshold:
+    both = confident_area if confident_area is not None else [1] * len(classes)
+    for k, (cls, score, area, full, won) in enumerate(zip(classes, scores, assigned_area, mask_area, both)):
+        if area <= 0 or full <= 0 or won <= 0 or area / full < overlap_threshold:
             continue
         isthing = cls in thing_classes
         if not isthing and cls in stuff_ids:
@@ -440,12 +444,17 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
                        image_sizes: Sequence[Size], output_sizes: Sequence[Size] | None = None,
                        object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8,
                        thing_classes: Iterable[int] = (), input_size: Size | None = None,
-                       impl: str = "auto"):
+                       confident_pixels: bool = False, impl: str = "auto"):
     """General inference (DESIGN 4): list of (int32 id map [H_i,W_i], segments_info).
 
     Queries are kept when their argmax class is not "no object" and its probability exceeds
     ``object_mask_threshold``; ``thing_classes`` holds the contiguous ids of thing classes;
     ``input_size``: the model input (padded batch) size, default (4h, 4w).
+    ``confident_pixels``: the official Mask2Former / EoMT rule, where a segment holds only the
+    pixels its query wins *and* where that query's mask probability is >= 0.5 (the others are
+    void) and a query needs at least one such pixel (MaskFormer's rule, the default, gives a
+    query every pixel it wins). It resamples the kept queries' masks [k, H, W] once more to read
+    each pixel's winner: the fused assignment does not return it.
     """
     pixel_embed, image_sizes, output_sizes, input_size = _check_inference_args(
         class_logits, mask_embed, pixel_embed, image_sizes, output_sizes, input_size)
@@ -466,11 +475,19 @@ def panoptic_inference(class_logits: Tensor, mask_embed: Tensor, pixel_embed: Te
             continue
         ids, assigned, full = assign(scores[keep], mask_embed[b][keep], pixel_embed[b],
                                      list(image_sizes[b]), list(output_sizes[b]), list(input_size))
+        confident, confident_area = None, None
+        if confident_pixels:
+            probs = resampled_masks(mask_embed[b][keep][None], pixel_embed[b][None], image_sizes[b], output_sizes[b],
+                                    input_size, True, torch.float32, impl)[0]  # [k, H, W]
+            confident = probs.gather(0, ids.long()[None])[0] >= 0.5  # [H, W]: the winner is confident
+            del probs
+            confident_area = torch.bincount(ids.long()[confident], minlength=int(keep.sum())).tolist()
         lut, segments_info = assemble_panoptic(labels[keep].tolist(), scores[keep].tolist(),
                                                assigned.tolist(), full.tolist(), overlap_threshold,
-                                               thing_classes)
+                                               thing_classes, confident_area)
         lut = torch.tensor(lut, dtype=torch.int32, device=ids.device)
-        results.append((lut[ids], segments_info))
+        id_map = lut[ids]
+        results.append((id_map if confident is None else id_map * confident, segments_info))
     return results
 
 
