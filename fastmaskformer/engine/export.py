@@ -99,6 +99,7 @@ class InferenceProgram(nn.Module):
                               f"only {EXPORTABLE_NAMES} checkpoints can be exported")
         self.model = model.eval()
         self.task = task
+        self.confident_pixels = bool(getattr(model, "panoptic_confident_pixels", False))  # the architecture's panoptic rule
         self.size_divisibility = int(model.size_divisibility)
         # EoMT (official inference): the square model size; semantic: windows run per image
         # (always max_windows, the most an image of the exported size range needs)
@@ -235,7 +236,7 @@ class InferenceProgram(nn.Module):
         ratio = assigned.double() / full.clamp(min=1).double()  # python's area / full
         valid = keep & (assigned > 0) & (full > 0) & (ratio >= self.overlap_threshold)
         confident = None
-        if self.eomt:  # official EoMT / Mask2Former: a segment keeps the won pixels where it is confident
+        if self.confident_pixels:  # official Mask2Former / EoMT: a segment keeps the won pixels where it is confident
             confident = masks.gather(0, ids[None])[0] >= 0.5  # [H, W]
             won = torch.zeros(q, dtype=torch.int64, device=ids.device).scatter_add(0, flat, confident.flatten().long())
             valid = valid & (won > 0)

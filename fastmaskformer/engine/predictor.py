@@ -145,7 +145,8 @@ def infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequence[tup
         if tasks - {"semantic"}:
             raise ValueError(f"{type(model).__name__} predicts semantic segmentation only, not {sorted(tasks - {'semantic'})}")
         return [{"semantic": labels} for labels in _per_pixel_semantic(outputs, sizes, output_sizes, input_size)]
-    return _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg, tasks, thing_classes)
+    return _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg, tasks, thing_classes,
+                                        confident_pixels=getattr(model, "panoptic_confident_pixels", False))
 
 
 def _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg, tasks: set,
@@ -225,7 +226,8 @@ def _eomt_infer(model: nn.Module, images: Sequence[Tensor], output_sizes: Sequen
         padded = [F.pad(im, (0, size - w, 0, size - h)) for im, (h, w) in zip(resized, sizes)]
         outputs, _, input_size = run_model(model, padded, amp)
         other = _mask_classification_results(outputs, sizes, output_sizes, input_size, test_cfg,
-                                             tasks - {"semantic"}, thing_classes, confident_pixels=True)
+                                             tasks - {"semantic"}, thing_classes,
+                                             confident_pixels=getattr(model, "panoptic_confident_pixels", False))
         for r, o in zip(results, other):
             r.update(o)
     return results

@@ -111,6 +111,8 @@ class MaskAnnealing(nn.Module):
 class EoMT(SegmentationModel):
     """ViT encoder + queries in its last ``num_blocks`` blocks + per-block predictions."""
 
+    panoptic_confident_pixels = True  # official to_per_pixel_preds_panoptic
+
     def __init__(self, backbone: ViTEncoder, num_classes: int, num_queries: int = 200, num_blocks: int = 4,
                  mask_annealing: MaskAnnealing | None = None, masked_attn: bool = True,
                  pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),

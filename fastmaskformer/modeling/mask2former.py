@@ -20,6 +20,8 @@ from .maskformer import MaskFormerOutput, SegmentationModel, build_pixel_decoder
 class Mask2Former(SegmentationModel):
     """``forward(images)`` -> ``MaskFormerOutput`` with L = dec_layers predictions (official 10)."""
 
+    panoptic_confident_pixels = True  # official Mask2Former panoptic_inference
+
     def __init__(self, backbone: Backbone, pixel_decoder, predictor: MaskedAttentionDecoder,
                  pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
                  pixel_std: Sequence[float] = (58.395, 57.12, 57.375), size_divisibility: int = 32):

@@ -99,7 +99,14 @@ class TransformerPredictor(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Shared input handling: normalisation constants and ``preprocess``."""
+    """Shared input handling: normalisation constants and ``preprocess``.
+
+    ``panoptic_confident_pixels``: the architecture's official panoptic segment rule. False
+    (MaskFormer): a segment is every pixel its query wins; True (Mask2Former, EoMT): only the won
+    pixels where the query's mask probability is >= 0.5, the rest void
+    (``ops.panoptic_inference(confident_pixels=)``)."""
+
+    panoptic_confident_pixels = False
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int):
         super().__init__()
