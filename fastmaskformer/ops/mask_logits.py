@@ -20,12 +20,19 @@ from ._library import reference_operator
 
 class _UpcastProduct(torch.autograd.Function):
     """``einsum("bmc,bchw->bmhw")`` in fp32 of low-precision operands that saves the operands in
-    their own dtype for the backward (which upcasts them again) instead of fp32 copies."""
+    their own dtype for the backward (which upcasts them again) instead of fp32 copies. Written
+    with ``setup_context`` (and a generated vmap rule) so that ``torch.func`` transforms and
+    ``opcheck`` run through it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, embed: Tensor, pixels: Tensor) -> Tensor:
-        ctx.save_for_backward(embed, pixels)
+    def forward(embed: Tensor, pixels: Tensor) -> Tensor:
         return torch.einsum("bmc,bchw->bmhw", embed.float(), pixels.float())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
