@@ -20,6 +20,12 @@ Providers, side by side in one process on the same inputs:
   ``reference`` (``impl="torch"``) stands in.
 - ``fused-float-atomics``: ``deterministic=False``, the value gradient summed by float32 atomics
   as the official extension does: the price of the deterministic default.
+- ``official-cuda``: the official ``MultiScaleDeformableAttention`` CUDA extension itself (fp32
+  configs only: it has no 16-bit kernels and the official pixel decoder runs it in fp32), with
+  the official code's ``im2col_step`` of 128; when it can be imported, from ``--official-ext DIR``
+  (the folder holding the compiled module: build it from a Mask2Former checkout with
+  ``FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build`` in
+  ``mask2former/modeling/pixel_decoder/ops``; a CUDA toolkit and no GPU suffice) or installed.
 Phases ``fwd`` (no grad) and ``fwd+bwd`` (gradients of value, locations and weights). Reported:
 median ms (``triton.testing.do_bench`` on CUDA; CPU: round-robin perf_counter), peak memory above
 the inputs (CUDA), speed-up and memory ratio vs eager, the error vs eager, and the roofline
@@ -28,6 +34,7 @@ prediction (``benchmarks/roofline.py``, H100/H200/A100) beside the measurement.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import torch
@@ -59,8 +66,43 @@ def make_inputs(batch: int, size: int, device, dtype=torch.float32, loc_dtype=to
             loc.to(device, loc_dtype), weights.view(batch, tokens, HEADS, LEVELS, POINTS).to(device, loc_dtype))
 
 
-def providers(device) -> dict:
-    """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D]."""
+OFFICIAL_IM2COL_STEP = 128  # MSDeformAttn.im2col_step in the official Mask2Former code
+
+
+def official_extension_op(msda):
+    """fn(value, spatial_shapes, loc, weights) -> [B,Lq,H*D] through the official extension module
+    ``msda`` (its ``ms_deform_attn_forward`` / ``_backward``, level start indices from the shapes),
+    differentiable in value, locations and weights."""
+    class OfficialCudaOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, value, spatial_shapes, loc, weights):
+            starts = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+            ctx.save_for_backward(value, spatial_shapes, starts, loc, weights)
+            return msda.ms_deform_attn_forward(value, spatial_shapes, starts, loc, weights, OFFICIAL_IM2COL_STEP)
+
+        @staticmethod
+        def backward(ctx, grad):
+            value, spatial_shapes, starts, loc, weights = ctx.saved_tensors
+            grad_value, grad_loc, grad_weights = msda.ms_deform_attn_backward(
+                value, spatial_shapes, starts, loc, weights, grad.contiguous(), OFFICIAL_IM2COL_STEP)
+            return grad_value, None, grad_loc, grad_weights
+
+    return OfficialCudaOp.apply
+
+
+def official_extension(folder=None):
+    """The official ``MultiScaleDeformableAttention`` module (from ``folder`` first), or None."""
+    if folder is not None:
+        sys.path.insert(0, str(folder))
+    try:
+        return importlib.import_module("MultiScaleDeformableAttention")
+    except ImportError:
+        return None
+
+
+def providers(device, msda=None) -> dict:
+    """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D]; ``msda``: the
+    official extension module (its provider runs on CUDA, fp32 configs)."""
     def eager(v, shapes, _ss, loc, w):
         return ms_deform_attn_grid_sample(v, shapes, loc.to(v.dtype), w.to(v.dtype))
 
@@ -69,6 +111,9 @@ def providers(device) -> dict:
         out["fused"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton")
         out["fused-float-atomics"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton",
                                                                                       deterministic=False)
+        if msda is not None:
+            official = official_extension_op(msda)
+            out["official-cuda"] = lambda v, _shapes, ss, loc, w: official(v, ss, loc, w)
     else:
         out["reference (CPU stand-in for fused)"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(
             v, ss, loc, w, impl="torch")
@@ -109,6 +154,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="B=16 512x512 only (fp32 and bf16)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--official-ext", default=None, metavar="DIR",
+                   help="folder with the official compiled MultiScaleDeformableAttention module (official-cuda)")
     p.add_argument("--json", default=None,
                    help="output JSON (default benchmarks/results/<device>-ms-deform-attn-<date>.json)")
     args = p.parse_args(argv)
@@ -125,9 +172,13 @@ def main(argv=None):
     from roofline import predicted
 
     name = device_facts(device).get("name", str(device))
-    funcs = providers(device)
+    msda = official_extension(args.official_ext)
+    if cuda and msda is None:
+        print("official-cuda: MultiScaleDeformableAttention not importable (--official-ext DIR): row skipped")
+    all_funcs = providers(device, msda)
     rows = []
     for batch, size, dtype in configs:
+        funcs = {k: f for k, f in all_funcs.items() if k != "official-cuda" or dtype == torch.float32}
         inputs = make_inputs(batch, size, device, dtype)  # fp32 locations and weights
         for t in (inputs[0], inputs[3], inputs[4]):
             t.requires_grad_()
@@ -144,11 +195,14 @@ def main(argv=None):
                        "speedup_vs_eager": base["median_ms"] / t["median_ms"]}
                 if "peak_mem_mib" in t and base.get("peak_mem_mib"):
                     row["mem_ratio_vs_eager"] = t["peak_mem_mib"] / base["peak_mem_mib"]
-                variant = {"fused": "deterministic", "fused-float-atomics": "float-atomics"}.get(provider)
+                variant = {"fused": "deterministic", "fused-float-atomics": "float-atomics",
+                           "official-cuda": "deterministic"}.get(provider)
                 pred = predicted("ms_deform_attn", name, batch=batch, size=size, phase=phase, dtype=str(dtype)[6:],
                                  variant=variant) if variant and (phase == "fwd+bwd" or variant == "deterministic") \
                     else None
-                if pred:
+                if pred and provider == "official-cuda":  # the official op's modelled time
+                    row["predicted_ms"] = pred.get("official_cuda_ms")
+                elif pred:
                     row["predicted_ms"], row["predicted_speedup"] = pred["fused_ms"], pred["speedup"]
                 rows.append(row)
                 print(row, flush=True)

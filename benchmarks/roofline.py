@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import deform_cache  # noqa: E402
 from common import RESULTS_DIR, markdown_table  # noqa: E402
 
 # Peak rates (dense), from the vendors' data sheets; SFU: 16 ops / clock / SM at the boost clock.
@@ -111,13 +112,14 @@ def _matmul_flops(name: str, args, out) -> float:
     return 0.0
 
 
-def _gather_bytes(name: str, args, outputs) -> float:
+def _gather_bytes(name: str, args, outputs, gather_scale: float = 1.0) -> float:
     """L2 traffic of gathers the op's inputs + outputs do not show: bilinear ``grid_sample`` reads
-    4 taps per output element, and its backward reads 4 taps and adds into 4 (float atomics)."""
+    4 taps per output element, and its backward reads 4 taps and adds into 4 (float atomics).
+    ``gather_scale``: the L2 bytes per tap byte of the reads (``deform_cache``; atomics in full)."""
     if name == "grid_sampler_2d" and outputs:
-        return 4.0 * outputs[0].numel() * outputs[0].element_size()
+        return 4.0 * outputs[0].numel() * outputs[0].element_size() * gather_scale
     if name == "grid_sampler_2d_backward":
-        return 8.0 * args[0].numel() * args[0].element_size()
+        return 4.0 * args[0].numel() * args[0].element_size() * (1.0 + gather_scale)
     return 0.0
 
 
@@ -125,8 +127,9 @@ class _Tracer(TorchDispatchMode):
     """Sums the Work of every aten op run inside it (one kernel per non-view op) and, per
     hardware, the ops' lower bounds (a sequence of kernels adds their bounds)."""
 
-    def __init__(self):
+    def __init__(self, gather_scale: float = 1.0):
         super().__init__()
+        self.gather_scale = gather_scale
         self.work = Work()
         self.seconds = {tag: 0.0 for tag in HARDWARE}
 
@@ -140,16 +143,16 @@ class _Tracer(TorchDispatchMode):
         elements = max([t.numel() for t in outputs + inputs] or [0])
         flops = _matmul_flops(name, args, outputs[0]) if outputs else 0.0
         op = Work(bytes=nbytes, fp32_flops=flops or float(elements), sfu=SFU_PER_ELEMENT.get(name, 0) * elements,
-                  kernels=1, l2_bytes=_gather_bytes(name, args, outputs))
+                  kernels=1, l2_bytes=_gather_bytes(name, args, outputs, self.gather_scale))
         self.work = self.work.add(op)
         for tag, hw in HARDWARE.items():
             self.seconds[tag] += op.seconds(hw)
         return out
 
 
-def trace(fn) -> tuple[Work, dict]:
+def trace(fn, gather_scale: float = 1.0) -> tuple[Work, dict]:
     """(total Work, {hardware: lower-bound seconds}) of the aten ops ``fn`` runs."""
-    tracer = _Tracer()
+    tracer = _Tracer(gather_scale)
     with tracer:
         fn()
     return tracer.work, tracer.seconds
@@ -431,11 +434,13 @@ def _deform_meta_inputs(size: int, batch: int, dtype: str, grad: bool = False):
             torch.empty(batch, tokens, hd, nl, npt, 2, **meta), torch.empty(batch, tokens, hd, nl, npt, **meta))
 
 
-def eager_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "float32"):
+def eager_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "float32", l1: bool = False):
     """The official formulation (grid_sample per level), traced on meta tensors in ``dtype`` (as
-    ``bench_ms_deform_attn.py``'s eager provider runs it: locations and weights cast to it)."""
+    ``bench_ms_deform_attn.py``'s eager provider runs it: locations and weights cast to it).
+    ``l1``: grid_sample's reads charged by the sectors that miss L1 (``deform_cache``)."""
     from fastmaskformer.ops.ms_deform_attn import ms_deform_attn_grid_sample
 
+    gather_scale = deform_cache.grid_sample_miss_ratio(size, DTYPE_BYTES[dtype]) if l1 else 1.0
     grad = phase == "fwd+bwd"
     value, shapes, loc, attn = _deform_meta_inputs(size, batch, dtype, grad)
 
@@ -443,7 +448,7 @@ def eager_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "fl
         out = ms_deform_attn_grid_sample(value, shapes, loc.to(value.dtype), attn.to(value.dtype))
         if grad:
             out.backward(torch.empty_like(out))
-    return trace(run)
+    return trace(run, gather_scale)
 
 
 def _deform_backward_torch_side(size: int, batch: int, dtype: str, deterministic: bool) -> Work:
@@ -463,8 +468,26 @@ def _deform_backward_torch_side(size: int, batch: int, dtype: str, deterministic
     return work
 
 
+def deform_l1_miss_ratios(size: int, dtype: str, official: bool = False) -> tuple[float, float]:
+    """(forward, backward) value-row bytes that miss L1 per tap byte (``deform_cache``): ours at the
+    autotuned config that misses least (the forward's BLOCK_Q / warps, the backward's QBLOCKS), or
+    the official extension's blocks."""
+    from fastmaskformer.kernels.ms_deform_attn import BACKWARD_CONFIG, FORWARD_CONFIG
+
+    vb = DTYPE_BYTES[dtype]
+    if official:
+        return (deform_cache.row_kernel_miss_ratio(size, vb, "official-fwd"),
+                deform_cache.row_kernel_miss_ratio(size, vb, "official-bwd"))
+    fwd = min(deform_cache.row_kernel_miss_ratio(size, vb, "ours-fwd", block_q=c["BLOCK_Q"], warps=c["num_warps"])
+              for c in FORWARD_CONFIG["gpu"])
+    bwd = min(deform_cache.row_kernel_miss_ratio(size, vb, "ours-bwd", block_q=c["TILE"] // DEFORM["dim"],
+                                                 qblocks=c["QBLOCKS"], warps=c["num_warps"])
+              for c in BACKWARD_CONFIG["gpu"])
+    return fwd, bwd
+
+
 def fused_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "float32",
-                         variant: str = "deterministic", official: bool = False) -> Work:
+                         variant: str = "deterministic", official: bool = False, l1: bool = False) -> Work:
     """kernels/ms_deform_attn.py. DRAM: every input and output once (the value maps, 44 MB in
     bf16 / 88 MB in fp32 at B=16 512x512, are gathered through L2). L2: the 4 taps x D of every
     sample in the value's dtype; in the backward the same taps again and as many 4-byte atomics
@@ -472,19 +495,23 @@ def fused_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "fl
     kernel (locations and weights read again, one scalar int32 atomic per sample: a 32-byte
     sector), the box-maximum pass over the [B, S, H] mass and the fixed-point to float pass; the
     torch ops around the kernels are traced. ``official``: the CUDA extension (fp32, float
-    atomics into a zeroed accumulator, 2 launches)."""
+    atomics into a zeroed accumulator, 2 launches). ``l1``: the tap reads charged by the bytes that
+    miss L1 (``deform_l1_miss_ratios``); atomics in full."""
     _, tokens, samples = _deform_sizes(size, batch)
-    d, vb = DEFORM["dim"], DTYPE_BYTES["float32" if official else dtype]
+    value_dtype = "float32" if official else dtype
+    d, vb = DEFORM["dim"], DTYPE_BYTES[value_dtype]
+    miss_fwd, miss_bwd = deform_l1_miss_ratios(size, value_dtype, official) if l1 else (1.0, 1.0)
     elements = batch * tokens * DEFORM["heads"] * d
     value, acc, mass = elements * vb, elements * 4, elements // d * 4
     loc_attn = samples * 3 * 4
     taps = samples * 4 * d
-    fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * vb + loc_attn + value,
+    fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * vb * miss_fwd + loc_attn + value,
                fp32_flops=samples * (10.0 * d + 40), kernels=1)
     if phase == "fwd":
         return fwd
     # grad_out and value read, location / weight gradients written, the accumulator written back
-    bwd = Work(bytes=2 * value + 2 * loc_attn + acc, l2_bytes=taps * vb + taps * 4 + 2 * loc_attn + 2 * value,
+    bwd = Work(bytes=2 * value + 2 * loc_attn + acc,
+               l2_bytes=taps * vb * miss_bwd + taps * 4 + 2 * loc_attn + 2 * value,
                fp32_flops=samples * (14.0 * d + 60), kernels=1)
     if official:
         return fwd.add(bwd).add(Work(bytes=acc, kernels=1))  # the zeroed float accumulator
@@ -787,6 +814,29 @@ def problems():
     return out
 
 
+def ms_deform_attn_l1_rows() -> list[dict]:
+    """Deformable attention forward + backward with the tap reads charged by what misses L1
+    (``deform_cache``: the benchmark's inputs through each kernel's blocks; atomics in full): ours,
+    the official CUDA extension (fp32) and the eager formulation (in the row's dtype and in fp32,
+    the official pixel decoder's), H100."""
+    hw, out = HARDWARE["H100"], []
+    for batch in (16, 2):
+        for size in (512, 1024):
+            official = fused_ms_deform_attn(size, "fwd+bwd", batch, official=True, l1=True).seconds(hw) * 1e3
+            eager32 = eager_ms_deform_attn(size, "fwd+bwd", batch, "float32", l1=True)[1]["H100"] * 1e3
+            for dtype in DTYPE_BYTES:
+                eager = eager_ms_deform_attn(size, "fwd+bwd", batch, dtype, l1=True)[1]["H100"] * 1e3
+                miss_fwd, miss_bwd = deform_l1_miss_ratios(size, dtype)
+                for variant in DEFORM_VARIANTS:
+                    fused = fused_ms_deform_attn(size, "fwd+bwd", batch, dtype, variant, l1=True).seconds(hw) * 1e3
+                    out.append(dict(batch=batch, size=size, dtype=dtype, variant=variant, fused_ms_H100=fused,
+                                    official_cuda_ms_H100=official, eager_ms_H100=eager, eager_fp32_ms_H100=eager32,
+                                    vs_official_H100=official / fused, speedup_H100=eager / fused,
+                                    speedup_vs_fp32_eager_H100=eager32 / fused, l1_miss_fwd=miss_fwd,
+                                    l1_miss_bwd=miss_bwd))
+    return out
+
+
 def rows() -> list[dict]:
     result = []
     for part, keys, fused, (eager, eager_seconds) in problems():
@@ -818,7 +868,8 @@ def predicted(part: str, device_name: str, **keys) -> dict | None:
     for row in json.loads(path.read_text())["rows"]:
         if row["part"] == part and all(row.get(k) == v for k, v in keys.items() if k in row):
             return {"fused_ms": row[f"fused_ms_{tag}"], "eager_ms": row[f"eager_ms_{tag}"],
-                    "speedup": row[f"speedup_{tag}"], "hardware": HARDWARE[tag]["name"]}
+                    "speedup": row[f"speedup_{tag}"], "hardware": HARDWARE[tag]["name"],
+                    "official_cuda_ms": row.get(f"official_cuda_ms_{tag}")}
     return None
 
 
@@ -876,7 +927,10 @@ def main(argv=None) -> int:
     table_rows = rows()
     step_rows = mask2former_step_rows()
     eomt_step_rows, eomt_inference_rows = eomt_rows()
-    table = markdown_table(table_rows, COLUMNS) + "\n\nMask2Former training step (one GPU, " + \
+    deform_l1_rows = ms_deform_attn_l1_rows()
+    table = markdown_table(table_rows, COLUMNS) + "\n\nms_deform_attn forward + backward, tap reads charged by " + \
+        f"what misses an L1 of {deform_cache.L1_BYTES // 1024} KB per SM (benchmarks/deform_cache.py):\n\n" + \
+        markdown_table(deform_l1_rows, list(deform_l1_rows[0])) + "\n\nMask2Former training step (one GPU, " + \
         f"{M2F_STEP['preset']}, B={M2F_STEP['batch']}, {M2F_STEP['size']}x{M2F_STEP['size']}):\n\n" + \
         markdown_table(step_rows, list(step_rows[0])) + "\n\nEoMT training step (one GPU, " + \
         f"{EOMT_STEP['preset']}, B={EOMT_STEP['batch']}, masked attention):\n\n" + \
@@ -885,8 +939,8 @@ def main(argv=None) -> int:
         markdown_table(eomt_inference_rows, list(eomt_inference_rows[0]))
     payload = {"hardware": HARDWARE, "launch_us": LAUNCH_US, "sizes": dict(B=B, layers=LAYERS, Q=Q, C=C, crop=SIZE,
                image=IMAGE, input=INPUT, mask2former=M2F, eomt=EOMT_L640), "rows": table_rows,
-               "mask2former_step": step_rows, "eomt_step": eomt_step_rows, "eomt_inference": eomt_inference_rows,
-               "eomt_step_config": EOMT_STEP, "table": table}
+               "ms_deform_attn_l1": deform_l1_rows, "mask2former_step": step_rows, "eomt_step": eomt_step_rows,
+               "eomt_inference": eomt_inference_rows, "eomt_step_config": EOMT_STEP, "table": table}
     out = pathlib.Path(args.out)
     out.write_text(json.dumps(payload, indent=1))
     out.with_suffix(".md").write_text(table + "\n")

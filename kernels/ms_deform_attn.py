@@ -50,12 +50,22 @@ import triton.language as tl
 
 from .common import autotune_configs, launch, triton_operator
 
-# The backward kernels issue atomics, which an autotuner's benchmark runs would add up more than
-# once: ONE config each (Triton runs a lone config without benchmarking). TILE = BLOCK_Q * BLOCK_D
+# Forward: BLOCK_Q queries of one head per program ([BLOCK_Q, D] tiles); autotuned.
+FORWARD_CONFIG = dict(gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=16, num_warps=4), dict(BLOCK_Q=32, num_warps=4),
+                           dict(BLOCK_Q=64, num_warps=8)],
+                      interpreter=dict(BLOCK_Q=128))
+# The backward kernel's autotuner zeroes the accumulator before each benchmark run and before the
+# real one (``reset_to_zero``): its atomics are not added up more than once. TILE = BLOCK_Q * BLOCK_D
 # elements per program on 4 warps: 2 per thread, ~80 registers, 38% occupancy on sm_90 / sm_80 for
-# this gather/atomic-latency-bound loop (4 per thread need ~140 registers, 8 ~240); the whole query
-# range per (image, head) under the interpreter.
-BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, num_warps=4)], interpreter=dict(TILE=8192))
+# this gather/atomic-latency-bound loop (4 per thread need ~140 registers, 8 ~240). QBLOCKS: query
+# blocks one program runs one after the other (a program then spans QBLOCKS * BLOCK_Q neighbouring
+# queries of one head, whose taps overlap: the repeats can hit the SM's L1 instead of L2; simulated
+# in ``benchmarks/deform_cache.py``). The whole query range per (image, head) under the interpreter.
+BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, QBLOCKS=1, num_warps=4), dict(TILE=256, QBLOCKS=4, num_warps=4),
+                            dict(TILE=256, QBLOCKS=8, num_warps=4)],
+                       interpreter=dict(TILE=8192, QBLOCKS=1))
+# The mass kernel's atomics feed a bound that must not be added up twice: ONE config (Triton runs a
+# lone config without benchmarking).
 MASS_CONFIG = dict(gpu=[dict(BLOCK_Q=128, num_warps=4)], interpreter=dict(BLOCK_Q=1024))
 # Row-wise passes: the mass box maxima over [B, S, H] (BLOCK_S rows), the fixed-point conversion
 # over [B, S, H*D] (TILE elements: 16 per thread on 4 warps).
@@ -112,15 +122,16 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
-def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """This program's image b, head h and BLOCK_Q queries: (b, h, query mask, d, d mask, value
-    row stride, value base offset of (b, h), flat (b, q, h) indices [BLOCK_Q]). Heads vary
-    fastest over the programs: the programs of one query block run together and share the
-    location / weight sectors and the value rows ([H, D] contiguous per pixel) in L2."""
+def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, QBLOCKS: tl.constexpr, sub):
+    """This program's image b, head h and its ``sub``-th block of BLOCK_Q queries (a program runs
+    QBLOCKS blocks): (b, h, query mask, d, d mask, value row stride, value base offset of (b, h),
+    flat (b, q, h) indices [BLOCK_Q]). Heads vary fastest over the programs: the programs of one
+    query block run together and share the location / weight sectors and the value rows ([H, D]
+    contiguous per pixel) in L2."""
     pid = tl.program_id(0)
     h = pid % H
     b = tl.program_id(1).to(tl.int64)
-    q = (pid // H) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = ((pid // H) * QBLOCKS + sub) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     row_stride = H * D
     return b, h, q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
@@ -164,17 +175,14 @@ def _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H):
 
 
 @triton.autotune(
-    configs=autotune_configs(
-        gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=16, num_warps=4), dict(BLOCK_Q=32, num_warps=4),
-             dict(BLOCK_Q=64, num_warps=8)],
-        interpreter=dict(BLOCK_Q=128)),
+    configs=autotune_configs(**FORWARD_CONFIG),
     # Lq rounded up to a power of two: variable image sizes (COCO) do not re-tune at every size.
     key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
 )
 @triton.jit
 def _ms_deform_attn_fwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
                                S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
-    _, _, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
+    _, _, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q, 1, 0)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     start = 0
     for lvl in range(L):
@@ -202,7 +210,7 @@ def _ms_deform_attn_mass_kernel(shapes_ptr, loc_ptr, attn_ptr, a_sum_ptr, mass_p
     """mass[b, row, h] += ceil(|a| * mass scale) (int32 atomics) over the samples whose top-left
     tap, clamped into the map, is ``row``; samples with no tap inside the map add nothing."""
     # (named: Triton treats a name assigned again inside the loops as loop-carried)
-    b, h, qmask, _d, _dmask, _row_stride, _vbase, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q)
+    b, h, qmask, _d, _dmask, _row_stride, _vbase, qh = _program_block(S, Lq, H, 1, 1, BLOCK_Q, 1, 0)
     mass_scale = _mass_scale(a_sum_ptr, b * H + h)
     start = 0
     for lvl in range(L):
@@ -286,50 +294,52 @@ def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, sca
         tl.atomic_add(ptrs, coef[:, None] * g, mask=inside[:, None] & dmask[None, :], sem="relaxed")
 
 
-@triton.autotune(configs=autotune_configs(**BACKWARD_CONFIG), key=["BLOCK_D"])
+@triton.autotune(configs=autotune_configs(**BACKWARD_CONFIG), key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
+                 reset_to_zero=["grad_value_acc_ptr"])
 @triton.jit
 def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                                box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
-                               S, Lq, H, D, L, P, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
-                               TILE: tl.constexpr):
+                               S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
+                               TILE: tl.constexpr, QBLOCKS: tl.constexpr):
     BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
-    b, h, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q)
-    g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
-                other=0.0).to(tl.float32)
-    start = 0
-    for lvl in range(L):
-        h_l, w_l = _level(shapes_ptr, lvl)
-        scale = 1.0
-        if FIXED_POINT:
-            scale, _ = _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H)
-        for pt in range(P):
-            off = qh * (L * P) + lvl * P + pt
-            x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
-            r00, i00, r01, i01, r10, i10, r11, i11 = _tap_rows(x0, y0, h_l, w_l, start, qmask)
-            # Per tap, only <g, v_tap> [BLOCK_Q] is kept (one [BLOCK_Q, D] tile live at a time):
-            # d(out)/d(a) = sum_tap w_tap <g, v_tap>, and the fraction derivatives are
-            # differences of the same dot products.
-            s00 = tl.sum(g * _load_tap(value_ptr, vbase, r00, i00, d, dmask, row_stride), axis=1)
-            s01 = tl.sum(g * _load_tap(value_ptr, vbase, r01, i01, d, dmask, row_stride), axis=1)
-            s10 = tl.sum(g * _load_tap(value_ptr, vbase, r10, i10, d, dmask, row_stride), axis=1)
-            s11 = tl.sum(g * _load_tap(value_ptr, vbase, r11, i11, d, dmask, row_stride), axis=1)
-            gx = 1.0 - fx
-            gy = 1.0 - fy
-            tl.store(grad_attn_ptr + off, gy * (gx * s00 + fx * s01) + fy * (gx * s10 + fx * s11), mask=qmask)
-            # x_pix = x * w_l - 0.5: d/dx = w_l * d/dx_pix.
-            dfx = gy * (s01 - s00) + fy * (s11 - s10)
-            dfy = gx * (s10 - s00) + fx * (s11 - s01)
-            tl.store(grad_loc_ptr + 2 * off, a * w_l.to(tl.float32) * dfx, mask=qmask)
-            tl.store(grad_loc_ptr + 2 * off + 1, a * h_l.to(tl.float32) * dfy, mask=qmask)
-            _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride,
-                         a * gy * gx, g, scale, FIXED_POINT)
-            _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride,
-                         a * gy * fx, g, scale, FIXED_POINT)
-            _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride,
-                         a * fy * gx, g, scale, FIXED_POINT)
-            _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
-                         a * fy * fx, g, scale, FIXED_POINT)
-        start += h_l * w_l
+    for sub in range(QBLOCKS):
+        b, h, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q, QBLOCKS, sub)
+        g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        start = 0
+        for lvl in range(L):
+            h_l, w_l = _level(shapes_ptr, lvl)
+            scale = 1.0
+            if FIXED_POINT:
+                scale, _ = _value_scale(box_max_ptr, a_sum_ptr, g_max_ptr, b, lvl, h, L, H)
+            for pt in range(P):
+                off = qh * (L * P) + lvl * P + pt
+                x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, off, qmask, h_l, w_l)
+                r00, i00, r01, i01, r10, i10, r11, i11 = _tap_rows(x0, y0, h_l, w_l, start, qmask)
+                # Per tap, only <g, v_tap> [BLOCK_Q] is kept (one [BLOCK_Q, D] tile live at a time):
+                # d(out)/d(a) = sum_tap w_tap <g, v_tap>, and the fraction derivatives are
+                # differences of the same dot products.
+                s00 = tl.sum(g * _load_tap(value_ptr, vbase, r00, i00, d, dmask, row_stride), axis=1)
+                s01 = tl.sum(g * _load_tap(value_ptr, vbase, r01, i01, d, dmask, row_stride), axis=1)
+                s10 = tl.sum(g * _load_tap(value_ptr, vbase, r10, i10, d, dmask, row_stride), axis=1)
+                s11 = tl.sum(g * _load_tap(value_ptr, vbase, r11, i11, d, dmask, row_stride), axis=1)
+                gx = 1.0 - fx
+                gy = 1.0 - fy
+                tl.store(grad_attn_ptr + off, gy * (gx * s00 + fx * s01) + fy * (gx * s10 + fx * s11), mask=qmask)
+                # x_pix = x * w_l - 0.5: d/dx = w_l * d/dx_pix.
+                dfx = gy * (s01 - s00) + fy * (s11 - s10)
+                dfy = gx * (s10 - s00) + fx * (s11 - s01)
+                tl.store(grad_loc_ptr + 2 * off, a * w_l.to(tl.float32) * dfx, mask=qmask)
+                tl.store(grad_loc_ptr + 2 * off + 1, a * h_l.to(tl.float32) * dfy, mask=qmask)
+                _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride,
+                             a * gy * gx, g, scale, FIXED_POINT)
+                _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride,
+                             a * gy * fx, g, scale, FIXED_POINT)
+                _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride,
+                             a * fy * gx, g, scale, FIXED_POINT)
+                _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
+                             a * fy * fx, g, scale, FIXED_POINT)
+            start += h_l * w_l
 
 
 # ---------------------------------------------------------------------------- operators
@@ -380,7 +390,10 @@ def value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations, a
     return g_max, a_sum, box_max
 
 
-def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic: bool):
+def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic: bool,
+                     config: dict | None = None):
+    """``config``: one of ``BACKWARD_CONFIG["gpu"]`` to launch instead of the autotuned choice (tests
+    run every GPU config through the interpreter)."""
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     grad_out = grad_out.contiguous()
     grad_loc = torch.empty_like(sampling_locations)
@@ -395,11 +408,13 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
     block_d = triton.next_power_of_2(d)
 
     def grid(meta):
-        return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d)) * nh, b)
+        return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d) * meta["QBLOCKS"]) * nh, b)
 
-    launch(_ms_deform_attn_bwd_kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
-           grad_out, box_max, a_sum, g_max, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt, BLOCK_D=block_d,
-           FIXED_POINT=deterministic)
+    # config: the kernel under the autotuner, with that config's meta-parameters
+    kernel = _ms_deform_attn_bwd_kernel if config is None else _ms_deform_attn_bwd_kernel.fn
+    launch(kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
+           grad_out, box_max, a_sum, g_max, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt,
+           triton.next_power_of_2(lq), BLOCK_D=block_d, FIXED_POINT=deterministic, **(config or {}))
     if not deterministic:
         return acc.to(value.dtype), grad_loc, grad_attn
     grad_value = torch.empty_like(value)

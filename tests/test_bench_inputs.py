@@ -55,3 +55,38 @@ def test_check_agreement_rejects_different_maps():
         check_agreement("x", [(flipped, segments)], [(ids, segments)])
     with pytest.raises(SystemExit, match="segments_info differs"):
         check_agreement("x", [(ids, [])], [(ids, segments)])
+
+
+def test_official_deformable_attention_provider_plumbing():
+    """bench_ms_deform_attn's official-cuda provider hands the official extension its arguments
+    (level start indices from the shapes, im2col_step) and returns its gradients in the right
+    slots: checked with a stand-in extension module that computes with our reference."""
+    import types
+
+    from bench_ms_deform_attn import OFFICIAL_IM2COL_STEP, make_inputs, official_extension_op
+
+    calls = []
+
+    def forward(value, shapes, starts, loc, weights, step):
+        calls.append((starts.tolist(), step))
+        return ops.ms_deform_attn(value, shapes, loc, weights, impl="torch")
+
+    def backward(value, shapes, starts, loc, weights, grad, step):
+        with torch.enable_grad():  # autograd runs backward without it
+            leaves = [t.detach().requires_grad_() for t in (value, loc, weights)]
+            out = ops.ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2], impl="torch")
+            return list(torch.autograd.grad(out, leaves, grad))
+
+    official = official_extension_op(types.SimpleNamespace(ms_deform_attn_forward=forward,
+                                                           ms_deform_attn_backward=backward))
+    value, shapes, ss, loc, weights = make_inputs(1, 128, "cpu")
+    leaves = [t.requires_grad_() for t in (value, loc, weights)]
+    out = official(leaves[0], ss, leaves[1], leaves[2])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    want_out = ops.ms_deform_attn(leaves[0], ss, leaves[1], leaves[2], impl="torch")
+    want = torch.autograd.grad(want_out, leaves, grad)
+    assert calls == [([0, 16, 80], OFFICIAL_IM2COL_STEP)]  # levels 4x4, 8x8, 16x16
+    torch.testing.assert_close(out, want_out)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
