@@ -223,8 +223,8 @@ def official_problem(path) -> str | None:
     if not (root / "mask2former" / "maskformer_model.py").is_file():
         return f"--official {path}: not a facebookresearch/Mask2Former checkout (no mask2former/maskformer_model.py)"
     if importlib.util.find_spec("detectron2") is None:
-        return ("--official needs detectron2, which is not installed (not on PyPI: pip install "
-                "--no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'; its setup imports torch)")
+        return ("--official needs detectron2, which is not installed (not on PyPI: pip install --no-build-isolation "
+                "'git+https://github.com/facebookresearch/detectron2.git'; its setup imports torch)")
     if importlib.util.find_spec("MultiScaleDeformableAttention") is None:
         return ("--official needs the checkout's compiled MultiScaleDeformableAttention extension (cd "
                 f"{root / 'mask2former/modeling/pixel_decoder/ops'} && FORCE_CUDA=1 CUDA_HOME=<toolkit> python "
