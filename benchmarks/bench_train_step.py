@@ -11,10 +11,13 @@ same weights (ResNet presets; every provider then starts from the converted HF m
 ``official``: facebookresearch/Mask2Former's own model and criterion (detectron2) from a checkout
 given by ``--official PATH`` (never vendored; the row is skipped without the option), loaded with
 the same weights through ``convert.detectron2_name_table``. It needs detectron2 and the checkout's
-compiled ``MultiScaleDeformableAttention`` extension (its ``make.sh``; a CUDA toolkit, no GPU, with
-``FORCE_CUDA=1``) to import; on CPU tensors the official module falls back to its pure-PyTorch
-deformable attention. The official R50 runs FrozenBN, as ours; transformers' ResNet trains its
-BatchNorm.
+compiled ``MultiScaleDeformableAttention`` extension (its ``setup.py``; a CUDA toolkit, no GPU, with
+``FORCE_CUDA=1``; the README gives the build and the patch torch 2.14 needs) to import; on CPU
+tensors the official module falls back to its pure-PyTorch deformable attention. The official R50
+runs FrozenBN, as ours; transformers' ResNet trains its BatchNorm. The official row also reports
+the largest difference of its class and mask logits from ours on the batch (every prediction;
+float32 round-off when the weights load right) and ``official_check`` puts its step-0 loss next
+to the other providers' (equal up to the point-sampling noise: each code draws its own points).
 
 ``--arch eomt`` runs an ``eomt-*`` preset (default ``eomt-coco-panoptic-dinov2-s-640`` at
 ``--size``; its ViT, queries in the last blocks, point-sampled criterion on every prediction,
@@ -52,6 +55,7 @@ CPU (small, committed under benchmarks/results/):
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import importlib.util
 import sys
@@ -219,11 +223,12 @@ def official_problem(path) -> str | None:
     if not (root / "mask2former" / "maskformer_model.py").is_file():
         return f"--official {path}: not a facebookresearch/Mask2Former checkout (no mask2former/maskformer_model.py)"
     if importlib.util.find_spec("detectron2") is None:
-        return ("--official needs detectron2, which is not installed (not on PyPI: "
-                "pip install 'git+https://github.com/facebookresearch/detectron2.git')")
+        return ("--official needs detectron2, which is not installed (not on PyPI: pip install --no-build-isolation "
+                "'git+https://github.com/facebookresearch/detectron2.git'; its setup imports torch)")
     if importlib.util.find_spec("MultiScaleDeformableAttention") is None:
         return ("--official needs the checkout's compiled MultiScaleDeformableAttention extension (cd "
-                f"{root / 'mask2former/modeling/pixel_decoder/ops'} && FORCE_CUDA=1 sh make.sh; a CUDA toolkit, no GPU)")
+                f"{root / 'mask2former/modeling/pixel_decoder/ops'} && FORCE_CUDA=1 CUDA_HOME=<toolkit> python "
+                "setup.py build install: a CUDA toolkit, no GPU; torch 2.14 needs a two-line patch, see the README)")
     return None
 
 
@@ -267,13 +272,51 @@ def official_mask2former(path, cfg, our_model, device):
         "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", float(loss.no_object_weight)])
     model = build_model(d2)
     ours = our_model.state_dict()
-    state = {official: ours[key] for official, key in detectron2_name_table(our_model).items()}
+    state = collections.OrderedDict(
+        (official, ours[key]) for official, key in detectron2_name_table(our_model).items())
+    # the model's own module versions: without them the official MaskFormerHead (version 2) takes
+    # the dict for a pre-v2 checkpoint and moves every sem_seg_head.pixel_decoder.* key to
+    # sem_seg_head.pixel_decoder.pixel_decoder.*
+    state._metadata = model.state_dict()._metadata
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(("num_batches_tracked", "criterion.empty_weight"))]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"the official model does not take our weights: missing {missing[:8]}, "
                            f"unexpected {result.unexpected_keys[:8]}")
     return model.to(device).train()
+
+
+def official_output_diff(official, ours, images) -> dict:
+    """Max |official - ours| over every prediction's class logits and mask logits on ``images``
+    (fp32, no grad; ``official`` normalises with mean 0, std 1): the same network with the same
+    weights agrees to float32 round-off (~1e-6 on the ADE20K R50 shape). The step losses cannot
+    be compared this tightly: each code draws its own random points (see ``official_losses``)."""
+    ours = copy.deepcopy(ours).to(images.device)
+    with torch.no_grad():
+        theirs = official.sem_seg_head(official.backbone((images - official.pixel_mean) / official.pixel_std))
+        mine = ours(images)
+    layers = [*theirs["aux_outputs"], theirs]
+    if len(layers) != mine.class_logits.shape[0]:
+        raise RuntimeError(f"the official model makes {len(layers)} predictions, ours {mine.class_logits.shape[0]}")
+    return {"class_logits": max(float((t["pred_logits"] - mine.class_logits[i]).abs().max())
+                                for i, t in enumerate(layers)),
+            "mask_logits": max(float((t["pred_masks"] - mine.pred_masks(i)).abs().max())
+                               for i, t in enumerate(layers))}
+
+
+def official_losses(rows) -> dict:
+    """Step-0 losses of the official row next to the other providers' (same weights, same batch).
+    Each provider draws its own random points (ours from the criterion's generator, the official
+    code and transformers from the global one after ``torch.manual_seed(1)``), so the losses agree
+    only to the point-sampling noise; transformers' ResNet also trains its BatchNorm."""
+    found = {}
+    for r in rows:
+        if r["provider"] == "official" and "loss_step0" in r:
+            others = {o["provider"]: o["loss_step0"] for o in rows
+                      if o["precision"] == r["precision"] and o["provider"] != "official" and "loss_step0" in o}
+            found[r["precision"]] = {"official": r["loss_step0"], **others,
+                                     "outputs_max_abs_diff_vs_ours": r.get("outputs_max_abs_diff_vs_ours")}
+    return found
 
 
 def make_official_step(model, optimizer, images, targets, amp: bool, device):
@@ -368,6 +411,7 @@ def run(args) -> list[dict]:
                 step = make_hf_step(model, optimizer, images, targets, amp, device)
             elif provider == "official":
                 model, criterion, optimizer = build(cfg, provider, device, base_model, official)
+                row["outputs_max_abs_diff_vs_ours"] = official_output_diff(model, base_model, images)
                 step = make_official_step(model, optimizer, images, targets, amp, device)
             else:
                 model, criterion, optimizer = build(cfg, provider, device, base_model)
@@ -473,6 +517,8 @@ def main(argv=None):
         torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run(args)
     extra = {"args": vars(args)}
+    if official_check := official_losses(rows):
+        extra["official_check"] = official_check
     if args.steps:
         extra["loss_agreement"] = loss_agreement(args)
     if args.headroom and args.device.startswith("cuda"):
@@ -483,7 +529,7 @@ def main(argv=None):
             + ("-memory" if args.cpu_memory else ""))
     path = args.json or result_path(name, args.device)
     print(write_results(path, rows, args.device, columns, extra))
-    for key in ("loss_agreement", "headroom"):
+    for key in ("official_check", "loss_agreement", "headroom"):
         if key in extra:
             print(key, extra[key])
     print("wrote", path)
