@@ -55,11 +55,11 @@ def random_targets(batch: int, segments: int, classes: int, size: int, device) -
     return targets
 
 
-def time_providers(runs: dict, device, rounds: int = 9) -> dict:
+def time_providers(runs: dict, device, rounds: int = 9, warmup: int = 2) -> dict:
     """{name: fn} -> {name: {median_ms, p20_ms, p80_ms[, peak_mem_mib]}}.
 
     CUDA: ``triton.testing.do_bench`` per provider, then one call for the peak memory above what
-    was allocated before it. CPU: after two warm-up calls each, ``rounds`` round-robin rounds
+    was allocated before it. CPU: after ``warmup`` calls each, ``rounds`` round-robin rounds
     time every provider once per round, so that load from other processes on a shared machine
     hits all providers alike; median / p20 / p80 over the rounds.
     """
@@ -73,8 +73,8 @@ def time_providers(runs: dict, device, rounds: int = 9) -> dict:
             out[name] = {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_mib": peak}
         return out
     for fn in runs.values():
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
     samples = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():

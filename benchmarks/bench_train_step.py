@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from bench_matching_cost import time_providers  # noqa: E402
 from common import measure, result_path, track_cpu_memory, write_results  # noqa: E402
 
 import fastmaskformer as fmf  # noqa: E402
@@ -392,7 +393,7 @@ def run(args) -> list[dict]:
     cfg = config_for(args)
     base_model, hf_model = base_models(cfg)
     images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, args.segments, device)
-    rows, first_losses = [], {}
+    rows, first_losses, pending = [], {}, []
     for amp in ([False, True] if args.amp == "both" else [args.amp == "bf16"]):
         for provider in args.providers:
             if provider in MASK2FORMER_ONLY and cfg.model.meta_arch not in ("mask2former", "eomt"):
@@ -421,15 +422,27 @@ def run(args) -> list[dict]:
                 # dropout masks, so the losses are comparable
                 torch.manual_seed(1)
                 first_losses[(provider, amp)] = float(step())
-                timing = measure(step, device, warmup=args.warmup, repeats=args.repeats)
+                if args.interleave:  # timed below, all providers in turn
+                    pending.append((row, step))
+                else:
+                    row.update(measure(step, device, warmup=args.warmup, repeats=args.repeats))
             except torch.cuda.OutOfMemoryError:
                 rows.append({**row, "skipped": "out of memory"})
                 continue
-            row.update(timing, images_per_s=args.batch / (timing["median_ms"] / 1e3), loss_step0=first_losses[(provider, amp)])
+            row["loss_step0"] = first_losses[(provider, amp)]
             rows.append(row)
             del model, criterion, optimizer, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if pending:  # rounds of one step per provider: load and drift hit every provider alike
+            timings = time_providers({row["provider"]: step for row, step in pending}, device, rounds=args.repeats,
+                                     warmup=args.warmup)
+            for row, _ in pending:
+                row.update(timings[row["provider"]], interleaved=True)
+            pending.clear()
+    for r in rows:
+        if "median_ms" in r:
+            r["images_per_s"] = args.batch / (r["median_ms"] / 1e3)
     baseline = {r["precision"]: r for r in rows if r["provider"] == "eager" and "median_ms" in r}
     for r in rows:
         base = baseline.get(r["precision"])
@@ -503,6 +516,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=50, help="steps for the loss-agreement check (0: skip)")
     p.add_argument("--headroom", action="store_true", help="also search the largest batch that fits (CUDA)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the providers in rounds, one step each per round, all models alive (default on "
+                        "the CPU without --cpu-memory: on a busy 2-core box a provider timed after the others "
+                        "on its own can move by 20%%); --no-interleave: one provider after the other")
     p.add_argument("--cpu-memory", action="store_true",
                    help="CPU: also report peak memory (runs with a fixed glibc mmap threshold, which makes "
                         "every large allocation a system call: time such a run separately)")
@@ -512,6 +529,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.official is not None and (problem := official_problem(args.official)):
         p.error(problem)
+    if args.interleave is None:
+        args.interleave = args.device == "cpu" and not args.cpu_memory
+    if args.interleave and args.cpu_memory:
+        p.error("--cpu-memory measures one provider at a time: use it with --no-interleave")
     if args.device == "cpu" and args.cpu_memory:
         track_cpu_memory()
         torch.set_num_threads(max(1, torch.get_num_threads()))
