@@ -133,3 +133,32 @@ def test_official_provider_has_our_weights_and_loss():
     model, criterion, optimizer = bench.build(cfg, "batched", device, ours)
     our_loss = float(bench.make_step(model, criterion, optimizer, images, targets, False, device)())
     assert abs(official_loss - our_loss) / our_loss < 0.05, (official_loss, our_loss)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_providers_timed_interleaved_or_one_after_another(monkeypatch, interleave):
+    """run(): every provider gets its step-0 loss and a timing, in rounds of one step each
+    (--interleave, the CPU default) or one provider after the other."""
+    bench, cfg = _small_config()
+    monkeypatch.setattr(bench, "config_for", lambda args: cfg)
+    timed = []
+
+    def rounds(runs, device, rounds, warmup):  # time_providers with known results, in run order
+        assert (rounds, warmup) == (2, 0)
+        for fn in runs.values():
+            fn()
+        timed.extend(runs)
+        return {name: {"median_ms": 100.0 * (i + 1), "p20_ms": 0.0, "p80_ms": 0.0} for i, name in enumerate(runs)}
+
+    monkeypatch.setattr(bench, "time_providers", rounds)
+    args = SimpleNamespace(device="cpu", providers=["eager", "batched"], amp="fp32", batch=1, size=64, segments=2,
+                           warmup=0, repeats=2, interleave=interleave, official=None)
+    rows = bench.run(args)
+    assert [r["provider"] for r in rows] == ["eager", "batched"]
+    assert timed == (["eager", "batched"] if interleave else [])
+    for i, r in enumerate(rows):
+        assert r["median_ms"] > 0 and r["images_per_s"] == pytest.approx(1e3 / r["median_ms"])
+        assert r.get("interleaved", False) is interleave
+        if interleave:  # each row has its own provider's timing
+            assert r["median_ms"] == 100.0 * (i + 1)
+    assert rows[0]["loss_step0"] == pytest.approx(rows[1]["loss_step0"], rel=1e-5)  # same weights and batch
