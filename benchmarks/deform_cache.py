@@ -9,9 +9,9 @@ backward block one (query, head), PyTorch's ``grid_sample`` (the eager formulati
 neighbouring outputs (query, point) of one (image, head) plane, each thread looping over the
 channels.
 
-This module replays those access streams on the benchmark's inputs (``bench_ms_deform_attn.
-make_inputs``: reference points at pixel centres plus Gaussian offsets of 2 pixels, one image:
-the statistics are per image) through one least-recently-used cache per block, and returns the
+This module replays those access streams on the benchmark's inputs (``deform_inputs.make_inputs``:
+reference points at pixel centres plus Gaussian offsets of 2 pixels, one image: the statistics
+are per image) through one least-recently-used cache per block, and returns the
 bytes that miss it (what L2 must serve) per byte the roofline charges today.
 
 Rules, the same for every kernel (assumptions, stated):
@@ -54,7 +54,7 @@ def tap_rows(size: int) -> tuple[torch.Tensor, list]:
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    from bench_ms_deform_attn import make_inputs
+    from deform_inputs import make_inputs
 
     _, shapes, _, loc, _ = make_inputs(1, size, "cpu")
     levels, start = [], 0

@@ -63,7 +63,8 @@ def test_official_deformable_attention_provider_plumbing():
     slots: checked with a stand-in extension module that computes with our reference."""
     import types
 
-    from bench_ms_deform_attn import OFFICIAL_IM2COL_STEP, make_inputs, official_extension_op
+    from bench_ms_deform_attn import OFFICIAL_IM2COL_STEP, official_extension_op
+    from deform_inputs import make_inputs
 
     calls = []
 
