@@ -14,6 +14,10 @@ one kernel launch per op. Fused side: the kernels' work written out from their a
 Lower bound of one kernel = max(bytes / HBM bandwidth, CUDA-core FLOPs / fp32 rate + tensor-core
 FLOPs / their rate, SFU ops / SFU rate) + one launch (5 us). A sequence of kernels (eager) adds
 its kernels' bounds. ``run_all.py`` puts the measured times beside these numbers.
+
+Deformable attention has a second table: the same rows with the tap reads charged only by what
+misses an SM's L1 cache (``deform_cache.py`` replays each kernel's block access streams - ours,
+the official CUDA extension's, ``grid_sample``'s - on the benchmark inputs).
 """
 from __future__ import annotations
 
