@@ -23,6 +23,7 @@ Providers, side by side in one process on the same inputs:
 - ``official-cuda``: the official ``MultiScaleDeformableAttention`` CUDA extension itself (fp32
   configs only: it has no 16-bit kernels and the official pixel decoder runs it in fp32), with
   the official code's ``im2col_step`` of 128; when it can be imported, from ``--official-ext DIR``
+  (or ``$FASTMASKFORMER_OFFICIAL_MSDA``)
   (the folder holding the compiled module: build it from a Mask2Former checkout with
   ``FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build`` in
   ``mask2former/modeling/pixel_decoder/ops``; a CUDA toolkit and no GPU suffice) or installed.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import torch
@@ -51,6 +53,7 @@ COLUMNS = ["provider", "phase", "batch", "size", "dtype", "median_ms", "speedup_
 
 
 OFFICIAL_IM2COL_STEP = 128  # MSDeformAttn.im2col_step in the official Mask2Former code
+OFFICIAL_EXT_ENV = "FASTMASKFORMER_OFFICIAL_MSDA"
 
 
 def official_extension_op(msda):
@@ -138,8 +141,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="B=16 512x512 only (fp32 and bf16)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    p.add_argument("--official-ext", default=None, metavar="DIR",
-                   help="folder with the official compiled MultiScaleDeformableAttention module (official-cuda)")
+    p.add_argument("--official-ext", default=os.environ.get(OFFICIAL_EXT_ENV), metavar="DIR",
+                   help="folder with the official compiled MultiScaleDeformableAttention module (official-cuda; "
+                        f"default ${OFFICIAL_EXT_ENV}, which run_all.py's runs inherit)")
     p.add_argument("--json", default=None,
                    help="output JSON (default benchmarks/results/<device>-ms-deform-attn-<date>.json)")
     args = p.parse_args(argv)

@@ -30,6 +30,14 @@ from roofline import predicted  # noqa: E402
 PARTS = {
     "train_step": ("bench_train_step.py", ["--batch", "16", "--size", "512", "--steps", "50"],
                    ["--batch", "2", "--size", "128", "--steps", "3", "--repeats", "3", "--amp", "fp32"]),
+    # issue 26: the deformable attention (with the official extension where $FASTMASKFORMER_OFFICIAL_MSDA
+    # names it) and the Mask2Former step (one GPU of the official run) next
+    "ms_deform_attn": ("bench_ms_deform_attn.py", [], ["--quick"]),
+    "train_step_mask2former": ("bench_train_step.py", ["--arch", "mask2former", "--batch", "2", "--size", "512",
+                                                       "--providers", "eager", "batched", "fused", "transformers",
+                                                       "--steps", "20"],
+                               ["--arch", "mask2former", "--batch", "2", "--size", "128", "--amp", "fp32", "--steps", "0",
+                                "--repeats", "3", "--providers", "eager", "batched", "transformers"]),
     "train_step_847": ("bench_train_step.py", ["--batch", "16", "--size", "512", "--classes", "847", "--amp", "fp32",
                                                "--providers", "eager", "fused", "--steps", "0", "--headroom"],
                        ["--batch", "2", "--size", "128", "--classes", "847", "--amp", "fp32", "--providers", "eager",
@@ -39,7 +47,6 @@ PARTS = {
     "point_loss": ("bench_point_loss.py", [], ["--no-compile"]),
     "semantic_inference": ("bench_semantic_inference.py", ["--quick"], ["--quick"]),
     "panoptic_inference": ("bench_panoptic_inference.py", ["--quick"], ["--quick"]),
-    "ms_deform_attn": ("bench_ms_deform_attn.py", [], ["--quick"]),
     "inference_e2e": ("bench_inference_e2e.py", ["--batch", "16", "--size", "512"],
                       ["--batch", "1", "--size", "128", "--classes", "150", "--repeats", "3"]),
     "solver": ("bench_assignment.py", ["--repeats", "7"], ["--repeats", "3"]),
