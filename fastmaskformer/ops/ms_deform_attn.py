@@ -188,6 +188,15 @@ def _check(value, spatial_shapes, sampling_locations, attention_weights) -> None
                              f"sum to {total} (S must be sum of h*w)")
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """Real tensors outside torch.compile / torch.export (no fake or meta tensors)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return not any(t.device.type == "meta" or is_fake(t) for t in tensors)
+
+
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                    attention_weights: Tensor, impl: str = "auto", deterministic: bool = True) -> Tensor:
     """Multi-scale deformable attention -> ``[B, Lq, H*D]`` in value's dtype.
@@ -221,6 +230,11 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
             kernel = load_kernel("ms_deform_attn", OP)
         return kernel.ms_deform_attn(value.contiguous(), shapes.contiguous(), sampling_locations.contiguous(),
                                      attention_weights.contiguous(), bool(deterministic))
+    if _eager(value, shapes, sampling_locations, attention_weights):
+        # Eager: autograd through the native grid_sample formulation itself, which keeps its
+        # samples for the backward instead of recomputing the forward inside the operator's vjp
+        # (a Mask2Former CPU step ran the 6 encoder layers' forward twice). The same values.
+        return _reference_eager(value, shapes, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
 
 
