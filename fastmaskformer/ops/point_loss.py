@@ -164,7 +164,7 @@ def importance_points(logit_maps: Tensor, candidates: Tensor, extra: Tensor, num
         # the chosen (x, y) rows by one index_select on the flattened candidates (a gather on
         # dim 2 with an expanded [b, n, u, 2] index is ~5x slower on the CPU); the same copies
         b, n, s = candidates.shape[:3]
-        rows = top + torch.arange(0, b * n * s, s, device=top.device).view(b, n, 1)
+        rows = top + (torch.arange(b * n, device=top.device) * s).view(b, n, 1)
         chosen = candidates.reshape(b * n * s, 2).index_select(0, rows.flatten()).view(b, n, -1, 2)
     return torch.cat([chosen, extra.to(chosen.dtype)], 2)
 
