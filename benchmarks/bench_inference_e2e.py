@@ -8,6 +8,13 @@ the fused kernels on CUDA, the torch reference on the CPU) beside transformers'
 ``post_process_panoptic_segmentation``. Both keep every query (object threshold 0, overlap 0.8,
 classes >= 80 are stuff); the semantic rows also give the share of pixels whose label agrees
 with ours, the panoptic rows the segments found per image (transformers resamples the mask logits to 384 x 384 before the output size, we do not).
+``--kept-queries N`` (default 3): at random weights every query keeps the same class and its
+mask logits are negative nearly everywhere, so the overlap rule drops every segment; both models
+then get the same two bias edits (``keep_queries``): the mask head's output centred so that the
+mean mask logit is 0, and the "no object" bias raised until N queries of the first image keep a
+real class, then both class heads scaled by one factor until those queries' scores reach 0.9
+(transformers counts a segment's area where score * probability >= 0.5); -1 leaves the weights
+as they are. On the CPU the providers of a task are timed in interleaved rounds.
 
 ``--arch eomt``: an ``eomt-*`` preset (default ``eomt-coco-panoptic-dinov2-s-640``; ``--preset``
 names another) with masking off (a trained model), ours (our EoMT + our post-processing) vs
@@ -30,6 +37,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from bench_matching_cost import time_providers  # noqa: E402
 from common import measure, report, result_path, track_cpu_memory  # noqa: E402
 
 import fastmaskformer as fmf  # noqa: E402
@@ -69,6 +77,52 @@ def segments_per_image(result) -> float:
     return sum(len(r["segments_info"] if isinstance(r, dict) else r[1]) for r in result) / len(result)
 
 
+def keep_queries(ours, hf, images, count: int) -> float:
+    """Make the panoptic rows find segments at random weights, the same edit in both models (ours
+    is converted from ``hf``): (1) the mask embedding head's last bias moves every query's
+    embedding by one vector along the first image's mean pixel embedding, so that the mean mask
+    logit of its last prediction is 0 (at random weights nearly every logit is negative: no
+    pixel reaches probability 0.5 and the overlap rule drops every query); (2) the "no object"
+    bias of the class heads rises so that exactly ``count`` queries of the first image have a real
+    class as their argmax at the last prediction, those whose best real-class logit leads "no
+    object" by the most. Returns the "no object" shift."""
+    with torch.no_grad():
+        out = ours(images[:1])
+        pixels = ops.final_pixel_embed(out.pixel_embed)[0].float()  # [C, h, w]
+        mean_logit = torch.einsum("qc,chw->", out.mask_embed[-1, 0].float(), pixels) / (
+            out.mask_embed.shape[2] * pixels[0].numel())
+        direction = pixels.mean((1, 2))
+        move = -mean_logit * direction / direction.dot(direction)
+        hf_mask = hf.model.transformer_module.decoder.mask_predictor.mask_embedder.get_submodule("2.0")
+        for bias in (ours.predictor.mask_embed.layers[-1].bias, hf_mask.bias):
+            bias += move.to(bias.dtype)
+        logits = ours(images[:1]).class_logits[-1, 0].float()  # [Q, K+1]
+        margin = (logits[:, :-1].max(-1).values - logits[:, -1]).sort(descending=True).values
+        if not 0 <= count <= margin.numel():
+            raise SystemExit(f"--kept-queries must be in [0, {margin.numel()}], got {count}")
+        upper = float(margin[count - 1]) if count > 0 else float(margin[0]) + 1.0
+        lower = float(margin[count]) if count < margin.numel() else upper - 2.0
+        shift = (upper + lower) / 2  # between the count-th and the next margin
+        heads = (ours.predictor.class_embed, hf.class_predictor)
+        for head in heads:
+            head.bias[-1] += shift
+        # (3) a sharper class softmax (both heads scaled by one factor: the argmaxes stay) until the
+        # kept queries' scores reach 0.9: transformers' post-processing tests score * probability
+        # >= 0.5 for a segment's area, so at random weights' scores (~1/K) it finds none
+        for _ in range(12):
+            scores = ours(images[:1]).class_logits[-1, 0].float().softmax(-1).max(-1)
+            real = scores.indices != logits.shape[-1] - 1
+            if count == 0 or float(scores.values[real].min()) >= 0.9:
+                break
+            for head in heads:
+                head.weight *= 3.0
+                head.bias *= 3.0
+        kept = int((ours(images[:1]).class_logits[-1, 0].argmax(-1) != logits.shape[-1] - 1).sum())
+    if kept != count:
+        raise RuntimeError(f"--kept-queries {count}: {kept} queries keep a class after the shift (margins tie)")
+    return shift
+
+
 def twin_rows(args, device, images) -> list[dict]:
     """``--arch mask2former`` / ``eomt``: ours (each impl) and transformers', same weights, per K
     and task."""
@@ -95,16 +149,25 @@ def twin_rows(args, device, images) -> list[dict]:
         else:
             hf.config.output_auxiliary_logits = False
         ours, hf = ours.to(device).eval(), hf.to(device).eval()
+        shift = None
+        if args.kept_queries is not None:
+            shift = keep_queries(ours, hf, images, args.kept_queries)
         for task in ("semantic", "panoptic"):
             runs = {f"ours ({impl})": (lambda impl=impl: infer(ours, images, task, impl, args.amp)) for impl in impls}
             runs["transformers"] = lambda: hf_infer(hf, processor, images, task, args.amp)
             # one untimed run each: the semantic labels' agreement with ours, the panoptic segment counts
             results = {name: fn() for name, fn in runs.items()}
             ours_name = next(iter(runs))
+            if device.type == "cpu":  # rounds of one call each: load and drift hit every provider alike
+                timings = time_providers(runs, device, rounds=args.repeats, warmup=0)  # the runs above warmed up
+            else:
+                timings = {name: measure(fn, device, warmup=0, repeats=args.repeats) for name, fn in runs.items()}
             for name, fn in runs.items():
-                timing = measure(fn, device, warmup=0, repeats=args.repeats)  # the run above warmed up
+                timing = timings[name]
                 row = {"task": task, "K": num_classes, "impl": name, "batch": args.batch, "size": args.size,
                        **timing, "images_per_s": args.batch / (timing["median_ms"] / 1e3)}
+                if shift is not None:
+                    row.update(kept_queries=args.kept_queries, no_object_bias_shift=shift)
                 if task == "semantic":
                     row["label_agreement"] = float(torch.stack(list(results[name])).eq(
                         torch.stack(list(results[ours_name])).to(torch.int64)).float().mean())
@@ -146,11 +209,17 @@ def main(argv=None):
     p.add_argument("--classes", type=int, nargs="+", default=[150, 847])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the model forward")
+    p.add_argument("--kept-queries", type=int, default=3, metavar="N",
+                   help="--arch mask2former: shift both models' 'no object' bias (the same shift) so that N "
+                        "queries of the first image keep a real class, so that the panoptic rows find segments "
+                        "(default 3; -1: the random weights as they are)")
     p.add_argument("--cpu-memory", action="store_true",
                    help="CPU: also report peak memory (a fixed glibc mmap threshold slows allocation: time "
                         "such a run separately)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.kept_queries is not None and (args.kept_queries < 0 or args.arch != "mask2former"):
+        args.kept_queries = None
     device = torch.device(args.device)
     if device.type == "cpu" and args.cpu_memory:
         track_cpu_memory()
@@ -159,6 +228,8 @@ def main(argv=None):
     columns = ["task", "K", "impl", "batch", "size", "median_ms", "p20_ms", "p80_ms", "images_per_s", "peak_mem_mib"]
     if args.arch != "maskformer":
         columns += ["label_agreement", "segments_per_image"]
+    if args.kept_queries is not None:
+        columns += ["kept_queries"]
     name = "inference-e2e" + ("" if args.arch == "maskformer" else f"-{args.arch}") + ("-memory" if args.cpu_memory else "")
     path = args.json or result_path(name, device)
     report(path, rows, device, columns, {"args": vars(args)})

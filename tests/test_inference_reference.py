@@ -214,3 +214,24 @@ def test_semantic_tiled_sigmoid_rounds_each_element_as_the_whole_map_does():
                 assert torch.equal(got, ref[:, r0:r1, :cols]), (num_threads, r0, r1, cols)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_panoptic_assign_reference_cpu_equals_the_dense_definition():
+    """The CPU reference's per-query running maximum (``_panoptic_winners_cpu``) gives the ids and
+    areas of the dense definition: argmax_k scores_k sigmoid(logits_k) (first index on ties, here
+    forced by repeated queries and scores) and the pixels with sigmoid >= 0.5."""
+    from fastmaskformer.ops.inference import resized_mask_logits_reference
+
+    g = torch.Generator().manual_seed(3)
+    mask_embed = torch.randn(7, 8, generator=g)
+    mask_embed[4] = mask_embed[1]  # a tie: query 1 must win
+    pixel_embed = torch.randn(8, 6, 5, generator=g)
+    scores = torch.rand(7, generator=g)
+    scores[4] = scores[1]
+    ids, assigned, full = torch.ops.fastmaskformer.panoptic_assign_reference(scores, mask_embed, pixel_embed,
+                                                                             [22, 19], [30, 26], [24, 20])
+    masks = resized_mask_logits_reference(mask_embed, pixel_embed, [22, 19], [30, 26], [24, 20]).sigmoid()
+    want = (scores[:, None, None] * masks).argmax(0)
+    assert torch.equal(ids, want) and not bool((ids == 4).any())
+    assert torch.equal(assigned, torch.bincount(want.flatten(), minlength=7))
+    assert torch.equal(full, (masks >= 0.5).flatten(1).sum(1))

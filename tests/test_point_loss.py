@@ -258,6 +258,27 @@ def test_criterion_end_to_end_equals_the_official_loop(impl):
         torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_forward_draws_equal_draw_points_across_steps():
+    """forward's own draws (refilled CPU buffers, ``draw_points(reuse=True)``) are the values of
+    fresh ``draw_points`` calls of a twin criterion, step after step, and the reused tensors
+    are the same objects (no new ~100 MB tensor per Mask2Former step)."""
+    class_logits, mask_embed, pixel_embed, targets, size = make_case(seed=11, layers=3)
+    out = Out(class_logits.float(), mask_embed.float(), pixel_embed.float())
+    crit = PointSampledCriterion(5, num_points=40, impl="torch", seed=7)
+    twin = PointSampledCriterion(5, num_points=40, impl="torch", seed=7)
+    m = max(t.num_segments for t in targets)
+    seen = []
+    for _ in range(3):
+        ours = crit(out, targets, size)
+        ref = crit.__class__.forward(twin, out, targets, size, points=twin.draw_points(3, 2, m, "cpu"))
+        for key in ref:
+            assert torch.equal(ours[key], ref[key]), key
+        seen.append({k: id(v) for k, v in crit._draw_buffers.items()})
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 3
+    a = crit.draw_points(3, 2, m, "cpu")  # a plain call: fresh tensors, the buffers dropped
+    assert not crit._draw_buffers and torch.equal(a["match"], twin.draw_points(3, 2, m, "cpu")["match"])
+
+
 def test_generator_state_is_saved_and_restored():
     crit = PointSampledCriterion(5, num_points=16, seed=3)
     crit.draw_points(2, 1, 2, "cpu")

@@ -196,6 +196,7 @@ class PointSampledCriterion(SetCriterion):
         self.seed = int(seed)
         self.generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None
+        self._draw_buffers: dict[str, Tensor] = {}  # forward's CPU draws, refilled each step
 
     # ------------------------------------------------------------- the point generator
     def _generator_on(self, device) -> torch.Generator:
@@ -210,19 +211,35 @@ class PointSampledCriterion(SetCriterion):
         self.generator = None
         self._pending_state = state["generator"]
 
-    def draw_points(self, num_layers: int, batch: int, max_segments: int, device) -> dict[str, Tensor]:
+    def draw_points(self, num_layers: int, batch: int, max_segments: int, device,
+                    reuse: bool = False) -> dict[str, Tensor]:
         """Uniform draws in [0, 1]^2 (x, y) for one step, from the criterion's generator:
         ``match`` [L',B,P,2] (the matcher's points, per layer and image), ``candidates``
         [L',B,M,S,2] (S = oversample * P per segment slot) and ``extra`` [L',B,M,R,2]
-        (R = P - importance * P)."""
+        (R = P - importance * P).
+
+        reuse (``forward``'s own draws, CPU only): fill the tensors of the previous call of the
+        same shapes in place (``uniform_``: the same values as ``torch.rand``) instead of new
+        ones; the candidates of a Mask2Former step are ~100 MB (R50, 10 layers, 16 segments),
+        past glibc's 32 MB mmap threshold, so a new tensor is mapped and page-faulted in anew
+        every step. The previous call's tensors are overwritten: only for draws that die with
+        the step."""
         g = self._generator_on(device)
         p, s, r = self.num_points, self.num_candidates, self.num_points - self.num_uncertain
         if self.mask_sampling == "full":  # the loss reads every pixel: only the matcher samples
             s = r = 0
-        match = torch.rand(num_layers, batch, p, 2, generator=g, device=device)
-        candidates = torch.rand(num_layers, batch, max_segments, s, 2, generator=g, device=device)
-        extra = torch.rand(num_layers, batch, max_segments, r, 2, generator=g, device=device)
-        return {"match": match, "candidates": candidates, "extra": extra}
+        shapes = {"match": (num_layers, batch, p, 2), "candidates": (num_layers, batch, max_segments, s, 2),
+                  "extra": (num_layers, batch, max_segments, r, 2)}
+        if not reuse or torch.device(device).type != "cpu" or torch.compiler.is_compiling():
+            self._draw_buffers = {}
+            return {name: torch.rand(shape, generator=g, device=device) for name, shape in shapes.items()}
+        out = {}
+        for name, shape in shapes.items():  # in this order: the generator's stream
+            buf = self._draw_buffers.get(name)
+            if buf is None or tuple(buf.shape) != shape:
+                buf = self._draw_buffers[name] = torch.empty(shape)
+            out[name] = buf.uniform_(generator=g)
+        return out
 
     # ------------------------------------------------------------- the step
     def forward(self, outputs, targets: Sequence[Target], input_size=None,
@@ -234,7 +251,7 @@ class PointSampledCriterion(SetCriterion):
         preload_kernels(self.impl, args[2], modules=("point_matching_cost", "point_loss"))  # outside compiled code
         if points is None:
             points = self.draw_points(len(self.supervised_layers(class_logits.shape[0])), labels.shape[0],
-                                      labels.shape[1], class_logits.device)
+                                      labels.shape[1], class_logits.device, reuse=True)
         return self.losses(*args, points["match"], points["candidates"], points["extra"])
 
     def losses(self, class_logits: Tensor, mask_embed: Tensor, pixel_embed: Tensor, seg_maps: Tensor,
