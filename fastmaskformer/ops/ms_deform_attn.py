@@ -77,34 +77,16 @@ def ms_deform_attn_plain(value: Tensor, spatial_shapes: Tensor, sampling_locatio
 
 
 def ms_deform_attn_grid_sample(value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor,
-                               attention_weights: Tensor) -> Tensor:
+                               attention_weights: Tensor, sum_per_level: bool = False) -> Tensor:
     """The official formulation (``ms_deform_attn_core_pytorch``): one ``F.grid_sample`` per level
     on ``[B*H, D, h, w]`` maps, then the weighted sum over the stacked ``[B*H, D, Lq, L*P]``
-    samples. ``shapes``: the levels' (h, w) as Python ints. The benchmarks' eager baseline."""
-    import torch.nn.functional as F
+    samples. ``shapes``: the levels' (h, w) as Python ints. The benchmarks' eager baseline.
 
-    b, _, nh, d = value.shape
-    _, lq, _, nl, npt, _ = sampling_locations.shape
-    levels = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    samples = []
-    for lvl, (h, w) in enumerate(shapes):
-        v = levels[lvl].flatten(2).transpose(1, 2).reshape(b * nh, d, h, w)
-        grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (b*h, lq, p, 2)
-        samples.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(b * nh, 1, lq, nl * npt)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # (b*h, d, lq)
-    return out.view(b, nh * d, lq).transpose(1, 2).contiguous()
-
-
-def ms_deform_attn_per_level(value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor,
-                              attention_weights: Tensor) -> Tensor:
-    """:func:`ms_deform_attn_grid_sample` with the weighted sum taken level by level
-    (``sum_l (samples_l * a_l).sum(-1)``) instead of over the stacked ``[B*H, D, Lq, L*P]``
-    samples: no stack copy, and each temporary is a third of the size (on the Mask2Former R50
-    shape at 256 px the stacked one is 33 MB, past glibc's 32 MB mmap threshold, so every step
-    page-faulted it in anew, forward and backward). The same samples, summed in another order
-    (float32 round-off). The CPU eager path of the reference."""
+    ``sum_per_level``: the weighted sum taken level by level (``sum_l (samples_l * a_l).sum(-1)``):
+    no stack copy and temporaries a third of the size (on the Mask2Former R50 shape at 256 px the
+    stacked one is 33 MB, past glibc's 32 MB mmap threshold, so every step page-faulted it in
+    anew, forward and backward). The same samples summed in another order (float32 round-off);
+    the CPU eager path of the reference."""
     import torch.nn.functional as F
 
     b, _, nh, d = value.shape
@@ -112,20 +94,26 @@ def ms_deform_attn_per_level(value: Tensor, shapes: list[tuple[int, int]], sampl
     levels = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     weights = attention_weights.transpose(1, 2).reshape(b * nh, 1, lq, nl, npt)
-    out = None
+    samples, out = [], None
     for lvl, (h, w) in enumerate(shapes):
         v = levels[lvl].flatten(2).transpose(1, 2).reshape(b * nh, d, h, w)
         grid = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (b*h, lq, p, 2)
         sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = (sampled * weights[..., lvl, :]).sum(-1)  # (b*h, d, lq)
-        out = part if out is None else out + part
+        if sum_per_level:
+            part = (sampled * weights[..., lvl, :]).sum(-1)  # (b*h, d, lq)
+            out = part if out is None else out + part
+        else:
+            samples.append(sampled)
+    if not sum_per_level:
+        out = (torch.stack(samples, dim=-2).flatten(-2) * weights.flatten(-2)).sum(-1)  # (b*h, d, lq)
     return out.view(b, nh * d, lq).transpose(1, 2).contiguous()
 
 
 def _reference_eager(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                      attention_weights: Tensor) -> Tensor:
     """The operator's real-tensor body: the official ``grid_sample`` formulation, summed per
-    level (:func:`ms_deform_attn_per_level`; native kernels; about 4x faster than :func:`ms_deform_attn_plain` on the CPU in a Mask2Former step), in the compute
+    level (:func:`ms_deform_attn_grid_sample` with ``sum_per_level``; native kernels; about 4x
+    faster than :func:`ms_deform_attn_plain` on the CPU in a Mask2Former step), in the compute
     dtype of ``ms_deform_attn_plain`` (float32, float64 if any input is), cast back to value's.
     Traced (fake ``spatial_shapes``, e.g. the backward under AOT autograd): the plain code."""
     from torch._subclasses.fake_tensor import is_fake
@@ -135,8 +123,8 @@ def _reference_eager(value: Tensor, spatial_shapes: Tensor, sampling_locations: 
     ctype = torch.float64 if torch.float64 in (value.dtype, sampling_locations.dtype,
                                                attention_weights.dtype) else torch.float32
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    out = ms_deform_attn_per_level(value.to(ctype), shapes, sampling_locations.to(ctype),
-                                   attention_weights.to(ctype))
+    out = ms_deform_attn_grid_sample(value.to(ctype), shapes, sampling_locations.to(ctype),
+                                     attention_weights.to(ctype), sum_per_level=True)
     return out.to(value.dtype)
 
 
