@@ -56,8 +56,9 @@ FORWARD_CONFIG = dict(gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=16, num_w
                       interpreter=dict(BLOCK_Q=128))
 # The backward kernel's autotuner zeroes the accumulator before each benchmark run and before the
 # real one (``reset_to_zero``): its atomics are not added up more than once. TILE = BLOCK_Q * BLOCK_D
-# elements per program on 4 warps: 2 per thread, ~80 registers, 38% occupancy on sm_90 / sm_80 for
-# this gather/atomic-latency-bound loop (4 per thread need ~140 registers, 8 ~240). QBLOCKS: query
+# elements per program on 4 warps: 2 per thread, 48-80 registers, 38-63% occupancy on sm_90 / sm_80
+# (benchmarks/results/aot-ms-deform-attn-2026-12-07.json) for this gather/atomic-latency-bound loop
+# (4 per thread need ~140 registers, 8 ~240). QBLOCKS: query
 # blocks one program runs one after the other (a program then spans QBLOCKS * BLOCK_Q neighbouring
 # queries of one head, whose taps overlap: the repeats can hit the SM's L1 instead of L2; simulated
 # in ``benchmarks/deform_cache.py``). The whole query range per (image, head) under the interpreter.
