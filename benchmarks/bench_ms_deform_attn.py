@@ -20,6 +20,9 @@ Providers, side by side in one process on the same inputs:
   ``reference`` (``impl="torch"``) stands in.
 - ``fused-float-atomics``: ``deterministic=False``, the value gradient summed by float32 atomics
   as the official extension does: the price of the deterministic default.
+- ``fused-per-tap``: ``fused`` with the backward autotuned over its per-tap scatter configs only
+  (``MERGE=False``: one atomic per tap element, no merging of a query block's repeated rows):
+  what the merged scatter saves.
 - ``official-cuda``: the official ``MultiScaleDeformableAttention`` CUDA extension itself (fp32
   configs only: it has no 16-bit kernels and the official pixel decoder runs it in fp32), with
   the official code's ``im2col_step`` of 128; when it can be imported, from ``--official-ext DIR``
@@ -35,6 +38,7 @@ prediction (``benchmarks/roofline.py``, H100/H200/A100) beside the measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -87,9 +91,19 @@ def official_extension(folder=None):
         return None
 
 
+def provider_context(name: str):
+    """What a provider's calls (forward and backward) run under."""
+    if name == "fused-per-tap":
+        from fastmaskformer.kernels.ms_deform_attn import restrict_backward_configs
+
+        return restrict_backward_configs(MERGE=False)
+    return contextlib.nullcontext()
+
+
 def providers(device, msda=None) -> dict:
-    """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D]; ``msda``: the
-    official extension module (its provider runs on CUDA, fp32 configs)."""
+    """name -> fn(value, shapes list, shapes tensor, loc, weights) -> [B,Lq,H*D] (run under
+    ``provider_context(name)``); ``msda``: the official extension module (its provider runs on
+    CUDA, fp32 configs)."""
     def eager(v, shapes, _ss, loc, w):
         return ms_deform_attn_grid_sample(v, shapes, loc.to(v.dtype), w.to(v.dtype))
 
@@ -98,6 +112,7 @@ def providers(device, msda=None) -> dict:
         out["fused"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton")
         out["fused-float-atomics"] = lambda v, _shapes, ss, loc, w: ops.ms_deform_attn(v, ss, loc, w, impl="triton",
                                                                                       deterministic=False)
+        out["fused-per-tap"] = out["fused"]  # under provider_context: the per-tap backward configs
         if msda is not None:
             official = official_extension_op(msda)
             out["official-cuda"] = lambda v, _shapes, ss, loc, w: official(v, ss, loc, w)
@@ -107,18 +122,19 @@ def providers(device, msda=None) -> dict:
     return out
 
 
-def phase_run(phase: str, fn, inputs, grad):
+def phase_run(phase: str, name: str, fn, inputs, grad):
     value, shapes, ss, loc, weights = inputs
     leaves = [value, loc, weights]
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), provider_context(name):
             fn(*inputs)
 
     def both():
         for t in leaves:
             t.grad = None
-        fn(*inputs).backward(grad)
+        with provider_context(name):
+            fn(*inputs).backward(grad)
 
     return {"fwd": forward, "fwd+bwd": both}[phase]
 
@@ -128,8 +144,9 @@ def errors_vs_eager(funcs: dict, inputs, grad) -> dict:
     value, _, _, loc, weights = inputs
     results = {}
     for name, fn in funcs.items():
-        out = fn(*inputs)
-        grads = torch.autograd.grad(out, (value, loc, weights), grad)
+        with provider_context(name):
+            out = fn(*inputs)
+            grads = torch.autograd.grad(out, (value, loc, weights), grad)
         results[name] = [out.detach().float()] + [g.float() for g in grads]
     eager = results["eager"]
     return {name: max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, eager))
@@ -175,7 +192,8 @@ def main(argv=None):
         for phase in PHASES:
             timings = {}
             for provider in funcs:  # one at a time: only its graph alive
-                timings.update(time_providers({provider: phase_run(phase, funcs[provider], inputs, grad)}, device))
+                timings.update(time_providers({provider: phase_run(phase, provider, funcs[provider], inputs, grad)},
+                                                   device))
             base = timings["eager"]
             for provider, t in timings.items():
                 row = {"provider": provider, "phase": phase, "batch": batch, "size": size, "dtype": str(dtype)[6:],
@@ -184,7 +202,7 @@ def main(argv=None):
                 if "peak_mem_mib" in t and base.get("peak_mem_mib"):
                     row["mem_ratio_vs_eager"] = t["peak_mem_mib"] / base["peak_mem_mib"]
                 variant = {"fused": "deterministic", "fused-float-atomics": "float-atomics",
-                           "official-cuda": "deterministic"}.get(provider)
+                           "fused-per-tap": "deterministic-per-tap", "official-cuda": "deterministic"}.get(provider)
                 pred = predicted("ms_deform_attn", name, batch=batch, size=size, phase=phase, dtype=str(dtype)[6:],
                                  variant=variant) if variant and (phase == "fwd+bwd" or variant == "deterministic") \
                     else None

@@ -177,3 +177,22 @@ def grid_sample_miss_ratio(size: int, dtype_bytes: int, head_dim: int = 32, chan
               for first in range(0, lq * npt, GRID_SAMPLE_THREADS)][::_stride(size)]
     misses, accesses = _lru_misses((stream(*b) for b in blocks), capacity)
     return misses * SECTOR / (accesses * dtype_bytes) if accesses else 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def merged_atomic_ratio(size: int, block_q: int) -> float:
+    """Atomics of the merged value-gradient scatter (``MERGE``: a program's taps of one level
+    sorted by row, one atomic per distinct row) per atomic of the per-tap scatter: distinct rows
+    per (block of ``block_q`` neighbouring queries, head, level) over the taps inside the map, on
+    the benchmark's inputs (every block: no sampling needed, this is a count)."""
+    rows, _ = tap_rows(size)  # [L, Lq, H, P, 4]
+    nl, lq, nh, npt, _ = rows.shape
+    blocks = -(-lq // block_q)
+    padded = torch.cat([rows, rows.new_full((nl, blocks * block_q - lq, nh, npt, 4), -1)], 1)
+    taps = padded.view(nl, blocks, block_q, nh, npt, 4).permute(0, 1, 3, 2, 4, 5).reshape(nl * blocks * nh, -1)
+    taps = taps.sort(-1).values
+    inside = taps >= 0
+    new_row = torch.ones_like(inside)
+    new_row[:, 1:] = taps[:, 1:] != taps[:, :-1]
+    return (inside & new_row).sum().item() / inside.sum().item()
+

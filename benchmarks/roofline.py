@@ -281,11 +281,16 @@ def eager_semantic(classes: int) -> Work:
 
 
 def eager_panoptic(kept: int) -> Work:
-    from fastmaskformer.ops.inference import panoptic_assign_reference
+    from unittest import mock
 
-    # bincount has no meta kernel: real CPU tensors (one image, 16 times the work).
+    from fastmaskformer.ops import inference
+
+    # bincount has no meta kernel: real CPU tensors (one image, 16 times the work), traced with the
+    # GPU's dense winners (on CPU tensors the reference runs a per-query loop instead).
     scores, mask_embed, pixel_embed = torch.rand(kept), torch.randn(kept, C), torch.randn(C, INPUT[0] // 4, INPUT[1] // 4)
-    work, seconds = trace(lambda: panoptic_assign_reference(scores, mask_embed, pixel_embed, IMAGE, IMAGE))
+    with mock.patch.object(inference, "_panoptic_winners_cpu", inference._panoptic_winners_dense):
+        work, seconds = trace(lambda: inference.panoptic_assign_reference(scores, mask_embed, pixel_embed, IMAGE,
+                                                                          IMAGE))
     total = Work()
     for _ in range(B):
         total = total.add(work)
@@ -415,10 +420,11 @@ def fused_panoptic(kept: int, batch: int = B, channels: int = C, input_hw: tuple
 # Mask2Former pixel decoder, one deformable-attention call (encoder self-attention: Lq = S), levels at
 # strides 32/16/8 of the input; B = 2 (one GPU of the official 16-image batch) and 16.
 DEFORM = dict(heads=8, dim=32, levels=3, points=4)
-# deterministic: 32-bit fixed point (the default); float-atomics: deterministic=False; the
+# deterministic: 32-bit fixed point (the default); float-atomics: deterministic=False;
+# deterministic-per-tap: the default with the backward's per-tap scatter configs only (MERGE=False); the
 # official CUDA extension (fp32 only: its pixel decoder runs with autocast disabled) is modelled
 # beside them with the same rules.
-DEFORM_VARIANTS = ("deterministic", "float-atomics")
+DEFORM_VARIANTS = ("deterministic", "float-atomics", "deterministic-per-tap")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 SECTOR = 32  # bytes an isolated 4-byte access moves between L2 and the SMs
 
@@ -472,54 +478,94 @@ def _deform_backward_torch_side(size: int, batch: int, dtype: str, deterministic
     return work
 
 
-def deform_l1_miss_ratios(size: int, dtype: str, official: bool = False) -> tuple[float, float]:
-    """(forward, backward) value-row bytes that miss L1 per tap byte (``deform_cache``): ours at the
-    autotuned config that misses least (the forward's BLOCK_Q / warps, the backward's QBLOCKS), or
-    the official extension's blocks."""
-    from fastmaskformer.kernels.ms_deform_attn import BACKWARD_CONFIG, FORWARD_CONFIG
+def deform_forward_l1_miss(size: int, dtype: str, official: bool = False) -> float:
+    """Forward value-row bytes that miss L1 per tap byte (``deform_cache``): ours at the autotuned
+    config that misses least (BLOCK_Q / warps), or the official extension's blocks."""
+    from fastmaskformer.kernels.ms_deform_attn import FORWARD_CONFIG
 
     vb = DTYPE_BYTES[dtype]
     if official:
-        return (deform_cache.row_kernel_miss_ratio(size, vb, "official-fwd"),
-                deform_cache.row_kernel_miss_ratio(size, vb, "official-bwd"))
-    fwd = min(deform_cache.row_kernel_miss_ratio(size, vb, "ours-fwd", block_q=c["BLOCK_Q"], warps=c["num_warps"])
-              for c in FORWARD_CONFIG["gpu"])
-    bwd = min(deform_cache.row_kernel_miss_ratio(size, vb, "ours-bwd", block_q=c["TILE"] // DEFORM["dim"],
-                                                 qblocks=c["QBLOCKS"], warps=c["num_warps"])
-              for c in BACKWARD_CONFIG["gpu"])
-    return fwd, bwd
+        return deform_cache.row_kernel_miss_ratio(size, vb, "official-fwd")
+    return min(deform_cache.row_kernel_miss_ratio(size, vb, "ours-fwd", block_q=c["BLOCK_Q"], warps=c["num_warps"])
+               for c in FORWARD_CONFIG["gpu"])
+
+
+def deform_backward_configs(size: int, dtype: str, l1: bool) -> list[dict]:
+    """Per GPU config of the backward kernel (``BACKWARD_CONFIG``): ``miss`` (its tap-read bytes
+    that miss L1 per tap byte, ``deform_cache``; 1 without ``l1``), ``atomics`` (value-gradient
+    atomics per tap: the distinct rows per query block and level with MERGE, else 1) and
+    ``merge_flop_per_sample`` (MERGE's sort and run sums: a bitonic network of
+    log2(T) (log2(T) + 1) / 2 stages of 5 operations per key over T = BLOCK_Q * P * 4 taps, and
+    9 operations per tap element for the fixed-point contribution, the prefix sum, its gather and
+    the difference; its reload of the block's grad_out rows hits L1 and is not charged)."""
+    from fastmaskformer.kernels.ms_deform_attn import BACKWARD_CONFIG
+
+    vb, d, npt = DTYPE_BYTES[dtype], DEFORM["dim"], DEFORM["points"]
+    out = []
+    for c in BACKWARD_CONFIG["gpu"]:
+        block_q = c["TILE"] // d
+        miss = deform_cache.row_kernel_miss_ratio(size, vb, "ours-bwd", block_q=block_q, qblocks=c["QBLOCKS"],
+                                                  warps=c["num_warps"]) if l1 else 1.0
+        taps = block_q * npt * 4
+        stages = math.log2(taps) * (math.log2(taps) + 1) / 2
+        merge_flop = (5 * taps * stages + 9 * taps * d) / (block_q * npt) if c["MERGE"] else 0.0
+        out.append(dict(config=c, miss=miss, merge_flop_per_sample=merge_flop,
+                        atomics=deform_cache.merged_atomic_ratio(size, block_q) if c["MERGE"] else 1.0))
+    return out
+
+
+def _deform_backward_work(size: int, batch: int, value_dtype: str, miss: float, atomics: float,
+                          merge_flop_per_sample: float) -> Work:
+    """The backward kernel: grad_out and value read, location / weight gradients written, the
+    accumulator written back; in L2 the tap reads that miss L1 (``miss``), ``atomics`` 4-byte
+    atomics per tap element, the locations, weights and gradients."""
+    _, tokens, samples = _deform_sizes(size, batch)
+    d, vb = DEFORM["dim"], DTYPE_BYTES[value_dtype]
+    value = batch * tokens * DEFORM["heads"] * d * vb
+    loc_attn, taps = samples * 3 * 4, samples * 4 * d
+    return Work(bytes=2 * value + 2 * loc_attn + value // vb * 4,
+                l2_bytes=taps * vb * miss + taps * 4 * atomics + 2 * loc_attn + 2 * value,
+                fp32_flops=samples * (14.0 * d + 60 + merge_flop_per_sample), kernels=1)
+
+
+def best_deform_backward(size: int, batch: int, dtype: str, l1: bool, merge: bool | None = None) -> tuple[dict, Work]:
+    """The backward config (``deform_backward_configs``; only those with ``MERGE == merge`` unless
+    None) with the least H100 time, as the autotuner would pick, and its work."""
+    works = [(c, _deform_backward_work(size, batch, dtype, c["miss"], c["atomics"], c["merge_flop_per_sample"]))
+             for c in deform_backward_configs(size, dtype, l1) if merge is None or c["config"]["MERGE"] == merge]
+    return min(works, key=lambda cw: cw[1].seconds(HARDWARE["H100"]))
 
 
 def fused_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "float32",
                          variant: str = "deterministic", official: bool = False, l1: bool = False) -> Work:
     """kernels/ms_deform_attn.py. DRAM: every input and output once (the value maps, 44 MB in
     bf16 / 88 MB in fp32 at B=16 512x512, are gathered through L2). L2: the 4 taps x D of every
-    sample in the value's dtype; in the backward the same taps again and as many 4-byte atomics
-    (int32 fixed point or float32: the same bytes). The deterministic variant adds the mass
-    kernel (locations and weights read again, one scalar int32 atomic per sample: a 32-byte
+    sample in the value's dtype; in the backward the same taps again and 4-byte atomics (int32
+    fixed point or float32: the same bytes), one per tap element, or per distinct row of a query
+    block's level with MERGE (``best_deform_backward``). The deterministic variant adds the
+    mass kernel (locations and weights read again, one scalar int32 atomic per sample: a 32-byte
     sector), the box-maximum pass over the [B, S, H] mass and the fixed-point to float pass; the
     torch ops around the kernels are traced. ``official``: the CUDA extension (fp32, float
-    atomics into a zeroed accumulator, 2 launches). ``l1``: the tap reads charged by the bytes that
-    miss L1 (``deform_l1_miss_ratios``); atomics in full."""
+    atomics per tap into a zeroed accumulator, 2 launches). ``l1``: the tap reads charged by the
+    bytes that miss L1 (``deform_cache``); atomics never cached."""
     _, tokens, samples = _deform_sizes(size, batch)
     value_dtype = "float32" if official else dtype
     d, vb = DEFORM["dim"], DTYPE_BYTES[value_dtype]
-    miss_fwd, miss_bwd = deform_l1_miss_ratios(size, value_dtype, official) if l1 else (1.0, 1.0)
     elements = batch * tokens * DEFORM["heads"] * d
     value, acc, mass = elements * vb, elements * 4, elements // d * 4
     loc_attn = samples * 3 * 4
     taps = samples * 4 * d
+    miss_fwd = deform_forward_l1_miss(size, value_dtype, official) if l1 else 1.0
     fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * vb * miss_fwd + loc_attn + value,
                fp32_flops=samples * (10.0 * d + 40), kernels=1)
     if phase == "fwd":
         return fwd
-    # grad_out and value read, location / weight gradients written, the accumulator written back
-    bwd = Work(bytes=2 * value + 2 * loc_attn + acc,
-               l2_bytes=taps * vb * miss_bwd + taps * 4 + 2 * loc_attn + 2 * value,
-               fp32_flops=samples * (14.0 * d + 60), kernels=1)
     if official:
+        miss = deform_cache.row_kernel_miss_ratio(size, vb, "official-bwd") if l1 else 1.0
+        bwd = _deform_backward_work(size, batch, value_dtype, miss, 1.0, 0.0)
         return fwd.add(bwd).add(Work(bytes=acc, kernels=1))  # the zeroed float accumulator
-    deterministic = variant == "deterministic"
+    _, bwd = best_deform_backward(size, batch, dtype, l1, merge=False if variant == "deterministic-per-tap" else None)
+    deterministic = variant.startswith("deterministic")
     if deterministic:
         bwd = bwd.add(Work(bytes=loc_attn + mass, l2_bytes=loc_attn + samples * SECTOR, fp32_flops=samples * 20.0,
                            kernels=1))  # mass
@@ -820,9 +866,10 @@ def problems():
 
 def ms_deform_attn_l1_rows() -> list[dict]:
     """Deformable attention forward + backward with the tap reads charged by what misses L1
-    (``deform_cache``: the benchmark's inputs through each kernel's blocks; atomics in full): ours,
-    the official CUDA extension (fp32) and the eager formulation (in the row's dtype and in fp32,
-    the official pixel decoder's), H100."""
+    (``deform_cache``: the benchmark's inputs through each kernel's blocks; atomics never cached):
+    ours (with the backward config charged: QBLOCKS, MERGE, atomics per tap), the official CUDA
+    extension (fp32) and the eager formulation (in the row's dtype and in fp32, the official pixel
+    decoder's), H100."""
     hw, out = HARDWARE["H100"], []
     for batch in (16, 2):
         for size in (512, 1024):
@@ -830,14 +877,17 @@ def ms_deform_attn_l1_rows() -> list[dict]:
             eager32 = eager_ms_deform_attn(size, "fwd+bwd", batch, "float32", l1=True)[1]["H100"] * 1e3
             for dtype in DTYPE_BYTES:
                 eager = eager_ms_deform_attn(size, "fwd+bwd", batch, dtype, l1=True)[1]["H100"] * 1e3
-                miss_fwd, miss_bwd = deform_l1_miss_ratios(size, dtype)
+                miss_fwd = deform_forward_l1_miss(size, dtype)
                 for variant in DEFORM_VARIANTS:
+                    chosen, _ = best_deform_backward(size, batch, dtype, l1=True,
+                                                     merge=False if variant == "deterministic-per-tap" else None)
                     fused = fused_ms_deform_attn(size, "fwd+bwd", batch, dtype, variant, l1=True).seconds(hw) * 1e3
                     out.append(dict(batch=batch, size=size, dtype=dtype, variant=variant, fused_ms_H100=fused,
                                     official_cuda_ms_H100=official, eager_ms_H100=eager, eager_fp32_ms_H100=eager32,
                                     vs_official_H100=official / fused, speedup_H100=eager / fused,
                                     speedup_vs_fp32_eager_H100=eager32 / fused, l1_miss_fwd=miss_fwd,
-                                    l1_miss_bwd=miss_bwd))
+                                    l1_miss_bwd=chosen["miss"], bwd_qblocks=chosen["config"]["QBLOCKS"],
+                                    bwd_merge=int(chosen["config"]["MERGE"]), atomics_per_tap=chosen["atomics"]))
     return out
 
 

@@ -41,9 +41,16 @@ Backward (same tiling):
   weight makes the value gradient of its (image, head) NaN.
   Memory: an int32 accumulator [B, S, H, D] (the size of a float32 value gradient; 88 MB at the
   Mask2Former pixel-decoder size B=16, 512x512) and the int32 mass [B, S, H].
+  Fewer atomics (``MERGE`` configs): neighbouring queries sample overlapping rows, so a program
+  sorts the taps of each level of its query block by value row, adds up each row's (already
+  rounded) contributions in registers and issues one atomic per distinct row: about half the
+  atomics on the benchmark's offsets (``benchmarks/deform_cache.py``), the same integer sums.
 - ``deterministic=False``: float32 atomics, the official extension's scheme (no mass pass and no
-  fixed-point conversion; gradients differ from run to run in the last bits).
+  fixed-point conversion; gradients differ from run to run in the last bits; merged rows are
+  summed in float64 first).
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -61,10 +68,21 @@ FORWARD_CONFIG = dict(gpu=[dict(BLOCK_Q=16, num_warps=2), dict(BLOCK_Q=16, num_w
 # (4 per thread need ~140 registers, 8 ~240). QBLOCKS: query
 # blocks one program runs one after the other (a program then spans QBLOCKS * BLOCK_Q neighbouring
 # queries of one head, whose taps overlap: the repeats can hit the SM's L1 instead of L2; simulated
-# in ``benchmarks/deform_cache.py``). The whole query range per (image, head) under the interpreter.
-BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, QBLOCKS=1, num_warps=4), dict(TILE=256, QBLOCKS=4, num_warps=4),
-                            dict(TILE=256, QBLOCKS=8, num_warps=4)],
-                       interpreter=dict(TILE=8192, QBLOCKS=1))
+# in ``benchmarks/deform_cache.py``). MERGE: the value-gradient taps of a query block's level are
+# sorted by value row and each row's contributions added up in registers before ONE atomic per
+# distinct row (``_scatter_level_merged``; about half the atomics on the benchmark's offsets),
+# MERGE_D channels at a time: registers grow with it (deterministic, sm_90, TILE 256 on 4 warps:
+# 88 at MERGE_D=2, 168 at 8, 255 at 32), while every chunk repeats the cross-warp prefix sum;
+# the fixed-point gradients are bit-identical either way. The whole query range per (image, head)
+# under the interpreter, merged.
+BACKWARD_CONFIG = dict(gpu=[dict(TILE=256, QBLOCKS=1, MERGE=False, num_warps=4),
+                            dict(TILE=256, QBLOCKS=4, MERGE=False, num_warps=4),
+                            dict(TILE=256, QBLOCKS=8, MERGE=False, num_warps=4),
+                            dict(TILE=256, QBLOCKS=1, MERGE=True, MERGE_D=2, num_warps=4),
+                            dict(TILE=256, QBLOCKS=4, MERGE=True, MERGE_D=2, num_warps=4),
+                            dict(TILE=256, QBLOCKS=1, MERGE=True, MERGE_D=8, num_warps=4),
+                            dict(TILE=512, QBLOCKS=2, MERGE=True, MERGE_D=2, num_warps=8)],
+                       interpreter=dict(TILE=8192, QBLOCKS=1, MERGE=True, MERGE_D=1024))
 # The mass kernel's atomics feed a bound that must not be added up twice: ONE config (Triton runs a
 # lone config without benchmarking).
 MASS_CONFIG = dict(gpu=[dict(BLOCK_Q=128, num_warps=4)], interpreter=dict(BLOCK_Q=1024))
@@ -123,16 +141,22 @@ def _load_tap(value_ptr, vbase, row, inside, d, dmask, row_stride):
 
 # ---------------------------------------------------------------------------- kernels
 @triton.jit
+def _first_query(H, BLOCK_Q: tl.constexpr, QBLOCKS: tl.constexpr, sub):
+    """The first query of this program's ``sub``-th block of BLOCK_Q queries (programs: heads
+    fastest, then runs of QBLOCKS blocks)."""
+    return ((tl.program_id(0) // H) * QBLOCKS + sub) * BLOCK_Q
+
+
+@triton.jit
 def _program_block(S, Lq, H, D, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, QBLOCKS: tl.constexpr, sub):
     """This program's image b, head h and its ``sub``-th block of BLOCK_Q queries (a program runs
     QBLOCKS blocks): (b, h, query mask, d, d mask, value row stride, value base offset of (b, h),
     flat (b, q, h) indices [BLOCK_Q]). Heads vary fastest over the programs: the programs of one
     query block run together and share the location / weight sectors and the value rows ([H, D]
     contiguous per pixel) in L2."""
-    pid = tl.program_id(0)
-    h = pid % H
+    h = tl.program_id(0) % H
     b = tl.program_id(1).to(tl.int64)
-    q = ((pid // H) * QBLOCKS + sub) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q = _first_query(H, BLOCK_Q, QBLOCKS, sub) + tl.arange(0, BLOCK_Q)
     d = tl.arange(0, BLOCK_D)
     row_stride = H * D
     return b, h, q < Lq, d, d < D, row_stride, b * S * row_stride + h * D, (b * Lq + q) * H + h
@@ -283,16 +307,113 @@ def _ms_deform_attn_fixed_to_float_kernel(shapes_ptr, acc_ptr, box_max_ptr, a_su
 
 
 @triton.jit
+def _contribution(coef, g, scale, FIXED_POINT: tl.constexpr):
+    """``coef[:, None] * g``: rounded to 32-bit fixed point (``* scale``) or float32."""
+    value = coef[:, None] * g
+    if FIXED_POINT:
+        value = tl.floor(value * scale + 0.5).to(tl.int32)
+    return value
+
+
+@triton.jit
 def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, scale, FIXED_POINT: tl.constexpr):
     """Adds ``coef * g`` [BLOCK_Q, BLOCK_D] to the value-gradient rows ``row``: rounded to 32-bit
     fixed point (``* scale``, integer atomics: the sum does not depend on the order), or without
     FIXED_POINT with float32 atomics (the official extension's non-deterministic way)."""
     ptrs = acc_ptr + vbase + (row.to(tl.int64) * row_stride)[:, None] + d[None, :]
-    if FIXED_POINT:
-        tl.atomic_add(ptrs, tl.floor(coef[:, None] * g * scale + 0.5).to(tl.int32),
-                      mask=inside[:, None] & dmask[None, :], sem="relaxed")
-    else:
-        tl.atomic_add(ptrs, coef[:, None] * g, mask=inside[:, None] & dmask[None, :], sem="relaxed")
+    tl.atomic_add(ptrs, _contribution(coef, g, scale, FIXED_POINT), mask=inside[:, None] & dmask[None, :],
+                  sem="relaxed")
+
+
+@triton.jit
+def _sort_unique(x, T: tl.constexpr):
+    """``x`` [T] (distinct integers, T a power of two) in ascending order: a bitonic network whose
+    compare-and-exchange partner (position ``t ^ 2^j``) is read with ``tl.gather``. (``tl.sort``
+    does the same, but the CPU interpreter runs its reductions element by element: ~30 s to sort
+    4096 keys.)"""
+    t = tl.arange(0, T)
+    for k in tl.static_range(1, 17):
+        if (1 << k) <= T:
+            for jj in tl.static_range(k):
+                j = k - 1 - jj
+                y = tl.gather(x, t ^ (1 << j), 0)
+                # ascending inside blocks of 2^k with bit k of t clear; the lower position keeps the min
+                keep_min = ((t & (1 << j)) == 0) == ((t & (1 << k)) == 0)
+                x = tl.where(keep_min, tl.minimum(x, y), tl.maximum(x, y))
+    return x
+
+
+@triton.jit
+def _runs(row, T: tl.constexpr):
+    """For ``row`` [T] sorted: the first position of each position's run of equal rows and
+    whether the position is its run's last."""
+    t = tl.arange(0, T)
+    # pointer doubling from "my run starts here or one before"
+    first = tl.where((t == 0) | (row != tl.gather(row, tl.maximum(t - 1, 0), 0)), t, t - 1)
+    for k in tl.static_range(16):
+        if (1 << k) < T:
+            first = tl.gather(first, first, 0)
+    return first, (t == T - 1) | (row != tl.gather(row, tl.minimum(t + 1, T - 1), 0))
+
+
+@triton.jit
+def _run_sums(c, first, T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For contributions ``c`` [T, BLOCK_D] of positions whose runs start at ``first`` [T]
+    (``_runs``): at each position the sum of its run up to it (at a run's last, the run's sum), as
+    a difference of inclusive prefix sums: exact for int32 (two's-complement wrap-around cancels,
+    the run's own sum fits); float32 contributions are summed in float64, so the difference keeps
+    float32 accuracy."""
+    if c.dtype != tl.int32:
+        c = c.to(tl.float64)
+    prefix = tl.cumsum(c, 0)
+    return prefix - tl.gather(prefix - c, tl.broadcast_to(first[:, None], (T, BLOCK_D)), 0)
+
+
+@triton.jit
+def _scatter_level_merged(loc_ptr, attn_ptr, grad_out_ptr, acc_ptr, b, h, q0, S, Lq, H, D, L, P, lvl, h_l, w_l,
+                          start, vbase, row_stride, scale, FIXED_POINT: tl.constexpr,
+                          WIDE_KEYS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr):
+    """The value-gradient scatter of level ``lvl`` for the queries q0 .. q0 + BLOCK_Q - 1 of head h,
+    with repeated rows merged first: the T = BLOCK_Q * BLOCK_P * 4 taps (query, point, tap; taps
+    outside the map or past Lq / P get the row S and are dropped) are sorted by (value row, tap),
+    each tap's contribution formed as ``_scatter_tap`` forms it (CHUNK_D channels at a time), the
+    contributions of a row added up (``_runs``, ``_run_sums``) and the row's total added with ONE
+    atomic. In fixed point
+    every contribution is rounded before the integer sum, so the result is bit-identical to one
+    atomic per tap. Sort keys ``row * T + tap`` are int32, or int64 where (S + 1) * T overflows
+    (``WIDE_KEYS``)."""
+    T: tl.constexpr = BLOCK_Q * BLOCK_P * 4
+    t = tl.arange(0, T)
+    pt = (t // 4) % BLOCK_P
+    q = q0 + t // (4 * BLOCK_P)
+    valid = (q < Lq) & (pt < P)
+    x0, y0, fx, fy, a = _sample(loc_ptr, attn_ptr, ((b * Lq + q) * H + h) * (L * P) + lvl * P + pt, valid, h_l, w_l)
+    dx = t % 2
+    dy = (t // 2) % 2
+    x = x0 + dx
+    y = y0 + dy
+    inside = valid & (x >= 0) & (x < w_l) & (y >= 0) & (y < h_l)
+    coef = a * tl.where(dy == 1, fy, 1.0 - fy) * tl.where(dx == 1, fx, 1.0 - fx)
+    row = tl.where(inside, start + y * w_l + x, S)
+    if WIDE_KEYS:
+        row = row.to(tl.int64)
+    key = _sort_unique(row * T + t, T)
+    tap = (key % T).to(tl.int32)
+    row = key // T
+    kept = row < S
+    coef = tl.gather(coef, tap, 0)
+    grad_rows = ((b * Lq + q0 + tap // (4 * BLOCK_P)) * H + h) * D
+    first, last = _runs(row, T)
+    last = last & kept
+    for d0 in range(0, BLOCK_D, CHUNK_D):  # CHUNK_D channels at a time: fewer registers
+        dc = d0 + tl.arange(0, CHUNK_D)
+        dcmask = dc < D
+        g = tl.load(grad_out_ptr + grad_rows[:, None] + dc[None, :], mask=kept[:, None] & dcmask[None, :],
+                    other=0.0).to(tl.float32)
+        total = _run_sums(_contribution(coef, g, scale, FIXED_POINT), first, T, CHUNK_D)
+        tl.atomic_add(acc_ptr + vbase + (row.to(tl.int64) * row_stride)[:, None] + dc[None, :],
+                      total.to(acc_ptr.dtype.element_ty), mask=last[:, None] & dcmask[None, :], sem="relaxed")
 
 
 @triton.autotune(configs=autotune_configs(**BACKWARD_CONFIG), key=["LQ_BUCKET", "H", "L", "P", "BLOCK_D"],
@@ -300,9 +421,11 @@ def _scatter_tap(acc_ptr, vbase, row, inside, d, dmask, row_stride, coef, g, sca
 @triton.jit
 def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, grad_out_ptr,
                                box_max_ptr, a_sum_ptr, g_max_ptr, grad_value_acc_ptr, grad_loc_ptr, grad_attn_ptr,
-                               S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, FIXED_POINT: tl.constexpr,
-                               TILE: tl.constexpr, QBLOCKS: tl.constexpr):
+                               S, Lq, H, D, L, P, LQ_BUCKET, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                               FIXED_POINT: tl.constexpr, WIDE_KEYS: tl.constexpr, TILE: tl.constexpr,
+                               QBLOCKS: tl.constexpr, MERGE: tl.constexpr, MERGE_D: tl.constexpr = 2):
     BLOCK_Q: tl.constexpr = (TILE + BLOCK_D - 1) // BLOCK_D  # powers of two: at least 1 query
+    CHUNK_D: tl.constexpr = MERGE_D if MERGE_D < BLOCK_D else BLOCK_D
     for sub in range(QBLOCKS):
         b, h, qmask, d, dmask, row_stride, vbase, qh = _program_block(S, Lq, H, D, BLOCK_D, BLOCK_Q, QBLOCKS, sub)
         g = tl.load(grad_out_ptr + (qh * D)[:, None] + d[None, :], mask=qmask[:, None] & dmask[None, :],
@@ -332,14 +455,20 @@ def _ms_deform_attn_bwd_kernel(value_ptr, shapes_ptr, loc_ptr, attn_ptr, grad_ou
                 dfy = gx * (s10 - s00) + fx * (s11 - s01)
                 tl.store(grad_loc_ptr + 2 * off, a * w_l.to(tl.float32) * dfx, mask=qmask)
                 tl.store(grad_loc_ptr + 2 * off + 1, a * h_l.to(tl.float32) * dfy, mask=qmask)
-                _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride,
-                             a * gy * gx, g, scale, FIXED_POINT)
-                _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride,
-                             a * gy * fx, g, scale, FIXED_POINT)
-                _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride,
-                             a * fy * gx, g, scale, FIXED_POINT)
-                _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
-                             a * fy * fx, g, scale, FIXED_POINT)
+                if not MERGE:
+                    _scatter_tap(grad_value_acc_ptr, vbase, r00, i00, d, dmask, row_stride,
+                                 a * gy * gx, g, scale, FIXED_POINT)
+                    _scatter_tap(grad_value_acc_ptr, vbase, r01, i01, d, dmask, row_stride,
+                                 a * gy * fx, g, scale, FIXED_POINT)
+                    _scatter_tap(grad_value_acc_ptr, vbase, r10, i10, d, dmask, row_stride,
+                                 a * fy * gx, g, scale, FIXED_POINT)
+                    _scatter_tap(grad_value_acc_ptr, vbase, r11, i11, d, dmask, row_stride,
+                                 a * fy * fx, g, scale, FIXED_POINT)
+            if MERGE:
+                _scatter_level_merged(loc_ptr, attn_ptr, grad_out_ptr, grad_value_acc_ptr, b, h,
+                                      _first_query(H, BLOCK_Q, QBLOCKS, sub), S, Lq, H, D, L, P, lvl, h_l, w_l,
+                                      start, vbase, row_stride, scale, FIXED_POINT, WIDE_KEYS, BLOCK_Q,
+                                      BLOCK_P, BLOCK_D, CHUNK_D)
             start += h_l * w_l
 
 
@@ -392,9 +521,10 @@ def value_gradient_bounds(grad_out, value, spatial_shapes, sampling_locations, a
 
 
 def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights, deterministic: bool,
-                     config: dict | None = None):
+                     config: dict | None = None, wide_keys: bool | None = None):
     """``config``: one of ``BACKWARD_CONFIG["gpu"]`` to launch instead of the autotuned choice (tests
-    run every GPU config through the interpreter)."""
+    run every GPU config through the interpreter); ``wide_keys``: int64 sort keys in the merged
+    scatter even where int32 would do (tests; by default only where int32 could overflow)."""
     b, s, nh, d, lq, nl, npt = _sizes(value, sampling_locations)
     grad_out = grad_out.contiguous()
     grad_loc = torch.empty_like(sampling_locations)
@@ -406,7 +536,10 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
     else:
         acc = torch.zeros(b, s, nh, d, dtype=torch.float32, device=value.device)
         g_max = a_sum = box_max = acc  # not read
-    block_d = triton.next_power_of_2(d)
+    block_d, block_p = triton.next_power_of_2(d), triton.next_power_of_2(npt)
+    # the merged scatter's largest sort key: (S + 1) * T - 1, T = BLOCK_Q * BLOCK_P * 4 taps
+    block_q = max(triton.cdiv(c["TILE"], block_d) for c in BACKWARD_CONFIG["gpu"] + [BACKWARD_CONFIG["interpreter"]])
+    wide_keys = wide_keys or (s + 1) * block_q * block_p * 4 > 2 ** 31 - 1
 
     def grid(meta):
         return (triton.cdiv(lq, triton.cdiv(meta["TILE"], block_d) * meta["QBLOCKS"]) * nh, b)
@@ -415,7 +548,8 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
     kernel = _ms_deform_attn_bwd_kernel if config is None else _ms_deform_attn_bwd_kernel.fn
     launch(kernel, grid, value, spatial_shapes, sampling_locations, attention_weights,
            grad_out, box_max, a_sum, g_max, acc, grad_loc, grad_attn, s, lq, nh, d, nl, npt,
-           triton.next_power_of_2(lq), BLOCK_D=block_d, FIXED_POINT=deterministic, **(config or {}))
+           triton.next_power_of_2(lq), BLOCK_D=block_d, BLOCK_P=block_p, FIXED_POINT=deterministic,
+           WIDE_KEYS=wide_keys, **(config or {}))
     if not deterministic:
         return acc.to(value.dtype), grad_loc, grad_attn
     grad_value = torch.empty_like(value)
@@ -423,6 +557,26 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
     launch(_ms_deform_attn_fixed_to_float_kernel, _rows_grid(b, s, block_hd), spatial_shapes, acc, box_max, a_sum,
            g_max, grad_value, s, nh, d, nl, BLOCK_HD=block_hd)
     return grad_value, grad_loc, grad_attn
+
+
+_RESTRICTED_TUNING: dict = {}  # the backward autotuner's choices under each restriction
+
+
+@contextlib.contextmanager
+def restrict_backward_configs(**fixed):
+    """Within the block the backward autotuner chooses only among the GPU configs whose
+    meta-parameters equal ``fixed`` (e.g. ``MERGE=False``: the per-tap scatter), with choices
+    cached per restriction: benchmarks time such variants side by side."""
+    tuner = _ms_deform_attn_bwd_kernel
+    saved = tuner.configs, tuner.cache
+    chosen = [c for c in saved[0] if all(c.kwargs.get(k) == v for k, v in fixed.items())]
+    if not chosen:
+        raise ValueError(f"no backward config has {fixed}")
+    tuner.configs, tuner.cache = chosen, _RESTRICTED_TUNING.setdefault(tuple(sorted(fixed.items())), {})
+    try:
+        yield
+    finally:
+        tuner.configs, tuner.cache = saved
 
 
 @triton_operator("ms_deform_attn_backward")

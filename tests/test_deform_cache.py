@@ -1,6 +1,7 @@
 """benchmarks/deform_cache.py: the L1 replay behind the roofline's L1-aware deformable-attention
-rows. The LRU counts what it should, and a block's misses with an unbounded cache are exactly the
-distinct value rows its queries touch."""
+rows. The LRU counts what it should, a block's misses with an unbounded cache are exactly the
+distinct value rows its queries touch, and the merged scatter's atomics are the distinct rows of
+each block's level."""
 import pathlib
 import sys
 
@@ -43,3 +44,23 @@ def test_one_query_blocks_reuse_less_than_query_tiles():
     official = deform_cache.row_kernel_miss_ratio(128, 4, "official-bwd")
     assert 0 < ours < official <= 1
     assert 0 < deform_cache.grid_sample_miss_ratio(128, 4) <= deform_cache.SECTOR / 4
+
+
+def test_merged_atomics_are_the_distinct_rows_of_each_block_and_level():
+    """The merged scatter's atomic count: per (block of queries, head, level), one per distinct
+    value row among its taps inside the map - counted here block by block with ``unique``."""
+    rows, _ = deform_cache.tap_rows(128)  # [L, Lq, H, P, 4]
+    nl, lq, nh, _, _ = rows.shape
+    block_q = 8
+    distinct = inside = 0
+    for lvl in range(nl):
+        for q in range(0, lq, block_q):
+            for h in range(nh):
+                taps = rows[lvl, q:q + block_q, h]
+                taps = taps[taps >= 0]
+                distinct += taps.unique().numel()
+                inside += taps.numel()
+    got = deform_cache.merged_atomic_ratio(128, block_q)
+    assert abs(got - distinct / inside) < 1e-12
+    assert 0 < got < 1
+    assert deform_cache.merged_atomic_ratio(128, 2 * block_q) <= got  # bigger blocks merge more

@@ -5,8 +5,10 @@ argument errors."""
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from fastmaskformer.kernels.ms_deform_attn import BACKWARD_CONFIG
+from fastmaskformer.kernels.ms_deform_attn import BACKWARD_CONFIG, _run_sums, _runs, _sort_unique
 from fastmaskformer.ops import ms_deform_attn
 from fastmaskformer.ops.ms_deform_attn import ms_deform_attn_plain
 
@@ -14,6 +16,7 @@ from fastmaskformer.ops.ms_deform_attn import ms_deform_attn_plain
 SHAPES = [(5, 7), (3, 2), (1, 1), (1, 4)]
 # every GPU config of the backward kernel, without its launch options
 BACKWARD_GPU_CONFIGS = [{k: v for k, v in c.items() if k != "num_warps"} for c in BACKWARD_CONFIG["gpu"]]
+INTERPRETER_CONFIG = BACKWARD_CONFIG["interpreter"]
 
 
 def grid_sample_reference(value, spatial_shapes, loc, attn):
@@ -306,25 +309,28 @@ def test_fixed_point_box_sum_reaches_its_bound():
 def test_value_gradient_independent_of_summation_order():
     """What makes the GPU backward deterministic: the fixed-point value gradient does not depend
     on the order the contributions arrive in. Permuting the queries reorders every value row's
-    sum (the interpreter runs the atomics in query order); the result stays bit-identical."""
+    sum (the interpreter runs the atomics in query order; the merged scatter sorts the taps by
+    (row, tap), which the permutation changes too); the result stays bit-identical, merged or not."""
     from fastmaskformer.kernels import ms_deform_attn as kernel
 
     value, ss, loc, attn = make_inputs(lq=48, shapes=[(2, 3), (1, 1)], seed=11, borders=False)
     grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
     perm = torch.randperm(loc.shape[1], generator=torch.Generator().manual_seed(0))
-    first = kernel.ms_deform_attn_backward(grad, value, ss, loc, attn)
-    second = kernel.ms_deform_attn_backward(grad[:, perm].contiguous(), value, ss, loc[:, perm].contiguous(),
-                                            attn[:, perm].contiguous())
-    assert torch.equal(first[0], second[0])
-    assert torch.equal(first[1][:, perm], second[1]) and torch.equal(first[2][:, perm], second[2])
+    permuted = (grad[:, perm].contiguous(), value, ss, loc[:, perm].contiguous(), attn[:, perm].contiguous())
+    per_tap = dict(INTERPRETER_CONFIG, MERGE=False)
+    for config in (None, per_tap):
+        first = kernel._launch_backward(grad, value, ss, loc, attn, True, config=config)
+        second = kernel._launch_backward(*permuted, True, config=config)
+        assert torch.equal(first[0], second[0])
+        assert torch.equal(first[1][:, perm], second[1]) and torch.equal(first[2][:, perm], second[2])
     # The float-atomic variant (the official extension's scheme) sums in arrival order: it differs.
-    floats = [kernel.ms_deform_attn_backward(g, value, ss, lo, a, False)[0]
-              for g, lo, a in ((grad, loc, attn), (grad[:, perm].contiguous(), loc[:, perm].contiguous(),
-                                                    attn[:, perm].contiguous()))]
+    floats = [kernel._launch_backward(*args, False, config=per_tap)[0]
+              for args in ((grad, value, ss, loc, attn), permuted)]
     assert not torch.equal(floats[0], floats[1])
 
 
-@pytest.mark.parametrize("config", BACKWARD_GPU_CONFIGS, ids=lambda c: f"TILE{c['TILE']}-QBLOCKS{c['QBLOCKS']}")
+@pytest.mark.parametrize("config", BACKWARD_GPU_CONFIGS,
+                         ids=lambda c: f"TILE{c['TILE']}-QBLOCKS{c['QBLOCKS']}-MERGE{int(c['MERGE'])}-D{c.get('MERGE_D', '')}")
 def test_every_backward_config_gives_the_same_gradients(config):
     """Each GPU config of the backward (query blocks per program, QBLOCKS) run through the
     interpreter: bit-identical to the default launch, with a query count that gives every config
@@ -355,3 +361,74 @@ def test_grid_sample_formulation_summed_per_level_equals_stacked():
     torch.testing.assert_close(per_level, stacked, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(per_level.double(), grid_sample_reference(value.double(), ss, loc.double(),
                                                                         attn.double()), atol=1e-6, rtol=1e-5)
+
+
+def test_merged_scatter_with_int64_sort_keys():
+    """The merged scatter's int64 keys (large maps, where row * taps overflows int32) give the
+    same gradients as the int32 keys."""
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    value, ss, loc, attn = make_inputs(b=1, lq=20, nh=2, shapes=[(4, 3), (1, 2)], seed=5)
+    grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    want = kernel._launch_backward(grad, value, ss, loc, attn, True)
+    got = kernel._launch_backward(grad, value, ss, loc, attn, True, wide_keys=True)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+@triton.jit
+def _sort_and_runs_harness(keys_ptr, sorted_ptr, rows_ptr, c_ptr, total_ptr, last_ptr, T: tl.constexpr,
+                                 D: tl.constexpr):
+    t = tl.arange(0, T)
+    tl.store(sorted_ptr + t, _sort_unique(tl.load(keys_ptr + t), T))
+    tile = t[:, None] * D + tl.arange(0, D)[None, :]
+    first, last = _runs(tl.load(rows_ptr + t), T)
+    total = _run_sums(tl.load(c_ptr + tile), first, T, D)
+    tl.store(total_ptr + tile, total.to(total_ptr.dtype.element_ty))
+    tl.store(last_ptr + t, last.to(tl.int32))
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_sort_and_run_sums(n):
+    """The merged scatter's pieces on their own: ``_sort_unique`` sorts distinct keys; ``_runs``
+    marks the last position of each run of equal rows and ``_run_sums`` gives it the run's sum
+    (int32, also where the prefix sums wrap around, and float)."""
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randperm(10 * n, generator=g)[:n].to(torch.int32)
+    rows = torch.randint(0, max(1, n // 3), (n,), generator=g).sort().values.to(torch.int32)
+    for c in (torch.randint(-2 ** 30, 2 ** 30, (n, 4), generator=g, dtype=torch.int32),
+              torch.randn(n, 4, generator=g)):
+        out_sorted, total, last = torch.empty_like(keys), torch.empty_like(c), torch.empty(n, dtype=torch.int32)
+        _sort_and_runs_harness[(1,)](keys, out_sorted, rows, c, total, last, T=n, D=4)
+        assert torch.equal(out_sorted, keys.sort().values)
+        ends = torch.ones(n, dtype=torch.bool)
+        ends[:-1] = rows[1:] != rows[:-1]
+        assert torch.equal(last.bool(), ends)
+        for r in rows.unique():
+            run = rows == r
+            want = c[run].long().sum(0) if c.dtype == torch.int32 else c[run].double().sum(0)
+            end = run.nonzero().max()
+            if c.dtype == torch.int32:  # the run's sum modulo 2^32, as int32 atomics add it
+                want = ((want + 2 ** 31) % 2 ** 32 - 2 ** 31).to(torch.int32)
+                assert torch.equal(total[end], want)
+            else:
+                torch.testing.assert_close(total[end].double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_restrict_backward_configs_and_restore():
+    """``restrict_backward_configs`` (the benchmark's per-tap provider) lets the autotuner choose only
+    among matching configs, with its own choice cache, and restores both afterwards."""
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    tuner = kernel._ms_deform_attn_bwd_kernel
+    configs, cache = tuner.configs, tuner.cache
+    value, ss, loc, attn = make_inputs(b=1, lq=9, nh=1, shapes=[(3, 2)], seed=4)
+    grad = torch.randn(1, 9, value.shape[3])
+    want = kernel.ms_deform_attn_backward(grad, value, ss, loc, attn)
+    with kernel.restrict_backward_configs(MERGE=True):
+        assert tuner.configs and all(c.kwargs["MERGE"] for c in tuner.configs) and tuner.cache is not cache
+        got = kernel.ms_deform_attn_backward(grad, value, ss, loc, attn)
+    assert tuner.configs is configs and tuner.cache is cache
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    with pytest.raises(ValueError, match="no backward config"), kernel.restrict_backward_configs(MERGE="both"):
+        pass
