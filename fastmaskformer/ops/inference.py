@@ -401,16 +401,19 @@ def panoptic_assign_reference(scores: Tensor, mask_embed: Tensor, pixel_embed: T
     ``assigned_area`` int64 [k] (pixels won), ``mask_area`` int64 [k] (pixels with sigmoid >= 0.5).
     """
     logits = resized_mask_logits_reference(mask_embed, pixel_embed, image_size, output_size, input_size)
-    if logits.device.type == "cpu":
-        ids, mask_area = _panoptic_winners_cpu(scores.float(), logits)
-    else:
-        masks = logits.sigmoid()
-        ids = (scores.float()[:, None, None] * masks).argmax(0)
-        mask_area = (masks >= 0.5).flatten(1).sum(1)
+    winners = _panoptic_winners_cpu if logits.device.type == "cpu" else _panoptic_winners_dense
+    ids, mask_area = winners(scores.float(), logits)
     flat = ids.flatten()
     assigned_area = torch.zeros(scores.shape[0], dtype=torch.int64, device=ids.device).scatter_add_(
         0, flat, torch.ones_like(flat))
     return ids, assigned_area, mask_area
+
+
+def _panoptic_winners_dense(scores: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """scores float [k], mask logits [k,H,W] -> (argmax_k scores_k sigmoid(logits_k) int64 [H,W],
+    pixels with sigmoid >= 0.5 int64 [k]) over whole [k,H,W] tensors (the GPU formulation)."""
+    masks = logits.sigmoid()
+    return (scores[:, None, None] * masks).argmax(0), (masks >= 0.5).flatten(1).sum(1)
 
 
 def _panoptic_winners_cpu(scores: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
