@@ -432,3 +432,24 @@ def test_restrict_backward_configs_and_restore():
     assert all(torch.equal(x, y) for x, y in zip(got, want))
     with pytest.raises(ValueError, match="no backward config"), kernel.restrict_backward_configs(MERGE="both"):
         pass
+
+
+@pytest.mark.gpu
+def test_gpu_every_backward_config_bit_identical_at_pixel_decoder_size():
+    """On a GPU, at one pixel-decoder call's size (B=2, 16x16 + 32x32 + 64x64 levels, Lq = S,
+    H=8, D=32, P=4): every backward config (per-tap and merged, real contended atomics) gives
+    bit-identical fixed-point gradients, run after run, close to the float64 formulation."""
+    from fastmaskformer.kernels import ms_deform_attn as kernel
+
+    shapes = [(16, 16), (32, 32), (64, 64)]
+    value, ss, loc, attn = (t.cuda() for t in make_inputs(b=2, lq=16 * 16 + 32 * 32 + 64 * 64, nh=8, d=32, npt=4,
+                                                          shapes=shapes, seed=21, borders=False))
+    grad = torch.randn(value.shape[0], loc.shape[1], 8 * 32, device="cuda")
+    want = kernel._launch_backward(grad, value, ss, loc, attn, True)
+    truth = fp64_truth(value, ss, loc, attn, grad)[1:]
+    for name, x, y in zip(("grad_value", "grad_loc", "grad_attn"), want, truth):
+        torch.testing.assert_close(x.double(), y, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for config in BACKWARD_CONFIG["gpu"]:
+        for _ in range(2):
+            got = kernel._launch_backward(grad, value, ss, loc, attn, True, config=config)
+            assert all(torch.equal(x, y) for x, y in zip(got, want)), config
