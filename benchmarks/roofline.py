@@ -281,16 +281,13 @@ def eager_semantic(classes: int) -> Work:
 
 
 def eager_panoptic(kept: int) -> Work:
-    from unittest import mock
+    from fastmaskformer.ops.inference import panoptic_assign_reference
 
-    from fastmaskformer.ops import inference
-
-    # bincount has no meta kernel: real CPU tensors (one image, 16 times the work), traced with the
-    # GPU's dense winners (on CPU tensors the reference runs a per-query loop instead).
-    scores, mask_embed, pixel_embed = torch.rand(kept), torch.randn(kept, C), torch.randn(C, INPUT[0] // 4, INPUT[1] // 4)
-    with mock.patch.object(inference, "_panoptic_winners_cpu", inference._panoptic_winners_dense):
-        work, seconds = trace(lambda: inference.panoptic_assign_reference(scores, mask_embed, pixel_embed, IMAGE,
-                                                                          IMAGE))
+    # one image on meta tensors (the reference's dense formulation, as on a GPU), 16 times the work
+    meta = dict(device="meta")
+    scores, mask_embed = torch.empty(kept, **meta), torch.empty(kept, C, **meta)
+    pixel_embed = torch.empty(C, INPUT[0] // 4, INPUT[1] // 4, **meta)
+    work, seconds = trace(lambda: panoptic_assign_reference(scores, mask_embed, pixel_embed, IMAGE, IMAGE))
     total = Work()
     for _ in range(B):
         total = total.add(work)
@@ -435,6 +432,13 @@ def _deform_sizes(size: int, batch: int = B):
     return shapes, tokens, batch * tokens * DEFORM["heads"] * DEFORM["levels"] * DEFORM["points"]
 
 
+def _deform_volumes(size: int, batch: int, value_dtype: str) -> tuple[int, int, int, int]:
+    """(samples, value bytes, location + weight bytes, tap elements) of one call."""
+    _, tokens, samples = _deform_sizes(size, batch)
+    value = batch * tokens * DEFORM["heads"] * DEFORM["dim"] * DTYPE_BYTES[value_dtype]
+    return samples, value, samples * 3 * 4, samples * 4 * DEFORM["dim"]
+
+
 def _deform_meta_inputs(size: int, batch: int, dtype: str, grad: bool = False):
     """value [B,S,H,D] in ``dtype``, int64 shapes, fp32 locations / weights (as autocast gives)."""
     shapes, tokens, _ = _deform_sizes(size, batch)
@@ -519,13 +523,11 @@ def _deform_backward_work(size: int, batch: int, value_dtype: str, miss: float, 
     """The backward kernel: grad_out and value read, location / weight gradients written, the
     accumulator written back; in L2 the tap reads that miss L1 (``miss``), ``atomics`` 4-byte
     atomics per tap element, the locations, weights and gradients."""
-    _, tokens, samples = _deform_sizes(size, batch)
-    d, vb = DEFORM["dim"], DTYPE_BYTES[value_dtype]
-    value = batch * tokens * DEFORM["heads"] * d * vb
-    loc_attn, taps = samples * 3 * 4, samples * 4 * d
+    samples, value, loc_attn, taps = _deform_volumes(size, batch, value_dtype)
+    vb = DTYPE_BYTES[value_dtype]
     return Work(bytes=2 * value + 2 * loc_attn + value // vb * 4,
                 l2_bytes=taps * vb * miss + taps * 4 * atomics + 2 * loc_attn + 2 * value,
-                fp32_flops=samples * (14.0 * d + 60 + merge_flop_per_sample), kernels=1)
+                fp32_flops=samples * (14.0 * DEFORM["dim"] + 60 + merge_flop_per_sample), kernels=1)
 
 
 def best_deform_backward(size: int, batch: int, dtype: str, l1: bool, merge: bool | None = None) -> tuple[dict, Work]:
@@ -548,13 +550,11 @@ def fused_ms_deform_attn(size: int, phase: str, batch: int = B, dtype: str = "fl
     torch ops around the kernels are traced. ``official``: the CUDA extension (fp32, float
     atomics per tap into a zeroed accumulator, 2 launches). ``l1``: the tap reads charged by the
     bytes that miss L1 (``deform_cache``); atomics never cached."""
-    _, tokens, samples = _deform_sizes(size, batch)
     value_dtype = "float32" if official else dtype
     d, vb = DEFORM["dim"], DTYPE_BYTES[value_dtype]
-    elements = batch * tokens * DEFORM["heads"] * d
-    value, acc, mass = elements * vb, elements * 4, elements // d * 4
-    loc_attn = samples * 3 * 4
-    taps = samples * 4 * d
+    samples, value, loc_attn, taps = _deform_volumes(size, batch, value_dtype)
+    acc = value // vb * 4
+    mass = acc // d
     miss_fwd = deform_forward_l1_miss(size, value_dtype, official) if l1 else 1.0
     fwd = Work(bytes=value + loc_attn + value, l2_bytes=taps * vb * miss_fwd + loc_attn + value,
                fp32_flops=samples * (10.0 * d + 40), kernels=1)

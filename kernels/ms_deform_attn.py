@@ -55,8 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmaskformer.shared import interpreter_enabled
-
 from .common import autotune_configs, launch, triton_operator
 
 # Forward: BLOCK_Q queries of one head per program ([BLOCK_Q, D] tiles); autotuned.
@@ -540,8 +538,8 @@ def _launch_backward(grad_out, value, spatial_shapes, sampling_locations, attent
         g_max = a_sum = box_max = acc  # not read
     block_d, block_p = triton.next_power_of_2(d), triton.next_power_of_2(npt)
     # the merged scatter's largest sort key: (S + 1) * T - 1, T = BLOCK_Q * BLOCK_P * 4 taps
-    configs = [BACKWARD_CONFIG["interpreter"]] if interpreter_enabled() else BACKWARD_CONFIG["gpu"]
-    block_q = max(triton.cdiv(c["TILE"], block_d) for c in configs)
+    tiles = [config["TILE"]] if config else [c.kwargs["TILE"] for c in _ms_deform_attn_bwd_kernel.configs]
+    block_q = triton.cdiv(max(tiles), block_d)
     wide_keys = wide_keys or (s + 1) * block_q * block_p * 4 > 2 ** 31 - 1
 
     def grid(meta):
